@@ -1,0 +1,222 @@
+"""Reading and verifying an export bundle (the directory `fleetlearn export` writes).
+
+A bundle holds `training_model.onnx`, `eval_model.onnx`, `optimizer_model.onnx`, `checkpoint`,
+`model.onnx` (forward only) and `manifest.json`. The manifest is the contract between export,
+devices and aggregator; docs/bundle.md describes every field. This module only reads it, so
+it depends on the standard library and numpy alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import BundleError
+
+FORMAT = "fleetlearn-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "model.onnx")
+TASKS = ("regression", "classification", "binary")
+LOSSES = ("mse", "cross_entropy", "bce_with_logits")
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One trainable tensor's place in the flat parameter vector that travels on the wire."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Feature standardisation fixed at export time: x' = (x - mean) / std. Never fitted on a device."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def apply(self, x):
+        """Standardise a batch x of shape (n, *input_shape); mean/std hold one value per input element."""
+        import numpy as np
+
+        x = np.asarray(x, dtype=np.float32)
+        if self.mean is None or self.std is None:
+            return x
+        sample_shape = (1,) + x.shape[1:]
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(sample_shape)
+        std = np.asarray(self.std, dtype=np.float32).reshape(sample_shape)
+        return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_name: str
+    model_hash: str
+    task: str
+    loss: str
+    input_name: str
+    input_shape: tuple[int, ...]  # per sample, without the batch dimension
+    output_name: str
+    output_shape: tuple[int, ...]  # per sample
+    num_params: int
+    params: tuple[ParamSpec, ...]
+    optimizer: dict[str, Any]
+    preprocessing: Preprocessing
+    files: dict[str, dict[str, Any]]
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.output_shape[-1]) if self.output_shape else 1
+
+    @property
+    def label_is_index(self) -> bool:
+        """cross_entropy takes class indices (int64, shape (n,)); the other losses take float targets."""
+        return self.loss == "cross_entropy"
+
+
+def _need(d: dict, key: str, kind: type | tuple[type, ...], where: str = "manifest"):
+    if key not in d:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BundleError(f"{where}: field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    """A per-sample shape: a list of positive ints (a leading 'batch' symbol is dropped)."""
+    if not isinstance(value, list):
+        raise BundleError(f"{where}: shape must be a list")
+    dims = [d for d in value if d != "batch"]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise BundleError(f"{where}: shape {value!r} must hold positive integers")
+    return tuple(dims)
+
+
+def parse_manifest(doc: dict[str, Any]) -> Manifest:
+    """Validate a manifest dict (already JSON-decoded) and return it typed."""
+    if not isinstance(doc, dict):
+        raise BundleError("manifest: not a JSON object")
+    if doc.get("format") != FORMAT:
+        raise BundleError(f"manifest: format is {doc.get('format')!r}, expected {FORMAT!r}")
+    version = _need(doc, "format_version", int)
+    if version != FORMAT_VERSION:
+        raise BundleError(f"manifest: format_version {version} is not {FORMAT_VERSION}; update fleetlearn")
+    model_hash = _need(doc, "model_hash", str)
+    if len(model_hash) != 64 or any(c not in "0123456789abcdef" for c in model_hash):
+        raise BundleError("manifest: model_hash must be 64 lowercase hex digits (sha256)")
+    task = _need(doc, "task", str)
+    if task not in TASKS:
+        raise BundleError(f"manifest: task {task!r} not one of {TASKS}")
+    loss = _need(doc, "loss", str)
+    if loss not in LOSSES:
+        raise BundleError(f"manifest: loss {loss!r} not one of {LOSSES}")
+    inputs = _need(doc, "inputs", list)
+    outputs = _need(doc, "outputs", list)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise BundleError("manifest: exactly one model input and one output are supported")
+    params_doc = _need(doc, "params", list)
+    params: list[ParamSpec] = []
+    offset = 0
+    for i, p in enumerate(params_doc):
+        where = f"manifest.params[{i}]"
+        if not isinstance(p, dict):
+            raise BundleError(f"{where}: not an object")
+        shape = tuple(_need(p, "shape", list, where))
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise BundleError(f"{where}: bad shape {list(shape)!r}")
+        size = math.prod(shape)
+        if _need(p, "offset", int, where) != offset or _need(p, "size", int, where) != size:
+            raise BundleError(f"{where}: offset/size do not tile the flat vector")
+        params.append(ParamSpec(_need(p, "name", str, where), shape, offset, size))
+        offset += size
+    num_params = _need(doc, "num_params", int)
+    if num_params != offset or num_params <= 0:
+        raise BundleError(f"manifest: num_params {num_params} != sum of parameter sizes {offset}")
+    pre = doc.get("preprocessing") or {}
+    if not isinstance(pre, dict):
+        raise BundleError("manifest: preprocessing must be an object")
+    mean, std = pre.get("mean"), pre.get("std")
+    if (mean is None) != (std is None):
+        raise BundleError("manifest: preprocessing needs both mean and std, or neither")
+    if mean is not None:
+        if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std)):
+            raise BundleError("manifest: preprocessing mean/std must be lists of equal length")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std) or any(v <= 0 for v in std):
+            raise BundleError("manifest: preprocessing mean/std must be finite, std > 0")
+    files = _need(doc, "files", dict)
+    for name in REQUIRED_FILES:
+        entry = files.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise BundleError(f"manifest: files[{name!r}] needs a sha256")
+    for name in files:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST:
+            raise BundleError(f"manifest: unsafe file name {name!r}")
+    optimizer = _need(doc, "optimizer", dict)
+    return Manifest(
+        model_name=_need(doc, "model_name", str),
+        model_hash=model_hash,
+        task=task,
+        loss=loss,
+        input_name=_need(inputs[0], "name", str, "manifest.inputs[0]"),
+        input_shape=_shape(_need(inputs[0], "shape", list, "manifest.inputs[0]"), "manifest.inputs[0]"),
+        output_name=_need(outputs[0], "name", str, "manifest.outputs[0]"),
+        output_shape=_shape(_need(outputs[0], "shape", list, "manifest.outputs[0]"), "manifest.outputs[0]"),
+        num_params=num_params,
+        params=tuple(params),
+        optimizer=optimizer,
+        preprocessing=Preprocessing(tuple(mean) if mean else None, tuple(std) if std else None),
+        files=files,
+        raw=doc,
+    )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(bundle_dir: str | Path) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: no {MANIFEST} (not an export bundle, or empty)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc})") from None
+    return parse_manifest(doc)
+
+
+def verify_files(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists against its sha256 (and size, when recorded)."""
+    root = Path(bundle_dir)
+    for name, entry in manifest.files.items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"{root}: bundle file {name} is missing")
+        if "size" in entry and path.stat().st_size != entry["size"]:
+            raise BundleError(f"{root}: bundle file {name} has size {path.stat().st_size}, manifest says {entry['size']}")
+        if file_sha256(path) != entry["sha256"]:
+            raise BundleError(f"{root}: bundle file {name} fails its sha256 check (corrupt or altered)")
+
+
+def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Manifest:
+    """Load and (by default) fully verify a bundle directory. Raises BundleError with the reason."""
+    manifest = load_manifest(bundle_dir)
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return manifest
