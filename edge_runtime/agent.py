@@ -1,0 +1,341 @@
+"""The device agent: join a fleet, train on each new global model, deliver the delta for sure.
+
+Shape (after paho's examples): MQTT callbacks only put events on a queue; one loop in the
+main thread owns all state and handles one event at a time. Nothing a message contains can
+crash that loop: a bad message costs one log line.
+
+Delivery is end-to-end. An update is written to the state dir *before* it is first sent, and
+re-sent (same bytes, same nonce) after every reconnect and whenever the aggregator announces
+the same round again, until the aggregator acknowledges it or closes the round. A broker's
+PUBACK proves nothing: mosquitto acknowledges publishes its ACL drops, and amqtt keeps no
+queue for offline sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.bundle import Manifest
+from edge_runtime.bundle_fetch import BundleAssembly, try_load_bundle
+from edge_runtime.config import DeviceConfig
+from edge_runtime.data import Dataset, load_dataset
+from edge_runtime.errors import BundleError, DataError, ProtocolError
+from edge_runtime.mqtt import LinkOptions, MqttLink
+from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update
+from edge_runtime.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
+from edge_runtime.trainer import Trainer
+
+log = logging.getLogger("fleetlearn.device")
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "message" | "connected"
+    topic: str = ""
+    payload: bytes = b""
+
+
+class DeviceAgent:
+    def __init__(self, cfg: DeviceConfig, max_rounds: int | None = None):
+        self.cfg = cfg
+        self.max_rounds = max_rounds
+        self.topics = Topics(cfg.fleet)
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = DeviceState.load(self.state_dir)
+        self.rounds_done = 0  # rounds this process completed (for --max-rounds)
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.stopping = threading.Event()
+        self.manifest: Manifest | None = None
+        self.trainer: Trainer | None = None
+        self.data: Dataset | None = None
+        self._data_mtime: float | None = None
+        self.assembly: BundleAssembly | None = None
+        self.waiting_global: GlobalModel | None = None  # a global model for a bundle we are fetching
+        self.signer = _load_signer(cfg)
+        self.status_state = "idle"
+        self.link = MqttLink(self._link_options(), on_message=self._on_message, on_connect=lambda: self.events.put(Event("connected")))
+        for topic in (self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
+            self.link.subscribe(topic, qos=1)
+
+    # ------------------------------------------------------------------ setup
+
+    def _link_options(self) -> LinkOptions:
+        c = self.cfg
+        offline = Status(c.device_id, "offline", self.state.last_round, "connection lost (last will)", 0.0).encode()
+        return LinkOptions(
+            url=c.broker,
+            client_id=f"fleetlearn-{c.fleet}-{c.device_id}",
+            username=c.auth.username,
+            password=c.auth.read_password(),
+            ca_file=c.tls.ca_file,
+            cert_file=c.tls.cert_file,
+            key_file=c.tls.key_file,
+            insecure_skip_hostname=c.tls.insecure_skip_hostname,
+            protocol=c.mqtt_protocol,
+            keepalive=c.keepalive,
+            clean_session=False,
+            will=(self.topics.status(c.device_id), offline, 1, True),
+        )
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.events.put(Event("message", topic, bytes(payload)))
+
+    def _log(self, level: int, event: str, round_: int | None = None, **fields) -> None:
+        extra = "".join(f" {k}={v!r}" if isinstance(v, str) and (" " in v or not v) else f" {k}={v}" for k, v in fields.items())
+        log.log(level, "event=%s device=%s round=%s%s", event, self.cfg.device_id, "-" if round_ is None else round_, extra)
+
+    def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
+        self.status_state = state
+        r = self.state.last_round if round_ is None else round_
+        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time()).encode(), qos=1, retain=True)
+
+    def _load_bundle(self) -> bool:
+        manifest, reason = try_load_bundle(self.cfg.bundle)
+        if manifest is None:
+            self.manifest, self.trainer = None, None
+            self._log(logging.WARNING, "bundle_unavailable", reason=reason)
+            return False
+        try:
+            self.trainer = Trainer(self.cfg.bundle, manifest, threads=self.cfg.training.threads)
+        except (BundleError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
+            self.manifest, self.trainer = None, None
+            self._log(logging.ERROR, "bundle_unusable", reason=str(exc)[:200])
+            return False
+        self.manifest = manifest
+        self.data = None  # preprocessing may have changed with the model
+        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params)
+        return True
+
+    def _ensure_data(self) -> Dataset:
+        """Local data, reloaded when the file changes. Raises DataError with the reason."""
+        assert self.manifest is not None
+        try:
+            mtime = os.stat(self.cfg.data).st_mtime
+        except OSError:
+            mtime = None
+        if self.data is None or mtime != self._data_mtime:
+            self.data = None
+            self.data = load_dataset(self.cfg.data, self.manifest, self.cfg.target)
+            self._data_mtime = mtime
+            self._log(logging.INFO, "data_loaded", samples=len(self.data))
+        return self.data
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        self._load_bundle()
+        self._log(logging.INFO, "device_start", broker=self.cfg.broker, fleet=self.cfg.fleet, pending=self.state.pending_round)
+        self.link.start()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    event = self.events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self._dispatch(event)
+                if self.max_rounds is not None and self.rounds_done >= self.max_rounds:
+                    self._log(logging.INFO, "max_rounds_reached", rounds=self.rounds_done)
+                    break
+        finally:
+            self._status("offline", detail="stopped")
+            self.link.stop()
+            self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
+        return 0
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+
+    def _dispatch(self, event: Event) -> None:
+        """Handle one event; whatever it holds, the loop and the state dir survive it."""
+        try:
+            if event.kind == "connected":
+                self._on_connected()
+            elif event.topic == self.topics.global_model:
+                self._on_global(event.payload)
+            elif event.topic == self.topics.ack(self.cfg.device_id):
+                self._on_ack(event.payload)
+            elif event.topic == self.topics.round:
+                self._on_round(event.payload)
+            elif event.topic == self.topics.bundle:
+                self._on_bundle_announcement(event.payload)
+            elif self.assembly and event.topic.startswith(self.topics.bundle + "/"):
+                self._on_bundle_chunk(event.payload)
+        except ProtocolError as exc:
+            self._log(logging.WARNING, "message_rejected", topic=event.topic, reason=exc.reason)
+        except (DataError, BundleError) as exc:
+            self._log(logging.ERROR, "cannot_train", reason=str(exc))
+            self._status("error", detail=str(exc))
+        except Exception as exc:  # a bug must cost one round, not the device
+            log.exception("event=handler_failed device=%s topic=%s", self.cfg.device_id, event.topic)
+            self._status("error", detail=f"internal error: {type(exc).__name__}: {str(exc)[:150]}")
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_connected(self) -> None:
+        self._status("idle" if self.status_state in ("idle", "offline", "error") else self.status_state)
+        pending = load_pending_update(self.state_dir) if self.state.pending_round else None
+        if pending:
+            self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")
+            self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+
+    def _on_global(self, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        self._handle_global(GlobalModel.decode(payload, max_params=1 << 26))
+
+    def _handle_global(self, g: GlobalModel) -> None:
+        if self.signer and not self.signer.verify_global(g):
+            raise ProtocolError("global model signature does not verify with the aggregator's key")
+        if g.run_id != self.state.run_id:
+            self._log(logging.INFO, "new_run", g.round, run_id=g.run_id[:8])
+            clear_pending_update(self.state_dir)
+            self.state = DeviceState(run_id=g.run_id)
+            self.state.save(self.state_dir)
+        if not g.train:
+            self._status("idle", g.round, "run finished")
+            return
+        if self.manifest is None or g.model_hash != self.manifest.model_hash:
+            self.waiting_global = g
+            self._log(logging.INFO, "model_mismatch", g.round, wanted=g.model_hash[:12], have=self.manifest.model_hash[:12] if self.manifest else "none")
+            self._status("fetching", g.round, "waiting for the announced bundle")
+            return
+        if self.state.pending_round and self.state.pending_round < g.round:
+            self._finish_round(self.state.pending_round, "a newer round opened before our update was acknowledged")
+        if g.round <= self.state.last_round:
+            return  # already done (a retained global seen again after reconnect)
+        if self.state.pending_round == g.round:
+            pending = load_pending_update(self.state_dir)
+            if pending:  # the aggregator re-announced this round (it restarted): send again
+                self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
+                self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+                return
+        self._train_and_send(g)
+
+    def _train_and_send(self, g: GlobalModel) -> None:
+        assert self.trainer is not None and self.manifest is not None
+        data = self._ensure_data()
+        self._status("training", g.round)
+        t = self.cfg.training
+        c = g.config
+        self.trainer.set_weights(g.weights)
+        result = self.trainer.train(
+            data,
+            batch_size=c.batch_size or t.batch_size,
+            epochs=c.local_epochs or t.local_epochs,
+            max_steps=c.max_steps or t.max_steps,
+            seed=[t.seed, g.round, zlib.crc32(self.cfg.device_id.encode())],
+            lr=c.lr,
+        )
+        delta = self.trainer.get_weights() - g.weights
+        update = Update(
+            run_id=g.run_id,
+            round=g.round,
+            device_id=self.cfg.device_id,
+            model_hash=g.model_hash,
+            samples=result.samples,
+            train_loss=result.mean_loss,
+            train_s=result.seconds,
+            nonce=secrets.token_hex(16),
+            delta=delta,
+        )
+        payload = update.encode(sign=self.signer.sign if self.signer else None)
+        # Durable before it is sent: a crash after this line re-sends these exact bytes.
+        save_pending_update(self.state_dir, payload)
+        self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
+        self.state.save(self.state_dir)
+        self._status("uploading", g.round)
+        self.link.publish(self.topics.update(self.cfg.device_id), payload, qos=1)
+        self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
+
+    def _on_ack(self, payload: bytes) -> None:
+        ack = Ack.decode(payload)
+        s = self.state
+        if ack.run_id != s.run_id or ack.round != s.pending_round or ack.nonce != s.pending_nonce or ack.device_id != self.cfg.device_id:
+            return  # an ack for an update we no longer hold (already settled)
+        if ack.accepted:
+            self._log(logging.INFO, "update_acknowledged", ack.round, note=ack.reason)
+        else:
+            self._log(logging.WARNING, "update_refused", ack.round, reason=ack.reason)
+        self._finish_round(ack.round, "")
+
+    def _on_round(self, payload: bytes) -> None:
+        if not payload:
+            return
+        rs = RoundState.decode(payload)
+        if rs.run_id != self.state.run_id:
+            return
+        if rs.state in ("closed", "finished", "failed") and self.state.pending_round and self.state.pending_round <= rs.round:
+            self._finish_round(self.state.pending_round, f"round {rs.state} before our update was acknowledged")
+
+    def _finish_round(self, round_: int, why: str) -> None:
+        if why:
+            self._log(logging.WARNING, "update_dropped", round_, reason=why)
+        clear_pending_update(self.state_dir)
+        self.state.pending_round, self.state.pending_nonce = 0, ""
+        self.state.last_round = max(self.state.last_round, round_)
+        self.state.save(self.state_dir)
+        self.rounds_done += 1
+        self._status("idle", round_)
+
+    # ------------------------------------------------------------------ bundle over the air
+
+    def _on_bundle_announcement(self, payload: bytes) -> None:
+        if not payload:
+            return
+        a = BundleAnnouncement.decode(payload)
+        if self.manifest is not None and a.model_hash == self.manifest.model_hash:
+            return
+        if self.assembly and self.assembly.model_hash == a.model_hash:
+            return
+        if self.assembly:
+            self.link.unsubscribe(self.topics.bundle_chunks(self.assembly.model_hash))
+        self.assembly = BundleAssembly(a)
+        self._status("fetching", detail=f"bundle {a.model_hash[:12]}, {a.total_bytes} bytes")
+        self._log(logging.INFO, "bundle_fetch", model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks)
+        self.link.subscribe(self.topics.bundle_chunks(a.model_hash), qos=1)
+
+    def _on_bundle_chunk(self, payload: bytes) -> None:
+        assembly = self.assembly
+        assert assembly is not None
+        if not payload:
+            return
+        assembly.add(payload)
+        if not assembly.complete:
+            return
+        self.link.unsubscribe(self.topics.bundle_chunks(assembly.model_hash))
+        self.assembly = None
+        try:
+            assembly.install(self.cfg.bundle)
+        except BundleError as exc:
+            self._log(logging.ERROR, "bundle_rejected", reason=str(exc))
+            self._status("error", detail=str(exc))
+            return
+        self._log(logging.INFO, "bundle_installed", model_hash=assembly.model_hash[:12])
+        if self._load_bundle() and self.waiting_global is not None:
+            g, self.waiting_global = self.waiting_global, None
+            self._handle_global(g)  # the global model we had to park
+        else:
+            self._status("idle")
+
+
+def _load_signer(cfg: DeviceConfig):
+    """The update signer / global-model verifier, when the config names keys (issue: security)."""
+    if not (cfg.signing.key_file or cfg.signing.aggregator_public_key):
+        return None
+    from edge_runtime.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
+
+    return DeviceSigner.from_config(cfg.signing)

@@ -1,0 +1,232 @@
+"""One MQTT connection that stays up: reconnects with exponential backoff and jitter.
+
+Shared by the device agent, the aggregator and the monitor. Callbacks are thin: a message is
+handed to `on_message(topic, payload)` from the network thread and the owner queues it; all
+protocol state lives with the owner, never here.
+
+Why not paho's own `loop_start()` reconnects: they back off without jitter, so a fleet that
+lost its broker reconnects in lockstep. Why TCP_NODELAY: without it, Nagle's algorithm plus
+delayed ACKs add about 40 ms to every round trip of small messages (measured here).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from edge_runtime.errors import ConfigError
+
+log = logging.getLogger("fleetlearn.mqtt")
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerURL":
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+        return cls(parts.hostname, port, parts.scheme == "mqtts")
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure_skip_hostname: bool = False
+    protocol: str = "3.1.1"  # "5" where the broker has it (a denied publish is then reported)
+    keepalive: int = 30
+    clean_session: bool = False  # persistent session, though correctness never relies on it
+    will: tuple[str, bytes, int, bool] | None = None  # topic, payload, qos, retain
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Exponential backoff with 'equal jitter': half the capped exponential, plus a random half."""
+    cap = min(hi, lo * (2**attempt))
+    return cap / 2 + rng.uniform(0, cap / 2)
+
+
+class MqttLink:
+    def __init__(
+        self,
+        opts: LinkOptions,
+        on_message: Callable[[str, bytes], None],
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+    ):
+        self.opts = opts
+        self.broker = BrokerURL.parse(opts.url)
+        self._on_message = on_message
+        self._on_connect_cb = on_connect
+        self._on_disconnect_cb = on_disconnect
+        self._subs: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.last_error = ""
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self._rng = random.Random()
+        self._thread: threading.Thread | None = None
+        self.client = self._make_client()
+
+    def _make_client(self) -> paho.Client:
+        o = self.opts
+        v5 = o.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=o.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else o.clean_session,
+        )
+        if o.username is not None:
+            client.username_pw_set(o.username, o.password)
+        if self.broker.tls:
+            client.tls_set(ca_certs=o.ca_file, certfile=o.cert_file, keyfile=o.key_file, cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(o.insecure_skip_hostname)
+        if o.will:
+            topic, payload, qos, retain = o.will
+            client.will_set(topic, payload, qos=qos, retain=retain)
+        # Queue QoS 1 messages while disconnected and keep many in flight: a round is a burst.
+        client.max_inflight_messages_set(100)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    # ------------------------------------------------------------ paho callbacks (thin)
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.warning("event=mqtt_refused client=%s reason=%r", self.opts.client_id, str(reason_code))
+            return
+        with self._lock:
+            subs = list(self._subs.items())
+        # Subscribe again on every connect: we never rely on the broker keeping our session.
+        if subs:
+            client.subscribe([(t, q) for t, q in subs])
+        self.connected.set()
+        self.last_error = ""
+        log.info("event=mqtt_connected client=%s broker=%s:%d", self.opts.client_id, self.broker.host, self.broker.port)
+        if self._on_connect_cb:
+            self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self._mark_disconnected(str(reason_code))
+
+    def _mark_disconnected(self, reason: str) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was and not self._stop.is_set():
+            log.warning("event=mqtt_disconnected client=%s reason=%r", self.opts.client_id, reason)
+            if self._on_disconnect_cb:
+                self._on_disconnect_cb(reason)
+
+    def _handle_message(self, client, userdata, msg) -> None:
+        self.bytes_in += len(msg.payload)
+        self._on_message(msg.topic, msg.payload)
+
+    # ------------------------------------------------------------ public
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subs.pop(topic, None)
+        if self.connected.is_set():
+            self.client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a publish. QoS 1 messages published while offline are sent after reconnect."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            self.bytes_out += len(payload)
+            return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        log.warning("event=mqtt_publish_failed client=%s topic=%s rc=%s", self.opts.client_id, topic, info.rc)
+        return False
+
+    def start(self) -> "MqttLink":
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.opts.client_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no Last Will) after flushing what is queued, then end the thread."""
+        deadline = time.monotonic() + timeout
+        while self.connected.is_set() and self.client.want_write() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        try:
+            self.client.disconnect()
+        except Exception:  # already gone: nothing to flush
+            pass
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ network thread
+
+    def _run(self) -> None:
+        attempt = 0
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    self.client.connect(self.broker.host, self.broker.port, keepalive=self.opts.keepalive)
+                else:
+                    self.client.reconnect()
+                first = False
+                sock = self.client.socket()
+                if isinstance(sock, socket.socket) or hasattr(sock, "setsockopt"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                first = first and isinstance(exc, ValueError)
+                self.last_error = f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}"
+                delay = backoff_delay(attempt, self.opts.backoff_min, self.opts.backoff_max, self._rng)
+                log.info("event=mqtt_connect_failed client=%s error=%r retry_in=%.2fs", self.opts.client_id, str(exc)[:120], delay)
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            while not self._stop.is_set():
+                rc = self.client.loop(timeout=0.2)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            self._mark_disconnected("connection lost")
+            if self._stop.is_set():
+                break
+            # A connection that lived a while resets the backoff; a refused one keeps growing.
+            attempt = attempt + 1 if self.last_error else 0
+            delay = backoff_delay(attempt, self.opts.backoff_min, self.opts.backoff_max, self._rng)
+            self._stop.wait(delay)
