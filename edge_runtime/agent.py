@@ -200,6 +200,10 @@ class DeviceAgent:
     def _handle_global(self, g: GlobalModel) -> None:
         if self.signer and not self.signer.verify_global(g):
             raise ProtocolError("global model signature does not verify with the aggregator's key")
+        # Validate everything before any state changes: a bad message must leave state intact.
+        m = self.manifest
+        if m is not None and g.model_hash == m.model_hash and g.weights.size != m.num_params:
+            raise ProtocolError(f"global model has {g.weights.size} parameters, bundle {m.model_hash[:12]} has {m.num_params}")
         if g.run_id != self.state.run_id:
             self._log(logging.INFO, "new_run", g.round, run_id=g.run_id[:8])
             clear_pending_update(self.state_dir)
