@@ -1,0 +1,165 @@
+"""Device benchmarks (numbers, not pass/fail): peak RSS of a device process through a full
+round, and local-training throughput of ORT against the same loop in PyTorch eager.
+
+    .venv/bin/python bench/bench_device.py [--steps 2000]
+
+Both loops: the Boston MLP (13-32-24-16-1), batch 8, AdamW, one thread, the same batches.
+Goals from the issue: RSS < 80 MB; ORT >= 10x PyTorch eager samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# VmHWM, not getrusage(): on Linux ru_maxrss survives execve, so a child started by a process
+# that has torch loaded would report the parent's peak, not its own.
+RSS_PROBE = """
+import sys
+from fleetlearn.cli import main
+rc = main(["device", "--config", sys.argv[1], "--max-rounds", "1", "--log-level", "warning"])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print("MAXRSS_KB", hwm, "TORCH", "torch" in sys.modules, flush=True)
+sys.exit(rc)
+"""
+
+
+def export_bundle(out: Path) -> Path:
+    from export import build_bundle, resolve_model
+
+    with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
+        x = d["x_train"]
+    model, _ = resolve_model("boston-mlp")
+    build_bundle(model, out, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer="adamw", lr=1e-3,
+                 preprocessing={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}, seed=0)
+    return out
+
+
+def bench_rss(bundle: Path, work: Path) -> float:
+    """Peak RSS (MB) of a real device process that joins a round on mosquitto and delivers its update."""
+    from tests.conftest import Broker
+    from tests.peers import Peer
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.protocol import Ack, GlobalModel, Topics, Update
+    from edge_runtime.trainer import Trainer
+
+    with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
+        np.savez(work / "shard.npz", x=d["x_train"][:202], y=d["y_train"][:202])
+    broker = Broker("mosquitto", work).start()
+    t = Topics("bench")
+    cfg = work / "device.toml"
+    cfg.write_text(f'device_id = "dev-0"\nfleet = "bench"\nbroker = "{broker.url}"\nbundle = "{bundle}"\n'
+                   f'data = "{work / "shard.npz"}"\nstate_dir = "{work / "state"}"\n[training]\nbatch_size = 8\n')
+    manifest = load_bundle(bundle)
+    peer = Peer(broker.url, [t.all_updates])
+    run_id = secrets.token_hex(16)
+    w = Trainer(bundle, manifest).get_weights()
+    peer.publish(t.global_model, GlobalModel(run_id, 1, manifest.model_hash, w, total_rounds=1).encode(), retain=True)
+    proc = subprocess.Popen([sys.executable, "-c", RSS_PROBE, str(cfg)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        _, payload = peer.wait_for(lambda topic, p: topic == t.update("dev-0"), timeout=60)
+        nonce = Update.decode(payload, manifest.num_params).nonce
+        peer.publish(t.ack("dev-0"), Ack(run_id, 1, "dev-0", nonce, True).encode())
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        peer.close()
+        broker.stop()
+    kb = int(out.split("MAXRSS_KB")[1].split()[0])
+    return kb / 1024
+
+
+def batches(steps: int, batch: int = 8):
+    with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
+        x, y = d["x_train"], d["y_train"]
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    y = y.reshape(-1, 1).astype(np.float32)
+    rng = np.random.default_rng(0)
+    idx = [rng.integers(0, len(x), batch) for _ in range(steps)]
+    return [(x[i], y[i]) for i in idx]
+
+
+def bench_ort(bundle: Path, data) -> float:
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.trainer import Trainer
+
+    trainer = Trainer(bundle, load_bundle(bundle), threads=1)
+    module, opt = trainer._module, trainer._optimizer  # the bare loop: what the runtime adds is measured by RSS above
+    module.train()
+    for xb, yb in data[:50]:
+        module(xb, yb); opt.step(); module.lazy_reset_grad()
+    start = time.perf_counter()
+    for xb, yb in data:
+        module(xb, yb); opt.step(); module.lazy_reset_grad()
+    return len(data) * 8 / (time.perf_counter() - start)
+
+
+def bench_trainer(bundle: Path, data) -> float:
+    """Through fleetlearn's Trainer.train (what a device really runs per round)."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.data import Dataset
+    from edge_runtime.trainer import Trainer
+
+    trainer = Trainer(bundle, load_bundle(bundle), threads=1)
+    ds = Dataset(np.concatenate([b[0] for b in data]), np.concatenate([b[1] for b in data]))
+    result = trainer.train(ds, batch_size=8, epochs=1)
+    return result.samples / result.seconds
+
+
+def bench_torch(data) -> float:
+    import torch
+
+    from export import resolve_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, _ = resolve_model("boston-mlp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.MSELoss()
+    tdata = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in data]
+    for xb, yb in tdata[:50]:
+        opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
+    start = time.perf_counter()
+    for xb, yb in tdata:
+        opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
+    return len(tdata) * 8 / (time.perf_counter() - start)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=2000)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bundle = export_bundle(work / "bundle")
+        data = batches(args.steps)
+        ort_sps = bench_ort(bundle, data)
+        trainer_sps = bench_trainer(bundle, data)
+        torch_sps = bench_torch(data)
+        rss = bench_rss(bundle, work)
+    result = {
+        "device_peak_rss_mb": round(rss, 1),
+        "ort_loop_samples_per_s": round(ort_sps),
+        "fleetlearn_trainer_samples_per_s": round(trainer_sps),
+        "torch_eager_samples_per_s": round(torch_sps),
+        "ort_vs_torch": round(ort_sps / torch_sps, 1),
+        "trainer_vs_torch": round(trainer_sps / torch_sps, 1),
+        "us_per_step_ort": round(8e6 / ort_sps, 1),
+        "us_per_step_torch": round(8e6 / torch_sps, 1),
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
