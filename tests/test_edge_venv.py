@@ -39,10 +39,10 @@ def edge_venv(tmp_path_factory):
 
 
 def test_edge_extra_has_no_torch(edge_venv):
+    # onnxruntime-training 1.19.2 itself requires the onnx package (and sympy, h5py...), so onnx
+    # is installed here; what matters is that the device never imports it (checked below).
     r = subprocess.run([str(edge_venv), "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
-    r = subprocess.run([str(edge_venv), "-c", "import onnx"], capture_output=True, text=True)
-    assert r.returncode != 0
 
 
 def test_full_round_in_a_torch_free_venv(edge_venv, mosquitto, tmp_path, boston_bundle, boston_shards):
