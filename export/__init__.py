@@ -1,0 +1,40 @@
+"""fleetlearn export: a PyTorch model -> an ONNX Runtime on-device training bundle.
+
+    from export import build_bundle, resolve_model
+    model, defaults = resolve_model("boston-mlp", seed=0)
+    manifest = build_bundle(model, "bundles/boston", model_name=defaults.name,
+                            input_shape=defaults.input_shape, loss=defaults.loss)
+
+Importing this package is cheap: torch, onnx and onnxruntime are imported when a function that
+needs them runs (the `fleetlearn` CLI imports `export.cli` just to build its argument parser).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fleetlearn import __version__
+
+if TYPE_CHECKING:
+    from export.build import build_bundle
+    from export.optimizers import OptimizerConfig
+    from export.resolve import ModelDefaults, resolve_model
+
+__all__ = ["build_bundle", "resolve_model", "ModelDefaults", "OptimizerConfig", "__version__"]
+
+_LAZY = {
+    "build_bundle": "export.build",
+    "resolve_model": "export.resolve",
+    "ModelDefaults": "export.resolve",
+    "OptimizerConfig": "export.optimizers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: resolve the public names on first use so `import export` stays light.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'export' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
