@@ -40,7 +40,7 @@ def export_bundle(out: Path) -> Path:
 
     with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
         x = d["x_train"]
-    model, _ = resolve_model("boston-mlp")
+    model, _ = resolve_model("boston-mlp", seed=0)
     build_bundle(model, out, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer="adamw", lr=1e-3,
                  preprocessing={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}, seed=0)
     return out

@@ -92,6 +92,7 @@ class MqttLink:
         self.bytes_out = 0
         self.bytes_in = 0
         self._rng = random.Random()
+        self._inflight: dict[int, str] = {}  # mid -> topic, to name the topic of a refused publish
         self._thread: threading.Thread | None = None
         self.client = self._make_client()
 
@@ -117,7 +118,21 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
         return client
+
+    def _connect_kwargs(self) -> dict:
+        """MQTT 5 ends a session at disconnect unless told otherwise: ask for a week, like a
+        3.1.1 persistent session, so a restarting peer does not lose what was sent meanwhile."""
+        if self.opts.protocol != "5":
+            return {}
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        if not self.opts.clean_session:
+            props.SessionExpiryInterval = 7 * 24 * 3600
+        return {"clean_start": self.opts.clean_session, "properties": props}
 
     # ------------------------------------------------------------ paho callbacks (thin)
 
@@ -148,6 +163,13 @@ class MqttLink:
             if self._on_disconnect_cb:
                 self._on_disconnect_cb(reason)
 
+    def _handle_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        # Over MQTT 5 a broker reports a denied publish (e.g. 0x87 not authorized) in its PUBACK;
+        # over 3.1.1 it cannot, which is why delivery also needs end-to-end acknowledgements.
+        topic = self._inflight.pop(mid, "?")
+        if reason_code is not None and getattr(reason_code, "is_failure", False):
+            log.warning("event=mqtt_publish_refused client=%s topic=%s reason=%r", self.opts.client_id, topic, str(reason_code))
+
     def _handle_message(self, client, userdata, msg) -> None:
         self.bytes_in += len(msg.payload)
         self._on_message(msg.topic, msg.payload)
@@ -169,6 +191,8 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Queue a publish. QoS 1 messages published while offline are sent after reconnect."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos and len(self._inflight) < 10_000:
+            self._inflight[info.mid] = topic
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             self.bytes_out += len(payload)
             return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -204,7 +228,7 @@ class MqttLink:
         while not self._stop.is_set():
             try:
                 if first:
-                    self.client.connect(self.broker.host, self.broker.port, keepalive=self.opts.keepalive)
+                    self.client.connect(self.broker.host, self.broker.port, keepalive=self.opts.keepalive, **self._connect_kwargs())
                 else:
                     self.client.reconnect()
                 first = False

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from export import build_bundle, resolve_model
 
-    model, _ = resolve_model("boston-mlp")
+    model, _ = resolve_model("boston-mlp", seed=args.seed)
     build_bundle(
         model, paths.bundle, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer="adamw", lr=args.lr,
         preprocessing={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}, seed=args.seed,

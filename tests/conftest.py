@@ -127,7 +127,7 @@ def boston_bundle(tmp_path_factory, boston_split):
     """The boston-mlp exported once per test session, standardised on the training split."""
     from export import build_bundle, resolve_model
 
-    model, defaults = resolve_model("boston-mlp")
+    model, _ = resolve_model("boston-mlp", seed=0)
     x = boston_split["x_train"]
     out = tmp_path_factory.mktemp("bundles") / "boston"
     build_bundle(
