@@ -1,0 +1,102 @@
+"""Publishing the bundle itself over MQTT, so a device needs nothing but a broker URL.
+
+    fleetlearn/<fleet>/bundle              retained  BundleAnnouncement (manifest, order, chunking)
+    fleetlearn/<fleet>/bundle/<hash>/<i>   retained  BUNDLE_CHUNK frame i of the concatenated files
+
+The files listed by the manifest are concatenated in the manifest's order (`order`) and cut
+into `chunk_size` pieces (256 KiB by default; the last one is shorter). A device checks each
+chunk's crc32 and index, then each file's sha256 against the manifest (edge_runtime/bundle_fetch.py).
+
+When a run with another model replaces an older one on the same fleet, the old run's retained
+chunks would stay on the broker forever; the aggregator reads the retained announcement it
+finds at start and clears the old chunks (empty retained payloads), best effort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from edge_runtime.bundle import Manifest
+from edge_runtime.errors import BundleError, UsageError
+from edge_runtime.protocol import BundleAnnouncement, Topics, encode_chunk
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 64 << 20
+
+
+def check_chunk_size(size: int) -> int:
+    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size {size} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
+    return size
+
+
+@dataclass(frozen=True)
+class BundlePlan:
+    bundle_dir: Path
+    announcement: BundleAnnouncement
+
+    @property
+    def model_hash(self) -> str:
+        return self.announcement.model_hash
+
+
+def plan_bundle(bundle_dir: str | Path, manifest: Manifest, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BundlePlan:
+    """The announcement for a verified bundle. Every file's size must be in the manifest
+    (devices check sizes before they assemble) and match the file on disk."""
+    root = Path(bundle_dir)
+    check_chunk_size(chunk_size)
+    order = tuple(manifest.files)
+    total = 0
+    for name in order:
+        size = (root / name).stat().st_size
+        recorded = manifest.files[name].get("size")
+        if recorded is None:
+            raise BundleError(f"{root}: manifest has no size for {name}; devices need it to fetch the bundle (re-export it)")
+        if recorded != size:
+            raise BundleError(f"{root}: {name} is {size} bytes, the manifest says {recorded}")
+        total += size
+    if total == 0:
+        raise BundleError(f"{root}: bundle files are empty")
+    chunks = -(-total // chunk_size)
+    doc = dict(manifest.raw)
+    return BundlePlan(root, BundleAnnouncement(manifest.model_hash, doc, order, total, chunk_size, chunks))
+
+
+def iter_chunks(plan: BundlePlan) -> Iterator[tuple[int, bytes]]:
+    """(index, bytes) of every chunk, reading the files in order, one chunk in memory at a time."""
+    a = plan.announcement
+    buf = bytearray()
+    index = 0
+    for name in a.order:
+        with open(plan.bundle_dir / name, "rb") as f:
+            while True:
+                need = a.chunk_size - len(buf)
+                data = f.read(need)
+                if not data:
+                    break
+                buf += data
+                if len(buf) == a.chunk_size:
+                    yield index, bytes(buf)
+                    index += 1
+                    buf.clear()
+    if buf:
+        yield index, bytes(buf)
+        index += 1
+    if index != a.chunks:
+        raise BundleError(f"{plan.bundle_dir}: files changed while being published ({index} chunks, announced {a.chunks})")
+
+
+def chunk_messages(plan: BundlePlan, topics: Topics) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of every chunk frame."""
+    a = plan.announcement
+    for index, data in iter_chunks(plan):
+        yield topics.bundle_chunk(a.model_hash, index), encode_chunk(a.model_hash, index, a.chunks, data)
+
+
+def clear_messages(old: BundleAnnouncement, topics: Topics) -> Iterator[tuple[str, bytes]]:
+    """Empty retained payloads that delete an old bundle's chunks from the broker."""
+    for index in range(old.chunks):
+        yield topics.bundle_chunk(old.model_hash, index), b""

@@ -1,0 +1,353 @@
+"""The aggregator's durable state: the versioned global model, the open round's partial
+accumulator, and the round log. One small contract (after NVFlare's edge ModelManager):
+
+    store = ModelStore.open(state_dir, model_hash, num_params, initial_weights=fn)
+    store.run_id, store.round, store.weights          # version: (run_id, last completed round)
+    store.check_version(run_id, model_hash, rnd)      # None, or why an update is stale/foreign
+    store.save_partial(PartialRound(...))             # before acking an accepted update
+    store.load_partial(rnd)                           # after a restart mid-round
+    store.commit(rnd, new_weights, record, accepted)  # a round closed: w_r, state, rounds.jsonl
+
+Layout of a state dir (every file written to a temp file, fsynced, renamed; see
+edge_runtime/state.py):
+
+    state.json                 run_id, model hash, last completed round, its weights file + sha256,
+                               the last round's record and accepted (device, nonce) pairs
+    global/round_0000.f32      w_0 (the bundle's initial weights), then w_1, w_2, ... (raw <f4)
+    partial_round.bin          the open round's accumulator (absent between rounds)
+    rounds.jsonl               one JSON line per closed round (rewritten and renamed, never torn)
+    model.onnx                 the final forward-only model (after the last round)
+    bundle/                    the exported bundle, when the aggregator exported it (--model)
+
+Commit order, so a crash anywhere leaves a state a restart can use:
+    1. global/round_000r.f32   (a new file; the old state still names w_{r-1})
+    2. state.json -> round r   (the commit point; it also holds round r's record)
+    3. rounds.jsonl            (a restart appends round r's record from state.json if missing)
+    4. partial_round.bin removed (a restart ignores a partial whose round is already committed)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_runtime.errors import UsageError
+from edge_runtime.protocol import HEX32_RE
+from edge_runtime.state import atomic_write_bytes, atomic_write_json, read_json
+
+STATE_FORMAT = "fleetlearn-aggregator-state"
+STATE_VERSION = 1
+PARTIAL_MAGIC = b"FLPART1\n"
+_U32 = struct.Struct("<I")
+
+
+class StateError(UsageError):
+    """The state dir is unusable (another model, corrupt files): the operator must decide."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class PartialRound:
+    """What an open round has accepted so far; persisted before every accepted ack."""
+
+    run_id: str
+    round: int
+    accepted: dict[str, str] = field(default_factory=dict)  # device -> nonce, arrival order
+    strategy: dict[str, Any] = field(default_factory=dict)  # Strategy.state_dict()
+    opened_at: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejected: int = 0
+    extensions: int = 0
+
+
+def encode_partial(p: PartialRound) -> bytes:
+    """magic | u32 header length | header JSON | arrays (raw, in header order), crc32 in header."""
+    scalars: dict[str, Any] = {}
+    arrays: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    offset = 0
+    for key, value in p.strategy.items():
+        if isinstance(value, np.ndarray):
+            arr = np.ascontiguousarray(value)
+            dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder not in ("|", "<") else arr.dtype
+            raw = arr.astype(dtype, copy=False).tobytes()
+            arrays.append({"key": key, "dtype": dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": len(raw)})
+            blobs.append(raw)
+            offset += len(raw)
+        else:
+            scalars[key] = value
+    body = b"".join(blobs)
+    header = {
+        "run_id": p.run_id,
+        "round": p.round,
+        "accepted": [[d, n] for d, n in p.accepted.items()],
+        "strategy": scalars,
+        "arrays": arrays,
+        "crc32": zlib.crc32(body),
+        "opened_at": p.opened_at,
+        "bytes_in": p.bytes_in,
+        "bytes_out": p.bytes_out,
+        "rejected": p.rejected,
+        "extensions": p.extensions,
+    }
+    hb = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return PARTIAL_MAGIC + _U32.pack(len(hb)) + hb + body
+
+
+def decode_partial(raw: bytes) -> PartialRound:
+    """Inverse of encode_partial; ValueError with the reason on any inconsistency."""
+    if not raw.startswith(PARTIAL_MAGIC) or len(raw) < len(PARTIAL_MAGIC) + 4:
+        raise ValueError("not a partial-round file")
+    (hlen,) = _U32.unpack_from(raw, len(PARTIAL_MAGIC))
+    start = len(PARTIAL_MAGIC) + 4
+    if start + hlen > len(raw):
+        raise ValueError("truncated header")
+    header = json.loads(raw[start : start + hlen].decode())
+    body = raw[start + hlen :]
+    if zlib.crc32(body) != header["crc32"]:
+        raise ValueError("accumulator fails its crc32")
+    strategy: dict[str, Any] = dict(header["strategy"])
+    for a in header["arrays"]:
+        chunk = body[a["offset"] : a["offset"] + a["nbytes"]]
+        if len(chunk) != a["nbytes"]:
+            raise ValueError(f"array {a['key']!r} truncated")
+        strategy[a["key"]] = np.frombuffer(chunk, dtype=np.dtype(a["dtype"])).reshape(a["shape"]).copy()
+    accepted = {str(d): str(n) for d, n in header["accepted"]}
+    return PartialRound(
+        run_id=header["run_id"],
+        round=int(header["round"]),
+        accepted=accepted,
+        strategy=strategy,
+        opened_at=float(header.get("opened_at", 0.0)),
+        bytes_in=int(header.get("bytes_in", 0)),
+        bytes_out=int(header.get("bytes_out", 0)),
+        rejected=int(header.get("rejected", 0)),
+        extensions=int(header.get("extensions", 0)),
+    )
+
+
+def read_round_log(path: Path) -> list[dict[str, Any]]:
+    """The records of rounds.jsonl; a line that does not parse (never written by us) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("round"), int):
+            records.append(doc)
+    return records
+
+
+def append_round_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one line by rewriting the whole file and renaming it over the old one.
+
+    A crash leaves the old file or the new one, never a torn line. A record for a round that
+    is already in the log replaces it (a round re-closed after a crash is logged once).
+    The cost is O(file size) per round, which is small: a line is a few hundred bytes.
+    """
+    records = [r for r in read_round_log(path) if r["round"] != record["round"]]
+    records.append(record)
+    records.sort(key=lambda r: r["round"])
+    data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records)
+    atomic_write_bytes(path, data.encode())
+
+
+class ModelStore:
+    """Versioned global model of one run. Not thread-safe: the round engine's thread owns it."""
+
+    def __init__(self, state_dir: Path, run_id: str, model_hash: str, num_params: int, round_: int, weights: np.ndarray, doc: dict[str, Any]):
+        self.state_dir = state_dir
+        self.run_id = run_id
+        self.model_hash = model_hash
+        self.num_params = num_params
+        self.round = round_  # last completed round; 0 before round 1 closes
+        self.weights = weights
+        self._doc = doc
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def partial_path(self) -> Path:
+        return self.state_dir / "partial_round.bin"
+
+    @property
+    def rounds_log(self) -> Path:
+        return self.state_dir / "rounds.jsonl"
+
+    def weights_path(self, rnd: int) -> Path:
+        return self.state_dir / "global" / f"round_{rnd:04d}.f32"
+
+    @property
+    def last_record(self) -> dict[str, Any] | None:
+        return self._doc.get("last_record")
+
+    @property
+    def last_accepted(self) -> dict[str, str]:
+        """device -> nonce of the updates counted in the last closed round (for late re-sends)."""
+        return dict(self._doc.get("last_accepted") or {})
+
+    # ------------------------------------------------------------ open
+
+    @classmethod
+    def open(cls, state_dir: str | Path, model_hash: str, num_params: int, initial_weights: Callable[[], np.ndarray]) -> "ModelStore":
+        """Resume the run in `state_dir`, or start a new run there (fresh run_id, w_0 saved)."""
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / "state.json"
+        if not path.exists():
+            return cls._create(state_dir, model_hash, num_params, initial_weights())
+        doc = read_json(path)
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+            raise StateError(f"{path} is not an aggregator state file (or is corrupt); use a fresh --state-dir")
+        if doc.get("version") != STATE_VERSION:
+            raise StateError(f"{path} has state version {doc.get('version')!r}, this aggregator reads {STATE_VERSION}")
+        if doc.get("model_hash") != model_hash or doc.get("num_params") != num_params:
+            raise StateError(
+                f"{state_dir} belongs to model {str(doc.get('model_hash'))[:12]} ({doc.get('num_params')} params), "
+                f"the bundle is {model_hash[:12]} ({num_params} params); use a fresh --state-dir for a new model"
+            )
+        run_id, rnd = doc.get("run_id"), doc.get("round")
+        if not isinstance(run_id, str) or not HEX32_RE.fullmatch(run_id) or not isinstance(rnd, int) or rnd < 0:
+            raise StateError(f"{path}: bad run_id or round")
+        wpath = state_dir / doc.get("weights_file", "")
+        try:
+            raw = wpath.read_bytes()
+        except OSError as exc:
+            raise StateError(f"{state_dir}: global weights of round {rnd} unreadable ({exc})") from None
+        if len(raw) != 4 * num_params or _sha256(raw) != doc.get("weights_sha256"):
+            raise StateError(f"{wpath} fails its size/sha256 check (corrupt state dir)")
+        weights = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        store = cls(state_dir, run_id, model_hash, num_params, rnd, weights, doc)
+        store._repair()
+        return store
+
+    @classmethod
+    def _create(cls, state_dir: Path, model_hash: str, num_params: int, weights: np.ndarray) -> "ModelStore":
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if weights.shape != (num_params,) or not np.isfinite(weights).all():
+            raise StateError(f"initial weights have shape {weights.shape} (expected ({num_params},)) or are not finite")
+        store = cls(state_dir, secrets.token_hex(16), model_hash, num_params, 0, weights, {"created": time.time()})
+        store._write_weights(0, weights)
+        store._write_state(0, weights, None, {})
+        return store
+
+    def _repair(self) -> None:
+        """Finish a commit a crash interrupted: log the committed round, drop a stale partial."""
+        rec = self.last_record
+        if rec and self.round > 0 and not any(r["round"] == self.round for r in read_round_log(self.rounds_log)):
+            append_round_record(self.rounds_log, rec)
+        p = self.load_partial(None)
+        if p is not None and (p.run_id != self.run_id or p.round <= self.round):
+            self.clear_partial()
+
+    # ------------------------------------------------------------ version
+
+    @property
+    def open_round(self) -> int:
+        return self.round + 1
+
+    def check_version(self, run_id: str, model_hash: str, rnd: int) -> str | None:
+        """Why an update for (run_id, model_hash, rnd) cannot count now, or None if it can."""
+        if run_id != self.run_id:
+            return f"run {run_id[:8]} is not the current run {self.run_id[:8]}"
+        if model_hash != self.model_hash:
+            return f"model {model_hash[:12]} is not the current model {self.model_hash[:12]}"
+        if rnd < self.open_round:
+            return f"round {rnd} closed (stale: trained on an older global model; round {self.open_round} is open)"
+        if rnd > self.open_round:
+            return f"round {rnd} not open (round {self.open_round} is)"
+        return None
+
+    # ------------------------------------------------------------ commit
+
+    def _write_weights(self, rnd: int, weights: np.ndarray) -> bytes:
+        raw = np.ascontiguousarray(weights, dtype="<f4").tobytes()
+        atomic_write_bytes(self.weights_path(rnd), raw)
+        return raw
+
+    def _write_state(self, rnd: int, weights: np.ndarray, record: dict[str, Any] | None, accepted: dict[str, str]) -> None:
+        raw = np.ascontiguousarray(weights, dtype="<f4").tobytes()
+        doc = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "run_id": self.run_id,
+            "model_hash": self.model_hash,
+            "num_params": self.num_params,
+            "round": rnd,
+            "weights_file": str(self.weights_path(rnd).relative_to(self.state_dir)),
+            "weights_sha256": _sha256(raw),
+            "last_record": record,
+            "last_accepted": accepted,
+            "created": self._doc.get("created", time.time()),
+            "updated": time.time(),
+        }
+        atomic_write_json(self.state_path, doc)
+        self._doc = doc
+
+    def commit(self, rnd: int, weights: np.ndarray, record: dict[str, Any], accepted: dict[str, str]) -> None:
+        """Round `rnd` closed with `weights`: make it durable (see the module docstring for the order)."""
+        if rnd != self.open_round:
+            raise ValueError(f"commit of round {rnd} while round {self.open_round} is open")
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if weights.shape != (self.num_params,):
+            raise ValueError(f"new weights have shape {weights.shape}")
+        self._write_weights(rnd, weights)
+        self._write_state(rnd, weights, record, dict(accepted))
+        append_round_record(self.rounds_log, record)
+        self.clear_partial()
+        self.round = rnd
+        self.weights = weights
+
+    # ------------------------------------------------------------ partial round
+
+    def save_partial(self, partial: PartialRound) -> None:
+        atomic_write_bytes(self.partial_path, encode_partial(partial))
+
+    def load_partial(self, rnd: int | None) -> PartialRound | None:
+        """The persisted partial round (of round `rnd`, when given), or None when there is none.
+
+        A corrupt file (never written by us: writes are atomic) is moved aside as
+        partial_round.bin.corrupt and StateError raised: the updates it held were acked, so
+        losing them silently would be wrong; the operator sees why, and a restart opens the
+        round afresh."""
+        try:
+            raw = self.partial_path.read_bytes()
+        except OSError:
+            return None
+        try:
+            p = decode_partial(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            os.replace(self.partial_path, self.partial_path.with_suffix(".bin.corrupt"))
+            raise StateError(f"{self.partial_path} is corrupt ({exc}); moved aside, restart to open the round afresh") from None
+        if rnd is not None and (p.run_id != self.run_id or p.round != rnd):
+            return None
+        return p
+
+    def clear_partial(self) -> None:
+        try:
+            self.partial_path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,132 @@
+"""Checking one update before it counts. Pure functions of (topic, payload, round state).
+
+Order (the first failing check is the reason sent back to the device):
+  1. size:      payload <= header + max meta + 4 * num_params + max signature
+  2. decode:    Update.decode(payload, num_params): frame, crc32, meta fields, size, finite values
+  3. identity:  the topic's device id == the meta's device_id
+  4. version:   run_id == current run, model_hash == bundle's, round == the open round
+                (earlier: "round r closed", stale; later: "round r not open"); the model
+                store's check_version() says which (aggregator/model_store.py)
+  5. duplicate: this device already has an accepted update this round:
+                same nonce -> accepted again, counted once (the device lost our ack);
+                other nonce -> rejected "duplicate update for round r"
+A re-send of an update that was counted in the round that just closed (same device, same
+nonce) is answered accepted too ("counted before it closed"), so a device that lost its ack
+at the close does not log a refusal for an update that did count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+from edge_runtime.errors import ProtocolError
+from edge_runtime.protocol import HEADER, HEADER_SIZE, HEX32_RE, MAGIC, MAX_META_BYTES, MAX_SIG_BYTES, Topics, Update
+
+UNKNOWN_NONCE = "0" * 32  # acks for payloads whose nonce cannot be read
+
+
+def max_update_bytes(num_params: int) -> int:
+    """The largest UPDATE frame a model of `num_params` parameters can produce."""
+    return HEADER_SIZE + MAX_META_BYTES + 4 * num_params + MAX_SIG_BYTES
+
+
+class Rejection(Exception):
+    """An update that does not count: `reason` goes to the log and to the device's ack."""
+
+    def __init__(self, reason: str, device: str | None, round_: int | None, nonce: str | None):
+        super().__init__(reason)
+        self.reason = reason
+        self.device = device  # from the topic; None when the topic names no valid device
+        self.round = round_  # from the meta when readable
+        self.nonce = nonce  # from the meta when readable
+
+
+@dataclass(frozen=True)
+class Verdict:
+    update: Update
+    duplicate: bool = False  # already counted (same nonce): ack accepted, do not count again
+    note: str = ""  # the ack's reason for an accepted duplicate
+
+
+def peek_meta(payload: bytes) -> tuple[int | None, str | None]:
+    """Best effort (round, nonce) from a frame that may fail full decoding, for the ack."""
+    try:
+        if len(payload) < HEADER_SIZE:
+            return None, None
+        magic, _v, _k, _e, _f, meta_len, *_ = HEADER.unpack_from(payload)
+        if magic != MAGIC or meta_len > MAX_META_BYTES or HEADER_SIZE + meta_len > len(payload):
+            return None, None
+        meta = json.loads(bytes(payload[HEADER_SIZE : HEADER_SIZE + meta_len]).decode("utf-8"))
+        if not isinstance(meta, dict):
+            return None, None
+        rnd = meta.get("round")
+        nonce = meta.get("nonce")
+        rnd = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd < 2**31 else None
+        nonce = nonce if isinstance(nonce, str) and HEX32_RE.fullmatch(nonce) else None
+        return rnd, nonce
+    except Exception:  # hostile input: a peek never raises
+        return None, None
+
+
+class VersionSource(Protocol):
+    """What validation needs of the model store (aggregator.model_store.ModelStore has it)."""
+
+    run_id: str
+    model_hash: str
+
+    @property
+    def open_round(self) -> int: ...
+
+    def check_version(self, run_id: str, model_hash: str, rnd: int) -> str | None: ...
+
+
+def validate_update(
+    topic: str,
+    payload: bytes,
+    *,
+    topics: Topics,
+    num_params: int,
+    version: VersionSource,
+    accepted: Mapping[str, str],
+    previous_accepted: Mapping[str, str] = {},
+) -> Verdict:
+    """The update in `payload` if it may count now; raises Rejection(reason) otherwise.
+
+    `accepted` maps device -> nonce of this round's accepted updates, `previous_accepted`
+    the same for the round that closed last.
+    """
+    try:
+        device = topics.device_of(topic, "update")
+    except ProtocolError as exc:
+        raise Rejection(exc.reason, None, None, None) from None
+    if not payload:
+        raise Rejection("empty payload", device, None, None)
+    bound = max_update_bytes(num_params)
+    if len(payload) > bound:
+        raise Rejection(f"update is {len(payload)} bytes, over the {bound}-byte bound for this model", device, None, None)
+    try:
+        update = Update.decode(payload, num_params)
+    except ProtocolError as exc:
+        rnd, nonce = peek_meta(payload)
+        raise Rejection(exc.reason, device, rnd, nonce) from None
+    if update.device_id != device:
+        raise Rejection(f"device_id {update.device_id!r} does not match the topic's device {device!r}", device, update.round, update.nonce)
+    open_round = version.open_round
+    if (
+        update.round == open_round - 1
+        and update.run_id == version.run_id
+        and update.model_hash == version.model_hash
+        and previous_accepted.get(device) == update.nonce
+    ):
+        return Verdict(update, duplicate=True, note=f"round {update.round} closed; this update was counted before it closed")
+    reason = version.check_version(update.run_id, update.model_hash, update.round)
+    if reason is not None:
+        raise Rejection(reason, device, update.round, update.nonce)
+    prior = accepted.get(device)
+    if prior is not None:
+        if prior == update.nonce:
+            return Verdict(update, duplicate=True, note="duplicate of an accepted update; counted once")
+        raise Rejection(f"duplicate update for round {update.round}", device, update.round, update.nonce)
+    return Verdict(update)
