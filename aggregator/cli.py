@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("round config sent to devices (default: each device's own)")
     train.add_argument("--local-epochs", type=int)
     train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
+    train.add_argument("--lr", type=float, help="learning rate (default: the bundle's)")
+    train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="cosine: decay the rate from --lr toward --lr-min-factor x --lr over the rounds")
+    train.add_argument("--lr-min-factor", type=float, default=0.1, help="final rate as a fraction of --lr for --lr-schedule cosine (default 0.1)")
     train.add_argument("--max-steps", type=int)
 
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -85,6 +87,8 @@ def config_from_args(args: argparse.Namespace):
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        lr_min_factor=args.lr_min_factor,
         max_steps=args.max_steps,
         strategy=args.strategy,
         client_id=args.client_id,

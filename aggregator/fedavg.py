@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.protocol import RoundConfig, Update
 
+from aggregator.schedule import scheduled_lr
 from aggregator.strategy import Strategy
 
 
@@ -52,15 +53,31 @@ class FedAvg(Strategy):
     name = "fedavg"
     streaming = True
 
-    def __init__(self, local_epochs: int | None = None, batch_size: int | None = None, lr: float | None = None, max_steps: int | None = None):
+    def __init__(
+        self,
+        local_epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        max_steps: int | None = None,
+        lr_schedule: str = "constant",
+        lr_min_factor: float = 0.1,
+        total_rounds: int = 1,
+    ):
         self.round_config = RoundConfig(local_epochs=local_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr)
+        self.lr_schedule = lr_schedule
+        self.lr_min_factor = lr_min_factor
+        self.total_rounds = total_rounds
         self._weights: np.ndarray | None = None
         self._acc: np.ndarray | None = None
         self._total = 0
         self._loss_sum = 0.0
 
     def configure_round(self, rnd: int, global_weights: np.ndarray) -> RoundConfig:
-        return self.round_config
+        c = self.round_config
+        if c.lr is None or self.lr_schedule == "constant":
+            return c
+        lr = scheduled_lr(c.lr, rnd, self.total_rounds, self.lr_schedule, self.lr_min_factor)
+        return RoundConfig(local_epochs=c.local_epochs, max_steps=c.max_steps, batch_size=c.batch_size, lr=lr)
 
     def begin_round(self, global_weights: np.ndarray) -> None:
         self._weights = np.asarray(global_weights, dtype=np.float32)

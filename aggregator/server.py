@@ -65,6 +65,8 @@ class AggregatorConfig:
     local_epochs: int | None = None  # round config sent to devices (None: device's own)
     batch_size: int | None = None
     lr: float | None = None
+    lr_schedule: str = "constant"  # or "cosine": decay from lr toward lr * lr_min_factor over the rounds
+    lr_min_factor: float = 0.1
     max_steps: int | None = None
     strategy: str = "fedavg"
     client_id: str | None = None  # default fleetlearn-aggregator-<fleet>
@@ -106,6 +108,12 @@ class AggregatorConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.lr is not None and not 0 < self.lr <= 10:
             raise UsageError(f"--lr must be in (0, 10], got {self.lr}")
+        from aggregator.schedule import SCHEDULES
+
+        if self.lr_schedule not in SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 < self.lr_min_factor <= 1:
+            raise UsageError(f"--lr-min-factor must be in (0, 1], got {self.lr_min_factor}")
         check_chunk_size(self.chunk_size)
         try:
             Topics(self.fleet)
@@ -217,7 +225,12 @@ class Aggregator:
         self.test_data = load_dataset(cfg.test_data, self.manifest) if cfg.test_data is not None else None
         self.trainer = Trainer(self.bundle_dir, self.manifest)
         self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.trainer.get_weights)
-        self.strategy = make_strategy(cfg.strategy, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, max_steps=cfg.max_steps)
+        # A schedule needs a base rate: the one given, else the bundle's own.
+        lr = cfg.lr if cfg.lr is not None or cfg.lr_schedule == "constant" else float(self.manifest.optimizer.get("lr", 1e-3))
+        self.strategy = make_strategy(
+            cfg.strategy, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=lr, max_steps=cfg.max_steps,
+            lr_schedule=cfg.lr_schedule, lr_min_factor=cfg.lr_min_factor, total_rounds=cfg.rounds,
+        )
         self._log(
             logging.INFO,
             "aggregator_start",
