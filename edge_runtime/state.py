@@ -1,5 +1,9 @@
-"""Crash-safe files: every write goes to a temp file in the same directory, is fsynced, then
-renamed over the target, so a power cut leaves either the old file or the new one, never half.
+"""Crash-safe files: every write goes to a temp file in the same directory, then is renamed
+over the target, so a crash leaves either the old file or the new one, never half.
+
+`durable=True` (the default) also fsyncs the file and its directory, so the new file survives
+a power cut, not only a process crash. That costs milliseconds on an SD card, so callers
+use `durable=False` for files they can rebuild (see the device agent's pending update).
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ from typing import Any
 import numpy as np
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -30,6 +35,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     # fsync the directory so the rename itself survives a power cut.
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -41,8 +48,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         pass
 
 
-def atomic_write_json(path: str | Path, doc: Any) -> None:
-    atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode())
+def atomic_write_json(path: str | Path, doc: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode(), durable)
 
 
 def read_json(path: str | Path) -> Any | None:
@@ -74,12 +81,15 @@ class DeviceState:
             return cls()
 
     def save(self, state_dir: Path) -> None:
-        atomic_write_json(state_dir / "device_state.json", asdict(self))
+        # Not fsynced: after a power cut the pending update file (which is) tells the agent
+        # what was pending, and a lost "last round" only makes it re-send an update that the
+        # aggregator then recognises (same nonce) or refuses as late. Never counted twice.
+        atomic_write_json(state_dir / "device_state.json", asdict(self), durable=False)
 
 
 def save_pending_update(state_dir: Path, payload: bytes) -> None:
-    """The encoded update frame, written before it is first sent; re-sent as-is after a restart."""
-    atomic_write_bytes(state_dir / "pending_update.bin", payload)
+    """The encoded update frame, written durably before it is first sent; re-sent as-is after a restart."""
+    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=True)
 
 
 def load_pending_update(state_dir: Path) -> bytes | None:

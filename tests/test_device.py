@@ -252,3 +252,25 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "device_id" in r.stderr
+
+
+def test_pending_update_survives_a_lost_state_file(mosquitto, tmp_path, boston_bundle, boston_shards):
+    """Power-cut model: the pending update file is fsynced, device_state.json is not. With the
+    state file gone, the device still re-sends the pending bytes instead of training anew."""
+    shards, _ = boston_shards
+    cfg = write_config(tmp_path, mosquitto.url, boston_bundle, shards[0])
+    peer = Peer(mosquitto.url, [T.all_updates])
+    run_id = secrets.token_hex(16)
+    peer.publish(T.global_model, global_frame(boston_bundle, run_id, 1), retain=True)
+    proc = start_device(cfg, tmp_path / "device.log")
+    try:
+        _, first = peer.wait_for(lambda t, p: t == T.update("dev-0"))
+        stop_process(proc, sig=9)
+        (tmp_path / "dev-0-state" / "device_state.json").unlink()
+        proc = start_device(cfg, tmp_path / "device2.log")
+        _, again = peer.wait_for(lambda t, p: t == T.update("dev-0"))
+        assert again == first
+        assert "event=pending_update_recovered" in wait_log(tmp_path / "device2.log", "event=update_resent")
+    finally:
+        stop_process(proc)
+        peer.close()
