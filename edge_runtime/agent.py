@@ -30,7 +30,7 @@ from edge_runtime.config import DeviceConfig
 from edge_runtime.data import Dataset, load_dataset
 from edge_runtime.errors import BundleError, DataError, ProtocolError
 from edge_runtime.mqtt import LinkOptions, MqttLink
-from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update
+from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
 from edge_runtime.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from edge_runtime.trainer import Trainer
 
@@ -135,6 +135,7 @@ class DeviceAgent:
     def run(self) -> int:
         self._install_signal_handlers()
         self._load_bundle()
+        self._recover_pending()
         self._log(logging.INFO, "device_start", broker=self.cfg.broker, fleet=self.cfg.fleet, pending=self.state.pending_round)
         self.link.start()
         try:
@@ -152,6 +153,23 @@ class DeviceAgent:
             self.link.stop()
             self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
         return 0
+
+    def _recover_pending(self) -> None:
+        """After a power cut device_state.json (not fsynced) may be older than the pending
+        update file (fsynced): the frame itself says which run, round and nonce it is."""
+        payload = load_pending_update(self.state_dir)
+        if payload is None or self.state.pending_round:
+            return
+        try:
+            meta = decode_frame(payload, Kind.UPDATE, max_body=len(payload)).meta
+            run_id, round_, nonce = meta["run_id"], int(meta["round"]), str(meta["nonce"])
+        except (ProtocolError, KeyError, TypeError, ValueError):
+            clear_pending_update(self.state_dir)
+            return
+        if round_ > self.state.last_round:
+            self.state.run_id, self.state.pending_round, self.state.pending_nonce = run_id, round_, nonce
+            self.state.save(self.state_dir)
+            self._log(logging.INFO, "pending_update_recovered", round_)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
