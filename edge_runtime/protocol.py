@@ -150,9 +150,14 @@ def _int(meta: dict, key: str, lo: int, hi: int) -> int:
     return v
 
 
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max
+
+
 def _float(meta: dict, key: str, lo: float = -math.inf, hi: float = math.inf) -> float:
     v = meta.get(key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
+    # A range check, not math.isfinite(): JSON integers are unbounded and isfinite() raises
+    # OverflowError for one too large for a float; the comparison is exact and false for NaN.
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not -_FLOAT_MAX <= v <= _FLOAT_MAX or not lo <= v <= hi:
         raise ProtocolError(f"field {key!r} must be a finite number in [{lo}, {hi}], got {v!r:.40}")
     return float(v)
 
@@ -174,7 +179,7 @@ def decode_json(payload: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> d
         raise ProtocolError(f"{what}: {len(payload)} bytes exceeds the {max_bytes}-byte limit")
     try:
         doc = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ProtocolError(f"{what}: not valid UTF-8 JSON ({str(exc)[:80]})") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"{what}: not a JSON object")
@@ -250,7 +255,7 @@ def decode_frame(payload: bytes, expect: Kind, max_body: int) -> Frame:
         raise ProtocolError("body fails its crc32 check (corrupted in transit)")
     try:
         meta = json.loads(payload[HEADER_SIZE:meta_end].decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ProtocolError(f"meta is not valid UTF-8 JSON ({str(exc)[:80]})") from None
     if not isinstance(meta, dict):
         raise ProtocolError("meta is not a JSON object")
