@@ -13,6 +13,9 @@ DIR afterwards holds:
     devices/<id>/mqtt-password     each device's password (what `fleetlearn flash --credentials` reads)
     aggregator/mqtt-password       the aggregator's password (`fleetlearn aggregator --password-file`)
     monitor/mqtt-password          with --monitor: a read-only user for `fleetlearn monitor`
+    devices/<id>/signing.key|.pub  with --signing-keys: each device's Ed25519 key pair (docs/security-signing.md)
+    aggregator/signing.key|.pub    with --signing-keys: the aggregator's key pair (signs global models)
+    aggregator/device-keys/<id>.pub  with --signing-keys: every device's public key (`aggregator --device-keys`)
     data/                          the broker's persistence directory
     README.md                      which file goes where
 
@@ -115,6 +118,7 @@ class FleetSpec:
     bind: str | None
     run_as: str | None
     force: bool
+    signing_keys: bool = False  # also Ed25519 key pairs for update signing
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,7 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
         bind=args.bind,
         run_as=args.run_as,
         force=args.force,
+        signing_keys=getattr(args, "signing_keys", False),
     )
 
 
@@ -587,6 +592,12 @@ def readme_text(spec: FleetSpec, limits: Limits, size: ModelSize) -> str:
     ]
     if spec.monitor:
         lines.append("* monitor: `monitor/mqtt-password` (read-only user `monitor`).")
+    if spec.signing_keys:
+        lines += [
+            "* update signing: the aggregator takes `--signing-key aggregator/signing.key --device-keys aggregator/device-keys`;",
+            "  flash copies `devices/<id>/signing.key` and `aggregator/signing.pub` into each image. Delete",
+            "  `devices/*/signing.key` once the devices are flashed (docs/security-signing.md).",
+        ]
     lines += [
         "",
         "## Run",
@@ -659,6 +670,10 @@ def write_tree(root: Path, spec: FleetSpec, limits: Limits, size: ModelSize) -> 
         write_file(root / "ca.key", tls.ca_key, 0o600)
         write_file(root / "server.crt", tls.server_cert, 0o644)
         write_file(root / "server.key", tls.server_key, 0o600)
+    if spec.signing_keys:
+        from aggregator.signing import write_fleet_signing_keys
+
+        write_fleet_signing_keys(root, spec.devices, write_file)
     (root / "data").mkdir(mode=0o700)
     write_file(root / "README.md", readme_text(spec, limits, size), 0o644)
 
@@ -710,6 +725,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker-dir", type=Path, help="where the broker host keeps these files, for the paths in mosquitto.conf (default: --out)")
     parser.add_argument("--run-as", help="mosquitto's `user` option: the account it drops to when started as root (default: mosquitto's own, `mosquitto`)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out (every password and, with --tls, the CA change)")
+    parser.add_argument("--signing-keys", action="store_true", help="also make Ed25519 update-signing key pairs for every device and the aggregator (docs/security-signing.md)")
 
 
 def run(args: argparse.Namespace) -> int:

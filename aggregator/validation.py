@@ -4,6 +4,8 @@ Order (the first failing check is the reason sent back to the device):
   1. size:      payload <= header + max meta + 4 * num_params + max signature
   2. decode:    Update.decode(payload, num_params): frame, crc32, meta fields, size, finite values
   3. identity:  the topic's device id == the meta's device_id
+  3b. authenticity (when an `authenticate` hook is given, aggregator/signing.py): the signature
+                with the topic's device key, then the replay ledger (a nonce seen before)
   4. version:   run_id == current run, model_hash == bundle's, round == the open round
                 (earlier: "round r closed", stale; later: "round r not open"); the model
                 store's check_version() says which (aggregator/model_store.py)
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 from edge_runtime.errors import ProtocolError
 from edge_runtime.protocol import HEADER, HEADER_SIZE, HEX32_RE, MAGIC, MAX_META_BYTES, MAX_SIG_BYTES, Topics, Update
@@ -91,6 +93,7 @@ def validate_update(
     version: VersionSource,
     accepted: Mapping[str, str],
     previous_accepted: Mapping[str, str] = {},
+    authenticate: Callable[[str, Update, VersionSource], None] | None = None,
 ) -> Verdict:
     """The update in `payload` if it may count now; raises Rejection(reason) otherwise.
 
@@ -113,6 +116,8 @@ def validate_update(
         raise Rejection(exc.reason, device, rnd, nonce) from None
     if update.device_id != device:
         raise Rejection(f"device_id {update.device_id!r} does not match the topic's device {device!r}", device, update.round, update.nonce)
+    if authenticate is not None:
+        authenticate(device, update, version)  # raises Rejection: bad/missing signature, replay
     open_round = version.open_round
     if (
         update.round == open_round - 1

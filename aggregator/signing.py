@@ -1,0 +1,366 @@
+"""Update authentication on the aggregator: device public keys, its own signing key, replay rules.
+
+In the state dir:
+
+    device-keys/<device_id>.pub   each device's Ed25519 public key (SubjectPublicKeyInfo PEM), loaded
+                                  at start; `fleetlearn aggregator --device-keys DIR` copies DIR/<id>.pub in
+    aggregator-signing.key        the aggregator's private key (PKCS#8 PEM, 0600): made on the first start
+                                  that uses keys, unless --signing-key FILE names one
+    aggregator-signing.pub        the public half of the key in use: devices' [signing] aggregator_public_key
+    seen_nonces.jsonl             the replay ledger: (device, nonce, round, digest) of this run's updates
+
+Checks on every update (the `authenticate` hook of aggregator.validation.validate_update, run after
+decoding and the topic/meta identity check, before anything can be acked as accepted):
+
+  1. signature: the key is the one registered for the *topic's* device id (no key id travels).
+     A signed update from a device with a registered key must verify, whatever the mode.
+     Require mode (--require-signatures; the default when device keys are registered) rejects
+     unsigned updates and updates from devices with no registered key. --allow-unsigned takes
+     unsigned updates (and signed ones from devices without a key, unverified), logged once
+     per device.
+  2. replay, for updates of the current run (docs/security-signing.md has the rules):
+       nonce never seen for this device            -> recorded, go on
+       seen in the same round with the same bytes  -> an idempotent re-send: go on (validation
+                                                      acks it as a duplicate, or rejects it as late)
+       seen in another round                       -> "replay: nonce ... already used in round r"
+       seen in the same round, different content   -> "replay: nonce ... already used for a
+                                                      different update in round r"
+     The ledger keeps each device's nonces of the last KEEP_ROUNDS rounds (at most
+     MAX_PER_DEVICE per device) and survives restarts: appended (fsync) before the verdict,
+     compacted once a round.
+
+`cryptography` is imported only when keys are in use: a keyless fleet's aggregator runs without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from edge_runtime.errors import ConfigError, UsageError
+from edge_runtime.protocol import HEX32_RE, NAME_RE, Update
+from edge_runtime.state import atomic_write_bytes
+
+from aggregator.logs import kv
+from aggregator.validation import Rejection, VersionSource
+
+log = logging.getLogger("fleetlearn.aggregator")
+
+DEVICE_KEYS_DIR = "device-keys"
+AGGREGATOR_KEY = "aggregator-signing.key"
+AGGREGATOR_PUB = "aggregator-signing.pub"
+LEDGER = "seen_nonces.jsonl"
+LEDGER_FORMAT = "fleetlearn-seen-nonces"
+KEEP_ROUNDS = 16
+MAX_PER_DEVICE = 64
+PUB_SUFFIX = ".pub"
+DIGEST_HEX = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _crypto():
+    """edge_runtime.signing (cryptography), imported on first use; UsageError when missing."""
+    try:
+        from edge_runtime import signing
+    except ConfigError as exc:
+        raise UsageError(f"update signing: {exc}") from None
+    return signing
+
+
+# ---------------------------------------------------------------- device keys
+
+
+def read_device_keys(directory: Path) -> dict[str, Any]:
+    """device id -> Ed25519PublicKey for every `<device_id>.pub` in `directory` (none: {}).
+
+    A file that is not an Ed25519 public key, or whose name is not a device id, is an error: an
+    operator who registered a key expects it to count."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    names = sorted(p for p in directory.iterdir() if p.name.endswith(PUB_SUFFIX) and not p.name.startswith("."))
+    if not names:
+        return {}
+    signing = _crypto()
+    keys: dict[str, Any] = {}
+    for path in names:
+        device = path.name[: -len(PUB_SUFFIX)]
+        if not NAME_RE.fullmatch(device):
+            raise UsageError(f"{path}: {device!r} is not a device id (files are named <device_id>.pub)")
+        keys[device] = signing.load_public_key(path, "device key")
+    return keys
+
+
+def import_device_keys(source: Path, state_dir: Path) -> list[tuple[str, str]]:
+    """Copy SOURCE/<device_id>.pub into STATE_DIR/device-keys/ after checking each one.
+
+    Returns (device, what) pairs, what one of "added", "replaced" (rotation), "unchanged".
+    Everything is checked before anything is written."""
+    source = Path(source)
+    if not source.is_dir():
+        raise UsageError(f"--device-keys {source}: not a directory")
+    keys = read_device_keys(source)
+    if not keys:
+        raise UsageError(f"--device-keys {source}: no <device_id>.pub files (broker-config --signing-keys writes them to DIR/aggregator/device-keys)")
+    signing = _crypto()
+    target = Path(state_dir) / DEVICE_KEYS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    done = []
+    for device, key in keys.items():
+        pem = signing.public_pem(key)
+        dest = target / f"{device}{PUB_SUFFIX}"
+        try:
+            old = dest.read_bytes()
+        except FileNotFoundError:
+            old = None
+        if old is not None and _same_key(signing, old, key):
+            done.append((device, "unchanged"))
+            continue
+        atomic_write_bytes(dest, pem)
+        os.chmod(dest, 0o644)
+        done.append((device, "added" if old is None else "replaced"))
+    return done
+
+
+def _same_key(signing, pem: bytes, key) -> bool:
+    try:
+        return signing.public_pem(signing.parse_public_key(pem, "old key")) == signing.public_pem(key)
+    except ConfigError:
+        return False
+
+
+def write_fleet_signing_keys(root: Path, devices: Iterable[str], write_file: Callable[[Path, bytes, int], None]) -> None:
+    """For `fleetlearn broker-config --signing-keys`: every device's key pair and the aggregator's.
+
+        devices/<id>/signing.key        the device's private key (0600): `flash --credentials` copies it
+        devices/<id>/signing.pub        its public key
+        aggregator/signing.key          the aggregator's private key (0600): `aggregator --signing-key`
+        aggregator/signing.pub          its public key: flash puts it in each image as the device's
+                                        [signing] aggregator_public_key
+        aggregator/device-keys/<id>.pub every device's public key: `aggregator --device-keys`
+    """
+    signing = _crypto()
+    private, public = signing.new_key_pair()
+    write_file(root / "aggregator" / "signing.key", private, 0o600)
+    write_file(root / "aggregator" / "signing.pub", public, 0o644)
+    for device in devices:
+        private, public = signing.new_key_pair()
+        write_file(root / "devices" / device / "signing.key", private, 0o600)
+        write_file(root / "devices" / device / "signing.pub", public, 0o644)
+        write_file(root / "aggregator" / DEVICE_KEYS_DIR / f"{device}{PUB_SUFFIX}", public, 0o644)
+
+
+# ---------------------------------------------------------------- the replay ledger
+
+
+class NonceLedger:
+    """(device, nonce) -> (round, digest) of the run's updates, bounded, appended to a file.
+
+    One JSON line per entry after a header line naming the run; a torn last line (a crash mid-
+    append) is skipped on load. Not thread-safe: the round engine's thread owns it."""
+
+    def __init__(self, path: Path, run_id: str, open_round: int, keep_rounds: int = KEEP_ROUNDS, per_device: int = MAX_PER_DEVICE):
+        self.path = Path(path)
+        self.run_id = run_id
+        self.keep_rounds = keep_rounds
+        self.per_device = per_device
+        self.seen: dict[str, dict[str, tuple[int, str]]] = {}
+        self._compacted_at = open_round
+        self._load()
+        self._prune(open_round)
+        self._rewrite()
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return
+        if not lines:
+            return
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != LEDGER_FORMAT or header.get("run_id") != self.run_id:
+            return  # another run's (or a corrupt) ledger: this run starts afresh
+        for line in lines[1:]:
+            try:
+                device, nonce, rnd, digest = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            if isinstance(device, str) and NAME_RE.fullmatch(device) and isinstance(nonce, str) and HEX32_RE.fullmatch(nonce) and isinstance(rnd, int) and isinstance(digest, str):
+                self.seen.setdefault(device, {})[nonce] = (rnd, digest)
+
+    def _prune(self, open_round: int) -> None:
+        oldest = open_round - self.keep_rounds  # rounds <= this are forgotten
+        for device in list(self.seen):
+            kept = {n: v for n, v in self.seen[device].items() if v[0] > oldest}
+            if len(kept) > self.per_device:
+                kept = dict(sorted(kept.items(), key=lambda kv_: kv_[1][0])[-self.per_device :])
+            if kept:
+                self.seen[device] = kept
+            else:
+                del self.seen[device]
+
+    def _rewrite(self) -> None:
+        lines = [json.dumps({"format": LEDGER_FORMAT, "run_id": self.run_id, "keep_rounds": self.keep_rounds})]
+        for device, entries in self.seen.items():
+            lines += [json.dumps([device, n, r, d]) for n, (r, d) in entries.items()]
+        atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
+
+    def check(self, device: str, nonce: str, rnd: int, digest: str, open_round: int) -> str | None:
+        """Why (device, nonce) is a replay, or None; a nonce seen for the first time is recorded
+        (durably) before this returns."""
+        prior = self.seen.get(device, {}).get(nonce)
+        if prior is not None:
+            seen_round, seen_digest = prior
+            if seen_round != rnd:
+                return f"replay: nonce {nonce[:8]} was already used in round {seen_round}"
+            if seen_digest != digest:
+                return f"replay: nonce {nonce[:8]} was already used for a different update in round {seen_round}"
+            return None  # the same update again: an idempotent re-send
+        if open_round > self._compacted_at:  # once a round: forget old rounds, shrink the file
+            self._prune(open_round)
+            self._rewrite()
+            self._compacted_at = open_round
+        entries = self.seen.setdefault(device, {})
+        entries[nonce] = (rnd, digest)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps([device, nonce, rnd, digest]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if len(entries) > self.per_device:
+            self._prune(open_round)  # in memory; the file catches up at the next compaction
+        return None
+
+
+def update_digest(update: Update) -> str:
+    """What identifies an update's content for the replay rules: sha256 of the signed bytes
+    (header, meta, body; the whole frame when unsigned), 128 bits."""
+    return hashlib.sha256(update.signed_part).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- the aggregator's signing state
+
+
+@dataclass
+class AggregatorSigning:
+    """What the round engine needs: `sign` for global models, `sign_announcement`, `authenticate`."""
+
+    device_keys: dict[str, Any]
+    require: bool
+    private_key: Any | None  # Ed25519PrivateKey, or None: globals go unsigned
+    ledger: NonceLedger
+    _unverified_logged: set[str] = field(default_factory=set)
+
+    @property
+    def sign(self) -> Callable[[bytes], bytes] | None:
+        """The protocol.Signer for GlobalModel.encode(sign=...), or None without a key."""
+        return self.private_key.sign if self.private_key is not None else None
+
+    def sign_announcement(self, payload: bytes) -> bytes:
+        """The bundle announcement with the aggregator's signature field (unchanged without a key)."""
+        if self.private_key is None:
+            return payload
+        return _crypto().sign_announcement(self.private_key, payload)
+
+    def authenticate(self, device: str, update: Update, version: VersionSource) -> None:
+        """Raise Rejection unless `update` (decoded, posted on `device`'s topic) is authentic and
+        no replay. See the module docstring for the rules."""
+        key = self.device_keys.get(device)
+        if update.signature and key is not None:
+            if not _crypto().verify(key, update.signature, update.signed_part):
+                why = f"{len(update.signature)}-byte signature, Ed25519 has 64" if len(update.signature) != 64 else "signature"
+                raise Rejection(f"bad {why}: the update does not verify with device {device}'s registered key", device, update.round, update.nonce)
+        elif self.require:
+            if key is None:
+                raise Rejection(f"no signing key is registered for device {device}; this aggregator requires signed updates", device, update.round, update.nonce)
+            raise Rejection("unsigned update; this aggregator requires signed updates", device, update.round, update.nonce)
+        elif device not in self._unverified_logged:
+            self._unverified_logged.add(device)
+            what = "unsigned" if not update.signature else "signed, but no key is registered for the device"
+            log.warning("%s", kv(event="update_unverified", device=device, round=update.round, reason=f"{what}; taken unverified (signatures not required), logged once per device"))
+        if update.run_id == version.run_id:
+            reason = self.ledger.check(device, update.nonce, update.round, update_digest(update), version.open_round)
+            if reason is not None:
+                raise Rejection(reason, device, update.round, update.nonce)
+
+
+def open_signing(
+    state_dir: Path,
+    run_id: str,
+    open_round: int,
+    *,
+    signing_key: Path | None = None,
+    device_keys: Path | None = None,
+    require: bool | None = None,
+) -> AggregatorSigning:
+    """Import and load keys, pick the mode, open the replay ledger. UsageError on bad keys.
+
+    Keys are "in use" when device keys are registered, --require-signatures or --signing-key is
+    given, or the state dir already holds an aggregator key; then global models are signed."""
+    state_dir = Path(state_dir)
+    if device_keys is not None:
+        for device, what in import_device_keys(device_keys, state_dir):
+            if what != "unchanged":
+                log.info("%s", kv(event=f"device_key_{what}", device=device, round="-", source=str(device_keys)))
+    keys = read_device_keys(state_dir / DEVICE_KEYS_DIR)
+    require = bool(keys) if require is None else require
+    if require and not keys:
+        raise UsageError(
+            f"--require-signatures: no device keys in {state_dir / DEVICE_KEYS_DIR} (add them with --device-keys DIR, "
+            "e.g. the DIR/aggregator/device-keys that broker-config --signing-keys writes)"
+        )
+    own = state_dir / AGGREGATOR_KEY
+    private = None
+    source = ""
+    if signing_key is not None:
+        private = _crypto().load_private_key(signing_key, "--signing-key")
+        source = str(signing_key)
+    elif own.exists():
+        private = _crypto().load_private_key(own, "aggregator key")
+        source = str(own)
+    elif keys or require:
+        signing = _crypto()
+        pem, _ = signing.new_key_pair()
+        _write_private(own, pem)
+        private = signing.parse_private_key(pem, "new aggregator key")
+        source = f"{own} (new)"
+    if private is not None:
+        signing = _crypto()
+        pub = signing.public_pem(private.public_key())
+        pub_path = state_dir / AGGREGATOR_PUB
+        if not pub_path.exists() or pub_path.read_bytes() != pub:
+            atomic_write_bytes(pub_path, pub)
+            os.chmod(pub_path, 0o644)
+        if signing.loose_permissions(signing_key or own):
+            log.warning("%s", kv(event="signing_key_exposed", round="-", key_file=str(signing_key or own), reason="group or others may read the aggregator's private key: chmod 600 it"))
+    ledger = NonceLedger(state_dir / LEDGER, run_id, open_round)
+    log.info(
+        "%s",
+        kv(
+            event="signing",
+            round="-",
+            device_keys=len(keys),
+            require_signatures="yes" if require else "no",
+            globals_signed="yes" if private is not None else "no",
+            aggregator_key=_crypto().fingerprint(private) if private is not None else "-",
+            key_file=source or "-",
+        ),
+    )
+    return AggregatorSigning(keys, require, private, ledger)
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    """Create `path` 0600 from its first byte; never replace an existing key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
