@@ -85,7 +85,12 @@ class Strategy(ABC):
 # name -> "module:Class"; one file per strategy.
 STRATEGIES: dict[str, str] = {
     "fedavg": "aggregator.fedavg:FedAvg",
+    "clipped-fedavg": "aggregator.clipping:ClippedFedAvg",
+    "median": "aggregator.median:Median",
+    "trimmed-mean": "aggregator.trimmed_mean:TrimmedMean",
+    "dp-fedavg": "aggregator.dp_fedavg:DPFedAvg",
 }
+# --clip-norm / --trim-fraction / --dp-* pick and configure these: aggregator/strategy_options.py
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:

@@ -68,6 +68,14 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Local DP (edge_runtime/privacy.py): clip the delta to clip_norm, add N(0, (s*clip_norm)^2)."""
+
+    clip_norm: float | None = None  # None: send the delta as trained
+    local_noise_multiplier: float = 0.0  # s; 0: clip only
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     device_id: str
     fleet: str
@@ -82,10 +90,11 @@ class DeviceConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     profile: str | None = None  # the firmware profile this config was rendered from (informational)
 
 
-_TABLES = {"training": TrainingConfig, "auth": AuthConfig, "tls": TlsConfig, "signing": SigningConfig}
+_TABLES = {"training": TrainingConfig, "auth": AuthConfig, "tls": TlsConfig, "signing": SigningConfig, "privacy": PrivacyConfig}
 
 
 def _typed(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -105,6 +114,8 @@ def _typed(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
         if "int" in annotation and "str" not in annotation:
             ok = isinstance(value, int) and not isinstance(value, bool)
             kind = "an integer"
+        elif "float" in annotation:
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         elif "bool" in annotation:
             ok, kind = isinstance(value, bool), "true or false"
         else:
@@ -133,6 +144,13 @@ def parse_device_config(doc: Mapping[str, Any], base_dir: Path | None = None) ->
             raise ConfigError(f"key 'training.{key}' must be >= 1")
     if training.max_steps is not None and training.max_steps < 1:
         raise ConfigError("key 'training.max_steps' must be >= 1")
+    privacy = values.get("privacy", PrivacyConfig())
+    if privacy.clip_norm is not None and not 0 < privacy.clip_norm < float("inf"):
+        raise ConfigError("key 'privacy.clip_norm' must be a number > 0")
+    if not 0 <= privacy.local_noise_multiplier < float("inf"):
+        raise ConfigError("key 'privacy.local_noise_multiplier' must be a number >= 0")
+    if privacy.local_noise_multiplier > 0 and privacy.clip_norm is None:
+        raise ConfigError("key 'privacy.local_noise_multiplier' needs 'privacy.clip_norm' (the noise is scaled to it)")
     if base_dir is not None:
         for key in ("bundle", "data", "state_dir"):
             values[key] = str((base_dir / values[key]).resolve()) if not Path(values[key]).is_absolute() else values[key]

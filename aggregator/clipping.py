@@ -1,0 +1,100 @@
+"""Per-update L2 norm clipping, and FedAvg over clipped updates (`--clip-norm C`).
+
+Each accepted delta d_i is scaled into the L2 ball of radius C before it is aggregated:
+
+    clip(d, C) = d * min(1, C / ||d||_2)
+
+so no single device can move the global model by more than C (times its aggregation weight)
+in one round. Clipping is a cheap bound on the damage of one update, not a filter: a
+malicious update that is clipped still counts with norm C in whatever direction it points
+(docs/security-robust-dp.md). It is also the sensitivity bound DP-FedAvg needs
+(aggregator/dp_fedavg.py).
+
+`ClippedFedAvg` is FedAvg on clipped deltas, still sample-weighted and streaming:
+w' = w + sum_i n_i * clip(d_i, C) / sum_i n_i. The sample counts n_i are what devices
+report; a device that lies about n_i still gets that weight (median and trimmed mean are
+unweighted for this reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.protocol import Update
+
+from aggregator.fedavg import FedAvg
+
+
+def l2_norm(delta: np.ndarray) -> float:
+    """||d||_2, accumulated in float64 (a float32 sum of squares loses digits at 1e6 params)."""
+    d = np.asarray(delta, dtype=np.float64)
+    return float(np.sqrt(np.dot(d, d)))
+
+
+def clip_factor(norm: float, clip_norm: float) -> float:
+    """min(1, C / ||d||): 1 for a delta already inside the ball (and for the zero delta)."""
+    if not clip_norm > 0:
+        raise ValueError(f"clip norm must be > 0, got {clip_norm}")
+    return 1.0 if norm <= clip_norm else clip_norm / norm
+
+
+def clip_delta(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
+    """(d * min(1, C/||d||) as a new float64 array, whether it was scaled down).
+
+    The result's norm is <= C up to float64 rounding (a relative 1e-15), which is what the
+    DP sensitivity argument needs; callers that store float32 round once more."""
+    d = np.asarray(delta, dtype=np.float64)
+    factor = clip_factor(l2_norm(d), clip_norm)
+    return (d * factor if factor < 1.0 else d.copy()), factor < 1.0
+
+
+class ClippedFedAvg(FedAvg):
+    """Sample-weighted FedAvg of deltas clipped to L2 norm `clip_norm`. Streaming."""
+
+    name = "clipped-fedavg"
+    streaming = True
+
+    def __init__(self, clip_norm: float, **round_options: Any):
+        super().__init__(**round_options)
+        clip_factor(0.0, clip_norm)  # ValueError for C <= 0
+        self.clip_norm = float(clip_norm)
+        self._clipped = 0
+        self._norms: list[float] = []
+
+    def begin_round(self, global_weights: np.ndarray) -> None:
+        super().begin_round(global_weights)
+        self._clipped = 0
+        self._norms = []
+
+    def accumulate(self, update: Update) -> None:
+        norm = l2_norm(update.delta)
+        clipped, was_clipped = clip_delta(update.delta, self.clip_norm)
+        super().accumulate(dataclasses.replace(update, delta=clipped))
+        self._clipped += int(was_clipped)
+        self._norms.append(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "clipped": self._clipped, "norms": list(self._norms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        clipped, norms = state.pop("clipped"), state.pop("norms")
+        super().load_state_dict(state)
+        self._clipped, self._norms = int(clipped), [float(n) for n in norms]
+
+    def round_summary(self) -> dict[str, Any]:
+        return {**super().round_summary(), **norm_summary(self.clip_norm, self._clipped, self._norms)}
+
+
+def norm_summary(clip_norm: float | None, clipped: int, norms: list[float]) -> dict[str, Any]:
+    """Per-round fields about the raw update norms (before clipping), for rounds.jsonl."""
+    out: dict[str, Any] = {}
+    if clip_norm is not None:
+        out.update(clip_norm=clip_norm, clipped=clipped)
+    if norms:
+        out["update_norm_median"] = float(np.median(norms))
+        out["update_norm_max"] = float(max(norms))
+    return out

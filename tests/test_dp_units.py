@@ -1,0 +1,149 @@
+"""DP-FedAvg's pieces: the accountant (dp-accounting) against published numbers, the clipped,
+unweighted, noised mean, the sensitivity bound, and the seeded noise across a restart."""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from aggregator.clipping import clip_delta
+from aggregator.dp_fedavg import DPFedAvg, dp_epsilon, gaussian_noise, noisy_mean_delta
+from aggregator.model_store import PartialRound, decode_partial, encode_partial
+from edge_runtime.protocol import Update
+
+# TensorFlow Privacy's compute_dp_sgd_privacy (tensorflow_privacy/privacy/analysis/
+# compute_dp_sgd_privacy_lib.py) runs dp-accounting's RdpAccountant with these orders over
+# steps = ceil(epochs * n / batch) compositions of PoissonSampled(q = batch / n, Gaussian(sigma));
+# its test (compute_dp_sgd_privacy_test.py, test_compute_dp_sgd_privacy) pins the results below.
+TFP_ORDERS = [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512]
+
+
+@pytest.mark.parametrize(
+    "n, batch, sigma, epochs, delta, published",
+    [
+        (60000, 150, 1.3, 15, 1e-5, 0.7242234026109595),
+        (100000, 100, 1.0, 30, 1e-7, 1.4154988495444842),
+    ],
+)
+def test_epsilon_matches_tensorflow_privacy_published_values(n, batch, sigma, epochs, delta, published):
+    steps = int(math.ceil(epochs * n / batch))
+    eps = dp_epsilon(sigma, batch / n, steps, delta, orders=TFP_ORDERS)
+    assert eps == pytest.approx(published, rel=1e-9)
+
+
+def test_mnist_dpsgd_tutorial_epsilon():
+    """The classic: MNIST, q = 256/60000, sigma = 1.1, 60 epochs, delta = 1e-5. TF Privacy's
+    tutorials/README.md prints epsilon = 2.92, computed with the RDP -> (eps, delta) conversion
+    of the time (eps = min_a RDP(a) + log(1/delta)/(a - 1)). dp-accounting's RdpAccountant uses
+    the tighter conversion of Canonne, Kamath and Steinke (2020, Prop. 12) and gives 2.597 for
+    the same mechanism; its PLD accountant, tighter still, 2.38. Both must sit below 2.92."""
+    q, steps, delta = 256 / 60000, 60 * 60000 // 256, 1e-5
+    rdp = dp_epsilon(1.1, q, steps, delta)
+    pld = dp_epsilon(1.1, q, steps, delta, accountant="pld")
+    assert rdp == pytest.approx(2.5966, abs=1e-3)
+    assert 2.3 < pld < rdp < 2.92
+
+
+def test_epsilon_behaves():
+    assert dp_epsilon(1.0, 1.0, 0, 1e-5) == 0.0
+    assert dp_epsilon(0.0, 1.0, 3, 1e-5) == math.inf
+    by_round = [dp_epsilon(1.0, 1.0, r, 1e-5) for r in (1, 2, 5, 10)]
+    assert by_round == sorted(by_round) and len(set(by_round)) == 4
+    assert dp_epsilon(2.0, 1.0, 5, 1e-5) < dp_epsilon(1.0, 1.0, 5, 1e-5)
+    assert dp_epsilon(1.0, 0.1, 5, 1e-5) < dp_epsilon(1.0, 1.0, 5, 1e-5)  # amplification by sampling
+    # q = 1: r Gaussian releases at sigma are one Gaussian at sigma / sqrt(r) (exact for PLD).
+    assert dp_epsilon(1.0, 1.0, 4, 1e-5, accountant="pld") == pytest.approx(dp_epsilon(0.5, 1.0, 1, 1e-5, accountant="pld"), rel=1e-2)
+    with pytest.raises(ValueError):
+        dp_epsilon(1.0, 1.5, 1, 1e-5)
+
+
+def _update(delta, samples=10, device="d"):
+    return Update(run_id="a" * 32, round=1, device_id=device, model_hash="b" * 64, samples=samples, train_loss=1.0, train_s=0.1, nonce=secrets.token_hex(16), delta=np.asarray(delta, np.float32))
+
+
+def test_dp_fedavg_is_clip_sum_noise_divide_by_expected_participants():
+    rng = np.random.default_rng(3)
+    P, C, sigma, m = 400, 0.5, 1.3, 5
+    w = rng.normal(size=P).astype(np.float32)
+    deltas = [rng.normal(0, s, P).astype(np.float32) for s in (0.001, 0.1, 1.0, 10.0)]  # k = 4 < m: a deadline close
+    s = DPFedAvg(clip_norm=C, noise_multiplier=sigma, expected_participants=m)
+    s.configure_round(1, w)
+    s.begin_round(w)
+    for i, d in enumerate(deltas):
+        s.accumulate(_update(d, samples=10 ** i, device=f"d{i}"))  # sample counts play no part
+    seed = s.state_dict()["noise_seed"]
+    S = sum(clip_delta(d, C)[0] for d in deltas)
+    z = gaussian_noise(seed, P, sigma * C)
+    want = (w.astype(np.float64) + (S + z) / m).astype(np.float32)
+    got = s.aggregate()
+    assert got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(s.aggregate(), got)  # same seed, same noise, every time
+    summary = s.round_summary()
+    assert summary["clipped"] == 3 and summary["epsilon"] == dp_epsilon(sigma, 1.0, 1, 1e-5) and summary["delta"] == 1e-5
+    assert summary["samples"] == 1111 and summary["dp_sampling_rate"] == 1.0 and summary["noise_multiplier"] == sigma
+
+
+def test_noise_has_the_calibrated_scale_and_fresh_seeds_each_round():
+    z = gaussian_noise("0" * 31 + "1", 200_000, 0.75)
+    assert abs(z.mean()) < 0.01 and z.std() == pytest.approx(0.75, rel=0.01)
+    s = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_participants=2)
+    w = np.zeros(10, np.float32)
+    seeds = set()
+    for _ in range(5):
+        s.begin_round(w)
+        seeds.add(s.state_dict()["noise_seed"])
+    assert len(seeds) == 5 and all(len(x) == 32 for x in seeds)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.just(16)), elements=st.floats(-1e4, 1e4, width=32)),
+    hnp.arrays(np.float32, 16, elements=st.floats(-1e4, 1e4, width=32)),
+    st.floats(0.01, 100),
+)
+def test_sensitivity_of_the_clipped_sum_is_c(others, extra, c):
+    """Adding (or removing) any one device's update moves the clipped sum by at most C."""
+    s_without = sum(clip_delta(d, c)[0] for d in others)
+    s_with = s_without + clip_delta(extra, c)[0]
+    assert np.linalg.norm(s_with - s_without) <= c * (1 + 1e-9)
+
+
+def test_restart_mid_round_reproduces_the_noise_and_the_result():
+    rng = np.random.default_rng(4)
+    P = 500
+    w = rng.normal(size=P).astype(np.float32)
+    ups = [_update(rng.normal(0, 1, P), device=f"d{i}") for i in range(5)]
+    a = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5, population=50)
+    a.configure_round(3, w)
+    a.begin_round(w)
+    for u in ups[:2]:
+        a.accumulate(u)
+    raw = encode_partial(PartialRound(run_id="a" * 32, round=3, accepted={}, strategy=a.state_dict()))
+    for u in ups[2:]:
+        a.accumulate(u)
+    want = a.aggregate()
+
+    b = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5, population=50)
+    b.configure_round(3, w)
+    b.begin_round(w)  # draws a new seed ...
+    b.load_state_dict(decode_partial(raw).strategy)  # ... which the persisted one replaces
+    for u in ups[2:]:
+        b.accumulate(u)
+    assert b.aggregate().tobytes() == want.tobytes()
+    assert b.round_summary() == a.round_summary()
+    assert a.round_summary()["epsilon"] == dp_epsilon(0.8, 0.1, 3, 1e-5)
+
+
+def test_bad_construction():
+    for kw in (dict(clip_norm=0), dict(noise_multiplier=-1), dict(expected_participants=0), dict(population=1, expected_participants=2), dict(dp_delta=1), dict(accountant="moments")):
+        args = dict(clip_norm=1.0, noise_multiplier=1.0, expected_participants=1) | kw
+        with pytest.raises(ValueError):
+            DPFedAvg(**args)
+    with pytest.raises(ValueError):
+        noisy_mean_delta(np.zeros(2), np.zeros(2), 0)
