@@ -53,15 +53,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--max-extensions", type=int, default=3, help="deadline extensions before a round fails (default 3)")
     rounds.add_argument("--state-dir", type=Path, required=True, help="checkpoints, round log, final model; reuse it to resume")
     rounds.add_argument("--test-data", type=Path, help="NPZ (x, y) or CSV to evaluate each new global model on")
-    rounds.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg)")
+    rounds.add_argument("--strategy", default="fedavg", help="fedavg (default), median or trimmed-mean (docs/security-robust-dp.md)")
+
+    robust = parser.add_argument_group("robust aggregation and differential privacy (docs/security-robust-dp.md)")
+    robust.add_argument("--clip-norm", type=float, metavar="C", help="clip every update to L2 norm C before aggregating (any strategy)")
+    robust.add_argument("--trim-fraction", type=float, default=0.1, metavar="BETA", help="trimmed-mean: drop floor(BETA*k) largest and smallest values per coordinate (default 0.1)")
+    robust.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA", help="DP-FedAvg: add N(0, (SIGMA*C)^2) to the sum of clipped updates (needs --clip-norm)")
+    robust.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported (default 1e-5)")
+    robust.add_argument("--dp-population", type=int, metavar="N", help="fleet size for the sampling rate q = target/N in the accountant (default: target devices, q = 1)")
 
     train = parser.add_argument_group("round config sent to devices (default: each device's own)")
     train.add_argument("--local-epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="learning rate (default: the bundle's)")
     train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="cosine: decay the rate from --lr toward --lr-min-factor x --lr over the rounds")
+    train.add_argument("--lr-warmup", type=int, default=0, help="rounds of linear learning-rate warm-up before the schedule (default 0)")
     train.add_argument("--lr-min-factor", type=float, default=0.1, help="final rate as a fraction of --lr for --lr-schedule cosine (default 0.1)")
     train.add_argument("--max-steps", type=int)
+
+    sig = parser.add_argument_group("update signing (docs/security-signing.md)")
+    sig.add_argument("--device-keys", type=Path, metavar="DIR", help="import DIR/<device_id>.pub (Ed25519) into STATE_DIR/device-keys, where keys are loaded from at start")
+    sig.add_argument("--signing-key", type=Path, metavar="FILE", help="the aggregator's Ed25519 key that signs global models (default STATE_DIR/aggregator-signing.key, made when keys are in use)")
+    req = sig.add_mutually_exclusive_group()
+    req.add_argument("--require-signatures", dest="require_signatures", action="store_const", const=True, default=None, help="reject unsigned updates (the default when device keys are registered)")
+    req.add_argument("--allow-unsigned", dest="require_signatures", action="store_const", const=False, help="accept unsigned updates even though device keys are registered (signed ones are still verified)")
 
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -89,8 +104,14 @@ def config_from_args(args: argparse.Namespace):
         lr=args.lr,
         lr_schedule=args.lr_schedule,
         lr_min_factor=args.lr_min_factor,
+        lr_warmup=args.lr_warmup,
         max_steps=args.max_steps,
         strategy=args.strategy,
+        clip_norm=args.clip_norm,
+        trim_fraction=args.trim_fraction,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_delta=args.dp_delta,
+        dp_population=args.dp_population,
         client_id=args.client_id,
         username=args.username,
         password_file=args.password_file,
@@ -100,6 +121,9 @@ def config_from_args(args: argparse.Namespace):
         mqtt_protocol=args.mqtt_protocol,
         chunk_size=args.chunk_size,
         connect_timeout=args.connect_timeout,
+        signing_key=args.signing_key,
+        device_keys=args.device_keys,
+        require_signatures=args.require_signatures,
     )
 
 

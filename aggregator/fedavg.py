@@ -62,11 +62,13 @@ class FedAvg(Strategy):
         lr_schedule: str = "constant",
         lr_min_factor: float = 0.1,
         total_rounds: int = 1,
+        lr_warmup: int = 0,
     ):
         self.round_config = RoundConfig(local_epochs=local_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr)
         self.lr_schedule = lr_schedule
         self.lr_min_factor = lr_min_factor
         self.total_rounds = total_rounds
+        self.lr_warmup = lr_warmup
         self._weights: np.ndarray | None = None
         self._acc: np.ndarray | None = None
         self._total = 0
@@ -74,9 +76,9 @@ class FedAvg(Strategy):
 
     def configure_round(self, rnd: int, global_weights: np.ndarray) -> RoundConfig:
         c = self.round_config
-        if c.lr is None or self.lr_schedule == "constant":
+        if c.lr is None or (self.lr_schedule == "constant" and not self.lr_warmup):
             return c
-        lr = scheduled_lr(c.lr, rnd, self.total_rounds, self.lr_schedule, self.lr_min_factor)
+        lr = scheduled_lr(c.lr, rnd, self.total_rounds, self.lr_schedule, self.lr_min_factor, self.lr_warmup)
         return RoundConfig(local_epochs=c.local_epochs, max_steps=c.max_steps, batch_size=c.batch_size, lr=lr)
 
     def begin_round(self, global_weights: np.ndarray) -> None:

@@ -67,8 +67,14 @@ class AggregatorConfig:
     lr: float | None = None
     lr_schedule: str = "constant"  # or "cosine": decay from lr toward lr * lr_min_factor over the rounds
     lr_min_factor: float = 0.1
+    lr_warmup: int = 0  # rounds of linear warm-up before the schedule
     max_steps: int | None = None
     strategy: str = "fedavg"
+    clip_norm: float | None = None  # robust / DP options, resolved by aggregator/strategy_options.py
+    trim_fraction: float = 0.1
+    dp_noise_multiplier: float | None = None
+    dp_delta: float = 1e-5
+    dp_population: int | None = None  # default: target devices (sampling rate q = 1)
     client_id: str | None = None  # default fleetlearn-aggregator-<fleet>
     username: str | None = None
     password: str | None = None
@@ -79,6 +85,10 @@ class AggregatorConfig:
     mqtt_protocol: str = "3.1.1"
     chunk_size: int = 256 * 1024
     connect_timeout: float = 30.0  # give up (exit 2) when the broker is unreachable at start
+    # Update signing (aggregator/signing.py, docs/security-signing.md)
+    signing_key: Path | None = None  # the aggregator's Ed25519 key; default STATE_DIR/aggregator-signing.key
+    device_keys: Path | None = None  # import DIR/<device_id>.pub into STATE_DIR/device-keys on start
+    require_signatures: bool | None = None  # None: required when device keys are registered
 
     @property
     def target(self) -> int:
@@ -114,7 +124,12 @@ class AggregatorConfig:
             raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 < self.lr_min_factor <= 1:
             raise UsageError(f"--lr-min-factor must be in (0, 1], got {self.lr_min_factor}")
+        if not 0 <= self.lr_warmup < self.rounds:
+            raise UsageError(f"--lr-warmup must be in [0, --rounds), got {self.lr_warmup}")
         check_chunk_size(self.chunk_size)
+        from aggregator.strategy_options import check_strategy_options
+
+        check_strategy_options(self)
         try:
             Topics(self.fleet)
         except Exception as exc:
@@ -225,11 +240,22 @@ class Aggregator:
         self.test_data = load_dataset(cfg.test_data, self.manifest) if cfg.test_data is not None else None
         self.trainer = Trainer(self.bundle_dir, self.manifest)
         self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.trainer.get_weights)
+        from aggregator.signing import open_signing
+
+        self.signing = open_signing(
+            self.state_dir, self.store.run_id, self.store.open_round,
+            signing_key=cfg.signing_key, device_keys=cfg.device_keys, require=cfg.require_signatures,
+        )
         # A schedule needs a base rate: the one given, else the bundle's own.
-        lr = cfg.lr if cfg.lr is not None or cfg.lr_schedule == "constant" else float(self.manifest.optimizer.get("lr", 1e-3))
+        scheduled = cfg.lr_schedule != "constant" or cfg.lr_warmup > 0
+        lr = cfg.lr if cfg.lr is not None or not scheduled else float(self.manifest.optimizer.get("lr", 1e-3))
+        from aggregator.strategy_options import strategy_options
+
+        strategy_name, strategy_extra = strategy_options(cfg)  # ("fedavg", {}) by default
         self.strategy = make_strategy(
-            cfg.strategy, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=lr, max_steps=cfg.max_steps,
+            strategy_name, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=lr, max_steps=cfg.max_steps,
             lr_schedule=cfg.lr_schedule, lr_min_factor=cfg.lr_min_factor, total_rounds=cfg.rounds,
+            lr_warmup=cfg.lr_warmup, **strategy_extra,
         )
         self._log(
             logging.INFO,
@@ -369,7 +395,7 @@ class Aggregator:
         for topic, payload in chunk_messages(self.plan, self.topics):
             self._publish(topic, payload, retain=True)
         # The announcement goes last: a device that sees it finds every chunk already there.
-        self._publish(self.topics.bundle, a.encode(), retain=True)
+        self._publish(self.topics.bundle, self.signing.sign_announcement(a.encode()), retain=True)
         self._log(logging.INFO, "bundle_published", None, model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks, chunk_size=a.chunk_size, s=time.monotonic() - t0)
 
     def _on_bundle_announcement(self, payload: bytes) -> None:
@@ -389,7 +415,7 @@ class Aggregator:
         self._cleared_hashes.add(old.model_hash)
         for topic, empty in clear_messages(old, self.topics):
             self._publish(topic, empty, retain=True)
-        self._publish(self.topics.bundle, self.plan.announcement.encode(), retain=True)
+        self._publish(self.topics.bundle, self.signing.sign_announcement(self.plan.announcement.encode()), retain=True)
         self._log(logging.INFO, "old_bundle_cleared", None, model_hash=old.model_hash[:12], chunks=old.chunks)
 
     # ------------------------------------------------------------------ rounds
@@ -410,7 +436,7 @@ class Aggregator:
             self._log(logging.INFO, "round_resumed", rnd, accepted=len(run.accepted), devices=sorted(run.accepted))
         self.current = run
         g = GlobalModel(store.run_id, rnd, self.manifest.model_hash, w, train=True, total_rounds=cfg.rounds, deadline=run.deadline, config=run.config)
-        run.bytes_out += self._publish(self.topics.global_model, g.encode(), retain=True)
+        run.bytes_out += self._publish(self.topics.global_model, g.encode(sign=self.signing.sign), retain=True)
         self._publish_round_state("open")
         self._log(logging.INFO, "round_open", rnd, deadline_s=cfg.deadline, min_devices=cfg.min_devices, target_devices=cfg.target, config=run.config.to_meta() or "-")
         self._emit("round_open", round=rnd, deadline=run.deadline, accepted=len(run.accepted))
@@ -509,6 +535,7 @@ class Aggregator:
                 version=self.store,
                 accepted=run.accepted,
                 previous_accepted=self.store.last_accepted,
+                authenticate=self.signing.authenticate,
             )
         except Rejection as rej:
             self._reject(run, rej)
@@ -613,7 +640,7 @@ class Aggregator:
         store = self.store
         final = store.weights
         g = GlobalModel(store.run_id, store.round + 1, self.manifest.model_hash, final, train=False, total_rounds=cfg.rounds, deadline=0.0)
-        self._publish(self.topics.global_model, g.encode(), retain=True)
+        self._publish(self.topics.global_model, g.encode(sign=self.signing.sign), retain=True)
         self._publish_round_state("finished", rnd=store.round + 1)
         out = self.state_dir / "model.onnx"
         tmp = self.state_dir / ".model.tmp.onnx"

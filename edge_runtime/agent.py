@@ -24,6 +24,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edge_runtime.bundle import Manifest
 from edge_runtime.bundle_fetch import BundleAssembly, try_load_bundle
 from edge_runtime.config import DeviceConfig
@@ -263,6 +265,16 @@ class DeviceAgent:
             lr=c.lr,
         )
         delta = self.trainer.get_weights() - g.weights
+        if not (np.isfinite(result.mean_loss) and np.isfinite(delta).all()):
+            # Diverged (too high a learning rate, bad data scale): nothing useful to send. Say so
+            # and sit this round out; the next global model resets the weights.
+            self._log(logging.ERROR, "training_diverged", g.round, loss=str(result.mean_loss))
+            self._status("error", g.round, f"local training diverged in round {g.round} (loss {result.mean_loss})")
+            return
+        if self.cfg.privacy.clip_norm is not None:  # [privacy]: clip (+ noise) before it leaves the device
+            from edge_runtime.privacy import privatize_delta
+
+            delta = privatize_delta(delta, self.cfg.privacy)
         update = Update(
             run_id=g.run_id,
             round=g.round,
@@ -318,6 +330,8 @@ class DeviceAgent:
     def _on_bundle_announcement(self, payload: bytes) -> None:
         if not payload:
             return
+        if self.signer and not self.signer.verify_announcement(payload):
+            raise ProtocolError("bundle announcement signature does not verify with the aggregator's key")
         a = BundleAnnouncement.decode(payload)
         if self.manifest is not None and a.model_hash == self.manifest.model_hash:
             return
@@ -357,7 +371,8 @@ class DeviceAgent:
 def _load_signer(cfg: DeviceConfig):
     """The update signer / global-model verifier, when the config names keys (issue: security)."""
     if not (cfg.signing.key_file or cfg.signing.aggregator_public_key):
+        log.info("event=signing device=%s signs_updates=no verifies_globals=no reason='no [signing] keys configured'", cfg.device_id)
         return None
     from edge_runtime.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
 
-    return DeviceSigner.from_config(cfg.signing)
+    return DeviceSigner.from_config(cfg.signing, cfg.device_id)

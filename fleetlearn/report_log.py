@@ -13,7 +13,7 @@ operator's view should show what it can.
 from __future__ import annotations
 
 import json
-import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,9 @@ _KNOWN = {"v", "round", "run_id", "devices", "samples", "train_loss", "wall_s", 
 
 def _num(doc: dict[str, Any], key: str) -> float | None:
     v = doc.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # A range check, not math.isfinite: an integer too big for a float (hostile metrics) makes
+    # isfinite raise OverflowError; the comparison is exact for ints and false for NaN.
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -sys.float_info.max <= v <= sys.float_info.max:
         return None
     return float(v)
 

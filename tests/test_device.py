@@ -274,3 +274,27 @@ def test_pending_update_survives_a_lost_state_file(mosquitto, tmp_path, boston_b
     finally:
         stop_process(proc)
         peer.close()
+
+
+def test_diverged_local_training_is_reported_not_sent(mosquitto, tmp_path, boston_bundle, boston_shards):
+    shards, _ = boston_shards
+    with np.load(shards[0]) as d:
+        # Finite, so the data check passes, but far beyond what float32 activations survive.
+        np.savez(tmp_path / "huge.npz", x=d["x"] * 1e30, y=d["y"])
+    cfg = write_config(tmp_path, mosquitto.url, boston_bundle, tmp_path / "huge.npz")
+    peer = Peer(mosquitto.url, [T.all_updates, T.all_status])
+    run_id = secrets.token_hex(16)
+    m = load_bundle(boston_bundle)
+    w = initial_weights(boston_bundle)
+    peer.publish(T.global_model, GlobalModel(run_id, 1, m.model_hash, w, total_rounds=2).encode(), retain=True)
+    log = tmp_path / "device.log"
+    proc = start_device(cfg, log)
+    try:
+        _, payload = peer.wait_for(lambda t, p: t == T.status("dev-0") and Status.decode(p).state == "error")
+        assert "diverged" in Status.decode(payload).detail
+        assert "event=training_diverged" in log.read_text() and "Traceback" not in log.read_text()
+        assert not [t for t, _ in peer.drain() if t == T.update("dev-0")]
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
+        peer.close()
