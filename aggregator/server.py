@@ -182,6 +182,9 @@ class Aggregator:
         self._stop_code = EXIT_SIGTERM
         self._connects = 0
         self._pending_pubs: list[Any] = []
+        # Accepted updates whose ack waits for the next durable write (group commit): one
+        # fsync covers every update that arrived together, instead of one fsync each.
+        self._acks_due: list[tuple[str, int, str, str]] = []  # device, round, nonce, note
         self._cleared_hashes: set[str] = set()
         self._last_retained: dict[str, bytes] = {}  # topic -> payload, republished on reconnect
         self.link = None
@@ -452,6 +455,9 @@ class Aggregator:
                 self._deadline_missed(run)
                 continue
             self._handle_next_event(min(run.deadline - now, 0.5))
+            self._drain_events()
+            if len(run.accepted) < cfg.target:
+                self._commit_acks(run)  # else: the round's commit at close makes them durable
             if self._stop.is_set():
                 raise _Stopped()
 
@@ -470,6 +476,7 @@ class Aggregator:
         run.extensions += 1
         run.deadline = time.time() + cfg.deadline
         self._save_partial(run)
+        self._send_due_acks(run)
         self._publish_round_state("open")
         self._log(
             logging.WARNING,
@@ -499,6 +506,32 @@ class Aggregator:
             reason=reason,
         )
         self._publish(self.topics.round, rs.encode(), retain=True)
+
+    def _drain_events(self, limit: int = 256) -> None:
+        """Handle what is already queued (no waiting), so updates that arrived together are
+        made durable together."""
+        for _ in range(limit):
+            if self._events.empty() or len(self.current.accepted) >= self.config.target:
+                return
+            self._handle_next_event(0.0)
+
+    def _commit_acks(self, run: RoundRun) -> None:
+        """Persist the round's running sum once, then ack every update it now holds."""
+        if not self._acks_due:
+            return
+        self._save_partial(run)
+        self._send_due_acks(run)
+
+    def _send_due_acks(self, run: RoundRun) -> None:
+        for topic, payload in self._encode_due_acks(run):
+            self._publish(topic, payload)
+
+    def _encode_due_acks(self, run: RoundRun) -> list[tuple[str, bytes]]:
+        """The due acks as (topic, payload), counted in the round's bytes out."""
+        due, self._acks_due = self._acks_due, []
+        out = [(self.topics.ack(d), Ack(self.store.run_id, r, d, n, True, note).encode()) for d, r, n, note in due]
+        run.bytes_out += sum(len(p) for _, p in out)
+        return out
 
     def _handle_next_event(self, timeout: float) -> None:
         try:
@@ -543,6 +576,8 @@ class Aggregator:
         u = verdict.update
         if verdict.duplicate:
             self._log(logging.INFO, "update_duplicate", u.round, device=u.device_id, nonce=u.nonce[:8], note=verdict.note)
+            if any(d == u.device_id and n == u.nonce for d, _, n, _ in self._acks_due):
+                return  # counted but not yet durable: its ack is already due with the next write
             run.bytes_out += self._ack(u.device_id, u.round, u.nonce, True, verdict.note)
             return
         try:
@@ -551,9 +586,9 @@ class Aggregator:
             self._reject(run, Rejection(exc.reason, u.device_id, u.round, u.nonce))
             return
         run.accepted[u.device_id] = u.nonce
-        # Durable before the ack: an aggregator killed after acking loses nothing.
-        self._save_partial(run)
-        run.bytes_out += self._ack(u.device_id, u.round, u.nonce, True)
+        # Durable before the ack: an aggregator killed after acking loses nothing. The ack is
+        # due with the next durable write (_commit_acks, or the round's commit at close).
+        self._acks_due.append((u.device_id, u.round, u.nonce, ""))
         self._log(logging.INFO, "update_accepted", u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, train_s=u.train_s, accepted=len(run.accepted), target=self.config.target, bytes=len(payload))
         self._emit("update_accepted", round=u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, accepted=len(run.accepted))
 
@@ -605,6 +640,7 @@ class Aggregator:
             "accepted": k,
             **summary,
         }
+        acks = self._encode_due_acks(run)  # sent once the commit below has made them durable
         if self.test_data is not None:
             t0 = time.perf_counter()
             self.trainer.set_weights(new_w)
@@ -629,6 +665,8 @@ class Aggregator:
         )
         record = _finite(record)
         self.store.commit(run.round, new_w, record, run.accepted)
+        for topic, payload in acks:  # the commit made every accepted update of the round durable
+            self._publish(topic, payload)
         self._publish(self.topics.metrics, _metrics_payload(record), retain=True)
         metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
         self._log(logging.INFO, "round_closed", run.round, closed_by=closed_by, accepted=k, devices=record["devices"], samples=record.get("samples"), train_loss=record.get("train_loss"), wall_s=record["wall_s"], **metric)

@@ -26,7 +26,7 @@ decoding and the topic/meta identity check, before anything can be acked as acce
        seen in the same round, different content   -> "replay: nonce ... already used for a
                                                       different update in round r"
      The ledger keeps each device's nonces of the last KEEP_ROUNDS rounds (at most
-     MAX_PER_DEVICE per device) and survives restarts: appended (fsync) before the verdict,
+     MAX_PER_DEVICE per device) and survives restarts: appended (not fsynced: see check()) before the verdict,
      compacted once a round.
 
 `cryptography` is imported only when keys are in use: a keyless fleet's aggregator runs without it.
@@ -211,7 +211,7 @@ class NonceLedger:
         lines = [json.dumps({"format": LEDGER_FORMAT, "run_id": self.run_id, "keep_rounds": self.keep_rounds})]
         for device, entries in self.seen.items():
             lines += [json.dumps([device, n, r, d]) for n, (r, d) in entries.items()]
-        atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode(), durable=False)
 
     def check(self, device: str, nonce: str, rnd: int, digest: str, open_round: int) -> str | None:
         """Why (device, nonce) is a replay, or None; a nonce seen for the first time is recorded
@@ -230,10 +230,12 @@ class NonceLedger:
             self._compacted_at = open_round
         entries = self.seen.setdefault(device, {})
         entries[nonce] = (rnd, digest)
+        # Written (it survives the process being killed) but not fsynced: after a power cut the
+        # last entries may be lost, and that is safe. An update of the open round is still
+        # deduplicated by the persisted round state, and one of an earlier round is refused
+        # as late; an fsync here would cost milliseconds per update on the critical path.
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps([device, nonce, rnd, digest]) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         if len(entries) > self.per_device:
             self._prune(open_round)  # in memory; the file catches up at the next compaction
         return None
