@@ -622,7 +622,6 @@ class Aggregator:
         )
 
     def _close_round(self, run: RoundRun, closed_by: str) -> None:
-        cfg = self.config
         k = len(run.accepted)
         self._publish_round_state("closed")
         new_w = self.strategy.aggregate()

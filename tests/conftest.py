@@ -6,7 +6,6 @@ started as separate processes on free loopback ports.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket

@@ -16,59 +16,25 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_runtime.bundle import load_bundle
 from edge_runtime.bundle_fetch import BundleAssembly
 from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Topics, Update, encode_chunk
 from tests.conftest import ROOT, stop_process
+from tests.peers import Recorder
 
 FLEET = "aggtest"
 T = Topics(FLEET)
 REQUIRED_FIELDS = {"round", "run_id", "devices", "samples", "train_loss", "test_mse", "wall_s", "bytes_in", "bytes_out", "deadline_extensions", "rejected"}
 
 
-class Peer:
-    """One scripted device (or observer): a paho client that records every message it gets."""
+class Peer(Recorder):
+    """One scripted device (or observer): records every message on its device's topics."""
 
     def __init__(self, url: str, device: str = "observer", subscribe: tuple[str, ...] = ()):
-        host, port = url.split("://", 1)[1].split(":")
         self.device = device
-        self.msgs: list[tuple[str, bytes, bool]] = []
-        self.cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"peer-{device}-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv311)
-        self.client.on_message = self._on_message
-        self.client.connect(host, int(port))
-        self.client.loop_start()
-        topics = (T.global_model, T.round, T.metrics, T.ack(device)) + tuple(subscribe)
-        self.client.subscribe([(t, 1) for t in topics])
-        time.sleep(0.1)
-
-    def _on_message(self, client, userdata, m) -> None:
-        with self.cond:
-            self.msgs.append((m.topic, bytes(m.payload), bool(m.retain)))
-            self.cond.notify_all()
-
-    def wait(self, match: Callable[[str, bytes], object], timeout: float = 30.0):
-        """The first recorded message (from the start) for which match() returns a truthy value."""
-        end = time.monotonic() + timeout
-        seen = 0
-        with self.cond:
-            while True:
-                for topic, payload, _ in self.msgs[seen:]:
-                    try:
-                        out = match(topic, payload)
-                    except Exception:
-                        out = None
-                    if out:
-                        return out
-                seen = len(self.msgs)
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{self.device}: no matching message in {timeout}s; got topics {[t for t, _, _ in self.msgs][-20:]}")
-                self.cond.wait(left)
+        super().__init__(url, (T.global_model, T.round, T.metrics, T.ack(device)) + tuple(subscribe), name=device)
 
     def global_model(self, rnd: int, timeout: float = 30.0) -> GlobalModel:
         return self.wait(lambda t, p: t == T.global_model and p and (g := GlobalModel.decode(p)).round == rnd and g, timeout)
@@ -103,11 +69,6 @@ class Peer:
         fields = dict(run_id=g.run_id, round=g.round, device_id=self.device, model_hash=g.model_hash, samples=samples, train_loss=loss, train_s=0.01, nonce=nonce or secrets.token_hex(16), delta=delta)
         fields.update(kw)
         return Update(**fields)
-
-    def close(self) -> None:
-        self.client.disconnect()  # first: loop_stop() alone waits out paho's 1 s select
-        self.client.loop_stop()
-
 
 def _try(fn, *args):
     try:

@@ -52,7 +52,8 @@ from edge_runtime.protocol import (
     Update,
     encode_chunk,
 )
-from tests.test_faults import AggProc, Recorder, agg_args, agg_events, fedavg, procs, rounds_log, state_weights  # noqa: F401  (procs: fixture)
+from tests.peers import Recorder
+from tests.test_faults import AggProc, agg_args, agg_events, fedavg, procs, rounds_log, state_weights  # noqa: F401  (procs: fixture)
 
 N_HOSTILE = 1500  # examples drawn; >= 1,000 distinct after de-duplication (about 1,200)
 SEED = int(os.environ.get("FLEETLEARN_FAULTS_SEED", "20250611"))

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edge_runtime import signing
 from edge_runtime.bundle import load_bundle
-from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundConfig, Status, Update
+from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundConfig, Update
 from tests import test_aggregator as ta
 from tests import test_device as td
 from tests.conftest import ROOT, free_port, stop_process
