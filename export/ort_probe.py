@@ -127,8 +127,10 @@ def smoke_train(bundle_dir: Path, input_shape: tuple[int, ...], label_shape: tup
             eval_out = module(x, y)
     except Exception as exc:
         raise ExportError(f"the generated bundle fails a training step in onnxruntime: {one_line(exc)}") from exc
-    for what, out in (("train", train_out), ("eval", eval_out)):
-        if not isinstance(out, tuple) or len(out) != 2 or out[1].shape != (batch, *output_shape):
-            raise ExportError(f"the bundle's {what} step does not return (loss, output of shape (batch, *{output_shape}))")
-        if not np.isfinite(out[0]).all():
+    if isinstance(train_out, tuple):
+        raise ExportError("the bundle's training step should return the loss alone")
+    if not isinstance(eval_out, tuple) or len(eval_out) != 2 or eval_out[1].shape != (batch, *output_shape):
+        raise ExportError(f"the bundle's eval step does not return (loss, output of shape (batch, *{output_shape}))")
+    for what, loss in (("train", train_out), ("eval", eval_out[0])):
+        if not np.isfinite(loss).all():
             raise ExportError(f"the bundle's {what} step gives a non-finite loss on a dummy batch")

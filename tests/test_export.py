@@ -93,7 +93,8 @@ class Ort:
 
     def step(self, x, y) -> float:
         self.module.train()
-        loss, _ = self.module(x, y)
+        out = self.module(x, y)  # our bundles return the loss alone; stock artifacts (loss, output)
+        loss = out[0] if isinstance(out, tuple) else out
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(loss)
@@ -375,7 +376,7 @@ def test_bundle_trains_in_a_process_without_torch(tmp_path):
         before = module.get_contiguous_parameters(trainable_only=True).numpy().copy()
         losses = []
         for _ in range(5):
-            loss, out = module(x, y)
+            loss = module(x, y)
             opt.step(); module.lazy_reset_grad()
             losses.append(float(loss))
         after = module.get_contiguous_parameters(trainable_only=True).numpy()
