@@ -65,7 +65,12 @@ class DeviceAgent:
         self.waiting_global: GlobalModel | None = None  # a global model for a bundle we are fetching
         self.signer = _load_signer(cfg)
         self.status_state = "idle"
-        self.link = MqttLink(self._link_options(), on_message=self._on_message, on_connect=lambda: self.events.put(Event("connected")))
+        self.link = MqttLink(
+            self._link_options(),
+            on_message=self._on_message,
+            on_connect=lambda: self.events.put(Event("connected")),
+            will_provider=self._last_will,
+        )
         for topic in (self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
             self.link.subscribe(topic, qos=1)
 
@@ -73,7 +78,6 @@ class DeviceAgent:
 
     def _link_options(self) -> LinkOptions:
         c = self.cfg
-        offline = Status(c.device_id, "offline", self.state.last_round, "connection lost (last will)", 0.0).encode()
         return LinkOptions(
             url=c.broker,
             client_id=f"fleetlearn-{c.fleet}-{c.device_id}",
@@ -86,8 +90,12 @@ class DeviceAgent:
             protocol=c.mqtt_protocol,
             keepalive=c.keepalive,
             clean_session=False,
-            will=(self.topics.status(c.device_id), offline, 1, True),
         )
+
+    def _last_will(self) -> tuple[str, bytes, int, bool]:
+        """The `offline` status the broker publishes for us if we vanish (built per connect)."""
+        offline = Status(self.cfg.device_id, "offline", self.state.last_round, "connection lost (last will)", time.time())
+        return self.topics.status(self.cfg.device_id), offline.encode(), 1, True
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.events.put(Event("message", topic, bytes(payload)))

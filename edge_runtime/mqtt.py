@@ -78,12 +78,16 @@ class MqttLink:
         on_message: Callable[[str, bytes], None],
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
+        will_provider: Callable[[], tuple[str, bytes, int, bool]] | None = None,
     ):
         self.opts = opts
         self.broker = BrokerURL.parse(opts.url)
         self._on_message = on_message
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
+        # Builds the Last Will afresh before each connect, so it says what is true now (e.g. the
+        # device's last round), not what was true when the process started.
+        self._will_provider = will_provider
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -227,6 +231,9 @@ class MqttLink:
         first = True
         while not self._stop.is_set():
             try:
+                if self._will_provider is not None:
+                    topic, payload, qos, retain = self._will_provider()
+                    self.client.will_set(topic, payload, qos=qos, retain=retain)
                 if first:
                     self.client.connect(self.broker.host, self.broker.port, keepalive=self.opts.keepalive, **self._connect_kwargs())
                 else:
