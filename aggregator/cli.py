@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--max-extensions", type=int, default=3, help="deadline extensions before a round fails (default 3)")
     rounds.add_argument("--state-dir", type=Path, required=True, help="checkpoints, round log, final model; reuse it to resume")
     rounds.add_argument("--test-data", type=Path, help="NPZ (x, y) or CSV to evaluate each new global model on")
+    rounds.add_argument("--round-interval", type=float, default=0.0, help="open rounds at most this often, in seconds, so a person can watch (default 0)")
     rounds.add_argument("--strategy", default="fedavg", help="fedavg (default), median or trimmed-mean (docs/security-robust-dp.md)")
 
     robust = parser.add_argument_group("robust aggregation and differential privacy (docs/security-robust-dp.md)")
@@ -105,6 +106,7 @@ def config_from_args(args: argparse.Namespace):
         lr_schedule=args.lr_schedule,
         lr_min_factor=args.lr_min_factor,
         lr_warmup=args.lr_warmup,
+        round_interval=args.round_interval,
         max_steps=args.max_steps,
         strategy=args.strategy,
         clip_norm=args.clip_norm,

@@ -68,6 +68,7 @@ class AggregatorConfig:
     lr_schedule: str = "constant"  # or "cosine": decay from lr toward lr * lr_min_factor over the rounds
     lr_min_factor: float = 0.1
     lr_warmup: int = 0  # rounds of linear warm-up before the schedule
+    round_interval: float = 0.0  # open rounds no more often than this (seconds), to watch a demo
     max_steps: int | None = None
     strategy: str = "fedavg"
     clip_norm: float | None = None  # robust / DP options, resolved by aggregator/strategy_options.py
@@ -124,6 +125,8 @@ class AggregatorConfig:
             raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 < self.lr_min_factor <= 1:
             raise UsageError(f"--lr-min-factor must be in (0, 1], got {self.lr_min_factor}")
+        if not 0 <= self.round_interval <= 3600:
+            raise UsageError(f"--round-interval must be in [0, 3600] seconds, got {self.round_interval}")
         if not 0 <= self.lr_warmup < self.rounds:
             raise UsageError(f"--lr-warmup must be in [0, --rounds), got {self.lr_warmup}")
         check_chunk_size(self.chunk_size)
@@ -208,8 +211,10 @@ class Aggregator:
             self._connect()
             self._publish_bundle()
             for rnd in range(self.store.open_round, cfg.rounds + 1):
+                opened = time.monotonic()
                 self._run_round(rnd)
-                if self._stop.is_set():
+                # --round-interval paces the run (demos watched by a person); 0 by default.
+                if self._stop.wait(max(0.0, cfg.round_interval - (time.monotonic() - opened))) or self._stop.is_set():
                     return self._stopped()
             self._finish()
             return EXIT_OK

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the centrally trained comparison")
     p.add_argument("--report", default=None, help="write plots and a summary here (default: STATE_DIR/report)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, one line per round")
+    p.add_argument("--pace", type=float, default=0.0, help="at most one round per this many seconds, to watch with `fleetlearn monitor` (default 0: full speed)")
     from fleetlearn.demo_dp import add_dp_arguments
 
     add_dp_arguments(p)  # --dp, --dp-noise-multiplier, --clip-norm
@@ -138,9 +139,15 @@ def run(args: argparse.Namespace) -> int:
     if broker_url is None:
         from aggregator.broker import EmbeddedBroker
 
-        broker_handle = EmbeddedBroker("127.0.0.1", 0).start()
+        # MQTT's usual port when it is free, so `fleetlearn monitor` in another terminal needs
+        # no guessing; any free port otherwise.
+        try:
+            broker_handle = EmbeddedBroker("127.0.0.1", 1883).start()
+        except RuntimeError:
+            broker_handle = EmbeddedBroker("127.0.0.1", 0).start()
         broker_url = broker_handle.url
         say(f"embedded broker (amqtt) on {broker_url}")
+    say(f"watch it from another terminal: fleetlearn monitor --broker {broker_url} --fleet {args.fleet}")
 
     procs: list[subprocess.Popen] = []
     try:
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             "--fleet", args.fleet, "--rounds", str(args.rounds), "--min-devices", str(args.devices),
             "--target-devices", str(args.devices), "--deadline", str(args.deadline), "--state-dir", str(state),
             "--test-data", str(paths.test), "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
-            "--lr-min-factor", str(LR_MIN_FACTOR), "--lr-warmup", str(min(LR_WARMUP, args.rounds - 1)),
+            "--round-interval", str(args.pace), "--lr-min-factor", str(LR_MIN_FACTOR), "--lr-warmup", str(min(LR_WARMUP, args.rounds - 1)),
         ] + dp_args
         aggregator = subprocess.Popen(agg_cmd, stdout=subprocess.DEVNULL, stderr=open(paths.logs / "aggregator.log", "wb"))
         procs.append(aggregator)
