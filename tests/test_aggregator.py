@@ -7,11 +7,8 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +18,7 @@ import pytest
 from edge_runtime.bundle import load_bundle
 from edge_runtime.bundle_fetch import BundleAssembly
 from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Topics, Update, encode_chunk
-from tests.conftest import ROOT, stop_process
+from tests.procs import AggregatorProcess
 from tests.peers import Recorder
 
 FLEET = "aggtest"
@@ -77,32 +74,11 @@ def _try(fn, *args):
         return None
 
 
-class Agg:
-    """`fleetlearn aggregator` as a subprocess, its stderr in a log file."""
+class Agg(AggregatorProcess):
+    """`fleetlearn aggregator` on this file's fleet."""
 
     def __init__(self, tmp_path: Path, broker_url: str, bundle: Path | None, state: Path, *extra: str, name: str = "agg"):
-        self.log = tmp_path / f"{name}-{uuid.uuid4().hex[:4]}.log"
-        cmd = [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--broker", broker_url, "--fleet", FLEET, "--state-dir", str(state), *extra]
-        if bundle is not None:
-            cmd += ["--bundle", str(bundle)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(self.proc)
-            pytest.fail(f"aggregator still running after {timeout}s:\n{self.text()[-4000:]}")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
+        super().__init__(tmp_path, broker_url, FLEET, state, *extra, bundle=bundle, name=name)
 
 
 @pytest.fixture

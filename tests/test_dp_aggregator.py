@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,8 @@ from aggregator.clipping import clip_delta
 from aggregator.dp_fedavg import dp_epsilon, gaussian_noise
 from aggregator.model_store import decode_partial
 from edge_runtime.protocol import Ack, GlobalModel, Topics, Update
-from tests.conftest import ROOT, stop_process
+from tests.conftest import stop_process
+from tests.procs import AggregatorProcess
 from tests.peers import Peer
 
 pytestmark = pytest.mark.mosquitto
@@ -28,21 +26,9 @@ FLEET = "dptest"
 T = Topics(FLEET)
 
 
-class Agg:
+class Agg(AggregatorProcess):
     def __init__(self, tmp: Path, url: str, bundle: Path, state: Path, *extra: str):
-        self.log = tmp / f"agg-{uuid.uuid4().hex[:4]}.log"
-        cmd = [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--broker", url, "--fleet", FLEET, "--state-dir", str(state), "--bundle", str(bundle), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(self.proc)
-            pytest.fail(f"aggregator still running:\n{self.text()[-3000:]}")
+        super().__init__(tmp, url, FLEET, state, *extra, bundle=bundle)
 
 
 def _global(peer: Peer, rnd: int) -> GlobalModel:

@@ -24,6 +24,7 @@ import pytest
 from edge_runtime.bundle import load_bundle
 from edge_runtime.protocol import Ack, GlobalModel, Status, Topics, Update
 from tests.conftest import ROOT, stop_process
+from tests.procs import AggregatorProcess
 from tests.peers import Recorder
 
 # A slow device's training: many local steps (~0.07 ms each for the Boston MLP on one core),
@@ -34,27 +35,9 @@ SLOW_STEPS = 60_000
 # ------------------------------------------------------------------------------- helpers
 
 
-class AggProc:
-    """`fleetlearn aggregator` as a subprocess, its stderr (key=value lines) in a log file."""
-
+class AggProc(AggregatorProcess):
     def __init__(self, tmp: Path, url: str, fleet: str, bundle: Path, state: Path, *args: str, name: str = "agg"):
-        self.log = tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--broker", url, "--fleet", fleet, "--state-dir", str(state), "--bundle", str(bundle), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(self.proc)
-            pytest.fail(f"aggregator still running after {timeout}s:\n{self.text()[-4000:]}")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        super().__init__(tmp, url, fleet, state, *args, bundle=bundle, name=name)
 
 
 def agg_args(rounds: int, min_devices: int, target: int, deadline: float, *more: str) -> list[str]:
