@@ -298,3 +298,40 @@ def test_diverged_local_training_is_reported_not_sent(mosquitto, tmp_path, bosto
     finally:
         stop_process(proc)
         peer.close()
+
+
+@pytest.mark.parametrize("start_with", ["empty", "other-model"])
+def test_device_fetches_the_announced_bundle_and_joins_the_round(amqtt_broker, tmp_path, boston_bundle, boston_shards, start_with):
+    """Model distribution over the air: a device whose bundle directory is empty, or holds
+    another model version, fetches the aggregator's bundle, verifies it, and trains."""
+    import shutil
+
+    from tests.procs import AggregatorProcess
+
+    shards, test_npz = boston_shards
+    bundle = tmp_path / "device-bundle"
+    if start_with == "other-model":
+        from export import build_bundle, resolve_model
+
+        model, _ = resolve_model("boston-mlp", seed=1)
+        build_bundle(model, bundle, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer="sgd", lr=1e-3, seed=1)
+        assert load_bundle(bundle).model_hash != load_bundle(boston_bundle).model_hash
+    else:
+        bundle.mkdir()
+    cfg = write_config(tmp_path, amqtt_broker.url, bundle, shards[0])
+    agg = AggregatorProcess(tmp_path, amqtt_broker.url, FLEET, tmp_path / "agg", "--rounds", "1", "--min-devices", "1",
+                            "--deadline", "60", "--test-data", str(test_npz), bundle=boston_bundle)
+    log = tmp_path / "device.log"
+    proc = start_device(cfg, log, "--max-rounds", "1")
+    try:
+        assert agg.wait(90) == 0, agg.text()[-3000:]
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+        assert "event=bundle_installed" in log.read_text()
+        assert load_bundle(bundle).model_hash == load_bundle(boston_bundle).model_hash
+        rounds = [json.loads(line) for line in (tmp_path / "agg" / "rounds.jsonl").read_text().splitlines()]
+        assert rounds[0]["devices"] == ["dev-0"]
+        assert not list(tmp_path.glob(".device-bundle.*")), "staging or old bundle left behind"
+        shutil.rmtree(bundle)
+    finally:
+        stop_process(proc)
+        agg.stop()
