@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_runtime.errors import UsageError
-from edge_runtime.protocol import MAX_JSON_BYTES, Ack, BundleAnnouncement, GlobalModel, RoundConfig, RoundState, Topics, encode_json
+from edge_runtime.protocol import MAX_JSON_BYTES, Ack, BundleAnnouncement, GlobalModel, RoundConfig, RoundState, Topics, Update, encode_json
 
 from aggregator.logs import kv
 from aggregator.validation import UNKNOWN_NONCE, Rejection, validate_update
@@ -149,6 +149,15 @@ class AggregatorConfig:
         BrokerURL.parse(self.broker)  # ConfigError (a UsageError) with the reason
 
 
+@dataclass(frozen=True)
+class DueAck:
+    """An accepted update whose ack (and `update_accepted` log line) waits for a durable write."""
+
+    update: Update
+    accepted: int  # accepted updates in the round once this one counted
+    payload_bytes: int
+
+
 @dataclass
 class RoundRun:
     """The open round in memory (its durable twin is model_store.PartialRound)."""
@@ -187,7 +196,7 @@ class Aggregator:
         self._pending_pubs: list[Any] = []
         # Accepted updates whose ack waits for the next durable write (group commit): one
         # fsync covers every update that arrived together, instead of one fsync each.
-        self._acks_due: list[tuple[str, int, str, str]] = []  # device, round, nonce, note
+        self._acks_due: list[DueAck] = []
         self._cleared_hashes: set[str] = set()
         self._last_retained: dict[str, bytes] = {}  # topic -> payload, republished on reconnect
         self.link = None
@@ -528,15 +537,23 @@ class Aggregator:
         self._send_due_acks(run)
 
     def _send_due_acks(self, run: RoundRun) -> None:
-        for topic, payload in self._encode_due_acks(run):
-            self._publish(topic, payload)
+        self._publish_acks(self._encode_due_acks(run))
 
-    def _encode_due_acks(self, run: RoundRun) -> list[tuple[str, bytes]]:
-        """The due acks as (topic, payload), counted in the round's bytes out."""
+    def _encode_due_acks(self, run: RoundRun) -> list[tuple[DueAck, bytes]]:
+        """The due acks with their payloads, counted in the round's bytes out."""
         due, self._acks_due = self._acks_due, []
-        out = [(self.topics.ack(d), Ack(self.store.run_id, r, d, n, True, note).encode()) for d, r, n, note in due]
+        out = [(d, Ack(self.store.run_id, d.update.round, d.update.device_id, d.update.nonce, True).encode()) for d in due]
         run.bytes_out += sum(len(p) for _, p in out)
         return out
+
+    def _publish_acks(self, acks: list[tuple[DueAck, bytes]]) -> None:
+        """Ack durable updates; `update_accepted` is logged here, so the log never claims an
+        update that a crash could still lose."""
+        for due, payload in acks:
+            u = due.update
+            self._publish(self.topics.ack(u.device_id), payload)
+            self._log(logging.INFO, "update_accepted", u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, train_s=u.train_s, accepted=due.accepted, target=self.config.target, bytes=due.payload_bytes)
+            self._emit("update_accepted", round=u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, accepted=due.accepted)
 
     def _handle_next_event(self, timeout: float) -> None:
         try:
@@ -581,7 +598,7 @@ class Aggregator:
         u = verdict.update
         if verdict.duplicate:
             self._log(logging.INFO, "update_duplicate", u.round, device=u.device_id, nonce=u.nonce[:8], note=verdict.note)
-            if any(d == u.device_id and n == u.nonce for d, _, n, _ in self._acks_due):
+            if any(d.update.device_id == u.device_id and d.update.nonce == u.nonce for d in self._acks_due):
                 return  # counted but not yet durable: its ack is already due with the next write
             run.bytes_out += self._ack(u.device_id, u.round, u.nonce, True, verdict.note)
             return
@@ -593,9 +610,7 @@ class Aggregator:
         run.accepted[u.device_id] = u.nonce
         # Durable before the ack: an aggregator killed after acking loses nothing. The ack is
         # due with the next durable write (_commit_acks, or the round's commit at close).
-        self._acks_due.append((u.device_id, u.round, u.nonce, ""))
-        self._log(logging.INFO, "update_accepted", u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, train_s=u.train_s, accepted=len(run.accepted), target=self.config.target, bytes=len(payload))
-        self._emit("update_accepted", round=u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, accepted=len(run.accepted))
+        self._acks_due.append(DueAck(u, len(run.accepted), len(payload)))
 
     def _reject(self, run: RoundRun, rej: Rejection) -> None:
         run.rejected += 1
@@ -669,8 +684,7 @@ class Aggregator:
         )
         record = _finite(record)
         self.store.commit(run.round, new_w, record, run.accepted)
-        for topic, payload in acks:  # the commit made every accepted update of the round durable
-            self._publish(topic, payload)
+        self._publish_acks(acks)  # the commit made every accepted update of the round durable
         self._publish(self.topics.metrics, _metrics_payload(record), retain=True)
         metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
         self._log(logging.INFO, "round_closed", run.round, closed_by=closed_by, accepted=k, devices=record["devices"], samples=record.get("samples"), train_loss=record.get("train_loss"), wall_s=record["wall_s"], **metric)
