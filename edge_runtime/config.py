@@ -157,16 +157,21 @@ def parse_device_config(doc: Mapping[str, Any], base_dir: Path | None = None) ->
     return DeviceConfig(**values)
 
 
+def read_toml(path: Path, kind: str = "config", error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """Decode a TOML file, or raise `error` with a one-line reason naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such {kind} file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: unreadable ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_device_config(path: str | Path) -> DeviceConfig:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    doc = read_toml(path)
     try:
         return parse_device_config(doc, base_dir=path.parent)
     except ConfigError as exc:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.config import check_name
+from edge_runtime.config import check_name, read_toml
 from edge_runtime.errors import ConfigError
 from firmware_configs.errors import FlashError, ProfileError
 from firmware_configs.schema import from_table
@@ -181,14 +180,7 @@ def parse_profile(doc: dict, where: str) -> Profile:
 
 
 def load_profile_file(path: Path) -> Profile:
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: unreadable ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML ({exc})") from None
+    doc = read_toml(path, "profile", ProfileError)
     profile = parse_profile(doc, str(path))
     if profile.name != path.stem:
         raise ProfileError(f"{path}: key 'name' is {profile.name!r} but the file is {path.name}; they must match")

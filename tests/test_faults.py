@@ -24,7 +24,7 @@ import pytest
 from edge_runtime.bundle import load_bundle
 from edge_runtime.protocol import Ack, GlobalModel, Status, Topics, Update
 from tests.conftest import ROOT, stop_process
-from tests.procs import AggregatorProcess
+from tests.procs import AggregatorProcess, FleetlearnProcess
 from tests.peers import Recorder
 
 # A slow device's training: many local steps (~0.07 ms each for the Boston MLP on one core),
@@ -56,23 +56,13 @@ def device_config(tmp: Path, url: str, fleet: str, bundle: Path, data: Path, dev
     return cfg
 
 
-class DevProc:
+class DevProc(FleetlearnProcess):
+    """`fleetlearn device --config CFG EXTRA...`."""
+
+    what = "device"
+
     def __init__(self, cfg: Path, log: Path, *extra: str):
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), *extra],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(self.proc)
-            pytest.fail(f"device still running after {timeout}s:\n{self.text()[-3000:]}")
+        super().__init__(log, "device", "--config", str(cfg), *extra)
 
 
 def wait_text(read: Callable[[], str], needle: str | re.Pattern, timeout: float = 30.0, what: str = "log") -> str:
