@@ -2,7 +2,7 @@
 
 Python API (imports are lazy, so `import aggregator` costs nothing):
 
-    from aggregator import Aggregator, AggregatorConfig, run_aggregator, EmbeddedBroker
+    from fleetlearn.aggregator import Aggregator, AggregatorConfig, run_aggregator, EmbeddedBroker
 
     with EmbeddedBroker("127.0.0.1", 0) as broker:            # port 0: any free port
         cfg = AggregatorConfig(broker=broker.url, state_dir=Path("run"), rounds=3,
@@ -17,13 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "Aggregator": "aggregator.server",
-    "AggregatorConfig": "aggregator.server",
-    "run_aggregator": "aggregator.server",
-    "EmbeddedBroker": "aggregator.broker",
-    "Strategy": "aggregator.strategy",
-    "FedAvg": "aggregator.fedavg",
-    "ModelStore": "aggregator.model_store",
+    "Aggregator": "fleetlearn.aggregator.server",
+    "AggregatorConfig": "fleetlearn.aggregator.server",
+    "run_aggregator": "fleetlearn.aggregator.server",
+    "EmbeddedBroker": "fleetlearn.aggregator.broker",
+    "Strategy": "fleetlearn.aggregator.strategy",
+    "FedAvg": "fleetlearn.aggregator.fedavg",
+    "ModelStore": "fleetlearn.aggregator.model_store",
 }
 
 __all__ = list(_EXPORTS)

@@ -218,9 +218,9 @@ async def _serve_until_signal(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_runtime.errors import UsageError
+    from fleetlearn.edge_runtime.core.errors import UsageError
 
-    from aggregator.logs import setup_logging
+    from fleetlearn.aggregator.logs import setup_logging
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 DEFAULT_CHUNK_SIZE = 256 * 1024  # the aggregator's default --chunk-size
 MONITOR_USER = "monitor"
@@ -142,8 +142,8 @@ class Credential:
 
 
 def _check_name(value: str, what: str) -> str:
-    from edge_runtime.config import check_name
-    from edge_runtime.errors import ConfigError
+    from fleetlearn.edge_runtime.core.names import check_name
+    from fleetlearn.edge_runtime.core.errors import ConfigError
 
     try:
         return check_name(value, what)
@@ -249,8 +249,8 @@ def size_from_params(num_params: int, chunk_size: int) -> ModelSize:
 
 def size_from_bundle(bundle_dir: Path, chunk_size: int) -> ModelSize:
     """Exact sizes from an exported bundle: num_params, file bytes, the announcement's length."""
-    from aggregator.distribution import plan_bundle
-    from edge_runtime.bundle import load_bundle
+    from fleetlearn.aggregator.distribution import plan_bundle
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
 
     if not Path(bundle_dir).is_dir():
         raise BrokerConfigError(f"--bundle {bundle_dir}: not a directory")
@@ -671,7 +671,7 @@ def write_tree(root: Path, spec: FleetSpec, limits: Limits, size: ModelSize) -> 
         write_file(root / "server.crt", tls.server_cert, 0o644)
         write_file(root / "server.key", tls.server_key, 0o600)
     if spec.signing_keys:
-        from aggregator.signing import write_fleet_signing_keys
+        from fleetlearn.aggregator.signing import write_fleet_signing_keys
 
         write_fleet_signing_keys(root, spec.devices, write_file)
     (root / "data").mkdir(mode=0o700)
@@ -729,7 +729,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aggregator.distribution import check_chunk_size
+    from fleetlearn.aggregator.distribution import check_chunk_size
 
     spec = spec_from_args(args)
     check_chunk_size(args.chunk_size)

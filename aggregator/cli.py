@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from aggregator.server import AggregatorConfig
+    from fleetlearn.aggregator.server import AggregatorConfig
 
     return AggregatorConfig(
         broker=args.broker,
@@ -130,8 +130,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from aggregator.logs import setup_logging
-    from aggregator.server import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
+    from fleetlearn.aggregator.logs import setup_logging
+    from fleetlearn.aggregator.server import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
 
     setup_logging(args.log_level)
     config = config_from_args(args)

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.protocol import Update
+from fleetlearn.edge_runtime.core.protocol import Update
 
-from aggregator.fedavg import FedAvg
+from fleetlearn.aggregator.fedavg import FedAvg
 
 
 def l2_norm(delta: np.ndarray) -> float:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from edge_runtime.bundle import Manifest
-from edge_runtime.errors import BundleError, UsageError
-from edge_runtime.protocol import BundleAnnouncement, Topics, encode_chunk
+from fleetlearn.edge_runtime.core.bundle import Manifest
+from fleetlearn.edge_runtime.core.errors import BundleError, UsageError
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, Topics, encode_chunk
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MIN_CHUNK_SIZE = 1024

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.protocol import RoundConfig, Update
+from fleetlearn.edge_runtime.core.protocol import RoundConfig, Update
 
-from aggregator.schedule import scheduled_lr
-from aggregator.strategy import Strategy
+from fleetlearn.aggregator.schedule import scheduled_lr
+from fleetlearn.aggregator.strategy import Strategy
 
 
 def new_accumulator(num_params: int) -> np.ndarray:

@@ -50,7 +50,7 @@ def setup_logging(level: str = "info") -> int:
     """Send fleetlearn's logs to stderr as key=value lines (once per process); returns the level."""
     lvl = LEVELS.get(str(level).lower())
     if lvl is None:
-        from edge_runtime.errors import UsageError
+        from fleetlearn.edge_runtime.core.errors import UsageError
 
         raise UsageError(f"--log-level {level!r} is not one of {', '.join(LEVELS)}")
     root = logging.getLogger()

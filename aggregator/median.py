@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.protocol import Update
+from fleetlearn.edge_runtime.core.protocol import Update
 
-from aggregator.clipping import clip_delta, l2_norm, norm_summary
-from aggregator.fedavg import FedAvg, weighted_mean
+from fleetlearn.aggregator.clipping import clip_delta, l2_norm, norm_summary
+from fleetlearn.aggregator.fedavg import FedAvg, weighted_mean
 
 
 def coordinate_median(deltas: np.ndarray) -> np.ndarray:

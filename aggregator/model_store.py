@@ -41,9 +41,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_runtime.errors import UsageError
-from edge_runtime.protocol import HEX32_RE
-from edge_runtime.state import atomic_write_bytes, atomic_write_json, read_json
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import HEX32_RE
+from fleetlearn.edge_runtime.core.files import atomic_write_bytes, atomic_write_json, read_json
 
 STATE_FORMAT = "fleetlearn-aggregator-state"
 STATE_VERSION = 1

@@ -30,11 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_runtime.errors import UsageError
-from edge_runtime.protocol import MAX_JSON_BYTES, Ack, BundleAnnouncement, GlobalModel, RoundConfig, RoundState, Topics, Update, encode_json
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import MAX_JSON_BYTES, Ack, BundleAnnouncement, GlobalModel, RoundConfig, RoundState, Topics, Update, encode_json
 
-from aggregator.logs import kv
-from aggregator.validation import UNKNOWN_NONCE, Rejection, validate_update
+from fleetlearn.aggregator.logs import kv
+from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, validate_update
 
 log = logging.getLogger("fleetlearn.aggregator")
 
@@ -97,7 +97,7 @@ class AggregatorConfig:
 
     def validate(self) -> None:
         """Raise UsageError (one line) for anything a user got wrong."""
-        from aggregator.distribution import check_chunk_size
+        from fleetlearn.aggregator.distribution import check_chunk_size
 
         if (self.bundle is None) == (self.model is None):
             raise UsageError("give exactly one of --bundle DIR or --model NAME")
@@ -119,7 +119,7 @@ class AggregatorConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.lr is not None and not 0 < self.lr <= 10:
             raise UsageError(f"--lr must be in (0, 10], got {self.lr}")
-        from aggregator.schedule import SCHEDULES
+        from fleetlearn.aggregator.schedule import SCHEDULES
 
         if self.lr_schedule not in SCHEDULES:
             raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
@@ -130,7 +130,7 @@ class AggregatorConfig:
         if not 0 <= self.lr_warmup < self.rounds:
             raise UsageError(f"--lr-warmup must be in [0, --rounds), got {self.lr_warmup}")
         check_chunk_size(self.chunk_size)
-        from aggregator.strategy_options import check_strategy_options
+        from fleetlearn.aggregator.strategy_options import check_strategy_options
 
         check_strategy_options(self)
         try:
@@ -144,7 +144,7 @@ class AggregatorConfig:
                 raise UsageError(f"--password-file {self.password_file}: {exc.strerror or exc}") from None
         if self.password is not None and self.username is None:
             raise UsageError("a password needs --username")
-        from edge_runtime.mqtt import BrokerURL
+        from fleetlearn.edge_runtime.core.mqtt import BrokerURL
 
         BrokerURL.parse(self.broker)  # ConfigError (a UsageError) with the reason
 
@@ -240,13 +240,13 @@ class Aggregator:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
-        from edge_runtime.bundle import load_bundle
-        from edge_runtime.data import load_dataset
-        from edge_runtime.trainer import Trainer
+        from fleetlearn.edge_runtime.core.bundle import load_bundle
+        from fleetlearn.edge_runtime.core.data import load_dataset
+        from fleetlearn.edge_runtime.engines.trainer import Trainer
 
-        from aggregator.distribution import plan_bundle
-        from aggregator.model_store import ModelStore
-        from aggregator.strategy import make_strategy
+        from fleetlearn.aggregator.distribution import plan_bundle
+        from fleetlearn.aggregator.model_store import ModelStore
+        from fleetlearn.aggregator.strategy import make_strategy
 
         cfg = self.config
         self.state_dir = Path(cfg.state_dir)
@@ -257,7 +257,7 @@ class Aggregator:
         self.test_data = load_dataset(cfg.test_data, self.manifest) if cfg.test_data is not None else None
         self.trainer = Trainer(self.bundle_dir, self.manifest)
         self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.trainer.get_weights)
-        from aggregator.signing import open_signing
+        from fleetlearn.aggregator.signing import open_signing
 
         self.signing = open_signing(
             self.state_dir, self.store.run_id, self.store.open_round,
@@ -266,7 +266,7 @@ class Aggregator:
         # A schedule needs a base rate: the one given, else the bundle's own.
         scheduled = cfg.lr_schedule != "constant" or cfg.lr_warmup > 0
         lr = cfg.lr if cfg.lr is not None or not scheduled else float(self.manifest.optimizer.get("lr", 1e-3))
-        from aggregator.strategy_options import strategy_options
+        from fleetlearn.aggregator.strategy_options import strategy_options
 
         strategy_name, strategy_extra = strategy_options(cfg)  # ("fedavg", {}) by default
         self.strategy = make_strategy(
@@ -293,8 +293,8 @@ class Aggregator:
 
     def _export_bundle(self) -> Path:
         """--model: export into state_dir/bundle once; a restart reuses the bundle it wrote."""
-        from edge_runtime.bundle import load_manifest
-        from edge_runtime.errors import BundleError
+        from fleetlearn.edge_runtime.core.bundle import load_manifest
+        from fleetlearn.edge_runtime.core.errors import BundleError
 
         cfg = self.config
         out = self.state_dir / "bundle"
@@ -305,7 +305,7 @@ class Aggregator:
         except BundleError:
             pass
         try:
-            from export import build_bundle, resolve_model
+            from fleetlearn.export import build_bundle, resolve_model
         except ImportError as exc:
             raise UsageError(f"--model needs the export extra (torch, onnx): {exc}") from None
         model, defaults = resolve_model(cfg.model, seed=0)  # reproducible initial weights
@@ -323,7 +323,7 @@ class Aggregator:
         return out
 
     def _connect(self) -> None:
-        from edge_runtime.mqtt import LinkOptions, MqttLink
+        from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 
         cfg = self.config
         opts = LinkOptions(
@@ -405,7 +405,7 @@ class Aggregator:
     # ------------------------------------------------------------------ bundle
 
     def _publish_bundle(self) -> None:
-        from aggregator.distribution import chunk_messages
+        from fleetlearn.aggregator.distribution import chunk_messages
 
         a = self.plan.announcement
         t0 = time.monotonic()
@@ -416,7 +416,7 @@ class Aggregator:
         self._log(logging.INFO, "bundle_published", None, model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks, chunk_size=a.chunk_size, s=time.monotonic() - t0)
 
     def _on_bundle_announcement(self, payload: bytes) -> None:
-        from aggregator.distribution import clear_messages
+        from fleetlearn.aggregator.distribution import clear_messages
 
         if not payload:
             return
@@ -576,7 +576,7 @@ class Aggregator:
             log.exception("%s", kv(event="handler_failed", round=self.current.round if self.current else "-", topic=topic, error=f"{type(exc).__name__}: {exc}"))
 
     def _on_update(self, topic: str, payload: bytes) -> None:
-        from edge_runtime.errors import ProtocolError
+        from fleetlearn.edge_runtime.core.errors import ProtocolError
 
         run = self.current
         assert run is not None
@@ -625,7 +625,7 @@ class Aggregator:
         return self._publish(self.topics.ack(device), ack.encode())
 
     def _save_partial(self, run: RoundRun) -> None:
-        from aggregator.model_store import PartialRound
+        from fleetlearn.aggregator.model_store import PartialRound
 
         self.store.save_partial(
             PartialRound(

@@ -9,7 +9,7 @@ In the state dir:
     aggregator-signing.pub        the public half of the key in use: devices' [signing] aggregator_public_key
     seen_nonces.jsonl             the replay ledger: (device, nonce, round, digest) of this run's updates
 
-Checks on every update (the `authenticate` hook of aggregator.validation.validate_update, run after
+Checks on every update (the `authenticate` hook of fleetlearn.aggregator.validation.validate_update, run after
 decoding and the topic/meta identity check, before anything can be acked as accepted):
 
   1. signature: the key is the one registered for the *topic's* device id (no key id travels).
@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from edge_runtime.errors import ConfigError, UsageError
-from edge_runtime.protocol import HEX32_RE, NAME_RE, Update
-from edge_runtime.state import atomic_write_bytes
+from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
+from fleetlearn.edge_runtime.core.protocol import HEX32_RE, NAME_RE, Update
+from fleetlearn.edge_runtime.core.files import atomic_write_bytes
 
-from aggregator.logs import kv
-from aggregator.validation import Rejection, VersionSource
+from fleetlearn.aggregator.logs import kv
+from fleetlearn.aggregator.validation import Rejection, VersionSource
 
 log = logging.getLogger("fleetlearn.aggregator")
 
@@ -64,9 +64,9 @@ DIGEST_HEX = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _crypto():
-    """edge_runtime.signing (cryptography), imported on first use; UsageError when missing."""
+    """fleetlearn.edge_runtime.core.signing (cryptography), imported on first use; UsageError when missing."""
     try:
-        from edge_runtime import signing
+        from fleetlearn.edge_runtime.core import signing
     except ConfigError as exc:
         raise UsageError(f"update signing: {exc}") from None
     return signing

@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import UsageError
-from edge_runtime.protocol import RoundConfig, Update
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import RoundConfig, Update
 
 
 class Strategy(ABC):
@@ -84,11 +84,11 @@ class Strategy(ABC):
 
 # name -> "module:Class"; one file per strategy.
 STRATEGIES: dict[str, str] = {
-    "fedavg": "aggregator.fedavg:FedAvg",
-    "clipped-fedavg": "aggregator.clipping:ClippedFedAvg",
-    "median": "aggregator.median:Median",
-    "trimmed-mean": "aggregator.trimmed_mean:TrimmedMean",
-    "dp-fedavg": "aggregator.dp_fedavg:DPFedAvg",
+    "fedavg": "fleetlearn.aggregator.fedavg:FedAvg",
+    "clipped-fedavg": "fleetlearn.aggregator.clipping:ClippedFedAvg",
+    "median": "fleetlearn.aggregator.median:Median",
+    "trimmed-mean": "fleetlearn.aggregator.trimmed_mean:TrimmedMean",
+    "dp-fedavg": "fleetlearn.aggregator.dp_fedavg:DPFedAvg",
 }
 # --clip-norm / --trim-fraction / --dp-* pick and configure these: aggregator/strategy_options.py
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 CLIPPABLE = ("fedavg", "clipped-fedavg", "median", "trimmed-mean", "dp-fedavg")
 
 
 def check_strategy_options(cfg: Any) -> None:
-    from aggregator.strategy import STRATEGIES
+    from fleetlearn.aggregator.strategy import STRATEGIES
 
     if cfg.strategy not in STRATEGIES:
         raise UsageError(f"--strategy {cfg.strategy!r} is not one of: {', '.join(sorted(STRATEGIES))}")

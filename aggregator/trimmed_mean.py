@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.median import CoordinateWise
+from fleetlearn.aggregator.median import CoordinateWise
 
 
 def check_trim_fraction(beta: float) -> float:

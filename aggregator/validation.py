@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
-from edge_runtime.errors import ProtocolError
-from edge_runtime.protocol import HEADER, HEADER_SIZE, HEX32_RE, MAGIC, MAX_META_BYTES, MAX_SIG_BYTES, Topics, Update
+from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol import HEADER, HEADER_SIZE, HEX32_RE, MAGIC, MAX_META_BYTES, MAX_SIG_BYTES, Topics, Update
 
 UNKNOWN_NONCE = "0" * 32  # acks for payloads whose nonce cannot be read
 
@@ -73,7 +73,7 @@ def peek_meta(payload: bytes) -> tuple[int | None, str | None]:
 
 
 class VersionSource(Protocol):
-    """What validation needs of the model store (aggregator.model_store.ModelStore has it)."""
+    """What validation needs of the model store (fleetlearn.aggregator.model_store.ModelStore has it)."""
 
     run_id: str
     model_hash: str

@@ -36,7 +36,7 @@ sys.exit(rc)
 
 
 def export_bundle(out: Path) -> Path:
-    from export import build_bundle, resolve_model
+    from fleetlearn.export import build_bundle, resolve_model
 
     with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
         x = d["x_train"]
@@ -50,9 +50,9 @@ def bench_rss(bundle: Path, work: Path) -> float:
     """Peak RSS (MB) of a real device process that joins a round on mosquitto and delivers its update."""
     from tests.conftest import Broker
     from tests.peers import Peer
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.protocol import Ack, GlobalModel, Topics, Update
-    from edge_runtime.trainer import Trainer
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Topics, Update
+    from fleetlearn.edge_runtime.engines.trainer import Trainer
 
     with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
         np.savez(work / "shard.npz", x=d["x_train"][:202], y=d["y_train"][:202])
@@ -90,8 +90,8 @@ def batches(steps: int, batch: int = 8):
 
 
 def bench_ort(bundle: Path, data) -> float:
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.trainer import Trainer
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from fleetlearn.edge_runtime.engines.trainer import Trainer
 
     trainer = Trainer(bundle, load_bundle(bundle), threads=1)
     module, opt = trainer._module, trainer._optimizer  # the bare loop: what the runtime adds is measured by RSS above
@@ -106,9 +106,9 @@ def bench_ort(bundle: Path, data) -> float:
 
 def bench_trainer(bundle: Path, data) -> float:
     """Through fleetlearn's Trainer.train (what a device really runs per round)."""
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.data import Dataset
-    from edge_runtime.trainer import Trainer
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from fleetlearn.edge_runtime.core.data import Dataset
+    from fleetlearn.edge_runtime.engines.trainer import Trainer
 
     trainer = Trainer(bundle, load_bundle(bundle), threads=1)
     ds = Dataset(np.concatenate([b[0] for b in data]), np.concatenate([b[1] for b in data]))
@@ -119,7 +119,7 @@ def bench_trainer(bundle: Path, data) -> float:
 def bench_torch(data) -> float:
     import torch
 
-    from export import resolve_model
+    from fleetlearn.export import resolve_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

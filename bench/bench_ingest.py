@@ -37,8 +37,8 @@ def hwm_mb(pid: int) -> float:
 
 
 def run_once(k: int, work: Path, bundle: Path, broker_url: str) -> dict:
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.protocol import GlobalModel, Topics, Update
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from fleetlearn.edge_runtime.core.protocol import GlobalModel, Topics, Update
     from tests.peers import Peer
 
     m = load_bundle(bundle)

@@ -32,7 +32,7 @@ def main() -> int:
     p.add_argument("--broker", choices=["mosquitto", "amqtt"], default="mosquitto")
     args = p.parse_args()
     from bench_device import export_bundle
-    from edge_runtime.bundle import load_bundle
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
     from tests.conftest import Broker
 
     with tempfile.TemporaryDirectory() as tmp:

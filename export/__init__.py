@@ -1,32 +1,30 @@
 """fleetlearn export: a PyTorch model -> an ONNX Runtime on-device training bundle.
 
-    from export import build_bundle, resolve_model
+    from fleetlearn.export import build_bundle, resolve_model
     model, defaults = resolve_model("boston-mlp", seed=0)
     manifest = build_bundle(model, "bundles/boston", model_name=defaults.name,
                             input_shape=defaults.input_shape, loss=defaults.loss)
 
 Importing this package is cheap: torch, onnx and onnxruntime are imported when a function that
-needs them runs (the `fleetlearn` CLI imports `export.cli` just to build its argument parser).
+needs them runs (the `fleetlearn` CLI imports `fleetlearn.export.cli` just to build its argument parser).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fleetlearn import __version__
-
 if TYPE_CHECKING:
-    from export.build import build_bundle
-    from export.optimizers import OptimizerConfig
-    from export.resolve import ModelDefaults, resolve_model
+    from fleetlearn.export.build import build_bundle
+    from fleetlearn.export.optimizers import OptimizerConfig
+    from fleetlearn.export.resolve import ModelDefaults, resolve_model
 
-__all__ = ["build_bundle", "resolve_model", "ModelDefaults", "OptimizerConfig", "__version__"]
+__all__ = ["build_bundle", "resolve_model", "ModelDefaults", "OptimizerConfig"]
 
 _LAZY = {
-    "build_bundle": "export.build",
-    "resolve_model": "export.resolve",
-    "ModelDefaults": "export.resolve",
-    "OptimizerConfig": "export.optimizers",
+    "build_bundle": "fleetlearn.export.build",
+    "resolve_model": "fleetlearn.export.resolve",
+    "ModelDefaults": "fleetlearn.export.resolve",
+    "OptimizerConfig": "fleetlearn.export.optimizers",
 }
 
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from edge_runtime.bundle import Manifest, load_bundle
+from fleetlearn.edge_runtime.core.bundle import Manifest, load_bundle
 
-from export.errors import UsageError
-from export.losses import label_shape, loss_spec, task_for
-from export.optimizers import OptimizerConfig
-from export.preprocessing import validate_preprocessing
-from export.publish import check_target, staged_directory
+from fleetlearn.export.errors import UsageError
+from fleetlearn.export.losses import label_shape, loss_spec, task_for
+from fleetlearn.export.optimizers import OptimizerConfig
+from fleetlearn.export.preprocessing import validate_preprocessing
+from fleetlearn.export.publish import check_target, staged_directory
 
 if TYPE_CHECKING:
     from torch import nn
@@ -148,12 +148,12 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
     import onnx
     import torch
 
-    import edge_runtime.ort_api as ort_api
-    from export import __version__ as fleetlearn_version
-    from export.manifest import ManifestFacts, build_manifest, write_manifest
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_model
-    from export.ort_artifacts import ARTIFACT_FILES, generate
-    from export.ort_probe import probe_layout, smoke_train
+    import fleetlearn.edge_runtime.engines.ort_api as ort_api
+    from fleetlearn import __version__ as fleetlearn_version
+    from fleetlearn.export.manifest import ManifestFacts, build_manifest, write_manifest
+    from fleetlearn.export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_model
+    from fleetlearn.export.ort_artifacts import ARTIFACT_FILES, generate
+    from fleetlearn.export.ort_probe import probe_layout, smoke_train
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"build_bundle needs a torch.nn.Module, got {type(model).__name__}")

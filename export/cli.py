@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from export.models import BUILTIN_MODELS
+from fleetlearn.export.models import BUILTIN_MODELS
 
 _BUILTINS = ", ".join(f"{m.name} ({m.description})" for m in BUILTIN_MODELS.values())
 
@@ -60,10 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the model, export it, print a one-line summary. Errors raise UsageError (exit 2)."""
-    from export.build import make_request, build_from_request
-    from export.errors import UsageError
-    from export.preprocessing import standardization_from_file, validate_preprocessing
-    from export.resolve import check_model_spec, default_name
+    from fleetlearn.export.build import make_request, build_from_request
+    from fleetlearn.export.errors import UsageError
+    from fleetlearn.export.preprocessing import standardization_from_file, validate_preprocessing
+    from fleetlearn.export.resolve import check_model_spec, default_name
 
     betas = None
     if args.betas is not None:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         pre = standardization_from_file(args.standardize_from, request.input_shape)
         request = dataclasses.replace(request, preprocessing=validate_preprocessing(pre, request.input_shape))
 
-    from export.resolve import resolve_model
+    from fleetlearn.export.resolve import resolve_model
 
     model, _ = resolve_model(args.model, seed=args.seed)
     manifest = build_from_request(model, request)

@@ -1,7 +1,7 @@
 """The losses a bundle can train with, and whether one fits a model's output.
 
 Pure data and checks (no torch/onnx), so the CLI and the Python API validate before exporting.
-The ONNX side of each loss is in `export.ort_blocks`.
+The ONNX side of each loss is in `fleetlearn.export.ort_blocks`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from export.errors import UsageError
+from fleetlearn.export.errors import UsageError
 
 
 @dataclass(frozen=True)

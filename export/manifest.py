@@ -1,6 +1,6 @@
 """Write `manifest.json`: the contract between export, devices and aggregator (docs/bundle.md).
 
-The reader is `edge_runtime.bundle`; this module only assembles the document and its hashes.
+The reader is `fleetlearn.edge_runtime.core.bundle`; this module only assembles the document and its hashes.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
+from fleetlearn.edge_runtime.core.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
 
-from export.ort_probe import ParamSlot
+from fleetlearn.export.ort_probe import ParamSlot
 
 # Fields left out of model_hash: the hash itself, the per-file hashes (covered separately, by
 # name and sha256) and the wall-clock time (so re-exporting the same model gives the same hash).

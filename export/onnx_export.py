@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from export._errtext import one_line
-from export._native_io import quiet_native_output
-from export.errors import ExportError
+from fleetlearn.export._errtext import one_line
+from fleetlearn.export._native_io import quiet_native_output
+from fleetlearn.export.errors import ExportError
 
 if TYPE_CHECKING:
     import onnx

@@ -7,7 +7,7 @@ ORT 1.19.2 has two on-device optimizer kernels:
   `w -= lr * m / (bc1 * (sqrt(v / bc2) + eps))` (bias corrections on m and v separately, eps
   added after). ORT's ready-made `onnxblock.optim.AdamW` hard-codes `adam_mode=1` (Hugging Face:
   eps added to the uncorrected sqrt(v), decay applied after the update), which is NOT torch's
-  AdamW, so we build the node ourselves (`export.ort_blocks`). The kernel insists on
+  AdamW, so we build the node ourselves (`fleetlearn.export.ort_blocks`). The kernel insists on
   `correct_bias=1` in mode 0.
 * `SGDOptimizerV2`: `w -= lr * g`, no momentum and no weight decay.
 
@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from export.errors import UsageError
+from fleetlearn.export.errors import UsageError
 
 if TYPE_CHECKING:
     import torch

@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from export._native_io import quiet_native_output
-from export._errtext import one_line
-from export.errors import ExportError
-from export.onnx_export import OUTPUT_NAME, ExportedModel
-from export.optimizers import KernelSpec
+from fleetlearn.export._native_io import quiet_native_output
+from fleetlearn.export._errtext import one_line
+from fleetlearn.export.errors import ExportError
+from fleetlearn.export.onnx_export import OUTPUT_NAME, ExportedModel
+from fleetlearn.export.optimizers import KernelSpec
 
 ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
@@ -23,7 +23,7 @@ def generate(exported: ExportedModel, loss: str, kernel: KernelSpec, out_dir: Pa
     """Generate the ORT training artifacts for `exported` into `out_dir`. Raises ExportError (one line)."""
     import onnx
 
-    from export import ort_blocks
+    from fleetlearn.export import ort_blocks
     from onnxruntime.training import artifacts
     from onnxruntime.training.onnxblock import _graph_utils
 

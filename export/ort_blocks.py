@@ -1,6 +1,6 @@
 """onnxblock building blocks that ORT does not ship in the form we need.
 
-* `KernelAdamW`: an optimizer block whose node is exactly an `export.optimizers.KernelSpec`
+* `KernelAdamW`: an optimizer block whose node is exactly an `fleetlearn.export.optimizers.KernelSpec`
   (ORT's stock `onnxblock.optim.AdamW` forces `adam_mode=1`, the Hugging Face variant).
 * `StableBCEWithLogits`: ORT's stock BCEWithLogitsLoss computes log(sigmoid(x)) and log(1 - sigmoid(x)),
   which in float32 gives -inf, and then 0 * -inf = NaN, as soon as a logit passes about 17
@@ -19,14 +19,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-# edge_runtime.ort_api installs its lightweight `onnxruntime.training` package stub (skips the
+# fleetlearn.edge_runtime.engines.ort_api installs its lightweight `onnxruntime.training` package stub (skips the
 # torch-heavy ORTModule probe); onnxblock and artifacts import fine through it.
-import edge_runtime.ort_api  # noqa: F401
+import fleetlearn.edge_runtime.engines.ort_api  # noqa: F401
 from onnxruntime.training import artifacts, onnxblock
 from onnxruntime.training.onnxblock import _graph_utils, blocks
 from onnxruntime.training.onnxblock.optim import optim as _optim
 
-from export.optimizers import KernelSpec
+from fleetlearn.export.optimizers import KernelSpec
 
 
 class _KernelAdamWNode(_optim.AdamWOptimizer):

@@ -13,9 +13,9 @@ from typing import Mapping
 
 import numpy as np
 
-from export._errtext import one_line
-from export._native_io import quiet_native_output
-from export.errors import ExportError
+from fleetlearn.export._errtext import one_line
+from fleetlearn.export._native_io import quiet_native_output
+from fleetlearn.export.errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ParamSlot:
 
 
 def _load(bundle_dir: Path):
-    from edge_runtime.ort_api import CheckpointState, Module, Optimizer
+    from fleetlearn.edge_runtime.engines.ort_api import CheckpointState, Module, Optimizer
 
     state = CheckpointState.load_checkpoint(bundle_dir / "checkpoint")
     module = Module(bundle_dir / "training_model.onnx", state, bundle_dir / "eval_model.onnx")
@@ -48,7 +48,7 @@ def probe_layout(bundle_dir: Path, expected: Mapping[str, np.ndarray]) -> list[P
     2. verify: write 0, 1, 2, ... into the flat vector and check every parameter reads back its
        slice in C (row-major) order, i.e. slot i holds element i of `param.ravel()`.
     """
-    from edge_runtime.ort_api import OrtValue
+    from fleetlearn.edge_runtime.engines.ort_api import OrtValue
 
     try:
         with quiet_native_output():

@@ -1,6 +1,6 @@
 """Feature standardisation fixed at export time: mean/std per input element, from training data.
 
-Devices apply it with `edge_runtime.bundle.Preprocessing.apply` (x' = (x - mean) / std); it is not
+Devices apply it with `fleetlearn.edge_runtime.core.bundle.Preprocessing.apply` (x' = (x - mean) / std); it is not
 baked into the ONNX graphs, so the aggregator and devices can read and audit it in the manifest.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from export.errors import DataError, UsageError
+from fleetlearn.export.errors import DataError, UsageError
 
 
 def validate_preprocessing(pre: Mapping[str, Any] | None, input_shape: tuple[int, ...]) -> dict[str, list[float]]:

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from edge_runtime.bundle import MANIFEST
+from fleetlearn.edge_runtime.core.bundle import MANIFEST
 
-from export.errors import UsageError
+from fleetlearn.export.errors import UsageError
 
 
 def check_target(target: Path, force: bool) -> None:

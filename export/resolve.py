@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from export.errors import UsageError
-from export.models import BUILTIN_MODELS, BuiltinModel
+from fleetlearn.export.errors import UsageError
+from fleetlearn.export.models import BUILTIN_MODELS, BuiltinModel
 
 if TYPE_CHECKING:
     from torch import nn

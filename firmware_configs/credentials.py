@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.errors import FlashError
 
 # Names inside the image's secrets/ directory (and PREFIX/secrets on the device).
 MQTT_PASSWORD = "mqtt-password"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 
 class FlashError(UsageError):

@@ -31,12 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.config import check_name
-    from edge_runtime.errors import BundleError
-    from firmware_configs import credentials, image, overrides, profiles, render, wheels
-    from firmware_configs.errors import FlashError
-    from firmware_configs.spec import ImageSpec, check_device_path
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from fleetlearn.edge_runtime.core.names import check_name
+    from fleetlearn.edge_runtime.core.errors import BundleError
+    from fleetlearn.firmware_configs import credentials, image, overrides, profiles, render, wheels
+    from fleetlearn.firmware_configs.errors import FlashError
+    from fleetlearn.firmware_configs.spec import ImageSpec, check_device_path
 
     # Every check that can fail on user input happens here, before anything is written.
     device_id = check_name(args.device_id, "device id")

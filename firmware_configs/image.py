@@ -25,12 +25,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import MANIFEST, load_bundle
-from edge_runtime.errors import BundleError
-from firmware_configs import render, wheels
-from firmware_configs.credentials import AGGREGATOR_PUB, SIGNING_KEY
-from firmware_configs.errors import FlashError
-from firmware_configs.spec import SERVICE_NAME, ImageSpec
+from fleetlearn.edge_runtime.core.bundle import MANIFEST, load_bundle
+from fleetlearn.edge_runtime.core.errors import BundleError
+from fleetlearn.firmware_configs import render, wheels
+from fleetlearn.firmware_configs.credentials import AGGREGATOR_PUB, SIGNING_KEY
+from fleetlearn.firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.spec import SERVICE_NAME, ImageSpec
 
 IMAGE_FORMAT = "fleetlearn-device-image"
 IMAGE_FORMAT_VERSION = 1

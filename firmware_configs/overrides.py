@@ -12,10 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.config import DeviceConfig
-from firmware_configs.errors import FlashError
-from firmware_configs.profiles import SystemdLimits
-from firmware_configs.schema import base_type, check_value, field_types
+from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.profiles import SystemdLimits
+from fleetlearn.firmware_configs.schema import base_type, check_value, field_types
 
 # Set by their own flags (or derived from --credentials), so `--set` cannot contradict them.
 FLAG_OWNED = {

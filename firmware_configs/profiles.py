@@ -14,10 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.config import check_name, read_toml
-from edge_runtime.errors import ConfigError
-from firmware_configs.errors import FlashError, ProfileError
-from firmware_configs.schema import from_table
+from fleetlearn.edge_runtime.core.names import check_name
+
+from fleetlearn.edge_runtime.core.files import read_toml
+from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.firmware_configs.errors import FlashError, ProfileError
+from fleetlearn.firmware_configs.schema import from_table
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ARCHES = ("x86_64", "aarch64")

@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import DeviceConfig, TrainingConfig, parse_device_config
-from edge_runtime.errors import ConfigError
-from firmware_configs.credentials import AGGREGATOR_PUB, CA_CERT, MQTT_PASSWORD, SIGNING_KEY
-from firmware_configs.errors import FlashError
-from firmware_configs.spec import ImageSpec, check_device_path
+from fleetlearn.edge_runtime.device.config import DeviceConfig, TrainingConfig, parse_device_config
+from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.firmware_configs.credentials import AGGREGATOR_PUB, CA_CERT, MQTT_PASSWORD, SIGNING_KEY
+from fleetlearn.firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.spec import ImageSpec, check_device_path
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 _PLACEHOLDER_RE = re.compile(r"@@([a-z_]+)@@")

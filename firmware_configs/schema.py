@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.errors import FlashError
 
 
 def field_types(cls: type) -> dict[str, Any]:

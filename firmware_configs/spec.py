@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.bundle import Manifest
-from firmware_configs.credentials import DeviceSecrets
-from firmware_configs.errors import FlashError
-from firmware_configs.profiles import Profile
+from fleetlearn.edge_runtime.core.bundle import Manifest
+from fleetlearn.firmware_configs.credentials import DeviceSecrets
+from fleetlearn.firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.profiles import Profile
 
 DEFAULT_PREFIX = "/opt/fleetlearn"
 SERVICE_NAME = "fleetlearn-device.service"

@@ -19,8 +19,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from firmware_configs.errors import FlashError
-from firmware_configs.profiles import Profile
+from fleetlearn.firmware_configs.errors import FlashError
+from fleetlearn.firmware_configs.profiles import Profile
 
 # 1980-01-01T00:00:00Z: the earliest time a zip entry can hold; used for the wheel and the tarball.
 SOURCE_DATE_EPOCH = 315532800
@@ -43,8 +43,8 @@ def project_root() -> Path | None:
 def _source_copy(root: Path, dest: Path) -> None:
     """Copy what the wheel is built from: pyproject.toml, README/LICENSE, and the packages it finds."""
     meta = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = meta.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", [])
-    tops = sorted({p.split(".")[0].rstrip("*") for p in patterns})
+    # The folders the packages live in: the values of [tool.setuptools.package-dir].
+    tops = sorted(set(meta.get("tool", {}).get("setuptools", {}).get("package-dir", {}).values()))
     dest.mkdir(parents=True)
     shutil.copy2(root / "pyproject.toml", dest / "pyproject.toml")
     for name in sorted(os.listdir(root)):

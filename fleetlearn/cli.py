@@ -13,17 +13,17 @@ import importlib
 import sys
 from typing import Sequence
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 # name -> (module, one-line help). Kept as data so `fleetlearn --help` imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "export": ("export.cli", "export a PyTorch model to an on-device training bundle"),
-    "device": ("edge_runtime.cli", "run the device agent (torch-free)"),
-    "aggregator": ("aggregator.cli", "run the federated aggregator (FedAvg over MQTT)"),
-    "broker": ("aggregator.broker", "run the embedded MQTT broker (amqtt), zero setup"),
-    "broker-config": ("aggregator.broker_config", "write a secured mosquitto config for a fleet"),
+    "export": ("fleetlearn.export.cli", "export a PyTorch model to an on-device training bundle"),
+    "device": ("fleetlearn.edge_runtime.device.cli", "run the device agent (torch-free)"),
+    "aggregator": ("fleetlearn.aggregator.cli", "run the federated aggregator (FedAvg over MQTT)"),
+    "broker": ("fleetlearn.aggregator.broker", "run the embedded MQTT broker (amqtt), zero setup"),
+    "broker-config": ("fleetlearn.aggregator.broker_config", "write a secured mosquitto config for a fleet"),
     "demo": ("fleetlearn.demo", "broker + aggregator + N device processes on Boston housing"),
-    "flash": ("firmware_configs.flash", "write a self-contained device image from a profile"),
+    "flash": ("fleetlearn.firmware_configs.flash", "write a self-contained device image from a profile"),
     "monitor": ("fleetlearn.monitor", "watch a fleet's rounds and devices live"),
     "report": ("fleetlearn.report", "plots and a summary table from an aggregator's round log"),
 }

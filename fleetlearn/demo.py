@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "boston_housing_split.npz"
 # Chosen on the training split only, by 5-fold cross-validation of the 404 training rows over
@@ -88,10 +88,10 @@ def central_baseline(bundle: Path, x, y, x_test, y_test, rounds: int, local_epoc
     """The same bundle (same initial weights, optimizer, preprocessing and learning-rate schedule)
     trained on all the training data in one place for rounds x local_epochs epochs: the number
     federated learning should match."""
-    from aggregator.schedule import scheduled_lr
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.data import Dataset
-    from edge_runtime.trainer import Trainer
+    from fleetlearn.aggregator.schedule import scheduled_lr
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from fleetlearn.edge_runtime.core.data import Dataset
+    from fleetlearn.edge_runtime.engines.trainer import Trainer
 
     manifest = load_bundle(bundle)
     trainer = Trainer(bundle, manifest)
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     say = print
     say(f"fleetlearn demo: {args.devices} devices, {args.rounds} rounds, work dir {work}")
 
-    from export import build_bundle, resolve_model
+    from fleetlearn.export import build_bundle, resolve_model
 
     model, _ = resolve_model("boston-mlp", seed=args.seed)
     build_bundle(
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     broker_handle = None
     broker_url = args.broker
     if broker_url is None:
-        from aggregator.broker import EmbeddedBroker
+        from fleetlearn.aggregator.broker import EmbeddedBroker
 
         # MQTT's usual port when it is free, so `fleetlearn monitor` in another terminal needs
         # no guessing; any free port otherwise.

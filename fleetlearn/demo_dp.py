@@ -60,7 +60,7 @@ def dp_aggregator_args(args: argparse.Namespace, say: Callable[[str], None]) -> 
         return ["--clip-norm", repr(NO_CLIP)]
     if not getattr(args, "dp", False):
         return []
-    from edge_runtime.errors import UsageError
+    from fleetlearn.edge_runtime.core.errors import UsageError
 
     if not args.dp_noise_multiplier > 0:
         raise UsageError(f"--dp-noise-multiplier must be > 0, got {args.dp_noise_multiplier}")

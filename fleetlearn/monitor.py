@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, TextIO
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 if TYPE_CHECKING:  # only for annotations: `fleetlearn --help` must not import paho or rich
-    from edge_runtime.mqtt import LinkOptions
+    from fleetlearn.edge_runtime.core.mqtt import LinkOptions
     from fleetlearn.monitor_state import FleetState, MonitorEvent
 
 log = logging.getLogger("fleetlearn.monitor")
@@ -78,8 +78,8 @@ class Monitor:
     """
 
     def __init__(self, fleet: str, link_options: LinkOptions, subscribe_updates: bool = True, clock: Callable[[], float] = time.time):
-        from edge_runtime.mqtt import MqttLink
-        from edge_runtime.protocol import Topics
+        from fleetlearn.edge_runtime.core.mqtt import MqttLink
+        from fleetlearn.edge_runtime.core.protocol import Topics
         from fleetlearn.monitor_state import FleetState
 
         self.topics = Topics(fleet)
@@ -100,7 +100,7 @@ class Monitor:
             self.link.subscribe(t.all_updates, qos=0)
 
     def handle(self, item: Inbound) -> list[MonitorEvent]:
-        from edge_runtime.errors import ProtocolError
+        from fleetlearn.edge_runtime.core.errors import ProtocolError
         from fleetlearn.monitor_messages import decode_message
 
         now = self.clock()
@@ -201,8 +201,8 @@ def _setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from edge_runtime.mqtt import BrokerURL, LinkOptions
-    from edge_runtime.protocol import NAME_RE
+    from fleetlearn.edge_runtime.core.mqtt import BrokerURL, LinkOptions
+    from fleetlearn.edge_runtime.core.protocol import NAME_RE
 
     if not NAME_RE.fullmatch(args.fleet):
         raise UsageError(f"--fleet {args.fleet!r} is not a valid fleet name (letters, digits, '.', '_', '-')")

@@ -1,6 +1,6 @@
 """Turn one MQTT message of a fleet into one typed message, or a ProtocolError.
 
-Every decoder used here is the wire protocol's own (edge_runtime.protocol): they bound sizes
+Every decoder used here is the wire protocol's own (fleetlearn.edge_runtime.core.protocol): they bound sizes
 and validate every field, so a hostile or broken publisher costs the monitor one ignored
 message. This module adds only the routing by topic and two small views: an upload seen on
 `update/<device>` (we keep its round, never its weights) and the global model's header.
@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from edge_runtime.errors import ProtocolError
-from edge_runtime.protocol import Ack, GlobalModel, Kind, RoundState, Status, Topics, decode_frame, decode_json
+from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Kind, RoundState, Status, Topics, decode_frame, decode_json
 from fleetlearn.report_log import RoundRecord
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.protocol import Ack, RoundState, Status
+from fleetlearn.edge_runtime.core.protocol import Ack, RoundState, Status
 from fleetlearn.monitor_messages import DeviceForgotten, GlobalSeen, Message, UploadSeen
 from fleetlearn.report_log import RoundRecord
 

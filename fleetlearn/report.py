@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 ROUND_LOG = "rounds.jsonl"
 

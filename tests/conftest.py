@@ -124,7 +124,7 @@ def boston_split():
 @pytest.fixture(scope="session")
 def boston_bundle(tmp_path_factory, boston_split):
     """The boston-mlp exported once per test session, standardised on the training split."""
-    from export import build_bundle, resolve_model
+    from fleetlearn.export import build_bundle, resolve_model
 
     model, _ = resolve_model("boston-mlp", seed=0)
     x = boston_split["x_train"]

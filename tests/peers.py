@@ -1,6 +1,6 @@
 """A real MQTT peer for tests: a paho client on the test's broker that records what it sees.
 
-It speaks the real protocol (frames from edge_runtime.protocol) over a real broker; it stands
+It speaks the real protocol (frames from fleetlearn.edge_runtime.core.protocol) over a real broker; it stands
 in for the other side of a conversation (the aggregator when testing a device, devices when
 testing the aggregator), never for the code under test.
 """

@@ -1,6 +1,6 @@
 """The aggregator as a real process on a real broker (mosquitto and the embedded amqtt broker),
 driven by scripted protocol peers: paho clients in this test that publish real UPDATE frames
-built with edge_runtime.protocol and read the aggregator's acks, rounds and global models."""
+built with fleetlearn.edge_runtime.core.protocol and read the aggregator's acks, rounds and global models."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.bundle_fetch import BundleAssembly
-from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Topics, Update, encode_chunk
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
+from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Topics, Update, encode_chunk
 from tests.procs import AggregatorProcess
 from tests.peers import Recorder
 
@@ -426,7 +426,7 @@ def test_broker_restart_mid_round_republishes_retained_state(any_broker, boston_
 
 def test_python_api_in_process_with_the_embedded_broker(boston_bundle, tmp_path):
     """What `fleetlearn demo` can do without subprocesses: EmbeddedBroker + Aggregator in threads."""
-    from aggregator import Aggregator, AggregatorConfig, EmbeddedBroker
+    from fleetlearn.aggregator import Aggregator, AggregatorConfig, EmbeddedBroker
 
     events: list[tuple[str, dict]] = []
     with EmbeddedBroker("127.0.0.1", 0) as broker:
@@ -453,8 +453,8 @@ def test_python_api_in_process_with_the_embedded_broker(boston_bundle, tmp_path)
 
 
 def test_stop_from_another_thread_while_waiting(boston_bundle, tmp_path):
-    from aggregator import AggregatorConfig, EmbeddedBroker
-    from aggregator.server import Aggregator
+    from fleetlearn.aggregator import AggregatorConfig, EmbeddedBroker
+    from fleetlearn.aggregator.server import Aggregator
 
     with EmbeddedBroker("127.0.0.1", 0) as broker:
         agg = Aggregator(AggregatorConfig(broker=broker.url, state_dir=tmp_path / "s", rounds=1, min_devices=1, bundle=boston_bundle, deadline=60))

@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.distribution import chunk_messages, clear_messages, plan_bundle
-from aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulator, weighted_sum_update
-from aggregator.model_store import ModelStore, PartialRound, StateError, append_round_record, decode_partial, encode_partial, read_round_log
-from aggregator.strategy import make_strategy
-from aggregator.validation import Rejection, max_update_bytes, validate_update
-from edge_runtime.bundle import load_bundle
-from edge_runtime.bundle_fetch import BundleAssembly
-from edge_runtime.errors import UsageError
-from edge_runtime.protocol import BundleAnnouncement, Topics, Update
+from fleetlearn.aggregator.distribution import chunk_messages, clear_messages, plan_bundle
+from fleetlearn.aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulator, weighted_sum_update
+from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, append_round_record, decode_partial, encode_partial, read_round_log
+from fleetlearn.aggregator.strategy import make_strategy
+from fleetlearn.aggregator.validation import Rejection, max_update_bytes, validate_update
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, Topics, Update
 
 N = 7
 HASH = "ab" * 32

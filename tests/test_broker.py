@@ -15,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.broker import EmbeddedBroker
+from fleetlearn.aggregator.broker import EmbeddedBroker
 from tests.conftest import ROOT, free_port, stop_process, wait_port
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.protocol import Ack, GlobalModel, RoundConfig, RoundState, Status, Topics, Update
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundConfig, RoundState, Status, Topics, Update
 from tests.conftest import ROOT, stop_process
 from tests.peers import Peer
 
@@ -54,7 +54,7 @@ def wait_log(log: Path, needle: str, timeout: float = 20.0) -> str:
 
 
 def initial_weights(bundle: Path) -> np.ndarray:
-    from edge_runtime.trainer import Trainer
+    from fleetlearn.edge_runtime.engines.trainer import Trainer
 
     return Trainer(bundle, load_bundle(bundle)).get_weights()
 
@@ -311,7 +311,7 @@ def test_device_fetches_the_announced_bundle_and_joins_the_round(amqtt_broker, t
     shards, test_npz = boston_shards
     bundle = tmp_path / "device-bundle"
     if start_with == "other-model":
-        from export import build_bundle, resolve_model
+        from fleetlearn.export import build_bundle, resolve_model
 
         model, _ = resolve_model("boston-mlp", seed=1)
         build_bundle(model, bundle, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer="sgd", lr=1e-3, seed=1)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.clipping import clip_delta
-from aggregator.dp_fedavg import dp_epsilon, gaussian_noise
-from aggregator.model_store import decode_partial
-from edge_runtime.protocol import Ack, GlobalModel, Topics, Update
+from fleetlearn.aggregator.clipping import clip_delta
+from fleetlearn.aggregator.dp_fedavg import dp_epsilon, gaussian_noise
+from fleetlearn.aggregator.model_store import decode_partial
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Topics, Update
 from tests.conftest import stop_process
 from tests.procs import AggregatorProcess
 from tests.peers import Peer

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator.clipping import clip_delta
-from aggregator.dp_fedavg import DPFedAvg, dp_epsilon, gaussian_noise, noisy_mean_delta
-from aggregator.model_store import PartialRound, decode_partial, encode_partial
-from edge_runtime.protocol import Update
+from fleetlearn.aggregator.clipping import clip_delta
+from fleetlearn.aggregator.dp_fedavg import DPFedAvg, dp_epsilon, gaussian_noise, noisy_mean_delta
+from fleetlearn.aggregator.model_store import PartialRound, decode_partial, encode_partial
+from fleetlearn.edge_runtime.core.protocol import Update
 
 # TensorFlow Privacy's compute_dp_sgd_privacy (tensorflow_privacy/privacy/analysis/
 # compute_dp_sgd_privacy_lib.py) runs dp-accounting's RdpAccountant with these orders over

@@ -23,7 +23,7 @@ PROBE = """
 import sys
 from fleetlearn.cli import main
 rc = main(["device", "--config", sys.argv[1], "--max-rounds", "1"])
-print("MODULES " + " ".join(sorted(m for m in ("torch", "onnx", "aggregator", "export") if m in sys.modules)), flush=True)
+print("MODULES " + " ".join(sorted(m for m in ("torch", "onnx", "fleetlearn.aggregator", "fleetlearn.export", "fleetlearn.firmware_configs") if m in sys.modules)), flush=True)
 sys.exit(rc)
 """
 

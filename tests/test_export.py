@@ -1,7 +1,7 @@
 """fleetlearn export: parity with PyTorch, parameter layout, torch-free training, CLI happy path.
 
 Everything is real: bundles are exported with torch.onnx and onnxruntime-training, trained with
-ORT's training API (through edge_runtime.ort_api, as a device does) and compared with PyTorch.
+ORT's training API (through fleetlearn.edge_runtime.engines.ort_api, as a device does) and compared with PyTorch.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.ort_api import CheckpointState, Module, Optimizer, OrtValue
-from export import OptimizerConfig, build_bundle, resolve_model
-from export.manifest import compute_model_hash
-from export.preprocessing import standardization_from_file
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.engines.ort_api import CheckpointState, Module, Optimizer, OrtValue
+from fleetlearn.export import OptimizerConfig, build_bundle, resolve_model
+from fleetlearn.export.manifest import compute_model_hash
+from fleetlearn.export.preprocessing import standardization_from_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -221,8 +221,8 @@ def test_stock_adamw_block_would_not_match(tmp_path, boston):
     """Sanity check of the parity test itself: ORT's ready-made AdamW (adam_mode=1) fails it."""
     from onnxruntime.training import artifacts
 
-    from export._native_io import quiet_native_output
-    from export.onnx_export import OUTPUT_NAME, export_model
+    from fleetlearn.export._native_io import quiet_native_output
+    from fleetlearn.export.onnx_export import OUTPUT_NAME, export_model
 
     model, _ = resolve_model("boston-mlp", seed=0)
     exported = export_model(model, (13,))
@@ -362,8 +362,8 @@ def test_bundle_trains_in_a_process_without_torch(tmp_path):
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
-        import edge_runtime.ort_api as ort_api
-        from edge_runtime.bundle import load_bundle
+        import fleetlearn.edge_runtime.engines.ort_api as ort_api
+        from fleetlearn.edge_runtime.core.bundle import load_bundle
         d = {str(bundle)!r}
         m = load_bundle(d)
         state = ort_api.CheckpointState.load_checkpoint(d + "/checkpoint")

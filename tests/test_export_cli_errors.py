@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.bundle import load_bundle
+from fleetlearn.edge_runtime.core.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -75,7 +75,7 @@ CASES: dict[str, Case] = {
 
 @pytest.fixture(scope="module")
 def reference_bundle(tmp_path_factory):
-    from export import build_bundle, resolve_model
+    from fleetlearn.export import build_bundle, resolve_model
 
     model, d = resolve_model("boston-mlp", seed=0)
     out = tmp_path_factory.mktemp("ref") / "bundle"
@@ -140,7 +140,7 @@ def test_help_explains_every_flag():
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from fleetlearn.cli import main; import argparse, export.cli as c; "
+    code = ("import sys; from fleetlearn.cli import main; import argparse, fleetlearn.export.cli as c; "
             "p = argparse.ArgumentParser(); c.add_arguments(p); "
             "assert not [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules], sorted(sys.modules)")  # fmt: skip
     r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

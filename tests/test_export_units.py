@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.errors import DataError, UsageError
-from export import OptimizerConfig, build_bundle, resolve_model
-from export.build import parse_shape
-from export.manifest import compute_model_hash
-from export.preprocessing import standardization_from_file, validate_preprocessing
+from fleetlearn.edge_runtime.core.errors import DataError, UsageError
+from fleetlearn.export import OptimizerConfig, build_bundle, resolve_model
+from fleetlearn.export.build import parse_shape
+from fleetlearn.export.manifest import compute_model_hash
+from fleetlearn.export.preprocessing import standardization_from_file, validate_preprocessing
 
 
 # ---------------------------------------------------------------- optimizers

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.protocol import Ack, GlobalModel, Status, Topics, Update
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Status, Topics, Update
 from tests.conftest import ROOT, stop_process
 from tests.procs import AggregatorProcess, FleetlearnProcess
 from tests.peers import Recorder

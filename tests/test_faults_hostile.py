@@ -36,8 +36,8 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.protocol import (
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.core.protocol import (
     HEADER,
     HEADER_SIZE,
     HEX32_RE,

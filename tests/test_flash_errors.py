@@ -115,7 +115,7 @@ def test_credentials_missing_for_device(boston_bundle, outdir, credentials):  # 
 
 
 def test_profile_file_with_unknown_key(boston_bundle, outdir, tmp_path):
-    from firmware_configs.profiles import PROFILES_DIR
+    from fleetlearn.firmware_configs.profiles import PROFILES_DIR
 
     text = (PROFILES_DIR / "generic-x86_64.toml").read_text().replace("[systemd]\n", "[systemd]\nmemory_maxx = \"1G\"\n")
     path = tmp_path / "generic-x86_64.toml"
@@ -127,7 +127,7 @@ def test_profile_file_with_unknown_key(boston_bundle, outdir, tmp_path):
 
 
 def test_profile_file_with_wrong_type(boston_bundle, outdir, tmp_path):
-    from firmware_configs.profiles import PROFILES_DIR
+    from fleetlearn.firmware_configs.profiles import PROFILES_DIR
 
     text = (PROFILES_DIR / "generic-x86_64.toml").read_text().replace("cores = 2", 'cores = "2"')
     path = tmp_path / "generic-x86_64.toml"

@@ -53,14 +53,14 @@ def test_flash_install_and_train_one_round(tmp_path, mosquitto, boston_bundle, b
     venv_py = prefix / "venv" / "bin" / "python"
     no_torch = subprocess.run([str(venv_py), "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path, env=clean_env())
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    where = subprocess.run([str(venv_py), "-c", "import edge_runtime; print(edge_runtime.__file__)"], capture_output=True, text=True, cwd=tmp_path, env=clean_env())
+    where = subprocess.run([str(venv_py), "-c", "import fleetlearn.edge_runtime as e; print(e.__file__)"], capture_output=True, text=True, cwd=tmp_path, env=clean_env())
     assert where.stdout.startswith(str(prefix / "venv")), where.stdout  # the installed copy, not this checkout
 
     # Paths were rewritten from /opt/fleetlearn to the test prefix, and the config loads on the device side.
     toml = (prefix / "device.toml").read_text()
     assert "/opt/fleetlearn" not in toml
     check = subprocess.run(
-        [str(venv_py), "-c", "import sys; from edge_runtime.config import load_device_config as l; c = l(sys.argv[1]); print(c.bundle, c.state_dir, c.data)", str(prefix / "device.toml")],
+        [str(venv_py), "-c", "import sys; from fleetlearn.edge_runtime.device.config import load_device_config as l; c = l(sys.argv[1]); print(c.bundle, c.state_dir, c.data)", str(prefix / "device.toml")],
         capture_output=True, text=True, cwd=tmp_path, env=clean_env(),
     )
     assert check.stdout.split() == [str(prefix / "bundle/current"), str(prefix / "state"), str(prefix / "data/train.npz")], check.stderr

@@ -11,8 +11,8 @@ import tomllib
 
 import pytest
 
-from edge_runtime.config import load_device_config
-from firmware_configs.profiles import known_profiles, load_profile
+from fleetlearn.edge_runtime.device.config import load_device_config
+from fleetlearn.firmware_configs.profiles import known_profiles, load_profile
 from tests.test_flash_support import DEVICE_A, DEVICE_B, base_args, credentials, flash_ok, systemd_analyze, tree  # noqa: F401
 
 SECRETS = {"secrets/mqtt-password", "secrets/ca.crt", "secrets/signing.key", "secrets/aggregator-signing.pub"}

@@ -75,7 +75,7 @@ def credentials(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def x86_wheelhouse(tmp_path_factory) -> Path:
     """Dependency wheels for generic-x86_64, fetched once per session, so each install is offline."""
-    from firmware_configs.profiles import load_profile
+    from fleetlearn.firmware_configs.profiles import load_profile
 
     profile = load_profile("generic-x86_64")
     dest = tmp_path_factory.mktemp("wheelhouse")

@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_runtime.protocol import RoundState, Status, Topics, Update, encode_json
+from fleetlearn.edge_runtime.core.protocol import RoundState, Status, Topics, Update, encode_json
 from tests.conftest import ROOT, stop_process
 
 PY = sys.executable
@@ -115,8 +115,8 @@ class Publisher:
 DEVICE_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from edge_runtime.mqtt import LinkOptions, MqttLink
-    from edge_runtime.protocol import Status, Topics
+    from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
+    from fleetlearn.edge_runtime.core.protocol import Status, Topics
     url, fleet, dev = sys.argv[1:4]
     topic = Topics(fleet).status(dev)
     will = Status(dev, "offline", 0, "connection lost (last will)", 0.0).encode()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from edge_runtime.errors import ProtocolError
-from edge_runtime.protocol import Ack, GlobalModel, RoundState, Status, Topics, Update, encode_json
+from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundState, Status, Topics, Update, encode_json
 from fleetlearn.monitor_messages import DeviceForgotten, GlobalSeen, UploadSeen, decode_message
 from fleetlearn.monitor_state import FleetState
 from fleetlearn.monitor_view import render, sparkline

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from edge_runtime.bundle import load_bundle
+from fleetlearn.edge_runtime.core.bundle import load_bundle
 from tests.conftest import stop_process
 from tests.procs import AggregatorProcess
 from tests.test_device import FLEET, start_device, write_config

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import UsageError
 from fleetlearn.report import write_report
 from fleetlearn.report_log import read_round_log
 from fleetlearn.report_plots import COUNTED, REJECTED, plot_metrics, plot_participation, plot_wall_time

@@ -1,6 +1,6 @@
 """One poisoned device among ten, end to end: a real aggregator process on real mosquitto, ten
 scripted device peers (paho clients) whose honest deltas come from real local training
-(edge_runtime.trainer.Trainer on their Boston shard, from the global weights read off the
+(fleetlearn.edge_runtime.engines.trainer.Trainer on their Boston shard, from the global weights read off the
 retained global topic, seeded as the device agent seeds), and one device that sends its honest
 delta scaled x1000 or sign-flipped and scaled x(-10). 5 rounds x 10 devices per run; the final
 test_mse comes from the aggregator's own rounds.jsonl.
@@ -25,10 +25,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import load_bundle
-from edge_runtime.data import Dataset
-from edge_runtime.protocol import GlobalModel, Topics, Update
-from edge_runtime.trainer import Trainer
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.core.data import Dataset
+from fleetlearn.edge_runtime.core.protocol import GlobalModel, Topics, Update
+from fleetlearn.edge_runtime.engines.trainer import Trainer
 from tests.conftest import ROOT, Broker, stop_process
 from tests.peers import Peer
 

@@ -14,16 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator.clipping import ClippedFedAvg, clip_delta, clip_factor, l2_norm
-from aggregator.fedavg import FedAvg
-from aggregator.median import Median, coordinate_median
-from aggregator.model_store import PartialRound, decode_partial, encode_partial
-from aggregator.server import AggregatorConfig
-from aggregator.strategy import STRATEGIES, make_strategy
-from aggregator.strategy_options import strategy_options
-from aggregator.trimmed_mean import TrimmedMean, coordinate_trimmed_mean, trim_count
-from edge_runtime.errors import UsageError
-from edge_runtime.protocol import Update
+from fleetlearn.aggregator.clipping import ClippedFedAvg, clip_delta, clip_factor, l2_norm
+from fleetlearn.aggregator.fedavg import FedAvg
+from fleetlearn.aggregator.median import Median, coordinate_median
+from fleetlearn.aggregator.model_store import PartialRound, decode_partial, encode_partial
+from fleetlearn.aggregator.server import AggregatorConfig
+from fleetlearn.aggregator.strategy import STRATEGIES, make_strategy
+from fleetlearn.aggregator.strategy_options import strategy_options
+from fleetlearn.aggregator.trimmed_mean import TrimmedMean, coordinate_trimmed_mean, trim_count
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import Update
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
@@ -230,7 +230,7 @@ def test_bad_options_are_one_line_usage_errors(tmp_path, kw, message):
 def test_cli_flags_reach_the_config():
     import argparse
 
-    from aggregator.cli import add_arguments, config_from_args
+    from fleetlearn.aggregator.cli import add_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     add_arguments(p)

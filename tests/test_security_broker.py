@@ -31,9 +31,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from aggregator import broker_config as bc
-from edge_runtime import protocol
-from edge_runtime.protocol import Topics, Update
+from fleetlearn.aggregator import broker_config as bc
+from fleetlearn.edge_runtime.core import protocol
+from fleetlearn.edge_runtime.core.protocol import Topics, Update
 from fleetlearn.cli import main as fleetlearn_main
 from tests.conftest import ROOT, free_port, mosquitto_binary, stop_process, wait_port
 

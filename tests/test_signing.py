@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime import signing
-from edge_runtime.bundle import load_bundle
-from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, RoundConfig, Update
+from fleetlearn.edge_runtime.core import signing
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, RoundConfig, Update
 from tests import test_aggregator as ta
 from tests import test_device as td
 from tests.conftest import ROOT, free_port, stop_process

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import signing as agg_signing
-from aggregator.model_store import ModelStore
-from aggregator.validation import Rejection, validate_update
-from edge_runtime import signing
-from edge_runtime.config import SigningConfig, parse_device_config
-from edge_runtime.errors import ConfigError, UsageError
-from edge_runtime.protocol import BundleAnnouncement, GlobalModel, Topics, Update
+from fleetlearn.aggregator import signing as agg_signing
+from fleetlearn.aggregator.model_store import ModelStore
+from fleetlearn.aggregator.validation import Rejection, validate_update
+from fleetlearn.edge_runtime.core import signing
+from fleetlearn.edge_runtime.device.config import SigningConfig, parse_device_config
+from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, GlobalModel, Topics, Update
 from fleetlearn.cli import main as fleetlearn_main
 from tests.conftest import ROOT
 
@@ -328,14 +328,14 @@ def test_broker_config_signing_keys_layout_matches_what_flash_and_the_aggregator
     assert "--device-keys aggregator/device-keys" in (out / "README.md").read_text()
 
     # flash --credentials picks exactly this device's key and the aggregator's public key...
-    from firmware_configs import credentials
+    from fleetlearn.firmware_configs import credentials
 
     s = credentials.device_secrets(out, "dev-0", fresh_signing_key=False)
     assert s.files[credentials.SIGNING_KEY] == (out / "devices" / "dev-0" / "signing.key").read_bytes()
     assert s.files[credentials.AGGREGATOR_PUB] == (out / "aggregator" / "signing.pub").read_bytes()
     assert (out / "devices" / "dev-1" / "signing.key").read_bytes() not in b"".join(s.files.values())
     # ...and refuses to make a second key for a device that has one.
-    from firmware_configs.errors import FlashError
+    from fleetlearn.firmware_configs.errors import FlashError
 
     with pytest.raises(FlashError, match="already exists"):
         credentials.device_secrets(out, "dev-0", fresh_signing_key=True)
@@ -353,8 +353,8 @@ def test_broker_config_signing_keys_layout_matches_what_flash_and_the_aggregator
 def test_a_keyless_device_never_imports_cryptography(tmp_path):
     probe = (
         "import sys\n"
-        "from edge_runtime.agent import _load_signer\n"
-        "from edge_runtime.config import parse_device_config\n"
+        "from fleetlearn.edge_runtime.device.agent import _load_signer\n"
+        "from fleetlearn.edge_runtime.device.config import parse_device_config\n"
         "cfg = parse_device_config({'device_id': 'd', 'fleet': 'f', 'broker': 'mqtt://h:1', 'bundle': 'b', 'data': 'x', 'state_dir': 's'})\n"
         "assert _load_signer(cfg) is None\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'torch')))\n"

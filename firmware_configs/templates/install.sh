@@ -134,7 +134,7 @@ fi
 # shellcheck disable=SC2086  # EXTRA_REQUIREMENTS is a space-separated list on purpose
 "$VPY" -m pip "$@" "$IMAGE_DIR/wheels/$FLEETLEARN_WHEEL[edge]" $EXTRA_REQUIREMENTS \
     || die "pip could not install the agent into $PREFIX/venv (see pip's message above)"
-"$VPY" -c 'import edge_runtime.ort_api, numpy, paho.mqtt.client' \
+"$VPY" -c 'import fleetlearn.edge_runtime.engines.ort_api, numpy, paho.mqtt.client' \
     || die "the agent's dependencies do not import on this machine (see the error above)"
 
 # 6. Rewrite paths if installing somewhere other than the flashed prefix, then check the config.
@@ -153,7 +153,7 @@ rewrite "$IMAGE_DIR/device.toml" "$PREFIX/device.toml"
 rewrite "$IMAGE_DIR/$SERVICE" "$PREFIX/$SERVICE"
 cp "$IMAGE_DIR/README.md" "$PREFIX/README.md"
 paths=$("$VPY" -c 'import sys
-from edge_runtime.config import load_device_config
+from fleetlearn.edge_runtime.device.config import load_device_config
 c = load_device_config(sys.argv[1])
 print(c.state_dir); print(c.data)' "$PREFIX/device.toml") || die "$PREFIX/device.toml does not load (see above)"
 STATE_DIR=$(echo "$paths" | sed -n 1p)

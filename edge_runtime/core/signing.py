@@ -1,6 +1,6 @@
 """Ed25519 on the device: sign updates, verify the aggregator's global models and bundle announcements.
 
-Imported only when the device config has a [signing] table (edge_runtime.agent._load_signer), since
+Imported only when the device config has a [signing] table (fleetlearn.edge_runtime.device.agent._load_signer), since
 it needs `cryptography` (the `signing` extra): a keyless device stays cryptography-free.
 
     signer = DeviceSigner.from_config(cfg.signing)
@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from edge_runtime.errors import ConfigError
+from fleetlearn.edge_runtime.core.errors import ConfigError
 
 try:
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -42,8 +42,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ConfigError(f"[signing] keys need the `cryptography` package: pip install 'fleetlearn[signing]' ({exc})") from None
 
 if TYPE_CHECKING:
-    from edge_runtime.config import SigningConfig
-    from edge_runtime.protocol import GlobalModel
+    from fleetlearn.edge_runtime.device.config import SigningConfig
+    from fleetlearn.edge_runtime.core.protocol import GlobalModel
 
 log = logging.getLogger("fleetlearn.device")
 

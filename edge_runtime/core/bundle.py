@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import BundleError
+from fleetlearn.edge_runtime.core.errors import BundleError
 
 FORMAT = "fleetlearn-bundle"
 FORMAT_VERSION = 1

@@ -12,22 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from edge_runtime.errors import ConfigError
-
-# Device ids and fleet names go into MQTT topics and file names: no wildcards (+ #), no
-# separators (/), no whitespace or control characters. Letters, digits, '.', '_' and '-'.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def check_name(value: Any, what: str) -> str:
-    """Return `value` if it is safe in an MQTT topic level and a file name, else raise ConfigError."""
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
-        raise ConfigError(
-            f"{what} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-' "
-            "(no '+', '#', '/', whitespace or control characters), starting with a letter or digit"
-        )
-    return value
-
+from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.edge_runtime.core.files import read_toml
+from fleetlearn.edge_runtime.core.names import check_name
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -155,18 +142,6 @@ def parse_device_config(doc: Mapping[str, Any], base_dir: Path | None = None) ->
         for key in ("bundle", "data", "state_dir"):
             values[key] = str((base_dir / values[key]).resolve()) if not Path(values[key]).is_absolute() else values[key]
     return DeviceConfig(**values)
-
-
-def read_toml(path: Path, kind: str = "config", error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """Decode a TOML file, or raise `error` with a one-line reason naming the file."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: no such {kind} file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: unreadable ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{path}: not valid TOML ({exc})") from None
 
 
 def load_device_config(path: str | Path) -> DeviceConfig:

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_runtime.errors import ProtocolError
+from fleetlearn.edge_runtime.core.errors import ProtocolError
 
 MAGIC = b"FLRN"
 WIRE_VERSION = 1

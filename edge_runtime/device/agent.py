@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import Manifest
-from edge_runtime.bundle_fetch import BundleAssembly, try_load_bundle
-from edge_runtime.config import DeviceConfig
-from edge_runtime.data import Dataset, load_dataset
-from edge_runtime.errors import BundleError, DataError, ProtocolError
-from edge_runtime.mqtt import LinkOptions, MqttLink
-from edge_runtime.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
-from edge_runtime.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
-from edge_runtime.trainer import Trainer
+from fleetlearn.edge_runtime.core.bundle import Manifest
+from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
+from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
+from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
+from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
+from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
+from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
+from fleetlearn.edge_runtime.engines.trainer import Trainer
 
 log = logging.getLogger("fleetlearn.device")
 
@@ -280,7 +280,7 @@ class DeviceAgent:
             self._status("error", g.round, f"local training diverged in round {g.round} (loss {result.mean_loss})")
             return
         if self.cfg.privacy.clip_norm is not None:  # [privacy]: clip (+ noise) before it leaves the device
-            from edge_runtime.privacy import privatize_delta
+            from fleetlearn.edge_runtime.device.privacy import privatize_delta
 
             delta = privatize_delta(delta, self.cfg.privacy)
         update = Update(
@@ -381,6 +381,6 @@ def _load_signer(cfg: DeviceConfig):
     if not (cfg.signing.key_file or cfg.signing.aggregator_public_key):
         log.info("event=signing device=%s signs_updates=no verifies_globals=no reason='no [signing] keys configured'", cfg.device_id)
         return None
-    from edge_runtime.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
+    from fleetlearn.edge_runtime.core.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
 
     return DeviceSigner.from_config(cfg.signing, cfg.device_id)

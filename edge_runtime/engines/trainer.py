@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime import ort_api
-from edge_runtime.bundle import Manifest
-from edge_runtime.data import Dataset
-from edge_runtime.errors import BundleError
+from fleetlearn.edge_runtime.engines import ort_api
+from fleetlearn.edge_runtime.core.bundle import Manifest
+from fleetlearn.edge_runtime.core.data import Dataset
+from fleetlearn.edge_runtime.core.errors import BundleError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import Manifest
-from edge_runtime.errors import DataError
+from fleetlearn.edge_runtime.core.bundle import Manifest
+from fleetlearn.edge_runtime.core.errors import DataError
 
 MAX_ROWS = 50_000_000
 

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_runtime.bundle import MANIFEST, Manifest, load_bundle, parse_manifest
-from edge_runtime.errors import BundleError, ProtocolError
-from edge_runtime.protocol import BundleAnnouncement, decode_chunk
-from edge_runtime.state import atomic_write_json
+from fleetlearn.edge_runtime.core.bundle import MANIFEST, Manifest, load_bundle, parse_manifest
+from fleetlearn.edge_runtime.core.errors import BundleError, ProtocolError
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, decode_chunk
+from fleetlearn.edge_runtime.core.files import atomic_write_json
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 

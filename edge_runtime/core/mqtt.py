@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from edge_runtime.errors import ConfigError
+from fleetlearn.edge_runtime.core.errors import ConfigError
 
 log = logging.getLogger("fleetlearn.mqtt")
 

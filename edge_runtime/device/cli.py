@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from edge_runtime.agent import DeviceAgent
-    from edge_runtime.config import load_device_config
+    from fleetlearn.edge_runtime.device.agent import DeviceAgent
+    from fleetlearn.edge_runtime.device.config import load_device_config
 
     cfg = load_device_config(args.config)
     return DeviceAgent(cfg, max_rounds=args.max_rounds).run()

@@ -1,0 +1,54 @@
+"""What a device keeps across restarts: its round bookkeeping and the pending update frame."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fleetlearn.edge_runtime.core.files import atomic_write_bytes, atomic_write_json, read_json
+
+
+@dataclass
+class DeviceState:
+    """What a device must remember across a power cut (state_dir/device_state.json)."""
+
+    run_id: str = ""
+    last_round: int = 0  # the last round whose update was acknowledged or whose round closed
+    rounds_done: int = 0  # rounds completed by this process lifetime's counting (for --max-rounds)
+    pending_round: int = 0  # round of the update not yet acknowledged (0: none)
+    pending_nonce: str = ""
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "DeviceState":
+        doc = read_json(state_dir / "device_state.json")
+        if not isinstance(doc, dict):
+            return cls()
+        try:
+            return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+        except TypeError:
+            return cls()
+
+    def save(self, state_dir: Path) -> None:
+        # Not fsynced: after a power cut the pending update file (which is) tells the agent
+        # what was pending, and a lost "last round" only makes it re-send an update that the
+        # aggregator then recognises (same nonce) or refuses as late. Never counted twice.
+        atomic_write_json(state_dir / "device_state.json", asdict(self), durable=False)
+
+
+def save_pending_update(state_dir: Path, payload: bytes) -> None:
+    """The encoded update frame, written durably before it is first sent; re-sent as-is after a restart."""
+    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=True)
+
+
+def load_pending_update(state_dir: Path) -> bytes | None:
+    try:
+        return (state_dir / "pending_update.bin").read_bytes()
+    except OSError:
+        return None
+
+
+def clear_pending_update(state_dir: Path) -> None:
+    try:
+        (state_dir / "pending_update.bin").unlink()
+    except FileNotFoundError:
+        pass
