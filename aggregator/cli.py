@@ -13,6 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
+from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
     net.add_argument("--mqtt-protocol", choices=["3.1.1", "5"], default="3.1.1")
     net.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker at start (default 30)")
-    net.add_argument("--chunk-size", type=int, default=256 * 1024, help="bundle chunk size in bytes (default 262144)")
+    net.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"bundle chunk size in bytes (default {DEFAULT_CHUNK_SIZE})")
 
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, required=True, help="number of rounds")

@@ -20,11 +20,7 @@ from typing import Iterator
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
 from fleetlearn.edge_runtime.core.errors import BundleError, UsageError
-from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, Topics, encode_chunk
-
-DEFAULT_CHUNK_SIZE = 256 * 1024
-MIN_CHUNK_SIZE = 1024
-MAX_CHUNK_SIZE = 64 << 20
+from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, BundleAnnouncement, Topics, encode_chunk
 
 
 def check_chunk_size(size: int) -> int:

@@ -15,7 +15,8 @@ edge_runtime/state.py):
                                the last round's record and accepted (device, nonce) pairs
     global/round_0000.f32      w_0 (the bundle's initial weights), then w_1, w_2, ... (raw <f4)
     partial_round.bin          the open round's accumulator (absent between rounds)
-    rounds.jsonl               one JSON line per closed round (rewritten and renamed, never torn)
+    rounds.jsonl               one RoundMetrics line per closed round (aggregator/round_log.py:
+                               rewritten and renamed, never torn)
     model.onnx                 the final forward-only model (after the last round)
     bundle/                    the exported bundle, when the aggregator exported it (--model)
 
@@ -41,9 +42,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import HEX32_RE
+from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
+from fleetlearn.edge_runtime.core.protocol import HEX32_RE, RoundMetrics
 from fleetlearn.edge_runtime.core.files import atomic_write_bytes, atomic_write_json, read_json
+
+from fleetlearn.aggregator.round_log import ROUND_LOG, append_round_record, read_round_log_or_empty
 
 STATE_FORMAT = "fleetlearn-aggregator-state"
 STATE_VERSION = 1
@@ -140,37 +143,6 @@ def decode_partial(raw: bytes) -> PartialRound:
     )
 
 
-def read_round_log(path: Path) -> list[dict[str, Any]]:
-    """The records of rounds.jsonl; a line that does not parse (never written by us) is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("round"), int):
-            records.append(doc)
-    return records
-
-
-def append_round_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one line by rewriting the whole file and renaming it over the old one.
-
-    A crash leaves the old file or the new one, never a torn line. A record for a round that
-    is already in the log replaces it (a round re-closed after a crash is logged once).
-    The cost is O(file size) per round, which is small: a line is a few hundred bytes.
-    """
-    records = [r for r in read_round_log(path) if r["round"] != record["round"]]
-    records.append(record)
-    records.sort(key=lambda r: r["round"])
-    data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records)
-    atomic_write_bytes(path, data.encode())
-
-
 class ModelStore:
     """Versioned global model of one run. Not thread-safe: the round engine's thread owns it."""
 
@@ -195,7 +167,7 @@ class ModelStore:
 
     @property
     def rounds_log(self) -> Path:
-        return self.state_dir / "rounds.jsonl"
+        return self.state_dir / ROUND_LOG
 
     def weights_path(self, rnd: int) -> Path:
         return self.state_dir / "global" / f"round_{rnd:04d}.f32"
@@ -257,8 +229,13 @@ class ModelStore:
     def _repair(self) -> None:
         """Finish a commit a crash interrupted: log the committed round, drop a stale partial."""
         rec = self.last_record
-        if rec and self.round > 0 and not any(r["round"] == self.round for r in read_round_log(self.rounds_log)):
-            append_round_record(self.rounds_log, rec)
+        if rec and self.round > 0:
+            try:
+                record = RoundMetrics.from_doc(rec)
+            except ProtocolError as exc:
+                raise StateError(f"{self.state_path}: the last round's record is malformed ({exc.reason})") from None
+            if not any(r.round == self.round and r.run_id == record.run_id for r in read_round_log_or_empty(self.rounds_log).records):
+                append_round_record(self.rounds_log, record)
         p = self.load_partial(None)
         if p is not None and (p.run_id != self.run_id or p.round <= self.round):
             self.clear_partial()
@@ -307,15 +284,20 @@ class ModelStore:
         atomic_write_json(self.state_path, doc)
         self._doc = doc
 
-    def commit(self, rnd: int, weights: np.ndarray, record: dict[str, Any], accepted: dict[str, str]) -> None:
-        """Round `rnd` closed with `weights`: make it durable (see the module docstring for the order)."""
+    def commit(self, rnd: int, weights: np.ndarray, record: RoundMetrics | dict[str, Any], accepted: dict[str, str]) -> None:
+        """Round `rnd` closed with `weights`: make it durable (see the module docstring for the order).
+
+        `record` is checked as a RoundMetrics (a dict is converted) before anything is written:
+        rounds.jsonl holds only what the protocol says a round record is."""
+        if not isinstance(record, RoundMetrics):
+            record = RoundMetrics.from_doc(record)
         if rnd != self.open_round:
             raise ValueError(f"commit of round {rnd} while round {self.open_round} is open")
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         if weights.shape != (self.num_params,):
             raise ValueError(f"new weights have shape {weights.shape}")
         self._write_weights(rnd, weights)
-        self._write_state(rnd, weights, record, dict(accepted))
+        self._write_state(rnd, weights, record.to_doc(), dict(accepted))
         append_round_record(self.rounds_log, record)
         self.clear_partial()
         self.round = rnd

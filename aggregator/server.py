@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import MAX_JSON_BYTES, Ack, BundleAnnouncement, GlobalModel, RoundConfig, RoundState, Topics, Update, encode_json
+from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE, Ack, BundleAnnouncement, GlobalModel, RoundConfig, RoundMetrics, RoundState, Topics, Update
 
 from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, validate_update
@@ -84,7 +84,7 @@ class AggregatorConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     mqtt_protocol: str = "3.1.1"
-    chunk_size: int = 256 * 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     connect_timeout: float = 30.0  # give up (exit 2) when the broker is unreachable at start
     # Update signing (aggregator/signing.py, docs/security-signing.md)
     signing_key: Path | None = None  # the aggregator's Ed25519 key; default STATE_DIR/aggregator-signing.key
@@ -685,7 +685,7 @@ class Aggregator:
         record = _finite(record)
         self.store.commit(run.round, new_w, record, run.accepted)
         self._publish_acks(acks)  # the commit made every accepted update of the round durable
-        self._publish(self.topics.metrics, _metrics_payload(record), retain=True)
+        self._publish(self.topics.metrics, RoundMetrics.from_doc(record).encode(), retain=True)
         metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
         self._log(logging.INFO, "round_closed", run.round, closed_by=closed_by, accepted=k, devices=record["devices"], samples=record.get("samples"), train_loss=record.get("train_loss"), wall_s=record["wall_s"], **metric)
         self._emit("round_closed", **record)
@@ -737,21 +737,6 @@ def _safe_fleet(fleet: str) -> bool:
 def _finite(doc: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: a non-finite float becomes null."""
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in doc.items()}
-
-
-def _metrics_payload(record: dict[str, Any]) -> bytes:
-    """The round record as the retained metrics message; the device list is cut if the
-    message would exceed what JSON decoders accept (MAX_JSON_BYTES), rounds.jsonl keeps it all."""
-    payload = encode_json(record)
-    if len(payload) <= MAX_JSON_BYTES:
-        return payload
-    doc = dict(record, devices_truncated=True)
-    devices = list(record["devices"])
-    while devices and len(payload) > MAX_JSON_BYTES:
-        devices = devices[: len(devices) // 2]
-        doc["devices"] = devices
-        payload = encode_json(doc)
-    return payload
 
 
 def run_aggregator(config: AggregatorConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> int:

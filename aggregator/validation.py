@@ -19,19 +19,18 @@ at the close does not log a refusal for an update that did count.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import HEADER, HEADER_SIZE, HEX32_RE, MAGIC, MAX_META_BYTES, MAX_SIG_BYTES, Topics, Update
+from fleetlearn.edge_runtime.core.protocol import Topics, Update, UpdateHeader, max_frame_bytes
 
 UNKNOWN_NONCE = "0" * 32  # acks for payloads whose nonce cannot be read
 
 
 def max_update_bytes(num_params: int) -> int:
     """The largest UPDATE frame a model of `num_params` parameters can produce."""
-    return HEADER_SIZE + MAX_META_BYTES + 4 * num_params + MAX_SIG_BYTES
+    return max_frame_bytes(4 * num_params, signed=True)
 
 
 class Rejection(Exception):
@@ -55,21 +54,10 @@ class Verdict:
 def peek_meta(payload: bytes) -> tuple[int | None, str | None]:
     """Best effort (round, nonce) from a frame that may fail full decoding, for the ack."""
     try:
-        if len(payload) < HEADER_SIZE:
-            return None, None
-        magic, _v, _k, _e, _f, meta_len, *_ = HEADER.unpack_from(payload)
-        if magic != MAGIC or meta_len > MAX_META_BYTES or HEADER_SIZE + meta_len > len(payload):
-            return None, None
-        meta = json.loads(bytes(payload[HEADER_SIZE : HEADER_SIZE + meta_len]).decode("utf-8"))
-        if not isinstance(meta, dict):
-            return None, None
-        rnd = meta.get("round")
-        nonce = meta.get("nonce")
-        rnd = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd < 2**31 else None
-        nonce = nonce if isinstance(nonce, str) and HEX32_RE.fullmatch(nonce) else None
-        return rnd, nonce
-    except Exception:  # hostile input: a peek never raises
+        peek = UpdateHeader.peek(payload)
+    except ProtocolError:
         return None, None
+    return peek.round, peek.nonce
 
 
 class VersionSource(Protocol):

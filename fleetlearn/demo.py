@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetlearn.aggregator.round_log import ROUND_LOG, read_round_log, read_round_log_or_empty
 from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "boston_housing_split.npz"
 # Chosen on the training split only, by 5-fold cross-validation of the 404 training rows over
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 stdout=subprocess.DEVNULL, stderr=open(paths.logs / f"device-{i}.log", "wb"),
             ))
         say(f"started the aggregator and {args.devices} device processes (logs in {paths.logs})")
-        rc = _follow_rounds(aggregator, state / "rounds.jsonl", args.rounds, args.quiet)
+        rc = _follow_rounds(aggregator, state / ROUND_LOG, args.rounds, args.quiet)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -185,15 +187,15 @@ def run(args: argparse.Namespace) -> int:
         tail = (paths.logs / "aggregator.log").read_text(errors="replace").strip().splitlines()[-5:]
         raise UsageError(f"the aggregator exited with code {rc}: {' | '.join(tail)[:600]}")
 
-    rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    rounds = read_round_log(state / ROUND_LOG).rounds
     final = rounds[-1]
     summary = {
         "rounds": len(rounds),
         "devices": args.devices,
-        "final_test_mse": final["test_mse"],
-        "mean_round_wall_s": sum(r["wall_s"] for r in rounds) / len(rounds),
-        "bytes_in": sum(r["bytes_in"] for r in rounds),
-        "bytes_out": sum(r["bytes_out"] for r in rounds),
+        "final_test_mse": final.test_mse,
+        "mean_round_wall_s": sum(r.wall_s or 0.0 for r in rounds) / len(rounds),
+        "bytes_in": sum(r.bytes_in or 0 for r in rounds),
+        "bytes_out": sum(r.bytes_out or 0 for r in rounds),
         "reference_tutorial_test_mse": 40.09,
     }
     if not args.no_baseline:
@@ -222,23 +224,15 @@ def _follow_rounds(aggregator: subprocess.Popen, log_path: Path, total: int, qui
     """Show each round as the aggregator appends it to its round log, until it exits."""
     seen = 0
 
-    def new_rounds():
+    def new_rounds() -> list[RoundMetrics]:
         nonlocal seen
-        try:
-            lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-        except OSError:
-            return []
-        out = []
-        for ln in lines[seen:]:
-            try:
-                out.append(json.loads(ln))
-            except ValueError:
-                break  # a line being written; read it next time
-        seen += len(out)
-        return out
+        rounds = [r for r in read_round_log_or_empty(log_path).rounds if r.round > seen]
+        if rounds:
+            seen = rounds[-1].round
+        return rounds
 
-    def line(r) -> str:
-        return f"round {r['round']:>4}/{total}  test MSE {r['test_mse']:8.3f}  train loss {r['train_loss']:8.3f}  wall {r['wall_s'] * 1000:7.1f} ms  bytes in/out {r['bytes_in']}/{r['bytes_out']}"
+    def line(r: RoundMetrics) -> str:
+        return f"round {r.round:>4}/{total}  test MSE {_f(r.test_mse, '8.3f')}  train loss {_f(r.train_loss, '8.3f')}  wall {_f(r.wall_s and r.wall_s * 1000, '7.1f')} ms  bytes in/out {r.bytes_in}/{r.bytes_out}"
 
     if quiet:
         while aggregator.poll() is None:
@@ -256,13 +250,18 @@ def _follow_rounds(aggregator: subprocess.Popen, log_path: Path, total: int, qui
         while True:
             done = aggregator.poll() is not None
             for r in new_rounds():
-                info = f"test MSE {r['test_mse']:.3f}  wall {r['wall_s'] * 1000:.1f} ms  {r['bytes_in'] + r['bytes_out']} B"
-                progress.update(task, completed=r["round"], info=info)
-                if r["round"] % 10 == 0 or r["round"] == 1:
+                info = f"test MSE {_f(r.test_mse, '.3f')}  wall {_f(r.wall_s and r.wall_s * 1000, '.1f')} ms  {(r.bytes_in or 0) + (r.bytes_out or 0)} B"
+                progress.update(task, completed=r.round, info=info)
+                if r.round % 10 == 0 or r.round == 1:
                     progress.console.print(line(r))
             if done:
                 return aggregator.returncode
             time.sleep(0.1)
+
+
+def _f(value: float | None, spec: str) -> str:
+    """A number for the progress line; '-' when the round did not report it."""
+    return format(value, spec) if value is not None else "-"
 
 
 def _print_summary(s: dict, quiet: bool) -> None:

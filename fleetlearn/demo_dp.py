@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 
 DEFAULT_NOISE_MULTIPLIER = 0.5
 DP_DELTA = 1e-5
@@ -47,10 +49,12 @@ def run_without_dp(args: argparse.Namespace, say: Callable[[str], None]) -> dict
     say(f"running the same demo without DP first (log: {state / 'demo.log'}) ...")
     with open(state / "demo.log", "w") as out, contextlib.redirect_stdout(out):
         run(child)
-    rounds = [json.loads(line) for line in (state / "state" / "rounds.jsonl").read_text().splitlines() if line.strip()]
-    assert all(r.get("clipped", 0) == 0 for r in rounds)
-    norms = sorted(r["update_norm_median"] for r in rounds)
-    return {"test_mse": float(rounds[-1]["test_mse"]), "median_update_norm": norms[len(norms) // 2]}
+    from fleetlearn.aggregator.round_log import ROUND_LOG, read_round_log
+
+    rounds = read_round_log(state / "state" / ROUND_LOG).rounds
+    assert all(not r.clipped for r in rounds)
+    norms = sorted(r.update_norm_median for r in rounds if r.update_norm_median is not None)
+    return {"test_mse": float(rounds[-1].test_mse or 0.0), "median_update_norm": norms[len(norms) // 2]}
 
 
 def dp_aggregator_args(args: argparse.Namespace, say: Callable[[str], None]) -> list[str]:
@@ -74,18 +78,18 @@ def dp_aggregator_args(args: argparse.Namespace, say: Callable[[str], None]) -> 
     return ["--clip-norm", repr(float(args.clip_norm)), "--dp-noise-multiplier", repr(float(args.dp_noise_multiplier)), "--dp-delta", repr(DP_DELTA)]
 
 
-def dp_summary(args: argparse.Namespace, rounds: list[dict], work: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def dp_summary(args: argparse.Namespace, rounds: Sequence["RoundMetrics"], work: Path, say: Callable[[str], None]) -> dict[str, Any]:
     if not getattr(args, "dp", False):
         return {}  # the non-DP calibration run
     final = rounds[-1]
     non_dp = args._non_dp["test_mse"]
     return {
-        "dp_epsilon": final["epsilon"],
-        "dp_delta": final["delta"],
+        "dp_epsilon": final.epsilon,
+        "dp_delta": final.delta,
         "dp_noise_multiplier": args.dp_noise_multiplier,
         "dp_clip_norm": args.clip_norm,
         "non_dp_test_mse": non_dp,
-        "dp_vs_non_dp": final["test_mse"] / non_dp,
+        "dp_vs_non_dp": (final.test_mse or 0.0) / non_dp,
     }
 
 

@@ -3,21 +3,17 @@
 Every decoder used here is the wire protocol's own (fleetlearn.edge_runtime.core.protocol): they bound sizes
 and validate every field, so a hostile or broken publisher costs the monitor one ignored
 message. This module adds only the routing by topic and two small views: an upload seen on
-`update/<device>` (we keep its round, never its weights) and the global model's header.
+`update/<device>` (the protocol's UpdateHeader: we keep its round, never its weights) and the
+global model's header.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Union
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Kind, RoundState, Status, Topics, decode_frame, decode_json
-from fleetlearn.report_log import RoundRecord
-
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-MAX_UPDATE_BYTES = 1 << 30  # the monitor never learns num_params; bound the frame instead
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundMetrics, RoundState, Status, Topics, UpdateHeader
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class DeviceForgotten:
     device_id: str
 
 
-Message = Union[RoundState, Status, Ack, RoundRecord, UploadSeen, GlobalSeen, DeviceForgotten, None]
+Message = Union[RoundState, Status, Ack, RoundMetrics, UploadSeen, GlobalSeen, DeviceForgotten, None]
 
 
 def decode_message(topics: Topics, topic: str, payload: bytes) -> Message:
@@ -58,12 +54,7 @@ def decode_message(topics: Topics, topic: str, payload: bytes) -> Message:
     if topic == topics.round:
         return RoundState.decode(payload) if payload else None
     if topic == topics.metrics:
-        if not payload:
-            return None
-        try:
-            return RoundRecord.from_doc(decode_json(payload, "metrics"))
-        except ValueError as exc:
-            raise ProtocolError(f"metrics: {exc}") from None
+        return RoundMetrics.decode(payload) if payload else None
     if topic == topics.global_model:
         return _global(payload) if payload else None
     if topic.startswith(topics.base + "/status/"):
@@ -94,15 +85,8 @@ def _upload(device: str, payload: bytes) -> UploadSeen:
     """Check the frame (magic, sizes, crc) and read round/run from its meta.
 
     Update.decode needs the model's parameter count, which a monitor does not know; the
-    frame checks plus these field checks are what it needs to count an upload honestly.
-    """
-    frame = decode_frame(payload, Kind.UPDATE, max_body=MAX_UPDATE_BYTES)
-    meta = frame.meta
-    rnd, run_id, dev = meta.get("round"), meta.get("run_id"), meta.get("device_id")
-    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= 2**31 - 1:
-        raise ProtocolError("update: field 'round' must be a positive integer")
-    if not isinstance(run_id, str) or not _HEX32.fullmatch(run_id):
-        raise ProtocolError("update: field 'run_id' is missing or malformed")
-    if dev != device:
-        raise ProtocolError(f"update on the topic of {device!r} names device {dev!r:.70}")
-    return UploadSeen(device, run_id, rnd, len(payload))
+    frame checks plus the header's field checks are what it needs to count an upload honestly."""
+    up = UpdateHeader.peek(payload, verify_body=True).require("round", "run_id", "device_id")
+    if up.device_id != device:
+        raise ProtocolError(f"update on the topic of {device!r} names device {up.device_id!r:.70}")
+    return UploadSeen(device, str(up.run_id), int(up.round or 0), up.size)

@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlearn.edge_runtime.core.protocol import Ack, RoundState, Status
+from fleetlearn.edge_runtime.core.protocol import Ack, RoundMetrics, RoundState, Status
 from fleetlearn.monitor_messages import DeviceForgotten, GlobalSeen, Message, UploadSeen
-from fleetlearn.report_log import RoundRecord
 
 CLOSED_STATES = ("closed", "finished", "failed")
 MAX_ROUNDS_KEPT = 500  # a long run must not grow the monitor without bound
@@ -36,6 +35,18 @@ class MonitorEvent:
 
     def to_json(self) -> dict[str, Any]:
         return {"event": self.event, "ts": round(self.ts, 3), **self.fields}
+
+
+def metrics_fields(rec: RoundMetrics) -> dict[str, Any]:
+    """A round's metrics as flat `monitor --json` fields: the headline test metric under its own name."""
+    out: dict[str, Any] = {"round": rec.round, "run_id": rec.run_id, "devices": list(rec.devices), "samples": rec.samples, "train_loss": rec.train_loss}
+    if rec.test_metric:
+        out[rec.test_metric] = rec.test_value
+    out["test_metric"] = rec.test_metric
+    out.update(wall_s=rec.wall_s, bytes_in=rec.bytes_in, bytes_out=rec.bytes_out, rejected=rec.rejected, deadline_extensions=rec.deadline_extensions)
+    if rec.epsilon is not None:
+        out.update(epsilon=rec.epsilon, delta=rec.delta)
+    return out
 
 
 @dataclass
@@ -70,7 +81,7 @@ class RoundView:
     uploaded: dict[str, float] = field(default_factory=dict)  # device -> monitor time of upload
     late: set[str] = field(default_factory=set)
     acks: dict[str, bool] = field(default_factory=dict)
-    metrics: RoundRecord | None = None
+    metrics: RoundMetrics | None = None
 
     @property
     def closed(self) -> bool:
@@ -142,7 +153,7 @@ class FleetState:
             return self.apply_upload(msg, now)
         if isinstance(msg, Ack):
             return self.apply_ack(msg, now)
-        if isinstance(msg, RoundRecord):
+        if isinstance(msg, RoundMetrics):
             return self.apply_metrics(msg, now)
         if isinstance(msg, GlobalSeen):
             return self.apply_global(msg, now)
@@ -257,7 +268,7 @@ class FleetState:
         dev.late_rounds += 1
         return [MonitorEvent("late", now, {"round": view.round, "device_id": device_id, "late": True, "reason": late_reason})]
 
-    def apply_metrics(self, rec: RoundRecord, now: float) -> list[MonitorEvent]:
+    def apply_metrics(self, rec: RoundMetrics, now: float) -> list[MonitorEvent]:
         events: list[MonitorEvent] = []
         if rec.run_id and rec.run_id != self.run_id:
             if self.run_id:
@@ -277,7 +288,7 @@ class FleetState:
                 if device in self.devices:
                     self.devices[device].late_rounds -= 1
                 events.append(MonitorEvent("late", now, {"round": rec.round, "device_id": device, "late": False, "reason": "counted by the aggregator after all"}))
-        events.append(MonitorEvent("metrics", now, rec.to_json()))
+        events.append(MonitorEvent("metrics", now, metrics_fields(rec)))
         return events
 
     def apply_global(self, g: GlobalSeen, now: float) -> list[MonitorEvent]:

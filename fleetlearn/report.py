@@ -13,8 +13,6 @@ from pathlib import Path
 
 from fleetlearn.edge_runtime.core.errors import UsageError
 
-ROUND_LOG = "rounds.jsonl"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("state_dir", metavar="STATE_DIR", help="the aggregator's state directory (holds rounds.jsonl)")
@@ -32,7 +30,7 @@ def write_report(state_dir: str | Path, out_dir: str | Path) -> Path:
 
 def _write(state_dir: str | Path, out_dir: str | Path) -> tuple[Path, list[str]]:
     """write_report, also returning the round log's warnings for the command to print."""
-    from fleetlearn.report_log import read_round_log
+    from fleetlearn.aggregator.round_log import ROUND_LOG, read_round_log
 
     log_path = Path(state_dir) / ROUND_LOG
     try:

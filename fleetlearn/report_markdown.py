@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fleetlearn.report_log import RoundLog, RoundRecord
+from fleetlearn.aggregator.round_log import RoundLog
+from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 
 
 def _cell(value: object) -> str:
@@ -60,7 +61,7 @@ def _headline(log: RoundLog) -> list[str]:
     return lines
 
 
-def _round_row(r: RoundRecord, metric: str | None, with_dp: bool) -> str:
+def _round_row(r: RoundMetrics, metric: str | None, with_dp: bool) -> str:
     cells = [
         r.round,
         len(r.devices),

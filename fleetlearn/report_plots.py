@@ -1,4 +1,4 @@
-"""The report's figures, one function each, from a run's RoundRecords.
+"""The report's figures, one function each, from a run's RoundMetricss.
 
 Each function returns a matplotlib Figure built directly (Figure + Agg canvas), never through
 pyplot: pyplot keeps global figure state, and a report written at the end of a demo must not
@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fleetlearn.report_log import RoundRecord
+from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 
 ABSENT, REJECTED, COUNTED = 0.0, 0.5, 1.0
 
@@ -27,7 +27,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _series(rounds: Sequence[RoundRecord], attr: str) -> tuple[list[int], list[float]]:
+def _series(rounds: Sequence[RoundMetrics], attr: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in rounds:
         v = getattr(r, attr)
@@ -37,7 +37,7 @@ def _series(rounds: Sequence[RoundRecord], attr: str) -> tuple[list[int], list[f
     return xs, ys
 
 
-def plot_metrics(rounds: Sequence[RoundRecord], test_metric: str | None) -> Figure:
+def plot_metrics(rounds: Sequence[RoundMetrics], test_metric: str | None) -> Figure:
     """Test metric (top) and mean train loss (bottom) per round, sharing the round axis.
 
     Two panels, not twin axes: accuracy and a loss live on unrelated scales, and one reader
@@ -70,7 +70,7 @@ def _log_scale_if_wide(ax, ys: list[float]) -> None:
         ax.set_yscale("log")
 
 
-def participation_matrix(rounds: Sequence[RoundRecord]) -> tuple[list[str], np.ndarray]:
+def participation_matrix(rounds: Sequence[RoundMetrics]) -> tuple[list[str], np.ndarray]:
     """Devices (sorted) x rounds (in order): COUNTED, REJECTED or ABSENT per cell."""
     devices = sorted({d for r in rounds for d in (*r.devices, *r.rejected_devices)})
     index = {d: i for i, d in enumerate(devices)}
@@ -83,7 +83,7 @@ def participation_matrix(rounds: Sequence[RoundRecord]) -> tuple[list[str], np.n
     return devices, m
 
 
-def plot_participation(rounds: Sequence[RoundRecord]) -> Figure:
+def plot_participation(rounds: Sequence[RoundMetrics]) -> Figure:
     """Heat map: which device's update was counted in which round (rows devices, columns rounds)."""
     devices, m = participation_matrix(rounds)
     fig = _figure(max(6.0, 0.25 * len(rounds) + 3), max(2.5, 0.3 * len(devices) + 1.5))
@@ -99,7 +99,7 @@ def plot_participation(rounds: Sequence[RoundRecord]) -> Figure:
     return fig
 
 
-def plot_wall_time(rounds: Sequence[RoundRecord]) -> Figure:
+def plot_wall_time(rounds: Sequence[RoundMetrics]) -> Figure:
     """Wall time per round as bars; rounds whose deadline was extended are marked."""
     fig = _figure(8, 3.5)
     ax = fig.subplots()

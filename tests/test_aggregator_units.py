@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from fleetlearn.aggregator.distribution import chunk_messages, clear_messages, plan_bundle
 from fleetlearn.aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulator, weighted_sum_update
-from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, append_round_record, decode_partial, encode_partial, read_round_log
+from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, decode_partial, encode_partial
+from fleetlearn.aggregator.round_log import append_round_record, read_round_log
+from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 from fleetlearn.aggregator.strategy import make_strategy
 from fleetlearn.aggregator.validation import Rejection, max_update_bytes, validate_update
 from fleetlearn.edge_runtime.core.bundle import load_bundle
@@ -186,7 +188,7 @@ def test_a_crash_between_state_and_round_log_is_repaired(tmp_path, store):
     store.commit(1, np.ones(N, np.float32), {"round": 1, "x": 1}, {})
     store.rounds_log.unlink()  # as if killed right after state.json was renamed
     again = ModelStore.open(tmp_path / "state", HASH, N, lambda: np.zeros(N, np.float32))
-    assert read_round_log(again.rounds_log) == [{"round": 1, "x": 1}]
+    assert [r.to_doc() for r in read_round_log(again.rounds_log).records] == [{"round": 1, "x": 1}]
 
 
 def test_partial_round_round_trip_and_stale_partial_is_dropped(tmp_path, store):
@@ -217,12 +219,19 @@ def test_corrupt_partial_fails_loudly_and_is_kept_aside(store):
 
 def test_round_log_is_rewritten_whole_and_a_reclosed_round_logged_once(tmp_path):
     path = tmp_path / "rounds.jsonl"
-    append_round_record(path, {"round": 1, "a": 1})
+    run, old_run = "a" * 32, "b" * 32
+    rec = lambda rnd, a, run_id=run: RoundMetrics.from_doc({"round": rnd, "run_id": run_id, "a": a})  # noqa: E731
+    append_round_record(path, rec(1, 0, old_run))  # an earlier run's round 1 stays, first
+    append_round_record(path, rec(1, 1))
     path.write_bytes(path.read_bytes() + b'{"round": 2, "tor')  # a foreign torn line
-    append_round_record(path, {"round": 2, "a": 2})
-    append_round_record(path, {"round": 2, "a": 3})
+    append_round_record(path, rec(2, 2))
+    append_round_record(path, rec(2, 3))
     lines = path.read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"round": 1, "a": 1}, {"round": 2, "a": 3}]
+    assert [json.loads(line) for line in lines] == [
+        {"round": 1, "run_id": old_run, "a": 0}, {"round": 1, "run_id": run, "a": 1}, {"round": 2, "run_id": run, "a": 3},
+    ]
+    log = read_round_log(path)
+    assert [(r.round, r.extra["a"]) for r in log.rounds] == [(1, 1), (2, 3)] and log.other_runs == 1 and not log.torn_tail
 
 
 # ------------------------------------------------------------------ bundle distribution

@@ -105,6 +105,6 @@ def test_built_wheel_installs_one_top_level_package(tmp_path):
         assert zf.read(top_level).decode().split() == ["fleetlearn"]
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"fleetlearn"}
-    for module in ("fleetlearn/edge_runtime/core/protocol.py", "fleetlearn/export/build.py",
+    for module in ("fleetlearn/edge_runtime/core/protocol/__init__.py", "fleetlearn/export/build.py",
                    "fleetlearn/aggregator/cli.py", "fleetlearn/firmware_configs/profiles/raspberry-pi-4.toml"):
         assert module in names, module

@@ -7,11 +7,10 @@ import pytest
 from rich.console import Console
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundState, Status, Topics, Update, encode_json
+from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundMetrics, RoundState, Status, Topics, Update, encode_json
 from fleetlearn.monitor_messages import DeviceForgotten, GlobalSeen, UploadSeen, decode_message
 from fleetlearn.monitor_state import FleetState
 from fleetlearn.monitor_view import render, sparkline
-from fleetlearn.report_log import RoundRecord
 
 RUN = "a" * 32
 RUN2 = "b" * 32
@@ -76,11 +75,11 @@ def test_metrics_correct_a_late_judgement_and_feed_the_trend():
     s.apply(Status("d1", "training", 1), 1.0)
     s.apply(rs(1, "closed", accepted=1), 2.0)
     assert s.rounds[1].late == {"d1"}
-    ev = s.apply(RoundRecord.from_doc({"round": 1, "run_id": RUN, "devices": ["d1"], "samples": 10, "train_loss": 2.0, "test_mse": 9.0}), 3.0)
+    ev = s.apply(RoundMetrics.from_doc({"round": 1, "run_id": RUN, "devices": ["d1"], "samples": 10, "train_loss": 2.0, "test_mse": 9.0}), 3.0)
     assert [(e.event, e.fields.get("late")) for e in ev] == [("late", False), ("metrics", None)]
     assert ev[1].to_json()["test_mse"] == 9.0 and ev[1].to_json()["test_metric"] == "test_mse"
     assert s.rounds[1].late == set() and s.devices["d1"].late_rounds == 0
-    s.apply(RoundRecord.from_doc({"round": 2, "run_id": RUN, "devices": ["d1"], "test_mse": 4.0}), 4.0)
+    s.apply(RoundMetrics.from_doc({"round": 2, "run_id": RUN, "devices": ["d1"], "test_mse": 4.0}), 4.0)
     assert s.trend() == ("test_mse", [9.0, 4.0])
 
 
@@ -89,7 +88,7 @@ def test_new_run_forgets_old_rounds_and_old_metrics_are_ignored():
     s.apply(rs(7, "closed"), 1.0)
     ev = s.apply(rs(1, "open", run=RUN2), 2.0)
     assert kinds(ev) == ["run", "round"] and list(s.rounds) == [1]
-    assert s.apply(RoundRecord.from_doc({"round": 7, "run_id": RUN, "test_mse": 1.0}), 3.0) == []
+    assert s.apply(RoundMetrics.from_doc({"round": 7, "run_id": RUN, "test_mse": 1.0}), 3.0) == []
     assert s.apply(UploadSeen("d1", RUN, 7, 10), 3.0) == []
 
 
@@ -147,7 +146,7 @@ def test_render_to_a_string_console():
         s.apply(Status("d1", "training", r), float(r))
         s.apply(UploadSeen("d1", RUN, r, 10), float(r))
         s.apply(rs(r, "closed", accepted=1), float(r))
-        s.apply(RoundRecord.from_doc({"round": r, "devices": ["d1"], "samples": 5, "train_loss": 1.0 / r, "test_accuracy": 0.5 + r / 10, "wall_s": 1.0, "bytes_in": 2048, "bytes_out": 10}), float(r))
+        s.apply(RoundMetrics.from_doc({"round": r, "devices": ["d1"], "samples": 5, "train_loss": 1.0 / r, "test_accuracy": 0.5 + r / 10, "wall_s": 1.0, "bytes_in": 2048, "bytes_out": 10}), float(r))
     s.apply(Status("d2", "offline", 3, "connection lost (last will)"), 4.0)
     console = Console(width=160, height=50, record=True, color_system=None)
     console.print(render(s, 5.0, "mqtt://127.0.0.1:1883", rounds=5))

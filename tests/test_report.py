@@ -13,7 +13,7 @@ import pytest
 
 from fleetlearn.edge_runtime.core.errors import UsageError
 from fleetlearn.report import write_report
-from fleetlearn.report_log import read_round_log
+from fleetlearn.aggregator.round_log import read_round_log
 from fleetlearn.report_plots import COUNTED, REJECTED, plot_metrics, plot_participation, plot_wall_time
 from tests.conftest import ROOT
 
@@ -106,9 +106,9 @@ def test_plots_hold_the_data_of_every_round(state_dir):
 
 
 def test_rejected_devices_show_in_the_heat_map():
-    from fleetlearn.report_log import RoundRecord
+    from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 
-    rounds = [RoundRecord.from_doc(round_doc(1, ["a"], rejected=[{"device_id": "b", "reason": "stale"}]))]
+    rounds = [RoundMetrics.from_doc(round_doc(1, ["a"], rejected=[{"device_id": "b", "reason": "stale"}]))]
     image = plot_participation(rounds).axes[0].images[0].get_array()
     assert image.shape == (2, 1) and image[1, 0] == REJECTED and rounds[0].rejected == 1
 

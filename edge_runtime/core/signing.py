@@ -10,7 +10,7 @@ it needs `cryptography` (the `signing` extra): a keyless device stays cryptograp
 
 What is signed (docs/security-signing.md):
   * UPDATE and GLOBAL frames: the 64-byte Ed25519 signature covers every byte before it (header,
-    meta, body), see edge_runtime/protocol.py. No key id travels: the aggregator picks the device
+    meta, body), see edge_runtime/core/protocol/frame.py. No key id travels: the aggregator picks the device
     key by the topic's device id, a device knows the one aggregator key.
   * The bundle announcement (JSON): a "signature" field, hex, over
     ANNOUNCEMENT_CONTEXT + the canonical JSON (sorted keys, "," ":" separators, ASCII) of every
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.edge_runtime.core.protocol import MAX_BUNDLE_ANNOUNCEMENT_BYTES, GlobalModel
 
 try:
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -43,13 +44,11 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 if TYPE_CHECKING:
     from fleetlearn.edge_runtime.device.config import SigningConfig
-    from fleetlearn.edge_runtime.core.protocol import GlobalModel
 
 log = logging.getLogger("fleetlearn.device")
 
 SIG_LEN = 64  # Ed25519
 ANNOUNCEMENT_CONTEXT = b"fleetlearn bundle announcement v1\n"
-MAX_ANNOUNCEMENT_BYTES = 16 * 1024 * 1024  # protocol.MAX_BUNDLE_ANNOUNCEMENT_BYTES
 MAX_KEY_FILE_BYTES = 64 * 1024
 SIG_HEX_RE = re.compile(r"^[0-9a-f]{128}$")
 
@@ -134,11 +133,6 @@ def loose_permissions(path: str | Path) -> bool:
 # ---------------------------------------------------------------- signatures
 
 
-def signer_of(key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
-    """A protocol.Signer: bytes -> 64-byte signature."""
-    return key.sign
-
-
 def verify(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
     """True when `signature` is `key`'s Ed25519 signature of `data`; never raises."""
     if len(signature) != SIG_LEN:
@@ -171,7 +165,7 @@ def _no_constants(name: str) -> float:
 
 def verify_announcement(key: Ed25519PublicKey, payload: bytes) -> bool:
     """True when the announcement carries `key`'s signature over the rest of it; never raises."""
-    if len(payload) > MAX_ANNOUNCEMENT_BYTES:
+    if len(payload) > MAX_BUNDLE_ANNOUNCEMENT_BYTES:
         return False
     try:
         doc = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constants)
@@ -224,7 +218,7 @@ class DeviceSigner:
         """The protocol.Signer for Update.encode(sign=...), or None when this device has no key."""
         return self.private_key.sign if self.private_key is not None else None
 
-    def verify_global(self, g: "GlobalModel") -> bool:
+    def verify_global(self, g: GlobalModel) -> bool:
         """True when `g` may be used: signed by the aggregator's key, or no aggregator key configured."""
         if self.aggregator_key is None:
             return True

@@ -32,7 +32,7 @@ from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
-from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
 
@@ -171,9 +171,9 @@ class DeviceAgent:
         if payload is None or self.state.pending_round:
             return
         try:
-            meta = decode_frame(payload, Kind.UPDATE, max_body=len(payload)).meta
-            run_id, round_, nonce = meta["run_id"], int(meta["round"]), str(meta["nonce"])
-        except (ProtocolError, KeyError, TypeError, ValueError):
+            peek = UpdateHeader.peek(payload, verify_body=True).require("run_id", "round", "nonce")
+            run_id, round_, nonce = peek.run_id, peek.round, peek.nonce
+        except ProtocolError:
             clear_pending_update(self.state_dir)
             return
         if round_ > self.state.last_round:
@@ -223,7 +223,7 @@ class DeviceAgent:
     def _on_global(self, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
-        self._handle_global(GlobalModel.decode(payload, max_params=1 << 26))
+        self._handle_global(GlobalModel.decode(payload, max_params=MAX_MODEL_PARAMS))
 
     def _handle_global(self, g: GlobalModel) -> None:
         if self.signer and not self.signer.verify_global(g):

@@ -1,0 +1,107 @@
+"""The wire protocol: MQTT topics and payload encodings, shared by devices and the aggregator.
+
+Everything here treats its input as hostile: every decoder checks sizes before it allocates,
+validates every field, and raises `ProtocolError` with a one-line reason. Nothing is ever
+unpickled. docs/protocol.md is the prose version of this package.
+
+    fields    field checks, the JSON envelope ("v": 1) of control messages, name/hex patterns
+    frame     the binary frame: header (the one parser: read_header), encode/decode, peek_meta
+    topics    the topic tree (TOPIC_TREE: who publishes and who reads each topic) and Topics
+    messages  RoundConfig, GlobalModel, Update (+ UpdateHeader), Ack, RoundState, Status
+    bundle    BundleAnnouncement and BUNDLE_CHUNK frames, chunk-size bounds
+    metrics   RoundMetrics: the `metrics` message and a line of rounds.jsonl
+
+Import from here (`from fleetlearn.edge_runtime.core.protocol import Update`); a new wire
+message is one type in one of these modules, exported below.
+
+Topics (per fleet; topics.TOPIC_TREE is the table):
+    fleetlearn/<fleet>/global              retained  binary GLOBAL frame: round, model hash, flat weights, round config
+    fleetlearn/<fleet>/round               retained  JSON round state (open / closed / finished / failed)
+    fleetlearn/<fleet>/update/<device>     -         binary UPDATE frame: device -> aggregator weight delta
+    fleetlearn/<fleet>/ack/<device>        -         JSON acknowledgement of one update (accepted or the reason)
+    fleetlearn/<fleet>/status/<device>     retained  JSON device status; the MQTT Last Will sets "offline"
+    fleetlearn/<fleet>/metrics             retained  JSON metrics of the last closed round
+    fleetlearn/<fleet>/bundle              retained  JSON bundle announcement (manifest + chunking)
+    fleetlearn/<fleet>/bundle/<hash>/<i>   retained  binary BUNDLE_CHUNK frames of the bundle's files
+
+Binary frame (all integers little-endian):
+    offset size field
+    0      4    magic b"FLRN"
+    4      1    wire version (1)
+    5      1    kind (1 GLOBAL, 2 UPDATE, 3 BUNDLE_CHUNK)
+    6      1    body encoding (0 float32 LE raw; 1 raw bytes; others reserved, e.g. fp16, zlib)
+    7      1    flags (bit 0: signed)
+    8      4    meta_len: bytes of the UTF-8 JSON meta object that follows the header
+    12     4    body_len: bytes of the body that follows the meta
+    16     4    crc32 of the body (zlib.crc32), catches truncation and corruption in transit
+    20     2    sig_len: bytes of the signature that follows the body (0 when unsigned)
+    22     2    reserved (0)
+    24     ...  meta | body | signature
+The signature (Ed25519 when present) covers every byte before it.
+"""
+
+from __future__ import annotations
+
+from fleetlearn.edge_runtime.core.protocol.bundle import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_BUNDLE_ANNOUNCEMENT_BYTES,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    BundleAnnouncement,
+    decode_chunk,
+    encode_chunk,
+)
+from fleetlearn.edge_runtime.core.protocol.fields import (
+    HEX32_RE,
+    HEX64_RE,
+    MAX_JSON_BYTES,
+    MAX_ROUND,
+    NAME_RE,
+    WIRE_VERSION,
+    decode_json,
+    encode_json,
+)
+from fleetlearn.edge_runtime.core.protocol.frame import (
+    FLAG_SIGNED,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_META_BYTES,
+    MAX_SIG_BYTES,
+    Encoding,
+    Frame,
+    FrameHeader,
+    Kind,
+    Signer,
+    decode_frame,
+    encode_frame,
+    max_frame_bytes,
+    peek_meta,
+    read_header,
+    tensor_from_body,
+    tensor_to_body,
+)
+from fleetlearn.edge_runtime.core.protocol.messages import (
+    DEVICE_STATES,
+    MAX_DECODE_PARAMS,
+    MAX_MODEL_PARAMS,
+    ROUND_STATES,
+    Ack,
+    GlobalModel,
+    RoundConfig,
+    RoundState,
+    Status,
+    Update,
+    UpdateHeader,
+)
+from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
+from fleetlearn.edge_runtime.core.protocol.topics import TOPIC_TREE, Grant, TopicRule, Topics
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE", "MAX_BUNDLE_ANNOUNCEMENT_BYTES", "MAX_CHUNK_SIZE", "MIN_CHUNK_SIZE", "BundleAnnouncement", "decode_chunk", "encode_chunk",
+    "HEX32_RE", "HEX64_RE", "MAX_JSON_BYTES", "MAX_ROUND", "NAME_RE", "WIRE_VERSION", "decode_json", "encode_json",
+    "FLAG_SIGNED", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_META_BYTES", "MAX_SIG_BYTES", "Encoding", "Frame", "FrameHeader", "Kind", "Signer",
+    "decode_frame", "encode_frame", "max_frame_bytes", "peek_meta", "read_header", "tensor_from_body", "tensor_to_body",
+    "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "ROUND_STATES", "Ack", "GlobalModel", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
+    "RoundMetrics", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
+]  # fmt: skip

@@ -1,0 +1,187 @@
+"""The binary frame: its header, the one parser of that header, and tensors in the body.
+
+Layout (all integers little-endian; docs/protocol.md has the table):
+
+    0  magic b"FLRN" | 4 version | 5 kind | 6 body encoding | 7 flags (bit 0: signed)
+    8  meta_len | 12 body_len | 16 crc32 of the body | 20 sig_len | 22 reserved (0)
+    24 meta (UTF-8 JSON object) | body | signature (covers every byte before it)
+
+`read_header` is the only code that unpacks a header: `decode_frame` (full checks) and
+`peek_meta` (header and meta only, for readers that cannot bound the body or must answer a
+frame that fails full decoding) both start from it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Callable
+
+import numpy as np
+
+from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol.fields import WIRE_VERSION, loads_strict
+
+MAGIC = b"FLRN"
+HEADER = struct.Struct("<4sBBBBIIIHH")
+HEADER_SIZE = HEADER.size  # 24
+MAX_META_BYTES = 8 * 1024
+MAX_SIG_BYTES = 512
+FLAG_SIGNED = 0x01
+
+Signer = Callable[[bytes], bytes]
+
+
+class Kind(IntEnum):
+    GLOBAL = 1
+    UPDATE = 2
+    BUNDLE_CHUNK = 3
+
+
+class Encoding(IntEnum):
+    F32_LE = 0  # raw little-endian float32 tensor
+    RAW = 1  # opaque bytes (bundle chunks)
+
+
+def max_frame_bytes(body_bytes: int, signed: bool = True) -> int:
+    """The largest frame with a body of `body_bytes`: header + meta bound + body (+ signature bound)."""
+    return HEADER_SIZE + MAX_META_BYTES + body_bytes + (MAX_SIG_BYTES if signed else 0)
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """The 24 bytes in front of every frame, checked against the protocol's bounds."""
+
+    kind: Kind
+    encoding: Encoding
+    flags: int
+    meta_len: int
+    body_len: int
+    crc32: int
+    sig_len: int
+
+    @property
+    def total(self) -> int:
+        """The exact length of the frame this header describes."""
+        return HEADER_SIZE + self.meta_len + self.body_len + self.sig_len
+
+    @property
+    def meta_end(self) -> int:
+        return HEADER_SIZE + self.meta_len
+
+
+def read_header(payload: bytes) -> FrameHeader:
+    """The header of `payload`; ProtocolError for anything version 1 does not define.
+
+    Checks magic, version, kind, encoding, flags, the meta and signature bounds. The body's
+    bound depends on the reader (the model's size), so callers check `body_len` themselves."""
+    if len(payload) < HEADER_SIZE:
+        raise ProtocolError(f"truncated frame: {len(payload)} bytes, header alone is {HEADER_SIZE}")
+    magic, version, kind, encoding, flags, meta_len, body_len, crc, sig_len, reserved = HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise ProtocolError("not a fleetlearn frame (bad magic)")
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"wire version {version} is not {WIRE_VERSION}")
+    if kind not in (k.value for k in Kind):
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if encoding not in (e.value for e in Encoding):
+        raise ProtocolError(f"unknown body encoding {encoding}")
+    if flags & ~FLAG_SIGNED or reserved:
+        raise ProtocolError(f"unknown flags 0x{flags:02x} or reserved bits set")
+    if meta_len > MAX_META_BYTES:
+        raise ProtocolError(f"meta length {meta_len} exceeds {MAX_META_BYTES}")
+    if sig_len > MAX_SIG_BYTES or bool(sig_len) != bool(flags & FLAG_SIGNED):
+        raise ProtocolError(f"signature length {sig_len} disagrees with the signed flag")
+    return FrameHeader(Kind(kind), Encoding(encoding), flags, meta_len, body_len, crc, sig_len)
+
+
+def _meta(payload: bytes, header: FrameHeader) -> dict[str, Any]:
+    try:
+        meta = loads_strict(payload[HEADER_SIZE : header.meta_end])
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise ProtocolError(f"meta is not valid UTF-8 JSON ({str(exc)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("meta is not a JSON object")
+    return meta
+
+
+def _expect(header: FrameHeader, expect: Kind) -> None:
+    if header.kind != expect:
+        raise ProtocolError(f"frame kind {int(header.kind)} where {expect.name} ({int(expect)}) was expected")
+
+
+def peek_meta(payload: bytes, expect: Kind | None = None) -> dict[str, Any]:
+    """The header-checked meta object of a frame, without reading or checking its body.
+
+    For readers that do not know the body's bound (a monitor does not know the model's size)
+    and for answering a frame that fails full decoding (the ack wants its round and nonce).
+    Nothing here is verified beyond the header and the meta's JSON: treat every field as hostile."""
+    payload = bytes(payload)
+    header = read_header(payload)
+    if expect is not None:
+        _expect(header, expect)
+    if header.meta_end > len(payload):
+        raise ProtocolError(f"frame is {len(payload)} bytes, too short for its {header.meta_len}-byte meta")
+    return _meta(payload, header)
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    encoding: Encoding
+    meta: dict[str, Any]
+    body: bytes
+    signature: bytes = b""
+    signed_part: bytes = b""  # the bytes the signature covers
+
+
+def encode_frame(kind: Kind, meta: dict[str, Any], body: bytes, encoding: Encoding = Encoding.F32_LE, sign: Signer | None = None, sig_len: int = 64) -> bytes:
+    """Assemble a frame; with `sign`, append its signature over all preceding bytes."""
+    meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise ProtocolError(f"meta is {len(meta_bytes)} bytes, over {MAX_META_BYTES}")
+    flags = FLAG_SIGNED if sign else 0
+    header = HEADER.pack(MAGIC, WIRE_VERSION, int(kind), int(encoding), flags, len(meta_bytes), len(body), zlib.crc32(body), sig_len if sign else 0, 0)
+    unsigned = b"".join((header, meta_bytes, body))
+    if not sign:
+        return unsigned
+    signature = sign(unsigned)
+    if len(signature) != sig_len:
+        raise ProtocolError(f"signer returned {len(signature)} bytes, expected {sig_len}")
+    return unsigned + signature
+
+
+def decode_frame(payload: bytes, expect: Kind, max_body: int) -> Frame:
+    """Parse and check a frame. Sizes are checked against the header and the bounds first."""
+    payload = bytes(payload)
+    header = read_header(payload)
+    _expect(header, expect)
+    if header.body_len > max_body:
+        raise ProtocolError(f"body length {header.body_len} exceeds the {max_body}-byte bound")
+    if len(payload) != header.total:
+        raise ProtocolError(f"frame is {len(payload)} bytes but its header says {header.total} (truncated or padded)")
+    body_end = header.meta_end + header.body_len
+    body = payload[header.meta_end : body_end]
+    if zlib.crc32(body) != header.crc32:
+        raise ProtocolError("body fails its crc32 check (corrupted in transit)")
+    meta = _meta(payload, header)
+    return Frame(header.kind, header.encoding, meta, body, payload[body_end:], payload[:body_end])
+
+
+def tensor_from_body(frame: Frame, num_params: int) -> np.ndarray:
+    """The body as a float32 vector of exactly `num_params` finite values (a fresh, writable copy)."""
+    if frame.encoding != Encoding.F32_LE:
+        raise ProtocolError(f"body encoding {frame.encoding.name} is not supported for tensors")
+    if len(frame.body) != 4 * num_params:
+        raise ProtocolError(f"tensor has {len(frame.body) // 4} values (body {len(frame.body)} bytes), the model has {num_params}")
+    vec = np.frombuffer(frame.body, dtype="<f4").astype(np.float32)
+    if not np.isfinite(vec).all():
+        raise ProtocolError(f"tensor holds {int((~np.isfinite(vec)).sum())} NaN/Inf values")
+    return vec
+
+
+def tensor_to_body(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()

@@ -1,0 +1,287 @@
+"""The typed wire messages of a round: round config, global model, update, ack, round state, status.
+
+One dataclass per message, each with `encode()` and a `decode()` that treats its input as
+hostile (sizes bounded before allocating, every field checked, ProtocolError with a one-line
+reason). `UpdateHeader` reads who sent an update for which round without decoding its body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol.fields import HEX32_RE, HEX64_RE, MAX_ROUND, NAME_RE, check_float, check_int, check_str, decode_json, encode_json
+from fleetlearn.edge_runtime.core.protocol.frame import Kind, Signer, decode_frame, encode_frame, peek_meta, tensor_from_body, tensor_to_body
+
+MAX_MODEL_PARAMS = 1 << 26  # the largest model a device accepts (and broker limits are sized for)
+MAX_DECODE_PARAMS = 1 << 28  # GlobalModel.decode's bound when the caller gives none
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Training settings the aggregator asks of every device this round (None: device's own)."""
+
+    local_epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_meta(cls, doc: Any) -> "RoundConfig":
+        if not isinstance(doc, dict):
+            raise ProtocolError("field 'config' must be an object")
+        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr"}
+        if unknown:
+            raise ProtocolError(f"round config has unknown keys {sorted(unknown)}")
+        return cls(
+            local_epochs=check_int(doc, "local_epochs", 1, 10_000) if "local_epochs" in doc else None,
+            max_steps=check_int(doc, "max_steps", 1, 10**9) if "max_steps" in doc else None,
+            batch_size=check_int(doc, "batch_size", 1, 1 << 20) if "batch_size" in doc else None,
+            lr=check_float(doc, "lr", 0.0, 10.0) if "lr" in doc else None,
+        )
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """Retained on `global`: the weights that open round `round` (train=False once the run is over)."""
+
+    run_id: str  # 32 hex: one aggregator run (a fresh state dir); round ids restart per run
+    round: int
+    model_hash: str
+    weights: np.ndarray
+    train: bool = True
+    total_rounds: int = 0
+    deadline: float = 0.0  # unix time the round closes at (informational for devices)
+    config: RoundConfig = field(default_factory=RoundConfig)
+    signature: bytes = b""
+    signed_part: bytes = b""
+
+    def encode(self, sign: Signer | None = None) -> bytes:
+        meta = {
+            "run_id": self.run_id,
+            "round": self.round,
+            "model_hash": self.model_hash,
+            "train": self.train,
+            "total_rounds": self.total_rounds,
+            "deadline": self.deadline,
+            "config": self.config.to_meta(),
+            "n": int(self.weights.size),
+        }
+        return encode_frame(Kind.GLOBAL, meta, tensor_to_body(self.weights), sign=sign)
+
+    @classmethod
+    def decode(cls, payload: bytes, num_params: int | None = None, max_params: int = MAX_DECODE_PARAMS) -> "GlobalModel":
+        """Decode; `num_params` (from the device's bundle) pins the size when known."""
+        limit = 4 * (num_params if num_params is not None else max_params)
+        frame = decode_frame(payload, Kind.GLOBAL, max_body=limit)
+        m = frame.meta
+        n = check_int(m, "n", 1, max_params)
+        if num_params is not None and n != num_params:
+            raise ProtocolError(f"global model has {n} parameters, this bundle has {num_params}")
+        train = m.get("train")
+        if not isinstance(train, bool):
+            raise ProtocolError("field 'train' must be true or false")
+        return cls(
+            run_id=check_str(m, "run_id", HEX32_RE),
+            round=check_int(m, "round", 0, MAX_ROUND),
+            model_hash=check_str(m, "model_hash", HEX64_RE),
+            weights=tensor_from_body(frame, n),
+            train=train,
+            total_rounds=check_int(m, "total_rounds", 0, MAX_ROUND),
+            deadline=check_float(m, "deadline", 0.0),
+            config=RoundConfig.from_meta(m.get("config", {})),
+            signature=frame.signature,
+            signed_part=frame.signed_part,
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's contribution to one round: delta = local weights - global weights."""
+
+    run_id: str
+    round: int
+    device_id: str
+    model_hash: str
+    samples: int
+    train_loss: float
+    train_s: float
+    nonce: str  # 32 hex, fixed per (device, round): a re-send carries the same nonce
+    delta: np.ndarray
+    signature: bytes = b""
+    signed_part: bytes = b""
+
+    def encode(self, sign: Signer | None = None) -> bytes:
+        meta = {
+            "run_id": self.run_id,
+            "round": self.round,
+            "device_id": self.device_id,
+            "model_hash": self.model_hash,
+            "samples": self.samples,
+            "train_loss": self.train_loss,
+            "train_s": self.train_s,
+            "nonce": self.nonce,
+            "n": int(self.delta.size),
+        }
+        return encode_frame(Kind.UPDATE, meta, tensor_to_body(self.delta), sign=sign)
+
+    @classmethod
+    def decode(cls, payload: bytes, num_params: int) -> "Update":
+        """Decode and validate an update for a model of `num_params` parameters."""
+        frame = decode_frame(payload, Kind.UPDATE, max_body=4 * num_params)
+        m = frame.meta
+        n = check_int(m, "n", 1, num_params)
+        if n != num_params:
+            raise ProtocolError(f"update has {n} parameters, the model has {num_params}")
+        return cls(
+            run_id=check_str(m, "run_id", HEX32_RE),
+            round=check_int(m, "round", 1, MAX_ROUND),
+            device_id=check_str(m, "device_id", NAME_RE),
+            model_hash=check_str(m, "model_hash", HEX64_RE),
+            samples=check_int(m, "samples", 1, 2**31 - 1),
+            train_loss=check_float(m, "train_loss"),
+            train_s=check_float(m, "train_s", 0.0),
+            nonce=check_str(m, "nonce", HEX32_RE),
+            delta=tensor_from_body(frame, n),
+            signature=frame.signature,
+            signed_part=frame.signed_part,
+        )
+
+
+def _maybe(check, *args: Any) -> Any:
+    """The checked field, or None when it is missing or malformed (for best-effort readers)."""
+    try:
+        return check(*args)
+    except ProtocolError:
+        return None
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """Who sent an update for which round, read from its meta without decoding the body.
+
+    For readers that cannot decode the whole update: the aggregator answering a frame that
+    fails decoding (the ack carries its round and nonce when they are readable), a device
+    recovering its pending update after a power cut, a monitor that does not know the model's
+    size. Each field is checked as Update.decode checks it, and None when missing or malformed.
+    """
+
+    run_id: str | None
+    round: int | None
+    device_id: str | None
+    nonce: str | None
+    size: int  # the payload's bytes
+
+    @classmethod
+    def peek(cls, payload: bytes, *, verify_body: bool = False) -> "UpdateHeader":
+        """ProtocolError when the header or meta cannot be read; with `verify_body`, also when the
+        frame's length or crc32 is wrong (the body itself is never parsed)."""
+        if verify_body:
+            meta = decode_frame(payload, Kind.UPDATE, max_body=len(payload)).meta
+        else:
+            meta = peek_meta(payload, Kind.UPDATE)
+        return cls(
+            run_id=_maybe(check_str, meta, "run_id", HEX32_RE),
+            round=_maybe(check_int, meta, "round", 1, MAX_ROUND),
+            device_id=_maybe(check_str, meta, "device_id", NAME_RE),
+            nonce=_maybe(check_str, meta, "nonce", HEX32_RE),
+            size=len(payload),
+        )
+
+    def require(self, *names: str) -> "UpdateHeader":
+        """Self, or ProtocolError naming the first of `names` that is missing or malformed."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise ProtocolError(f"update: field {name!r} is missing or malformed")
+        return self
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Aggregator -> device: the update for `round` with `nonce` was accepted, or why not."""
+
+    run_id: str
+    round: int
+    device_id: str
+    nonce: str
+    accepted: bool
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return encode_json({"run_id": self.run_id, "round": self.round, "device_id": self.device_id, "nonce": self.nonce, "accepted": self.accepted, "reason": self.reason[:300]})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Ack":
+        d = decode_json(payload, "ack")
+        if not isinstance(d.get("accepted"), bool) or not isinstance(d.get("reason", ""), str):
+            raise ProtocolError("ack: 'accepted' must be a boolean and 'reason' a string")
+        return cls(check_str(d, "run_id", HEX32_RE), check_int(d, "round", 0, MAX_ROUND), check_str(d, "device_id", NAME_RE), check_str(d, "nonce", HEX32_RE), d["accepted"], d.get("reason", "")[:300])
+
+
+ROUND_STATES = ("open", "closed", "finished", "failed")
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """Retained on `round`: where the run is. Devices use `closed` to drop a pending update."""
+
+    run_id: str
+    round: int
+    state: str
+    total_rounds: int = 0
+    deadline: float = 0.0
+    min_devices: int = 0
+    target_devices: int = 0
+    accepted: int = 0
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return encode_json(dict(self.__dict__))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "RoundState":
+        d = decode_json(payload, "round state")
+        state = d.get("state")
+        if state not in ROUND_STATES:
+            raise ProtocolError(f"round state {state!r} not one of {ROUND_STATES}")
+        return cls(
+            run_id=check_str(d, "run_id", HEX32_RE),
+            round=check_int(d, "round", 0, MAX_ROUND),
+            state=state,
+            total_rounds=check_int(d, "total_rounds", 0, MAX_ROUND),
+            deadline=check_float(d, "deadline", 0.0),
+            min_devices=check_int(d, "min_devices", 0, 1 << 30),
+            target_devices=check_int(d, "target_devices", 0, 1 << 30),
+            accepted=check_int(d, "accepted", 0, 1 << 30),
+            reason=str(d.get("reason", ""))[:300],
+        )
+
+
+DEVICE_STATES = ("idle", "fetching", "training", "uploading", "error", "offline")
+
+
+@dataclass(frozen=True)
+class Status:
+    """Retained on `status/<device>`; the broker publishes the `offline` Last Will for us."""
+
+    device_id: str
+    state: str
+    round: int = 0
+    detail: str = ""
+    ts: float = 0.0
+
+    def encode(self) -> bytes:
+        return encode_json({"device_id": self.device_id, "state": self.state, "round": self.round, "detail": self.detail[:300], "ts": self.ts})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Status":
+        d = decode_json(payload, "status")
+        if d.get("state") not in DEVICE_STATES:
+            raise ProtocolError(f"status state {d.get('state')!r} not one of {DEVICE_STATES}")
+        return cls(check_str(d, "device_id", NAME_RE), d["state"], check_int(d, "round", 0, MAX_ROUND), str(d.get("detail", ""))[:300], check_float(d, "ts", 0.0))
