@@ -18,15 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from fleetlearn.edge_runtime.core.bundle import Manifest
-from fleetlearn.edge_runtime.core.errors import BundleError, UsageError
-from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, BundleAnnouncement, Topics, encode_chunk
+from fleetlearn.edge_runtime.core.bundle import Manifest, check_chunk_size, plan_announcement
+from fleetlearn.edge_runtime.core.errors import BundleError
+from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE, BundleAnnouncement, Topics, encode_chunk
 
-
-def check_chunk_size(size: int) -> int:
-    if not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
-        raise UsageError(f"--chunk-size {size} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
-    return size
+__all__ = ["BundlePlan", "check_chunk_size", "plan_bundle", "iter_chunks", "chunk_messages", "clear_messages"]
 
 
 @dataclass(frozen=True)
@@ -40,25 +36,8 @@ class BundlePlan:
 
 
 def plan_bundle(bundle_dir: str | Path, manifest: Manifest, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BundlePlan:
-    """The announcement for a verified bundle. Every file's size must be in the manifest
-    (devices check sizes before they assemble) and match the file on disk."""
-    root = Path(bundle_dir)
-    check_chunk_size(chunk_size)
-    order = tuple(manifest.files)
-    total = 0
-    for name in order:
-        size = (root / name).stat().st_size
-        recorded = manifest.files[name].get("size")
-        if recorded is None:
-            raise BundleError(f"{root}: manifest has no size for {name}; devices need it to fetch the bundle (re-export it)")
-        if recorded != size:
-            raise BundleError(f"{root}: {name} is {size} bytes, the manifest says {recorded}")
-        total += size
-    if total == 0:
-        raise BundleError(f"{root}: bundle files are empty")
-    chunks = -(-total // chunk_size)
-    doc = dict(manifest.raw)
-    return BundlePlan(root, BundleAnnouncement(manifest.model_hash, doc, order, total, chunk_size, chunks))
+    """The announcement for a verified bundle (edge_runtime.core.bundle.plan_announcement)."""
+    return BundlePlan(Path(bundle_dir), plan_announcement(bundle_dir, manifest, chunk_size))
 
 
 def iter_chunks(plan: BundlePlan) -> Iterator[tuple[int, bytes]]:

@@ -41,11 +41,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
 from fleetlearn.edge_runtime.core.protocol import HEX32_RE, NAME_RE, Update
 from fleetlearn.edge_runtime.core.files import atomic_write_bytes
+
+from fleetlearn.provisioning.layout import PUB_SUFFIX, CredentialsLayout
 
 from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.validation import Rejection, VersionSource
@@ -59,7 +61,7 @@ LEDGER = "seen_nonces.jsonl"
 LEDGER_FORMAT = "fleetlearn-seen-nonces"
 KEEP_ROUNDS = 16
 MAX_PER_DEVICE = 64
-PUB_SUFFIX = ".pub"
+_FLEET_DIR = CredentialsLayout(Path("DIR"))  # a credentials directory, for messages naming its files
 DIGEST_HEX = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -106,7 +108,7 @@ def import_device_keys(source: Path, state_dir: Path) -> list[tuple[str, str]]:
         raise UsageError(f"--device-keys {source}: not a directory")
     keys = read_device_keys(source)
     if not keys:
-        raise UsageError(f"--device-keys {source}: no <device_id>.pub files (broker-config --signing-keys writes them to DIR/aggregator/device-keys)")
+        raise UsageError(f"--device-keys {source}: no <device_id>.pub files (broker-config --signing-keys writes them to {_FLEET_DIR.device_keys_dir})")
     signing = _crypto()
     target = Path(state_dir) / DEVICE_KEYS_DIR
     target.mkdir(parents=True, exist_ok=True)
@@ -132,27 +134,6 @@ def _same_key(signing, pem: bytes, key) -> bool:
         return signing.public_pem(signing.parse_public_key(pem, "old key")) == signing.public_pem(key)
     except ConfigError:
         return False
-
-
-def write_fleet_signing_keys(root: Path, devices: Iterable[str], write_file: Callable[[Path, bytes, int], None]) -> None:
-    """For `fleetlearn broker-config --signing-keys`: every device's key pair and the aggregator's.
-
-        devices/<id>/signing.key        the device's private key (0600): `flash --credentials` copies it
-        devices/<id>/signing.pub        its public key
-        aggregator/signing.key          the aggregator's private key (0600): `aggregator --signing-key`
-        aggregator/signing.pub          its public key: flash puts it in each image as the device's
-                                        [signing] aggregator_public_key
-        aggregator/device-keys/<id>.pub every device's public key: `aggregator --device-keys`
-    """
-    signing = _crypto()
-    private, public = signing.new_key_pair()
-    write_file(root / "aggregator" / "signing.key", private, 0o600)
-    write_file(root / "aggregator" / "signing.pub", public, 0o644)
-    for device in devices:
-        private, public = signing.new_key_pair()
-        write_file(root / "devices" / device / "signing.key", private, 0o600)
-        write_file(root / "devices" / device / "signing.pub", public, 0o644)
-        write_file(root / "aggregator" / DEVICE_KEYS_DIR / f"{device}{PUB_SUFFIX}", public, 0o644)
 
 
 # ---------------------------------------------------------------- the replay ledger
@@ -316,7 +297,7 @@ def open_signing(
     if require and not keys:
         raise UsageError(
             f"--require-signatures: no device keys in {state_dir / DEVICE_KEYS_DIR} (add them with --device-keys DIR, "
-            "e.g. the DIR/aggregator/device-keys that broker-config --signing-keys writes)"
+            f"e.g. the {_FLEET_DIR.device_keys_dir} that broker-config --signing-keys writes)"
         )
     own = state_dir / AGGREGATOR_KEY
     private = None

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.core.names import check_name
     from fleetlearn.edge_runtime.core.errors import BundleError
-    from fleetlearn.firmware_configs import credentials, image, overrides, profiles, render, wheels
+    from fleetlearn.firmware_configs import image, overrides, profiles, render, wheels
+    from fleetlearn.provisioning import credentials
     from fleetlearn.firmware_configs.errors import FlashError
     from fleetlearn.firmware_configs.spec import ImageSpec, check_device_path
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from fleetlearn.edge_runtime.core.bundle import MANIFEST, load_bundle
 from fleetlearn.edge_runtime.core.errors import BundleError
 from fleetlearn.firmware_configs import render, wheels
-from fleetlearn.firmware_configs.credentials import AGGREGATOR_PUB, SIGNING_KEY
+from fleetlearn.provisioning.credentials import AGGREGATOR_PUB, SIGNING_KEY
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.spec import SERVICE_NAME, ImageSpec
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from fleetlearn.edge_runtime.device.config import DeviceConfig, TrainingConfig, parse_device_config
 from fleetlearn.edge_runtime.core.errors import ConfigError
-from fleetlearn.firmware_configs.credentials import AGGREGATOR_PUB, CA_CERT, MQTT_PASSWORD, SIGNING_KEY
+from fleetlearn.provisioning.credentials import AGGREGATOR_PUB, CA_CERT, MQTT_PASSWORD, SIGNING_KEY
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.spec import ImageSpec, check_device_path
 

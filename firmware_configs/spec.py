@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
-from fleetlearn.firmware_configs.credentials import DeviceSecrets
+from fleetlearn.provisioning.credentials import DeviceSecrets
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.profiles import Profile
 

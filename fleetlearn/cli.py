@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("fleetlearn.edge_runtime.device.cli", "run the device agent (torch-free)"),
     "aggregator": ("fleetlearn.aggregator.cli", "run the federated aggregator (FedAvg over MQTT)"),
     "broker": ("fleetlearn.aggregator.broker", "run the embedded MQTT broker (amqtt), zero setup"),
-    "broker-config": ("fleetlearn.aggregator.broker_config", "write a secured mosquitto config for a fleet"),
+    "broker-config": ("fleetlearn.provisioning.broker_config", "write a secured mosquitto config for a fleet"),
     "demo": ("fleetlearn.demo", "broker + aggregator + N device processes on Boston housing"),
     "flash": ("fleetlearn.firmware_configs.flash", "write a self-contained device image from a profile"),
     "monitor": ("fleetlearn.monitor", "watch a fleet's rounds and devices live"),

@@ -4,8 +4,9 @@ fleetlearn is one importable package whose subpackages are the architecture's ro
 
     fleetlearn.edge_runtime   ground floor: stdlib, numpy, onnxruntime, paho-mqtt (+ cryptography)
     fleetlearn.export         -> edge_runtime (+ torch, onnx)
-    fleetlearn.aggregator     -> edge_runtime
-    fleetlearn.firmware_configs -> edge_runtime
+    fleetlearn.provisioning   -> edge_runtime (broker config, credentials layout, PKI)
+    fleetlearn.aggregator     -> edge_runtime, provisioning (the credentials layout)
+    fleetlearn.firmware_configs -> edge_runtime, provisioning (flash --credentials)
     fleetlearn (cli, demo, monitor, report): the CLI layer, on top of all of them
 
 An import that breaks these rules fails here with the file and line, before it can reach a
@@ -22,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Repository folder -> the package it installs as.
 FOLDERS = {"edge_runtime": "fleetlearn.edge_runtime", "aggregator": "fleetlearn.aggregator",
-           "export": "fleetlearn.export", "firmware_configs": "fleetlearn.firmware_configs"}
+           "export": "fleetlearn.export", "firmware_configs": "fleetlearn.firmware_configs",
+           "provisioning": "fleetlearn.provisioning"}
 CLI_LAYER = {p.stem for p in (ROOT / "fleetlearn").glob("*.py") if p.stem != "__init__"}
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "paho", "cryptography"}
 
@@ -60,12 +62,20 @@ def test_edge_runtime_imports_only_the_device_stack():
     assert not bad, "edge_runtime must stay torch-free and import no other fleetlearn package:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("folder", ["edge_runtime", "aggregator", "export", "firmware_configs"])
+@pytest.mark.parametrize("folder", ["edge_runtime", "aggregator", "export", "firmware_configs", "provisioning"])
 def test_no_package_imports_upward_into_the_cli_layer(folder):
     upward = {f"fleetlearn.{m}" for m in CLI_LAYER}
     bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources(folder) for line, name in _imports(p)
            if any(name == u or name.startswith(u + ".") for u in upward)]
     assert not bad, "the CLI layer sits on top; nothing below may import it:\n" + "\n".join(bad)
+
+
+def test_provisioning_imports_only_the_ground_floor():
+    """The operator's provisioning tool stands on edge_runtime alone: the aggregator, flash and
+    the CLI layer may use it (the credentials layout), never the other way round."""
+    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources("provisioning") for line, name in _imports(p)
+           if name.startswith("fleetlearn.") and not name.startswith(("fleetlearn.edge_runtime", "fleetlearn.provisioning"))]
+    assert not bad, "provisioning may import fleetlearn.edge_runtime only:\n" + "\n".join(bad)
 
 
 def test_no_module_uses_the_old_top_level_names():

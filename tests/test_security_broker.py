@@ -31,8 +31,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleetlearn.aggregator import broker_config as bc
 from fleetlearn.edge_runtime.core import protocol
+from fleetlearn.provisioning import limits as bc
+from fleetlearn.provisioning.passwords import hash_password
+from fleetlearn.provisioning.pki import make_tls_files
 from fleetlearn.edge_runtime.core.protocol import Topics, Update
 from fleetlearn.cli import main as fleetlearn_main
 from tests.conftest import ROOT, free_port, mosquitto_binary, stop_process, wait_port
@@ -251,7 +253,7 @@ def test_files_modes_and_formats(tmp_path):
         user, hashed = line.split(":", 1)
         m = re.fullmatch(r"\$7\$101\$([A-Za-z0-9+/]{16})\$([A-Za-z0-9+/]{86}==)", hashed)
         assert m, line
-        assert bc.hash_password(password(out, user), salt=base64.b64decode(m.group(1))) == hashed
+        assert hash_password(password(out, user), salt=base64.b64decode(m.group(1))) == hashed
     assert len({password(out, u) for u in users}) == 4
     # Every conf path is absolute and points into --out.
     conf = (out / "mosquitto.conf").read_text()
@@ -273,16 +275,17 @@ def test_files_modes_and_formats(tmp_path):
 
 
 def test_frame_sizes_agree_with_the_protocol_and_limits_fit_a_real_bundle(boston_bundle, tmp_path):
-    assert bc.FRAME_HEADER_BYTES == protocol.HEADER_SIZE
-    assert bc.FRAME_MAX_META_BYTES == protocol.MAX_META_BYTES
-    assert bc.FRAME_MAX_SIG_BYTES == protocol.MAX_SIG_BYTES
-    assert bc.MAX_JSON_BYTES == protocol.MAX_JSON_BYTES
-    size = bc.size_from_bundle(boston_bundle, bc.DEFAULT_CHUNK_SIZE)
+    # The limits use the protocol's own bounds (imported, never copied): the frame layout of
+    # docs/protocol.md, 24-byte header + meta bound + body + signature bound.
+    assert bc.model_frame_bytes(1000) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + 4000 + protocol.MAX_SIG_BYTES == 24 + 8192 + 4000 + 512
+    assert bc.chunk_frame_bytes(4096) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + 4096
+    assert bc.MAX_JSON_BYTES is protocol.MAX_JSON_BYTES and bc.MAX_MODEL_PARAMS is protocol.MAX_MODEL_PARAMS
+    size = bc.size_from_bundle(boston_bundle, protocol.DEFAULT_CHUNK_SIZE)
     limits = bc.compute_limits(size, 2)
     assert size.measured and size.num_params > 0
-    assert limits.message_size_limit >= bc.chunk_frame_bytes(bc.DEFAULT_CHUNK_SIZE) and limits.message_size_limit >= size.announcement_bytes
+    assert limits.message_size_limit >= bc.chunk_frame_bytes(protocol.DEFAULT_CHUNK_SIZE) and limits.message_size_limit >= size.announcement_bytes
     # A model of 1M parameters: a 4 MB frame passes, the per-client queue holds the largest burst.
-    big = bc.compute_limits(bc.size_from_params(1_000_000, bc.DEFAULT_CHUNK_SIZE), 50)
+    big = bc.compute_limits(bc.size_from_params(1_000_000, protocol.DEFAULT_CHUNK_SIZE), 50)
     assert big.message_size_limit >= bc.model_frame_bytes(1_000_000)
     assert big.max_queued_bytes >= 50 * bc.model_frame_bytes(1_000_000)
     assert big.max_packet_size > big.message_size_limit
@@ -471,7 +474,7 @@ def test_tls_listener_refuses_plain_tcp_and_a_wrong_ca(tls, tmp_path):
     assert plain_client.connect(timeout=3) is None
     plain_client.close()
     # A CA that did not sign this broker's certificate: the handshake fails before any MQTT.
-    other = bc.make_tls_files("other", ("localhost",))
+    other = make_tls_files("other", ("localhost",))
     wrong_ca = tmp_path / "other-ca.crt"
     wrong_ca.write_bytes(other.ca_cert)
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -562,9 +565,9 @@ def test_message_size_limit_drops_oversize_publishes_and_passes_real_ones_mqtt31
         dev.publish(T.update("dev-0"), real_update(PARAMS, "dev-0"))
         worst = bc.model_frame_bytes(PARAMS)
         dev.publish(T.update("dev-0"), b"w" * worst)
-        dev.publish(T.update("dev-0"), b"z" * (bc.DEFAULT_CHUNK_SIZE + bc.FRAME_HEADER_BYTES + bc.FRAME_MAX_META_BYTES))
+        dev.publish(T.update("dev-0"), b"z" * (protocol.DEFAULT_CHUNK_SIZE + protocol.HEADER_SIZE + protocol.MAX_META_BYTES))
         seen = [observer.wait_for(T.update("dev-0"))[1] for _ in range(3)]
-        assert [len(p) for p in seen][1:] == [worst, bc.DEFAULT_CHUNK_SIZE + bc.FRAME_HEADER_BYTES + bc.FRAME_MAX_META_BYTES]
+        assert [len(p) for p in seen][1:] == [worst, protocol.DEFAULT_CHUNK_SIZE + protocol.HEADER_SIZE + protocol.MAX_META_BYTES]
         assert Update.decode(seen[0], PARAMS).device_id == "dev-0"
         assert observer.drain() == []
         assert dev.disconnects == []

@@ -328,19 +328,21 @@ def test_broker_config_signing_keys_layout_matches_what_flash_and_the_aggregator
     assert "--device-keys aggregator/device-keys" in (out / "README.md").read_text()
 
     # flash --credentials picks exactly this device's key and the aggregator's public key...
-    from fleetlearn.firmware_configs import credentials
+    from fleetlearn.provisioning import credentials, pki
 
     s = credentials.device_secrets(out, "dev-0", fresh_signing_key=False)
     assert s.files[credentials.SIGNING_KEY] == (out / "devices" / "dev-0" / "signing.key").read_bytes()
     assert s.files[credentials.AGGREGATOR_PUB] == (out / "aggregator" / "signing.pub").read_bytes()
     assert (out / "devices" / "dev-1" / "signing.key").read_bytes() not in b"".join(s.files.values())
     # ...and refuses to make a second key for a device that has one.
-    from fleetlearn.firmware_configs.errors import FlashError
+    from fleetlearn.provisioning.errors import CredentialsError
 
-    with pytest.raises(FlashError, match="already exists"):
+    with pytest.raises(CredentialsError, match="already exists"):
         credentials.device_secrets(out, "dev-0", fresh_signing_key=True)
-    # flash --new-signing-key's key pair has the format the device and the aggregator read.
-    priv, pub = credentials.new_signing_key()
+    # flash --new-signing-key's key pair (the one generator, shared with broker-config and the
+    # aggregator) has the format the device and the aggregator read.
+    assert credentials.new_signing_key_pair is pki.new_signing_key_pair
+    priv, pub = pki.new_signing_key_pair()
     assert signing.fingerprint(signing.parse_private_key(priv, "k")) == signing.fingerprint(signing.parse_public_key(pub, "p"))
     # The aggregator imports broker-config's device-keys directory as it is.
     assert sorted(agg_signing.import_device_keys(out / "aggregator" / "device-keys", store.state_dir)) == [("dev-0", "added"), ("dev-1", "added")]

@@ -220,3 +220,36 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     if verify:
         verify_files(bundle_dir, manifest)
     return manifest
+
+
+def check_chunk_size(size: int) -> int:
+    """The bundle chunk size, within the protocol's bounds; UsageError otherwise."""
+    from fleetlearn.edge_runtime.core.errors import UsageError
+    from fleetlearn.edge_runtime.core.protocol import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size {size} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
+    return size
+
+
+def plan_announcement(bundle_dir: str | Path, manifest: Manifest, chunk_size: int):
+    """The BundleAnnouncement of a verified bundle cut into `chunk_size` chunks (the aggregator
+    publishes it; broker-config sizes the broker's limits from it). Every file's size must be in
+    the manifest (devices check sizes before they assemble) and match the file on disk."""
+    from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement
+
+    root = Path(bundle_dir)
+    check_chunk_size(chunk_size)
+    order = tuple(manifest.files)
+    total = 0
+    for name in order:
+        size = (root / name).stat().st_size
+        recorded = manifest.files[name].get("size")
+        if recorded is None:
+            raise BundleError(f"{root}: manifest has no size for {name}; devices need it to fetch the bundle (re-export it)")
+        if recorded != size:
+            raise BundleError(f"{root}: {name} is {size} bytes, the manifest says {recorded}")
+        total += size
+    if total == 0:
+        raise BundleError(f"{root}: bundle files are empty")
+    return BundleAnnouncement(manifest.model_hash, dict(manifest.raw), order, total, chunk_size, -(-total // chunk_size))
