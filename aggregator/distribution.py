@@ -4,8 +4,8 @@
     fleetlearn/<fleet>/bundle/<hash>/<i>   retained  BUNDLE_CHUNK frame i of the concatenated files
 
 The files listed by the manifest are concatenated in the manifest's order (`order`) and cut
-into `chunk_size` pieces (256 KiB by default; the last one is shorter). A device checks each
-chunk's crc32 and index, then each file's sha256 against the manifest (edge_runtime/bundle_fetch.py).
+into `chunk_size` pieces (protocol.DEFAULT_CHUNK_SIZE, 256 KiB, by default; the last one is shorter). A device checks each
+chunk's crc32 and index, then each file's sha256 against the manifest (edge_runtime/device/bundle_fetch.py).
 
 When a run with another model replaces an older one on the same fleet, the old run's retained
 chunks would stay on the broker forever; the aggregator reads the retained announcement it

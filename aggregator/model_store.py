@@ -9,7 +9,7 @@ accumulator, and the round log. One small contract (after NVFlare's edge ModelMa
     store.commit(rnd, new_weights, record, accepted)  # a round closed: w_r, state, rounds.jsonl
 
 Layout of a state dir (every file written to a temp file, fsynced, renamed; see
-edge_runtime/state.py):
+edge_runtime/core/files.py):
 
     state.json                 run_id, model hash, last completed round, its weights file + sha256,
                                the last round's record and accepted (device, nonce) pairs

@@ -41,7 +41,7 @@ class ImageSpec:
     @property
     def bundle_path(self) -> str:
         # Not PREFIX/bundle itself: the agent swaps a new bundle in by renaming a sibling
-        # directory (edge_runtime/bundle_fetch.py), so the bundle's *parent* must be writable
+        # directory (edge_runtime/device/bundle_fetch.py), so the bundle's *parent* must be writable
         # by the service; PREFIX/bundle is that parent and nothing else lives in it.
         return f"{self.prefix}/bundle/current"
 

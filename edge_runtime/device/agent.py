@@ -172,7 +172,7 @@ class DeviceAgent:
             return
         try:
             peek = UpdateHeader.peek(payload, verify_body=True).require("run_id", "round", "nonce")
-            run_id, round_, nonce = peek.run_id, peek.round, peek.nonce
+            run_id, round_, nonce = str(peek.run_id), int(peek.round or 0), str(peek.nonce)
         except ProtocolError:
             clear_pending_update(self.state_dir)
             return

@@ -124,7 +124,7 @@ class RoundMetrics:
         if not isinstance(doc, dict):
             raise ProtocolError("round metrics must be a JSON object")
         values: dict[str, Any] = {"round": check_int(doc, "round", 0, MAX_ROUND)}
-        known = {"v", "round", "extra"}
+        known = {"v", "round"}
         for f in fields(cls):
             kind = f.metadata.get("kind")
             if kind is None:
