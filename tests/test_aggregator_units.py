@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fleetlearn.aggregator.distribution import chunk_messages, clear_messages, plan_bundle
 from fleetlearn.aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulator, weighted_sum_update
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, append_round_record, decode_partial, encode_partial, read_round_log
-from fleetlearn.aggregator.strategy import make_strategy
+from fleetlearn.aggregator.registry import make_strategy
 from fleetlearn.aggregator.validation import Rejection, max_update_bytes, validate_update
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
@@ -73,14 +73,14 @@ def test_streaming_fedavg_equals_the_batch_weighted_mean(updates):
     """Folding updates one at a time gives the weighted mean of the local models."""
     w = np.linspace(-1, 1, N, dtype=np.float32)
     strat = FedAvg()
-    strat.begin_round(w)
+    strat.begin_round(1, w)
     store = type("V", (), {"run_id": "0" * 32, "model_hash": HASH, "open_round": 1})()
     for i, (n, v) in enumerate(updates):
         strat.accumulate(make_update(store, device=f"d{i}", samples=n, delta=np.full(N, v, np.float32)))
     local = [w.astype(np.float64) + np.float32(v) for _, v in updates]
     ns = np.array([n for n, _ in updates], dtype=np.float64)
     want = sum(n * m for n, m in zip(ns, local)) / ns.sum()
-    np.testing.assert_allclose(strat.aggregate(), want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(strat.step(w, strat.aggregate()), want, rtol=1e-6, atol=1e-5)
     assert strat.round_summary()["samples"] == int(ns.sum())
 
 
@@ -88,22 +88,24 @@ def test_fedavg_state_dict_round_trip_is_bit_identical(store):
     rng = np.random.default_rng(1)
     a, b = FedAvg(), FedAvg()
     w = rng.normal(size=N).astype(np.float32)
-    a.begin_round(w)
+    a.begin_round(1, w)
     a.accumulate(make_update(store, samples=13, delta=rng.normal(size=N).astype(np.float32)))
-    raw = encode_partial(PartialRound(store.run_id, 1, {"dev-a": "1" * 32}, a.state_dict()))
-    b.begin_round(w)
-    b.load_state_dict(decode_partial(raw).strategy)
+    raw = encode_partial(PartialRound(store.run_id, 1, {"dev-a": "1" * 32}, a.partial_state()))
+    b.begin_round(1, w)
+    b.load_partial_state(decode_partial(raw).strategy)
     u = make_update(store, device="dev-b", samples=5, delta=rng.normal(size=N).astype(np.float32))
     a.accumulate(u)
     b.accumulate(u)
-    assert a.aggregate().tobytes() == b.aggregate().tobytes()
+    assert a.step(w, a.aggregate()).tobytes() == b.step(w, b.aggregate()).tobytes()
+    assert a.step(w, a.aggregate()).tobytes() == apply_mean_delta(w, a.aggregate().total, a.round_summary()["samples"]).tobytes()
     assert a.round_summary() == b.round_summary()
 
 
 def test_unknown_strategy_is_a_usage_error():
-    with pytest.raises(UsageError, match="fedavg"):
+    with pytest.raises(UsageError, match="fedavg") as exc:
         make_strategy("krum")
-    assert make_strategy("fedavg", local_epochs=2).configure_round(1, np.zeros(N)).to_meta() == {"local_epochs": 2}
+    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"
+    assert type(make_strategy("fedavg")) is FedAvg
 
 
 # ------------------------------------------------------------------ validation
