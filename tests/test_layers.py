@@ -68,6 +68,21 @@ def test_no_package_imports_upward_into_the_cli_layer(folder):
     assert not bad, "the CLI layer sits on top; nothing below may import it:\n" + "\n".join(bad)
 
 
+def test_the_aggregator_engine_never_exports_a_model():
+    """Exporting on start (--model) is the aggregator's CLI module's job: the engine is given a
+    bundle dir, so it runs where torch is not installed."""
+    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources("aggregator") if p.name != "cli.py"
+           for line, name in _imports(p) if name == "fleetlearn.export" or name.startswith("fleetlearn.export.") or name.split(".")[0] in ("torch", "onnx")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_aggregator_module_over_450_lines():
+    """Small modules with one job. broker_config.py is moving to its own package (issue 10 §5)."""
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in _sources("aggregator")
+            if p.name != "broker_config.py" and (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
+    assert not long, "\n".join(long)
+
+
 def test_no_module_uses_the_old_top_level_names():
     """`import export` / `import aggregator` would pick up a user's own export.py: only fleetlearn.* exists."""
     bad = [f"{p.relative_to(ROOT)}:{line}: {name}"
