@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from fleetlearn.edge_runtime.core.errors import UsageError
+
 from fleetlearn.aggregator.clipping import Clipping
 from fleetlearn.aggregator.fedavg import FedAvg
 from fleetlearn.aggregator.options import Options, option
@@ -132,7 +134,7 @@ class DPNoise(Wrapper):
             raise ValueError(f"expected participants must be >= 1, got {expected_participants}")
         population = expected_participants if options.population is None else options.population
         if population < expected_participants:
-            raise ValueError(f"population {population} is below the expected participants {expected_participants}")
+            raise UsageError(f"--dp-population {population} is below --target-devices {expected_participants} (the devices a round takes)")
         self.options = options
         self.clip_norm = inner.clip_norm
         self.noise_multiplier = float(options.noise_multiplier)

@@ -8,8 +8,9 @@
 Aggregation rules and server optimizers are registered below, one line each; the wrappers
 (clipping, DP noise) apply to any of them where the math allows (DP needs a mean-based rule).
 `clipped-fedavg` and `dp-fedavg` are aliases that build the composition and insist on its
-options. Every check that needs more than one option happens here, once; single-value bounds
-live in each component's Options dataclass (aggregator/options.py).
+options. Which option belongs to which strategy, and which wrappers a rule admits, is decided here;
+bounds are checked once, by each component: single values in its Options dataclass
+(aggregator/options.py), values against the round policy in its constructor (DP's population).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class StrategyChoice:
         from fleetlearn.aggregator.dp_fedavg import DPNoise
         from fleetlearn.aggregator.fedavg import FedAvg
 
-        name, given = self.name, dict(self.options)
+        name, given = self.name, {k: v for k, v in self.options.items() if v is not None}  # None: not given
         rule_cls = strategy_class(name)
         clip_flags, dp_flags = Clipping.Options.flags(), DPNoise.Options.flags()
         valid = {**rule_cls.Options.flags(), **clip_flags, **dp_flags}
@@ -114,8 +115,6 @@ class StrategyChoice:
             raise UsageError(f"--dp-noise-multiplier works with --strategy {' / '.join(mean_based)}, not {name}: the median and trimmed mean have no noise calibration here")
         if clip.clip_norm is None:
             raise UsageError("--dp-noise-multiplier needs --clip-norm (the sensitivity the noise is scaled to)")
-        if dp.population is not None and dp.population < target_devices:
-            raise UsageError(f"--dp-population {dp.population} is below --target-devices {target_devices} (the devices a round takes)")
         return DPNoise(Clipping(rule_cls(rule_opts, uniform=True), clip), dp, expected_participants=target_devices)
 
 
