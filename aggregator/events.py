@@ -7,7 +7,8 @@
 Each event is one `key=value` line on the `fleetlearn.aggregator` logger:
 `event=NAME [device=D] round=R key=value ...` (round `-` outside rounds). The callback (the
 Python API's `on_event`, and later the Prometheus exporter) runs on the engine's thread with
-the same fields plus `round` (and `device`); an exception in it is logged, never raised.
+the same fields plus `round` (and `device`); an exception in it is logged, never raised. More
+listeners (a metrics exporter) join with `events.listen(callback)`.
 `notify=` replaces the callback's fields when they differ from the log line's (a round's full
 record for round_closed).
 """
@@ -29,7 +30,11 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 
 class Events:
     def __init__(self, on_event: EventCallback | None = None):
-        self.on_event = on_event
+        self.listeners: list[EventCallback] = [on_event] if on_event is not None else []
+
+    def listen(self, callback: EventCallback) -> None:
+        """Also hand every emitted event to `callback` (on the engine's thread)."""
+        self.listeners.append(callback)
 
     def log(self, event: str, rnd: int | None, device: str | None = None, level: int = logging.INFO, **fields: Any) -> None:
         """One line: `event=... [device=...] round=... key=value...`."""
@@ -38,10 +43,11 @@ class Events:
     def emit(self, event: str, rnd: int | None, device: str | None = None, level: int = logging.INFO, notify: dict[str, Any] | None = None, **fields: Any) -> None:
         """Log the event and hand it to the callback."""
         self.log(event, rnd, device, level, **fields)
-        if self.on_event is None:
+        if not self.listeners:
             return
         payload = dict(notify) if notify is not None else {**({"round": rnd} if rnd is not None else {}), **({"device": device} if device is not None else {}), **fields}
-        try:
-            self.on_event(event, payload)
-        except Exception:
-            log.exception("%s", kv(event="on_event_failed", name=event))
+        for listener in self.listeners:
+            try:
+                listener(event, dict(payload))
+            except Exception:
+                log.exception("%s", kv(event="on_event_failed", name=event))

@@ -260,3 +260,35 @@ def test_chunk_size_bounds(boston_bundle):
 def test_update_size_bound_formula():
     assert max_update_bytes(10) == 24 + 8 * 1024 + 40 + 512
     assert struct.calcsize("<4sBBBBIIIHH") == 24
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_one_call_logs_and_notifies_every_listener(caplog):
+    import logging
+
+    from fleetlearn.aggregator.events import Events
+
+    got: list[tuple[str, dict]] = []
+
+    def broken(name, fields):
+        raise RuntimeError("listener bug")
+
+    ev = Events(lambda n, f: got.append((n, f)))
+    ev.listen(broken)
+    ev.listen(lambda n, f: got.append(("second:" + n, f)))
+    with caplog.at_level(logging.INFO, logger="fleetlearn.aggregator"):
+        ev.emit("round_failed", 3, level=logging.ERROR, reason="why it failed")
+        ev.emit("update_rejected", 3, device="pi-07", reason="bad")
+        ev.log("update_duplicate", 3, device="pi-07")  # a log line only
+        ev.emit("round_closed", 3, notify={"round": 3, "devices": ["a"]}, accepted=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fleetlearn.aggregator"]
+    assert 'event=round_failed round=3 reason="why it failed"' in lines
+    assert "event=update_rejected device=pi-07 round=3 reason=bad" in lines and "event=update_duplicate device=pi-07 round=3" in lines
+    assert sum("event=on_event_failed" in line for line in lines) == 3  # the broken listener, once per emit
+    assert got == [
+        ("round_failed", {"round": 3, "reason": "why it failed"}), ("second:round_failed", {"round": 3, "reason": "why it failed"}),
+        ("update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}), ("second:update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}),
+        ("round_closed", {"round": 3, "devices": ["a"]}), ("second:round_closed", {"round": 3, "devices": ["a"]}),
+    ]

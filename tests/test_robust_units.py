@@ -226,7 +226,7 @@ def test_options_compose_strategies(tmp_path):
     assert make_strategy("trimmed-mean").trim_fraction == 0.1
     for name in ("fedavg", "dp-fedavg"):
         dp = _cfg(tmp_path, name, target_devices=5, clip_norm=1.0, noise_multiplier=1.1, population=50).strategy.build(5)
-        assert _shape(dp) == ["DPNoise", "Clipping", "FedAvg"] and dp.name == "dp-fedavg"
+        assert isinstance(dp, DPNoise) and _shape(dp) == ["DPNoise", "Clipping", "FedAvg"] and dp.name == "dp-fedavg"
         assert (dp.clip_norm, dp.noise_multiplier, dp.expected_participants, dp.population, dp.dp_delta) == (1.0, 1.1, 5, 50, 1e-5)
         assert dp.rule.uniform  # DP-FedAvg weighs every device 1
     dpm = make_strategy("fedavgm", target_devices=3, clip_norm=1.0, noise_multiplier=1.0, server_momentum=0.5)
