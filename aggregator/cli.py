@@ -1,4 +1,6 @@
-"""Run the federated aggregator: FedAvg rounds over MQTT until --rounds have closed.
+"""`fleetlearn aggregator`: its flags, the AggregatorConfig they describe, and the --model
+export on start (the CLI exports; the engine is given a bundle dir). Runs rounds until --rounds
+have closed.
 
 Exit codes: 0 every round closed (final model in STATE_DIR/model.onnx); 2 bad input or the
 broker unreachable at start; 3 a round failed (too few devices after every extension);
@@ -12,6 +14,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
+
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE
 
@@ -56,14 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--state-dir", type=Path, required=True, help="checkpoints, round log, final model; reuse it to resume")
     rounds.add_argument("--test-data", type=Path, help="NPZ (x, y) or CSV to evaluate each new global model on")
     rounds.add_argument("--round-interval", type=float, default=0.0, help="open rounds at most this often, in seconds, so a person can watch (default 0)")
-    rounds.add_argument("--strategy", default="fedavg", help="fedavg (default), median or trimmed-mean (docs/security-robust-dp.md)")
+    from fleetlearn.aggregator.registry import all_option_classes, strategy_names
 
-    robust = parser.add_argument_group("robust aggregation and differential privacy (docs/security-robust-dp.md)")
-    robust.add_argument("--clip-norm", type=float, metavar="C", help="clip every update to L2 norm C before aggregating (any strategy)")
-    robust.add_argument("--trim-fraction", type=float, default=0.1, metavar="BETA", help="trimmed-mean: drop floor(BETA*k) largest and smallest values per coordinate (default 0.1)")
-    robust.add_argument("--dp-noise-multiplier", type=float, metavar="SIGMA", help="DP-FedAvg: add N(0, (SIGMA*C)^2) to the sum of clipped updates (needs --clip-norm)")
-    robust.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported (default 1e-5)")
-    robust.add_argument("--dp-population", type=int, metavar="N", help="fleet size for the sampling rate q = target/N in the accountant (default: target devices, q = 1)")
+    rounds.add_argument("--strategy", default="fedavg", help=f"one of {', '.join(strategy_names())} (default fedavg; docs/security-robust-dp.md)")
+    robust = parser.add_argument_group("strategy options: each applies to the strategies that declare it (docs/aggregator.md)")
+    seen: set[str] = set()
+    for options in all_option_classes():
+        options.add_arguments(robust, seen)
 
     train = parser.add_argument_group("round config sent to devices (default: each device's own)")
     train.add_argument("--local-epochs", type=int)
@@ -84,60 +88,97 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def config_from_args(args: argparse.Namespace):
-    from fleetlearn.aggregator.server import AggregatorConfig
+def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
+    """The AggregatorConfig the flags describe; `bundle` overrides --bundle (the --model export's dir)."""
+    from fleetlearn.aggregator.config import AggregatorConfig, RoundPolicy, SigningConfig, link_options
+    from fleetlearn.aggregator.registry import StrategyChoice, all_option_classes
+    from fleetlearn.aggregator.schedule import TrainingPlan
 
+    password = None
+    if args.password_file is not None:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"--password-file {args.password_file}: {exc.strerror or exc}") from None
+    link = link_options(
+        args.broker, args.fleet, client_id=args.client_id, username=args.username, password=password,
+        ca_file=str(args.ca_file) if args.ca_file else None, cert_file=str(args.cert_file) if args.cert_file else None,
+        key_file=str(args.key_file) if args.key_file else None, protocol=args.mqtt_protocol,
+    )
+    given = {name: getattr(args, name) for cls in all_option_classes() for name in cls.flags() if hasattr(args, name)}
     return AggregatorConfig(
-        broker=args.broker,
+        broker=link,
         state_dir=args.state_dir,
-        rounds=args.rounds,
-        min_devices=args.min_devices,
-        bundle=args.bundle,
-        model=args.model,
-        input_shape=args.input_shape,
-        loss=args.loss,
-        optimizer=args.optimizer,
+        bundle=bundle if bundle is not None else args.bundle,
+        rounds=RoundPolicy(
+            rounds=args.rounds, min_devices=args.min_devices, target_devices=args.target_devices, deadline=args.deadline,
+            max_extensions=args.max_extensions, round_interval=args.round_interval,
+        ),
+        training=TrainingPlan(
+            local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+            lr_schedule=args.lr_schedule, lr_min_factor=args.lr_min_factor, lr_warmup=args.lr_warmup,
+        ),
+        strategy=StrategyChoice(args.strategy, given),
+        signing=SigningConfig(signing_key=args.signing_key, device_keys=args.device_keys, require_signatures=args.require_signatures),
         fleet=args.fleet,
-        target_devices=args.target_devices,
-        deadline=args.deadline,
-        max_extensions=args.max_extensions,
         test_data=args.test_data,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        lr_min_factor=args.lr_min_factor,
-        lr_warmup=args.lr_warmup,
-        round_interval=args.round_interval,
-        max_steps=args.max_steps,
-        strategy=args.strategy,
-        clip_norm=args.clip_norm,
-        trim_fraction=args.trim_fraction,
-        dp_noise_multiplier=args.dp_noise_multiplier,
-        dp_delta=args.dp_delta,
-        dp_population=args.dp_population,
-        client_id=args.client_id,
-        username=args.username,
-        password_file=args.password_file,
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-        mqtt_protocol=args.mqtt_protocol,
         chunk_size=args.chunk_size,
         connect_timeout=args.connect_timeout,
-        signing_key=args.signing_key,
-        device_keys=args.device_keys,
-        require_signatures=args.require_signatures,
     )
 
 
+def check_model_source(args: argparse.Namespace) -> None:
+    if (args.bundle is None) == (args.model is None):
+        raise UsageError("give exactly one of --bundle DIR or --model NAME")
+    if args.bundle is not None and (args.input_shape or args.loss or args.optimizer):
+        raise UsageError("--input-shape, --loss and --optimizer are export options: use them with --model, not --bundle")
+
+
+def export_on_start(args: argparse.Namespace, out: Path) -> Path:
+    """--model: export into STATE_DIR/bundle once; a restart reuses the bundle it wrote."""
+    from fleetlearn.edge_runtime.core.bundle import load_manifest
+    from fleetlearn.edge_runtime.core.errors import BundleError
+
+    from fleetlearn.aggregator.events import Events
+
+    events = Events()
+    try:
+        load_manifest(out)
+        events.log("bundle_reused", None, path=str(out))
+        return out
+    except BundleError:
+        pass
+    try:
+        from fleetlearn.export import build_bundle, resolve_model
+    except ImportError as exc:
+        raise UsageError(f"--model needs the export extra (torch, onnx): {exc}") from None
+    model, defaults = resolve_model(args.model, seed=0)  # reproducible initial weights
+    input_shape = args.input_shape or getattr(defaults, "input_shape", None)
+    if input_shape is None:
+        raise UsageError(f"model {args.model!r} has no default input shape; give --input-shape")
+    loss = args.loss or getattr(defaults, "loss", None)
+    if loss is None:
+        raise UsageError(f"model {args.model!r} has no default loss; give --loss (mse, cross_entropy or bce_with_logits)")
+    kwargs: dict[str, Any] = {"model_name": getattr(defaults, "name", None) or args.model, "input_shape": tuple(input_shape), "loss": loss}
+    if args.optimizer:
+        kwargs["optimizer"] = args.optimizer
+    events.log("bundle_export", None, model=args.model, path=str(out))
+    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    build_bundle(model, out, **kwargs)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    from fleetlearn.aggregator.engine import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
     from fleetlearn.aggregator.logs import setup_logging
-    from fleetlearn.aggregator.server import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
 
     setup_logging(args.log_level)
-    config = config_from_args(args)
+    check_model_source(args)
+    exported = Path(args.state_dir) / "bundle" if args.model is not None else None
+    config = config_from_args(args, bundle=exported)
     config.validate()
+    if exported is not None:
+        export_on_start(args, exported)
     agg = Aggregator(config)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: agg.stop(EXIT_SIGTERM))

@@ -1,4 +1,4 @@
-"""Per-update L2 norm clipping, and FedAvg over clipped updates (`--clip-norm C`).
+"""Per-update L2 norm clipping (`--clip-norm C`): a wrapper around any aggregation rule.
 
 Each accepted delta d_i is scaled into the L2 ball of radius C before it is aggregated:
 
@@ -10,22 +10,29 @@ malicious update that is clipped still counts with norm C in whatever direction 
 (docs/security-robust-dp.md). It is also the sensitivity bound DP-FedAvg needs
 (aggregator/dp_fedavg.py).
 
-`ClippedFedAvg` is FedAvg on clipped deltas, still sample-weighted and streaming:
-w' = w + sum_i n_i * clip(d_i, C) / sum_i n_i. The sample counts n_i are what devices
-report; a device that lies about n_i still gets that weight (median and trimmed mean are
-unweighted for this reason).
+`Clipping(rule)` hands the rule clip(d_i, C) instead of d_i and changes nothing else; the
+composition is named `clipped-<rule>`. Around FedAvg (`clipped-fedavg`, still sample-weighted
+and streaming): w' = w + sum_i n_i * clip(d_i, C) / sum_i n_i. The sample counts n_i are what
+devices report; a device that lies about n_i still gets that weight (median and trimmed mean
+are unweighted for this reason). Around the median or trimmed mean, the rule keeps the clipped
+deltas as float32. The round record's update norms (`update_norm_median`, `update_norm_max`)
+are those of the raw deltas, before clipping.
+
+Restart: the clipped count and the raw norms are persisted with the rule's accumulator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fleetlearn.edge_runtime.core.protocol import Update
 
-from fleetlearn.aggregator.fedavg import FedAvg
+from fleetlearn.aggregator.options import Options, finite_positive, option
+from fleetlearn.aggregator.strategy import Strategy, Wrapper
 
 
 def l2_norm(delta: np.ndarray) -> float:
@@ -51,42 +58,46 @@ def clip_delta(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
     return (d * factor if factor < 1.0 else d.copy()), factor < 1.0
 
 
-class ClippedFedAvg(FedAvg):
-    """Sample-weighted FedAvg of deltas clipped to L2 norm `clip_norm`. Streaming."""
+@dataclass(frozen=True)
+class ClippingOptions(Options):
+    clip_norm: float | None = option(None, "--clip-norm", float, "clip every update to L2 norm C before aggregating (any strategy)",
+                                     metavar="C", check=finite_positive, bound="a finite number > 0")
 
-    name = "clipped-fedavg"
-    streaming = True
 
-    def __init__(self, clip_norm: float, **round_options: Any):
-        super().__init__(**round_options)
-        clip_factor(0.0, clip_norm)  # ValueError for C <= 0
-        self.clip_norm = float(clip_norm)
+class Clipping(Wrapper):
+    """Clip each delta to L2 norm C, then hand it to the inner strategy."""
+
+    prefix = "clipped"
+    Options = ClippingOptions
+
+    def __init__(self, inner: Strategy, options: ClippingOptions):
+        super().__init__(inner)
+        if options.clip_norm is None:
+            raise ValueError("Clipping needs a clip norm")
+        self.options = options
+        self.clip_norm = float(options.clip_norm)
         self._clipped = 0
         self._norms: list[float] = []
 
-    def begin_round(self, global_weights: np.ndarray) -> None:
-        super().begin_round(global_weights)
-        self._clipped = 0
-        self._norms = []
+    def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
+        self.inner.begin_round(rnd, global_weights)
+        self._clipped, self._norms = 0, []
 
     def accumulate(self, update: Update) -> None:
         norm = l2_norm(update.delta)
         clipped, was_clipped = clip_delta(update.delta, self.clip_norm)
-        super().accumulate(dataclasses.replace(update, delta=clipped))
+        self.inner.accumulate(dataclasses.replace(update, delta=clipped))
         self._clipped += int(was_clipped)
         self._norms.append(norm)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "clipped": self._clipped, "norms": list(self._norms)}
+    def own_partial_state(self) -> dict[str, Any]:
+        return {"clipped": self._clipped, "norms": list(self._norms)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        clipped, norms = state.pop("clipped"), state.pop("norms")
-        super().load_state_dict(state)
-        self._clipped, self._norms = int(clipped), [float(n) for n in norms]
+    def load_own_partial_state(self, state: dict[str, Any]) -> None:
+        self._clipped, self._norms = int(state["clipped"]), [float(n) for n in state["norms"]]
 
     def round_summary(self) -> dict[str, Any]:
-        return {**super().round_summary(), **norm_summary(self.clip_norm, self._clipped, self._norms)}
+        return {**self.inner.round_summary(), **norm_summary(self.clip_norm, self._clipped, self._norms)}
 
 
 def norm_summary(clip_norm: float | None, clipped: int, norms: list[float]) -> dict[str, Any]:

@@ -1,6 +1,12 @@
 """DP-FedAvg with central differential privacy (McMahan, Ramage, Talwar, Zhang, ICLR 2018),
 user-level: the unit protected is one device's whole contribution to a round.
 
+`DPNoise` is a wrapper in the style of Flower's DifferentialPrivacyServerSideFixedClipping: it
+wraps Clipping(C) around a mean-based rule (fedavg, or a server optimizer built on it such as
+fedavgm) whose weighting the builder sets to uniform (aggregator/registry.py); the coordinate-
+wise rules have no noise calibration here and are refused. The noise goes on the clipped sum,
+before the division by m, and so before any server optimizer's step sees the mean delta.
+
 Per round, with clip norm C (`--clip-norm`), noise multiplier sigma (`--dp-noise-multiplier`)
 and m = the expected number of participants (`--target-devices`, = q * N):
 
@@ -24,22 +30,25 @@ claims amplification by Poisson sampling; the engine does not sample devices (th
 answer are taken), so only q = 1 describes what the code does. docs/security-robust-dp.md.
 
 Restart contract: the noise z is drawn at aggregate() from a 128-bit seed chosen at
-begin_round (secrets) and persisted in state_dict(), so "persist, crash, restart, load"
-reproduces the same z and the bit-identical result.
+begin_round (secrets) and persisted in the round's partial state, so "persist, crash,
+restart, load" reproduces the same z and the bit-identical result.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.protocol import Update
+from fleetlearn.edge_runtime.core.errors import UsageError
 
-from fleetlearn.aggregator.clipping import clip_delta, l2_norm, norm_summary
-from fleetlearn.aggregator.fedavg import FedAvg, new_accumulator, weighted_mean
+from fleetlearn.aggregator.clipping import Clipping
+from fleetlearn.aggregator.fedavg import FedAvg
+from fleetlearn.aggregator.options import Options, option
+from fleetlearn.aggregator.strategy import Aggregate, Strategy, Wrapper
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -97,102 +106,70 @@ def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta
         absl_log.setLevel(level)
 
 
-class DPFedAvg(FedAvg):
-    """Clip each delta to C, sum unweighted, add N(0, (sigma C)^2) to the sum, divide by m."""
+@dataclass(frozen=True)
+class DPOptions(Options):
+    noise_multiplier: float | None = option(None, "--dp-noise-multiplier", float, "DP-FedAvg: add N(0, (SIGMA*C)^2) to the sum of clipped updates (needs --clip-norm)",
+                                            metavar="SIGMA", check=lambda s: 0 < s < float("inf"), bound="a finite number > 0")
+    delta: float = option(1e-5, "--dp-delta", float, "delta at which epsilon is reported", check=lambda d: 0 < d < 1, bound="in (0, 1)")
+    population: int | None = option(None, "--dp-population", int, "fleet size for the sampling rate q = target/N in the accountant (default: target devices, q = 1)",
+                                    metavar="N", check=lambda n: n >= 1, bound=">= 1")
+    accountant: str = option("rdp", "--dp-accountant", str, "privacy accountant of dp-accounting", choices=ACCOUNTANTS)
 
-    name = "dp-fedavg"
-    streaming = True
 
-    def __init__(
-        self,
-        clip_norm: float,
-        noise_multiplier: float,
-        expected_participants: int,
-        population: int | None = None,
-        dp_delta: float = 1e-5,
-        accountant: str = "rdp",
-        **round_options: Any,
-    ):
-        super().__init__(**round_options)
-        if not clip_norm > 0:
-            raise ValueError(f"clip norm must be > 0, got {clip_norm}")
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+class DPNoise(Wrapper):
+    """Around Clipping(C, FedAvg(uniform)): w' = w + (sum_i clip(d_i, C) + z) / m."""
+
+    prefix = "dp"
+    Options = DPOptions
+
+    def __init__(self, inner: Strategy, options: DPOptions, expected_participants: int):
+        super().__init__(inner)
+        if not isinstance(inner, Clipping):
+            raise ValueError("DP noise wraps Clipping: the noise is calibrated to the clip norm")
+        if not (isinstance(inner.rule, FedAvg) and inner.rule.uniform):
+            raise ValueError(f"DP noise needs a uniformly weighted mean at the core, not {inner.rule.name}")
+        if options.noise_multiplier is None:
+            raise ValueError("DP noise needs a noise multiplier")
         if expected_participants < 1:
             raise ValueError(f"expected participants must be >= 1, got {expected_participants}")
-        population = expected_participants if population is None else population
+        population = expected_participants if options.population is None else options.population
         if population < expected_participants:
-            raise ValueError(f"population {population} is below the expected participants {expected_participants}")
-        if not 0 < dp_delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {dp_delta}")
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        self.clip_norm = float(clip_norm)
-        self.noise_multiplier = float(noise_multiplier)
+            raise UsageError(f"--dp-population {population} is below --target-devices {expected_participants} (the devices a round takes)")
+        self.options = options
+        self.clip_norm = inner.clip_norm
+        self.noise_multiplier = float(options.noise_multiplier)
         self.expected_participants = int(expected_participants)
         self.population = int(population)
         self.sampling_rate = self.expected_participants / self.population
-        self.dp_delta = float(dp_delta)
-        self.accountant = accountant
+        self.dp_delta = float(options.delta)
+        self.accountant = options.accountant
         self._round = 0
-        self._sum: np.ndarray | None = None
-        self._k = 0
-        self._clipped = 0
-        self._norms: list[float] = []
         self._seed = ""
 
-    def configure_round(self, rnd: int, global_weights: np.ndarray):
-        self._round = rnd  # rounds released so far, once this one closes
-        return super().configure_round(rnd, global_weights)
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"dp-{self.rule.name}"  # the clipping is part of DP: "dp-fedavg", not "dp-clipped-fedavg"
 
-    def begin_round(self, global_weights: np.ndarray) -> None:
-        self._weights = np.asarray(global_weights, dtype=np.float32)
-        self._sum = new_accumulator(self._weights.size)
-        self._total, self._loss_sum = 0, 0.0  # samples / train_loss, for the round record only
-        self._k, self._clipped, self._norms = 0, 0, []
+    def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
+        self.inner.begin_round(rnd, global_weights)
+        self._round = rnd  # rounds released so far, once this one closes
         self._seed = secrets.token_hex(16)  # replaced by the persisted one after a restart
 
-    def accumulate(self, update: Update) -> None:
-        assert self._sum is not None, "begin_round first"
-        self._norms.append(l2_norm(update.delta))
-        clipped, was_clipped = clip_delta(update.delta, self.clip_norm)
-        self._sum += clipped
-        self._k += 1
-        self._clipped += int(was_clipped)
-        self._total += update.samples
-        self._loss_sum += float(update.samples) * update.train_loss
+    def aggregate(self) -> Aggregate:
+        s = self.inner.aggregate().total  # the unweighted sum of clipped deltas
+        z = gaussian_noise(self._seed, s.size, self.noise_multiplier * self.clip_norm)
+        # Aggregate.delta() is then noisy_mean_delta(S, z, m) = (S + z) / m.
+        return Aggregate(np.asarray(s, dtype=np.float64) + z, float(self.expected_participants))
 
-    def aggregate(self) -> np.ndarray:
-        assert self._sum is not None and self._weights is not None, "begin_round first"
-        if self._k < 1:
-            raise ValueError("no updates accumulated: a round needs at least one accepted update")
-        z = gaussian_noise(self._seed, self._sum.size, self.noise_multiplier * self.clip_norm)
-        return (np.asarray(self._weights, dtype=np.float64) + noisy_mean_delta(self._sum, z, self.expected_participants)).astype(np.float32)
+    def own_partial_state(self) -> dict[str, Any]:
+        return {"noise_seed": self._seed}
 
-    def state_dict(self) -> dict[str, Any]:
-        assert self._sum is not None, "begin_round first"
-        return {
-            "total_samples": self._total, "loss_sum": self._loss_sum, "sum": self._sum,
-            "accepted": self._k, "clipped": self._clipped, "norms": list(self._norms), "noise_seed": self._seed,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self._sum is not None, "begin_round first"
-        total, loss_sum = state["total_samples"], state["loss_sum"]
-        if not isinstance(total, int) or total < 0 or not isinstance(loss_sum, (int, float)):
-            raise ValueError("saved accumulator has a bad sample count or loss sum")
-        acc = np.asarray(state["sum"], dtype=np.float64)
-        if acc.shape != self._sum.shape:
-            raise ValueError(f"saved accumulator has shape {acc.shape}, the model has {self._sum.shape}")
+    def load_own_partial_state(self, state: dict[str, Any]) -> None:
         seed = state["noise_seed"]
         if not isinstance(seed, str) or len(seed) != 32:
             raise ValueError("saved accumulator has no 128-bit noise seed")
         int(seed, 16)
-        self._sum = acc.copy()
-        self._k, self._clipped = int(state["accepted"]), int(state["clipped"])
-        self._norms = [float(v) for v in state["norms"]]
         self._seed = seed
-        self._total, self._loss_sum = total, float(loss_sum)
 
     def epsilon(self, rounds: int | None = None) -> float:
         """Privacy spent after `rounds` released rounds (default: up to this one)."""
@@ -201,13 +178,11 @@ class DPFedAvg(FedAvg):
 
     def round_summary(self) -> dict[str, Any]:
         return {
-            "samples": self._total,
-            "train_loss": weighted_mean(self._loss_sum, self._total),
+            **self.inner.round_summary(),
             "epsilon": self.epsilon(),
             "delta": self.dp_delta,
             "noise_multiplier": self.noise_multiplier,
             "dp_sampling_rate": self.sampling_rate,
             "dp_expected_participants": self.expected_participants,
             "dp_accountant": self.accountant,
-            **norm_summary(self.clip_norm, self._clipped, self._norms),
         }

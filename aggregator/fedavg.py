@@ -9,6 +9,14 @@ which equals sum_i n_i * w_i / sum_i n_i. We never hold more than one delta: the
 sum S = sum_i n_i * d_i is kept in float64 (num_params * 8 bytes), so memory grows with the
 model, not with the number of devices, and summation order changes the result by at most a
 few float64 ulps, far below float32 resolution.
+
+This file is the rule only. The round's training config (epochs, lr schedule) is the engine's
+(aggregator/schedule.py); clipping and DP noise wrap this rule (clipping.py, dp_fedavg.py); a
+server optimizer subclasses it and replaces `step` (fedavgm.py).
+
+Uniform weighting (`uniform=True`, set by the DP wrapper only): S = sum_i d_i and the
+denominator is the count k, because DP needs every device's weight bounded by 1
+(aggregator/dp_fedavg.py). The record's `samples` and `train_loss` still use the n_i.
 """
 
 from __future__ import annotations
@@ -17,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.protocol import RoundConfig, Update
+from fleetlearn.edge_runtime.core.protocol import Update
 
-from fleetlearn.aggregator.schedule import scheduled_lr
-from fleetlearn.aggregator.strategy import Strategy
+from fleetlearn.aggregator.strategy import Aggregate, Strategy
 
 
 def new_accumulator(num_params: int) -> np.ndarray:
@@ -48,70 +55,53 @@ def weighted_mean(value_sum: float, total: int) -> float:
 
 
 class FedAvg(Strategy):
-    """Sample-weighted mean of the deltas. Options become the round config devices receive."""
+    """Sample-weighted mean of the deltas, streaming: Aggregate(S, N)."""
 
     name = "fedavg"
-    streaming = True
 
-    def __init__(
-        self,
-        local_epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        max_steps: int | None = None,
-        lr_schedule: str = "constant",
-        lr_min_factor: float = 0.1,
-        total_rounds: int = 1,
-        lr_warmup: int = 0,
-    ):
-        self.round_config = RoundConfig(local_epochs=local_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr)
-        self.lr_schedule = lr_schedule
-        self.lr_min_factor = lr_min_factor
-        self.total_rounds = total_rounds
-        self.lr_warmup = lr_warmup
-        self._weights: np.ndarray | None = None
+    def __init__(self, options: Any = None, uniform: bool = False):
+        self.options = options if options is not None else self.Options()
+        self.uniform = uniform  # DP-FedAvg's weighting: every device weighs 1
         self._acc: np.ndarray | None = None
-        self._total = 0
+        self._total = 0  # sum of n_i (the record's samples)
+        self._count = 0  # k, the denominator when uniform
         self._loss_sum = 0.0
 
-    def configure_round(self, rnd: int, global_weights: np.ndarray) -> RoundConfig:
-        c = self.round_config
-        if c.lr is None or (self.lr_schedule == "constant" and not self.lr_warmup):
-            return c
-        lr = scheduled_lr(c.lr, rnd, self.total_rounds, self.lr_schedule, self.lr_min_factor, self.lr_warmup)
-        return RoundConfig(local_epochs=c.local_epochs, max_steps=c.max_steps, batch_size=c.batch_size, lr=lr)
-
-    def begin_round(self, global_weights: np.ndarray) -> None:
-        self._weights = np.asarray(global_weights, dtype=np.float32)
-        self._acc = new_accumulator(self._weights.size)
-        self._total = 0
-        self._loss_sum = 0.0
+    def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
+        self._acc = new_accumulator(np.asarray(global_weights).size)
+        self._total, self._count, self._loss_sum = 0, 0, 0.0
 
     def accumulate(self, update: Update) -> None:
         assert self._acc is not None, "begin_round first"
-        weighted_sum_update(self._acc, update.delta, update.samples)
+        if self.uniform:
+            self._acc += np.asarray(update.delta, dtype=np.float64)
+        else:
+            weighted_sum_update(self._acc, update.delta, update.samples)
         self._total += update.samples
+        self._count += 1
         self._loss_sum += float(update.samples) * update.train_loss
 
-    def aggregate(self) -> np.ndarray:
-        assert self._acc is not None and self._weights is not None, "begin_round first"
-        return apply_mean_delta(self._weights, self._acc, self._total)
-
-    def state_dict(self) -> dict[str, Any]:
+    def aggregate(self) -> Aggregate:
         assert self._acc is not None, "begin_round first"
-        return {"total_samples": self._total, "loss_sum": self._loss_sum, "sum": self._acc}
+        denominator = self._count if self.uniform else self._total
+        if denominator < 1:
+            raise ValueError("no samples accumulated: a round needs at least one accepted update")
+        return Aggregate(self._acc, float(denominator))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def partial_state(self) -> dict[str, Any]:
+        assert self._acc is not None, "begin_round first"
+        return {"total_samples": self._total, "loss_sum": self._loss_sum, "sum": self._acc, "accepted": self._count}
+
+    def load_partial_state(self, state: dict[str, Any]) -> None:
         assert self._acc is not None, "begin_round first"
         acc = np.asarray(state["sum"], dtype=np.float64)
         if acc.shape != self._acc.shape:
             raise ValueError(f"saved accumulator has shape {acc.shape}, the model has {self._acc.shape}")
-        total, loss_sum = state["total_samples"], state["loss_sum"]
-        if not isinstance(total, int) or total < 0 or not isinstance(loss_sum, (int, float)):
-            raise ValueError("saved accumulator has a bad sample count or loss sum")
+        total, loss_sum, count = state["total_samples"], state["loss_sum"], state["accepted"]
+        if not isinstance(total, int) or total < 0 or not isinstance(count, int) or count < 0 or not isinstance(loss_sum, (int, float)):
+            raise ValueError("saved accumulator has a bad sample count, update count or loss sum")
         self._acc = acc.copy()
-        self._total = total
-        self._loss_sum = float(loss_sum)
+        self._total, self._count, self._loss_sum = total, count, float(loss_sum)
 
     def round_summary(self) -> dict[str, Any]:
         return {"samples": self._total, "train_loss": weighted_mean(self._loss_sum, self._total)}

@@ -1,6 +1,6 @@
 """Coordinate-wise median (Yin et al., 2018), unweighted. NOT streaming.
 
-Every accepted delta d_1..d_k (optionally clipped first, `--clip-norm`) is kept; at the close
+Every accepted delta d_1..d_k (clipped first when wrapped by `--clip-norm`) is kept; at the close
 
     w'[j] = w[j] + median(d_1[j], ..., d_k[j])      for every coordinate j
 
@@ -14,9 +14,12 @@ Unweighted, on purpose: the sample counts n_i are self-reported (the protocol ac
 count. The price: with honest shards of very different sizes a small device counts as much as
 a large one, and the median is a noisier estimator than the mean when nothing is attacked.
 
-Memory: the accumulator holds k * num_params float32 values (the streaming strategies hold
-one float64 vector), and state_dict() persists all of them after every accepted update so
-the restart contract holds: bound k with --target-devices. See docs/security-robust-dp.md.
+Memory: the accumulator holds k * num_params float32 values (FedAvg holds one float64
+vector), and partial_state() persists all of them after every accepted update so the restart
+contract holds: bound k with --target-devices. See docs/security-robust-dp.md.
+
+The round record carries the norms of the deltas the rule holds (`update_norm_median`,
+`update_norm_max`), computed at the close from the stack.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.protocol import Update
 
-from fleetlearn.aggregator.clipping import clip_delta, l2_norm, norm_summary
-from fleetlearn.aggregator.fedavg import FedAvg, weighted_mean
+from fleetlearn.aggregator.clipping import l2_norm, norm_summary
+from fleetlearn.aggregator.fedavg import weighted_mean
+from fleetlearn.aggregator.strategy import Aggregate, Strategy
 
 
 def coordinate_median(deltas: np.ndarray) -> np.ndarray:
@@ -39,83 +43,61 @@ def coordinate_median(deltas: np.ndarray) -> np.ndarray:
     return np.median(stack, axis=0)
 
 
-def apply_delta(weights: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """w' = w + d, in float64, rounded once to float32 (a new array)."""
-    return (np.asarray(weights, dtype=np.float64) + delta).astype(np.float32)
+class CoordinateWise(Strategy):
+    """Shared by the coordinate-wise rules: keep every delta (float32), combine at the close."""
 
-
-class CoordinateWise(FedAvg):
-    """Shared by the non-streaming strategies: keep every (optionally clipped) delta.
-
-    Round configuration (local_epochs, lr schedule, ...) is FedAvg's; the accumulator is not.
-    """
-
-    streaming = False
-
-    def __init__(self, clip_norm: float | None = None, **round_options: Any):
-        super().__init__(**round_options)
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        self._size: int | None = None
         self._deltas: list[np.ndarray] = []
         self._samples: list[int] = []
         self._losses: list[float] = []
-        self._norms: list[float] = []
-        self._clipped = 0
 
     # the combining rule: (k, P) float32 stack -> (P,) float64 delta
     def combine(self, deltas: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def begin_round(self, global_weights: np.ndarray) -> None:
-        self._weights = np.asarray(global_weights, dtype=np.float32)
-        self._deltas, self._samples, self._losses, self._norms = [], [], [], []
-        self._clipped = 0
+    def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
+        self._size = np.asarray(global_weights).size
+        self._deltas, self._samples, self._losses = [], [], []
 
     def accumulate(self, update: Update) -> None:
-        assert self._weights is not None, "begin_round first"
-        delta = np.asarray(update.delta, dtype=np.float32)
-        self._norms.append(l2_norm(delta))
-        if self.clip_norm is not None:
-            clipped, was_clipped = clip_delta(delta, self.clip_norm)
-            delta = clipped.astype(np.float32)
-            self._clipped += int(was_clipped)
-        self._deltas.append(delta.copy())
+        assert self._size is not None, "begin_round first"
+        self._deltas.append(np.array(update.delta, dtype=np.float32))
         self._samples.append(int(update.samples))
         self._losses.append(float(update.train_loss))
 
-    def aggregate(self) -> np.ndarray:
-        assert self._weights is not None, "begin_round first"
+    def aggregate(self) -> Aggregate:
+        assert self._size is not None, "begin_round first"
         if not self._deltas:
             raise ValueError("no updates accumulated: a round needs at least one accepted update")
-        return apply_delta(self._weights, self.combine(np.stack(self._deltas)))
+        return Aggregate(self.combine(np.stack(self._deltas)), 1.0)
 
-    def state_dict(self) -> dict[str, Any]:
-        assert self._weights is not None, "begin_round first"
-        size = self._weights.size
-        stack = np.stack(self._deltas) if self._deltas else np.zeros((0, size), np.float32)
-        return {"deltas": stack, "samples": list(self._samples), "losses": list(self._losses), "norms": list(self._norms), "clipped": self._clipped}
+    def partial_state(self) -> dict[str, Any]:
+        assert self._size is not None, "begin_round first"
+        stack = np.stack(self._deltas) if self._deltas else np.zeros((0, self._size), np.float32)
+        return {"deltas": stack, "samples": list(self._samples), "losses": list(self._losses)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self._weights is not None, "begin_round first"
+    def load_partial_state(self, state: dict[str, Any]) -> None:
+        assert self._size is not None, "begin_round first"
         stack = np.asarray(state["deltas"], dtype=np.float32)
         k = len(state["samples"])
-        if stack.ndim != 2 or stack.shape != (k, self._weights.size) or len(state["losses"]) != k or len(state["norms"]) != k:
-            raise ValueError(f"saved deltas have shape {stack.shape}, expected ({k}, {self._weights.size})")
+        if stack.ndim != 2 or stack.shape != (k, self._size) or len(state["losses"]) != k:
+            raise ValueError(f"saved deltas have shape {stack.shape}, expected ({k}, {self._size})")
         if any(not isinstance(n, int) or n < 1 for n in state["samples"]):
             raise ValueError("saved accumulator has a bad sample count")
         self._deltas = [row.copy() for row in stack]
         self._samples = list(state["samples"])
         self._losses = [float(v) for v in state["losses"]]
-        self._norms = [float(v) for v in state["norms"]]
-        self._clipped = int(state["clipped"])
 
     def round_summary(self) -> dict[str, Any]:
         total = sum(self._samples)
         loss_sum = sum(float(n) * v for n, v in zip(self._samples, self._losses))
-        return {"samples": total, "train_loss": weighted_mean(loss_sum, total), **norm_summary(self.clip_norm, self._clipped, self._norms)}
+        return {"samples": total, "train_loss": weighted_mean(loss_sum, total), **norm_summary(None, 0, [l2_norm(d) for d in self._deltas])}
 
 
 class Median(CoordinateWise):
-    """Coordinate-wise median of the (optionally clipped) deltas, unweighted."""
+    """Coordinate-wise median of the deltas, unweighted."""
 
     name = "median"
 

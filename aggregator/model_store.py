@@ -6,7 +6,8 @@ accumulator, and the round log. One small contract (after NVFlare's edge ModelMa
     store.check_version(run_id, model_hash, rnd)      # None, or why an update is stale/foreign
     store.save_partial(PartialRound(...))             # before acking an accepted update
     store.load_partial(rnd)                           # after a restart mid-round
-    store.commit(rnd, new_weights, record, accepted)  # a round closed: w_r, state, rounds.jsonl
+    store.commit(rnd, new_weights, record, accepted, server_state)  # a round closed: w_r, state, rounds.jsonl
+    store.server_state                                # the strategy's cross-round state at the last commit
 
 Layout of a state dir (every file written to a temp file, fsynced, renamed; see
 edge_runtime/core/files.py):
@@ -14,15 +15,24 @@ edge_runtime/core/files.py):
     state.json                 run_id, model hash, last completed round, its weights file + sha256,
                                the last round's record and accepted (device, nonce) pairs
     global/round_0000.f32      w_0 (the bundle's initial weights), then w_1, w_2, ... (raw <f4)
+    global/server_000r.bin     the strategy's cross-round state after round r (server momentum,
+                               adaptive moments; absent for rules without any)
     partial_round.bin          the open round's accumulator (absent between rounds)
     rounds.jsonl               one RoundMetrics line per closed round (aggregator/round_log.py:
                                rewritten and renamed, never torn)
     model.onnx                 the final forward-only model (after the last round)
     bundle/                    the exported bundle, when the aggregator exported it (--model)
 
+Two kinds of strategy state, never mixed (aggregator/strategy.py): the within-round
+accumulator lives in partial_round.bin (written before acks, group commit); the cross-round
+server state lives beside the weights it belongs to and is committed with them.
+
 Commit order, so a crash anywhere leaves a state a restart can use:
     1. global/round_000r.f32   (a new file; the old state still names w_{r-1})
-    2. state.json -> round r   (the commit point; it also holds round r's record)
+       global/server_000r.bin  (a new file, when the strategy has cross-round state)
+    2. state.json -> round r   (the commit point: it names both files with their sha256, so the
+                               weights and the server state of one round become current together;
+                               it also holds round r's record)
     3. rounds.jsonl            (a restart appends round r's record from state.json if missing)
     4. partial_round.bin removed (a restart ignores a partial whose round is already committed)
 """
@@ -51,6 +61,7 @@ from fleetlearn.aggregator.round_log import ROUND_LOG, append_round_record, read
 STATE_FORMAT = "fleetlearn-aggregator-state"
 STATE_VERSION = 1
 PARTIAL_MAGIC = b"FLPART1\n"
+SERVER_MAGIC = b"FLSRV1\n\0"
 _U32 = struct.Struct("<I")
 
 
@@ -77,13 +88,13 @@ class PartialRound:
     extensions: int = 0
 
 
-def encode_partial(p: PartialRound) -> bytes:
-    """magic | u32 header length | header JSON | arrays (raw, in header order), crc32 in header."""
+def pack_state(state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
+    """A depth-1 dict of JSON values and numpy arrays -> (scalars, array table, raw body)."""
     scalars: dict[str, Any] = {}
     arrays: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     offset = 0
-    for key, value in p.strategy.items():
+    for key, value in state.items():
         if isinstance(value, np.ndarray):
             arr = np.ascontiguousarray(value)
             dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder not in ("|", "<") else arr.dtype
@@ -93,42 +104,61 @@ def encode_partial(p: PartialRound) -> bytes:
             offset += len(raw)
         else:
             scalars[key] = value
-    body = b"".join(blobs)
+    return scalars, arrays, b"".join(blobs)
+
+
+def unpack_state(scalars: dict[str, Any], arrays: list[dict[str, Any]], body: bytes) -> dict[str, Any]:
+    """Inverse of pack_state; ValueError for a truncated array."""
+    state: dict[str, Any] = dict(scalars)
+    for a in arrays:
+        chunk = body[a["offset"] : a["offset"] + a["nbytes"]]
+        if len(chunk) != a["nbytes"]:
+            raise ValueError(f"array {a['key']!r} truncated")
+        state[a["key"]] = np.frombuffer(chunk, dtype=np.dtype(a["dtype"])).reshape(a["shape"]).copy()
+    return state
+
+
+def _frame(magic: bytes, header: dict[str, Any], body: bytes) -> bytes:
+    hb = json.dumps({**header, "crc32": zlib.crc32(body)}, separators=(",", ":"), allow_nan=False).encode()
+    return magic + _U32.pack(len(hb)) + hb + body
+
+
+def _unframe(magic: bytes, raw: bytes, what: str) -> tuple[dict[str, Any], bytes]:
+    if not raw.startswith(magic) or len(raw) < len(magic) + 4:
+        raise ValueError(f"not a {what} file")
+    (hlen,) = _U32.unpack_from(raw, len(magic))
+    start = len(magic) + 4
+    if start + hlen > len(raw):
+        raise ValueError("truncated header")
+    header = json.loads(raw[start : start + hlen].decode())
+    body = raw[start + hlen :]
+    if zlib.crc32(body) != header["crc32"]:
+        raise ValueError(f"{what} fails its crc32")
+    return header, body
+
+
+def encode_partial(p: PartialRound) -> bytes:
+    """magic | u32 header length | header JSON | arrays (raw, in header order), crc32 in header."""
+    scalars, arrays, body = pack_state(p.strategy)
     header = {
         "run_id": p.run_id,
         "round": p.round,
         "accepted": [[d, n] for d, n in p.accepted.items()],
         "strategy": scalars,
         "arrays": arrays,
-        "crc32": zlib.crc32(body),
         "opened_at": p.opened_at,
         "bytes_in": p.bytes_in,
         "bytes_out": p.bytes_out,
         "rejected": p.rejected,
         "extensions": p.extensions,
     }
-    hb = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return PARTIAL_MAGIC + _U32.pack(len(hb)) + hb + body
+    return _frame(PARTIAL_MAGIC, header, body)
 
 
 def decode_partial(raw: bytes) -> PartialRound:
     """Inverse of encode_partial; ValueError with the reason on any inconsistency."""
-    if not raw.startswith(PARTIAL_MAGIC) or len(raw) < len(PARTIAL_MAGIC) + 4:
-        raise ValueError("not a partial-round file")
-    (hlen,) = _U32.unpack_from(raw, len(PARTIAL_MAGIC))
-    start = len(PARTIAL_MAGIC) + 4
-    if start + hlen > len(raw):
-        raise ValueError("truncated header")
-    header = json.loads(raw[start : start + hlen].decode())
-    body = raw[start + hlen :]
-    if zlib.crc32(body) != header["crc32"]:
-        raise ValueError("accumulator fails its crc32")
-    strategy: dict[str, Any] = dict(header["strategy"])
-    for a in header["arrays"]:
-        chunk = body[a["offset"] : a["offset"] + a["nbytes"]]
-        if len(chunk) != a["nbytes"]:
-            raise ValueError(f"array {a['key']!r} truncated")
-        strategy[a["key"]] = np.frombuffer(chunk, dtype=np.dtype(a["dtype"])).reshape(a["shape"]).copy()
+    header, body = _unframe(PARTIAL_MAGIC, raw, "partial-round")
+    strategy = unpack_state(header["strategy"], header["arrays"], body)
     accepted = {str(d): str(n) for d, n in header["accepted"]}
     return PartialRound(
         run_id=header["run_id"],
@@ -143,16 +173,29 @@ def decode_partial(raw: bytes) -> PartialRound:
     )
 
 
+def encode_server_state(run_id: str, rnd: int, state: dict[str, Any]) -> bytes:
+    """The strategy's cross-round state after round `rnd`, in the partial file's framing."""
+    scalars, arrays, body = pack_state(state)
+    return _frame(SERVER_MAGIC, {"run_id": run_id, "round": rnd, "state": scalars, "arrays": arrays}, body)
+
+
+def decode_server_state(raw: bytes) -> tuple[str, int, dict[str, Any]]:
+    header, body = _unframe(SERVER_MAGIC, raw, "server-state")
+    return header["run_id"], int(header["round"]), unpack_state(header["state"], header["arrays"], body)
+
+
 class ModelStore:
     """Versioned global model of one run. Not thread-safe: the round engine's thread owns it."""
 
-    def __init__(self, state_dir: Path, run_id: str, model_hash: str, num_params: int, round_: int, weights: np.ndarray, doc: dict[str, Any]):
+    def __init__(self, state_dir: Path, run_id: str, model_hash: str, num_params: int, round_: int, weights: np.ndarray, doc: dict[str, Any],
+                 server_state: dict[str, Any] | None = None):
         self.state_dir = state_dir
         self.run_id = run_id
         self.model_hash = model_hash
         self.num_params = num_params
         self.round = round_  # last completed round; 0 before round 1 closes
         self.weights = weights
+        self.server_state: dict[str, Any] = server_state or {}  # the strategy's state_dict() at that commit
         self._doc = doc
 
     # ------------------------------------------------------------ paths
@@ -171,6 +214,9 @@ class ModelStore:
 
     def weights_path(self, rnd: int) -> Path:
         return self.state_dir / "global" / f"round_{rnd:04d}.f32"
+
+    def server_state_path(self, rnd: int) -> Path:
+        return self.state_dir / "global" / f"server_{rnd:04d}.bin"
 
     @property
     def last_record(self) -> dict[str, Any] | None:
@@ -212,7 +258,7 @@ class ModelStore:
         if len(raw) != 4 * num_params or _sha256(raw) != doc.get("weights_sha256"):
             raise StateError(f"{wpath} fails its size/sha256 check (corrupt state dir)")
         weights = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-        store = cls(state_dir, run_id, model_hash, num_params, rnd, weights, doc)
+        store = cls(state_dir, run_id, model_hash, num_params, rnd, weights, doc, _read_server_state(state_dir, doc, run_id, rnd))
         store._repair()
         return store
 
@@ -265,7 +311,16 @@ class ModelStore:
         atomic_write_bytes(self.weights_path(rnd), raw)
         return raw
 
-    def _write_state(self, rnd: int, weights: np.ndarray, record: dict[str, Any] | None, accepted: dict[str, str]) -> None:
+    def _write_server_state(self, rnd: int, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Write round `rnd`'s server state (a new file); its entry for state.json, None if empty."""
+        if not state:
+            return None
+        raw = encode_server_state(self.run_id, rnd, state)
+        path = self.server_state_path(rnd)
+        atomic_write_bytes(path, raw)
+        return {"file": str(path.relative_to(self.state_dir)), "sha256": _sha256(raw)}
+
+    def _write_state(self, rnd: int, weights: np.ndarray, record: dict[str, Any] | None, accepted: dict[str, str], server: dict[str, Any] | None = None) -> None:
         raw = np.ascontiguousarray(weights, dtype="<f4").tobytes()
         doc = {
             "format": STATE_FORMAT,
@@ -278,14 +333,17 @@ class ModelStore:
             "weights_sha256": _sha256(raw),
             "last_record": record,
             "last_accepted": accepted,
+            "server_state": server,
             "created": self._doc.get("created", time.time()),
             "updated": time.time(),
         }
         atomic_write_json(self.state_path, doc)
         self._doc = doc
 
-    def commit(self, rnd: int, weights: np.ndarray, record: RoundMetrics | dict[str, Any], accepted: dict[str, str]) -> None:
-        """Round `rnd` closed with `weights`: make it durable (see the module docstring for the order).
+    def commit(self, rnd: int, weights: np.ndarray, record: RoundMetrics | dict[str, Any], accepted: dict[str, str],
+               server_state: dict[str, Any] | None = None) -> None:
+        """Round `rnd` closed with `weights` (and the strategy's cross-round `server_state` after
+        it): make them durable together (see the module docstring for the order).
 
         `record` is checked as a RoundMetrics (a dict is converted) before anything is written:
         rounds.jsonl holds only what the protocol says a round record is."""
@@ -297,11 +355,13 @@ class ModelStore:
         if weights.shape != (self.num_params,):
             raise ValueError(f"new weights have shape {weights.shape}")
         self._write_weights(rnd, weights)
-        self._write_state(rnd, weights, record.to_doc(), dict(accepted))
+        server = self._write_server_state(rnd, dict(server_state or {}))
+        self._write_state(rnd, weights, record.to_doc(), dict(accepted), server)
         append_round_record(self.rounds_log, record)
         self.clear_partial()
         self.round = rnd
         self.weights = weights
+        self.server_state = dict(server_state or {})
 
     # ------------------------------------------------------------ partial round
 
@@ -333,3 +393,24 @@ class ModelStore:
             self.partial_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _read_server_state(state_dir: Path, doc: dict[str, Any], run_id: str, rnd: int) -> dict[str, Any]:
+    """The server state state.json names (checked against its sha256, run and round); {} if none."""
+    entry = doc.get("server_state")
+    if not entry:
+        return {}
+    path = state_dir / str(entry.get("file", ""))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"{state_dir}: server state of round {rnd} unreadable ({exc})") from None
+    if _sha256(raw) != entry.get("sha256"):
+        raise StateError(f"{path} fails its sha256 check (corrupt state dir)")
+    try:
+        saved_run, saved_round, state = decode_server_state(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path} is corrupt ({exc})") from None
+    if saved_run != run_id or saved_round != rnd:
+        raise StateError(f"{path} belongs to run {saved_run[:8]} round {saved_round}, not run {run_id[:8]} round {rnd}")
+    return state

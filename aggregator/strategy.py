@@ -1,64 +1,92 @@
-"""The aggregation strategy interface (after Flower's `Strategy`): a small abstract class.
+"""The strategy interface (after Flower's `serverapp/strategy/`): an aggregation rule, optionally
+wrapped (clipping, DP noise), ending in a server step.
 
-A strategy decides what devices are asked to do each round and how accepted updates become
-the next global model. The round engine (aggregator/server.py) owns everything else: the
-protocol, validation, deadlines, acks, durability. It calls, per round:
+A strategy is only how accepted updates become the next global model. The engine owns the
+rest: the protocol, validation, deadlines, acks, durability, and each round's training config
+(aggregator/schedule.py's TrainingPlan). Per round the engine calls:
 
-    config = strategy.configure_round(r, w)     # RoundConfig sent in the GLOBAL frame
-    strategy.begin_round(w)                     # reset the accumulator for round r
-    strategy.accumulate(update)                 # once per *accepted* update, in arrival order
-    ... state_dict() persisted after every accumulate, before the device's ack ...
-    w_next = strategy.aggregate()               # at close (>= 1 accepted update)
+    strategy.begin_round(r, w)                    # reset the within-round accumulator
+    strategy.accumulate(update)                   # once per *accepted* update, in arrival order
+    ... partial_state() persisted with the accepted list before those updates are acked ...
+    agg = strategy.aggregate()                    # at close (>= 1 accepted): Aggregate(total, denominator)
+    w_next = strategy.step(w, agg)                # the server step: w + total/denominator for plain rules
+    store.commit(r, w_next, record, accepted, server_state=strategy.state_dict())
 
-and after a restart mid-round, `begin_round(w)` then `load_state_dict(saved)`.
+Two kinds of state, persisted in two places:
+  * within-round (`partial_state` / `load_partial_state`): the open round's accumulator (a
+    running sum, or every delta for the coordinate-wise rules). Written to partial_round.bin
+    before every group of acks; after a restart mid-round the engine calls `begin_round(r, w)` then
+    `load_partial_state(saved)`. Reset by `begin_round`.
+  * cross-round (`state_dict` / `load_state_dict`): what a server optimizer carries from round
+    to round (momentum, adaptive moments). Changed only by `step`, and committed by
+    ModelStore.commit in the same atomic commit as the weights `step` returned, so a SIGKILL
+    never leaves weights of round r with the momentum of round r-1. Loaded once at start.
+    Rules without it return {} (the default).
 
 Contract:
   * `accumulate` sees only validated updates (finite delta of the right size, samples >= 1,
-    current run / model / round, one per device). A strategy that still refuses one (e.g. a
-    clipping bound it cannot honour) raises `ProtocolError(reason)`; the engine then rejects
-    that update with the reason, acks it as not accepted and logs it with the device id: it
-    is dropped, never fatal.
-  * `state_dict()` returns a dict of JSON values and numpy arrays (any depth-1 mix); the
-    engine writes it atomically and gives the same dict back to `load_state_dict`. It must
-    capture everything `accumulate` changed, so that "persist, crash, restart, load" yields
-    the bit-identical `aggregate()` result.
-  * `aggregate()` returns a new float32 vector of the model's size and must not modify the
-    weights it was given.
+    current run / model / round, one per device). A strategy that still refuses one raises
+    `ProtocolError(reason)`; the engine rejects that update with the reason (never fatal).
+  * state dicts hold JSON values and numpy arrays at depth 1; wrappers merge their keys into
+    their inner strategy's (a clash is a bug and raises). "persist, crash, restart, load" must
+    give the bit-identical `aggregate()` and `step()`.
+  * `aggregate()` is pure (calling it twice gives the same result); `step()` returns a new
+    float32 vector and never modifies the weights it was given.
 
-Room for more strategies, one file each, registered in STRATEGIES below:
-  * `trimmed_mean.py`, `median.py` (coordinate-wise, Byzantine-robust): NOT streaming. A
-    median needs every delta at once, so their accumulator holds k * num_params floats and
-    their state_dict persists all of them; memory grows with the device count. Bound it
-    with target_devices.
-  * `clipping.py` (norm clipping before FedAvg): streaming; clip in `accumulate`.
-  * `dp_fedavg.py` (clipping + Gaussian noise on the mean): streaming; noise in `aggregate`,
-    with the noise RNG seeded from persisted state so a restart reproduces the same result.
+Adding a strategy: one file with the rule (or server optimizer) and its Options, and one line
+in aggregator/registry.py (docs/aggregator.md, "Adding a strategy").
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import RoundConfig, Update
+from fleetlearn.edge_runtime.core.protocol import Update
+
+from fleetlearn.aggregator.options import Options
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A round's aggregated update as a fraction, Delta = total / denominator (float64 (P,)).
+
+    Kept as a fraction so a wrapper can act on the sum before the division: DP noise is added
+    to the clipped sum, then divided by the fixed expected participant count (dp_fedavg.py)."""
+
+    total: np.ndarray
+    denominator: float
+
+    def delta(self) -> np.ndarray:
+        """Delta = total / denominator, float64."""
+        if not self.denominator > 0:
+            raise ValueError(f"aggregate denominator must be > 0, got {self.denominator}")
+        return self.total / float(self.denominator)
+
+
+def apply_delta(weights: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """w' = w + Delta, in float64, rounded once to float32 (a new array)."""
+    return (np.asarray(weights, dtype=np.float64) + delta).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class NoOptions(Options):
+    """A rule with nothing to configure."""
 
 
 class Strategy(ABC):
     """How accepted updates become the next global model."""
 
-    name: str = "abstract"
-    streaming: bool = True  # False: the accumulator holds every delta (memory ~ devices)
+    name: ClassVar[str] = "abstract"
+    Options: ClassVar[type[Options]] = NoOptions
+
+    # ------------------------------------------------------------ within a round
 
     @abstractmethod
-    def configure_round(self, rnd: int, global_weights: np.ndarray) -> RoundConfig:
-        """The training settings devices get for round `rnd` (None fields: device's own)."""
-
-    @abstractmethod
-    def begin_round(self, global_weights: np.ndarray) -> None:
+    def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
         """Forget the previous round's accumulator; `global_weights` opens this round."""
 
     @abstractmethod
@@ -66,38 +94,97 @@ class Strategy(ABC):
         """Fold one accepted update in. May raise ProtocolError(reason) to refuse it."""
 
     @abstractmethod
-    def aggregate(self) -> np.ndarray:
-        """The next global weights (float32) from everything accumulated this round."""
+    def aggregate(self) -> Aggregate:
+        """The round's aggregated update from everything accumulated (>= 1 update)."""
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """The partial accumulator: JSON values and numpy arrays."""
+    def partial_state(self) -> dict[str, Any]:
+        """The within-round accumulator: JSON values and numpy arrays."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (after `begin_round` with the same weights)."""
+    def load_partial_state(self, state: dict[str, Any]) -> None:
+        """Restore what `partial_state` returned (after `begin_round` with the same weights)."""
 
     def round_summary(self) -> dict[str, Any]:
         """Extra per-round fields for rounds.jsonl (e.g. samples, train_loss)."""
         return {}
 
+    # ------------------------------------------------------------ across rounds
 
-# name -> "module:Class"; one file per strategy.
-STRATEGIES: dict[str, str] = {
-    "fedavg": "fleetlearn.aggregator.fedavg:FedAvg",
-    "clipped-fedavg": "fleetlearn.aggregator.clipping:ClippedFedAvg",
-    "median": "fleetlearn.aggregator.median:Median",
-    "trimmed-mean": "fleetlearn.aggregator.trimmed_mean:TrimmedMean",
-    "dp-fedavg": "fleetlearn.aggregator.dp_fedavg:DPFedAvg",
-}
-# --clip-norm / --trim-fraction / --dp-* pick and configure these: aggregator/strategy_options.py
+    def step(self, weights: np.ndarray, agg: Aggregate) -> np.ndarray:
+        """The server step: the next global weights (float32). Plain rules: w + Delta."""
+        return apply_delta(weights, agg.delta())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Cross-round state (server optimizer moments); {} for a rule without any."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned at the last commit ({} for a fresh run)."""
+        if state:
+            raise ValueError(f"the state dir holds server-optimizer state ({', '.join(sorted(state))}) that --strategy {self.name} does not keep")
+
+    @property
+    def rule(self) -> "Strategy":
+        """The aggregation rule at the core (wrappers return their inner strategy's)."""
+        return self
 
 
-def make_strategy(name: str, **options: Any) -> Strategy:
-    """Instantiate a registered strategy; UsageError for an unknown name."""
-    target = STRATEGIES.get(name)
-    if target is None:
-        raise UsageError(f"--strategy {name!r} is not one of: {', '.join(sorted(STRATEGIES))}")
-    module_name, cls_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**options)
+class Wrapper(Strategy):
+    """A strategy around another one (clipping, DP noise): by default every call is the inner
+    strategy's; a wrapper overrides what it changes and merges its state keys into the inner's."""
+
+    prefix: ClassVar[str] = ""  # the composition is named f"{prefix}-{inner.name}"
+
+    def __init__(self, inner: Strategy):
+        self.inner = inner
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.prefix}-{self.inner.name}"
+
+    @property
+    def rule(self) -> Strategy:
+        return self.inner.rule
+
+    def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
+        self.inner.begin_round(rnd, global_weights)
+
+    def accumulate(self, update: Update) -> None:
+        self.inner.accumulate(update)
+
+    def aggregate(self) -> Aggregate:
+        return self.inner.aggregate()
+
+    def own_partial_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_own_partial_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def partial_state(self) -> dict[str, Any]:
+        return merge_states(self.inner.partial_state(), self.own_partial_state())
+
+    def load_partial_state(self, state: dict[str, Any]) -> None:
+        own = self.own_partial_state().keys()
+        self.load_own_partial_state({k: v for k, v in state.items() if k in own})
+        self.inner.load_partial_state({k: v for k, v in state.items() if k not in own})
+
+    def round_summary(self) -> dict[str, Any]:
+        return self.inner.round_summary()
+
+    def step(self, weights: np.ndarray, agg: Aggregate) -> np.ndarray:
+        return self.inner.step(weights, agg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def merge_states(inner: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    clash = set(inner) & set(own)
+    if clash:
+        raise ValueError(f"state keys {sorted(clash)} are used by a wrapper and its inner strategy")
+    return {**inner, **own}

@@ -10,17 +10,20 @@ at beta = 0.1) it is the plain unweighted mean and defends against nothing, whic
 record shows as trimmed = 0. beta must be in [0, 0.5): then k - 2t >= 1 for every k >= 1.
 
 Unweighted and memory-hungry for the same reasons as the median (aggregator/median.py): it
-holds and persists k * num_params float32 values.
+holds and persists k * num_params float32 values; clipping, when asked for, wraps it
+(aggregator/clipping.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fleetlearn.aggregator.median import CoordinateWise
+from fleetlearn.aggregator.options import Options, option
 
 
 def check_trim_fraction(beta: float) -> float:
@@ -48,14 +51,21 @@ def coordinate_trimmed_mean(deltas: np.ndarray, beta: float) -> np.ndarray:
     return kept.mean(axis=0)
 
 
+@dataclass(frozen=True)
+class TrimmedMeanOptions(Options):
+    trim_fraction: float = option(0.1, "--trim-fraction", float, "trimmed-mean: drop floor(BETA*k) largest and smallest values per coordinate",
+                                  metavar="BETA", check=lambda b: 0 <= b < 0.5, bound="in [0, 0.5)")
+
+
 class TrimmedMean(CoordinateWise):
-    """Coordinate-wise beta-trimmed mean of the (optionally clipped) deltas, unweighted."""
+    """Coordinate-wise beta-trimmed mean of the deltas, unweighted."""
 
     name = "trimmed-mean"
+    Options = TrimmedMeanOptions
 
-    def __init__(self, trim_fraction: float = 0.1, clip_norm: float | None = None, **round_options: Any):
-        super().__init__(clip_norm=clip_norm, **round_options)
-        self.trim_fraction = check_trim_fraction(trim_fraction)
+    def __init__(self, options: TrimmedMeanOptions | None = None):
+        super().__init__(options)
+        self.trim_fraction = float(self.options.trim_fraction)
 
     def combine(self, deltas: np.ndarray) -> np.ndarray:
         return coordinate_trimmed_mean(deltas, self.trim_fraction)

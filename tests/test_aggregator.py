@@ -426,11 +426,11 @@ def test_broker_restart_mid_round_republishes_retained_state(any_broker, boston_
 
 def test_python_api_in_process_with_the_embedded_broker(boston_bundle, tmp_path):
     """What `fleetlearn demo` can do without subprocesses: EmbeddedBroker + Aggregator in threads."""
-    from fleetlearn.aggregator import Aggregator, AggregatorConfig, EmbeddedBroker
+    from fleetlearn.aggregator import Aggregator, AggregatorConfig, EmbeddedBroker, RoundPolicy
 
     events: list[tuple[str, dict]] = []
     with EmbeddedBroker("127.0.0.1", 0) as broker:
-        cfg = AggregatorConfig(broker=broker.url, state_dir=tmp_path / "state", rounds=2, min_devices=1, bundle=boston_bundle, fleet=FLEET, deadline=20)
+        cfg = AggregatorConfig(broker=broker.url, state_dir=tmp_path / "state", bundle=boston_bundle, rounds=RoundPolicy(rounds=2, min_devices=1, deadline=20), fleet=FLEET)
         agg = Aggregator(cfg, on_event=lambda name, fields: events.append((name, fields)))
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(agg.run()))
@@ -453,11 +453,42 @@ def test_python_api_in_process_with_the_embedded_broker(boston_bundle, tmp_path)
 
 
 def test_stop_from_another_thread_while_waiting(boston_bundle, tmp_path):
-    from fleetlearn.aggregator import AggregatorConfig, EmbeddedBroker
-    from fleetlearn.aggregator.server import Aggregator
+    from fleetlearn.aggregator import AggregatorConfig, EmbeddedBroker, RoundPolicy
+    from fleetlearn.aggregator.engine import Aggregator
 
     with EmbeddedBroker("127.0.0.1", 0) as broker:
-        agg = Aggregator(AggregatorConfig(broker=broker.url, state_dir=tmp_path / "s", rounds=1, min_devices=1, bundle=boston_bundle, deadline=60))
+        agg = Aggregator(AggregatorConfig(broker=broker.url, state_dir=tmp_path / "s", bundle=boston_bundle, rounds=RoundPolicy(rounds=1, min_devices=1, deadline=60)))
         threading.Timer(2.0, agg.stop).start()
         t0 = time.monotonic()
         assert agg.run() == 143 and time.monotonic() - t0 < 10
+
+
+def test_an_overflowing_model_fails_the_round_and_emits_round_failed(boston_bundle, tmp_path):
+    """Finite updates whose server step overflows float32 (fedavgm at --server-lr 10): the round
+    fails (exit 3), and the failure is logged, published and handed to on_event alike."""
+    from fleetlearn.aggregator import Aggregator, AggregatorConfig, EmbeddedBroker, RoundPolicy, StrategyChoice
+
+    events: list[tuple[str, dict]] = []
+    with EmbeddedBroker("127.0.0.1", 0) as broker:
+        cfg = AggregatorConfig(broker=broker.url, state_dir=tmp_path / "state", bundle=boston_bundle, fleet=FLEET,
+                               rounds=RoundPolicy(rounds=2, min_devices=1, deadline=20),
+                               strategy=StrategyChoice("fedavgm", {"server_lr": 10.0}))
+        agg = Aggregator(cfg, on_event=lambda name, fields: events.append((name, fields)))
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(agg.run()))
+        thread.start()
+        dev = Peer(broker.url, "dev-a")
+        try:
+            g = dev.global_model(1)
+            dev.send(dev.update(g, np.full(g.weights.size, 1e38, np.float32), 5).encode())
+            failed = dev.round_state(1, "failed")
+            thread.join(30)
+        finally:
+            agg.stop()
+            thread.join(10)
+            dev.close()
+    assert result == [3] and "NaN/Inf" in agg.exit_reason and "NaN/Inf" in failed.reason
+    (fields,) = [f for n, f in events if n == "round_failed"]
+    assert fields["round"] == 1 and fields["reason"] == agg.exit_reason
+    assert "round_closed" not in [n for n, _ in events]
+    assert not (tmp_path / "state" / "global" / "round_0001.f32").exists()  # never committed

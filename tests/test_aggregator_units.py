@@ -17,7 +17,7 @@ from fleetlearn.aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulat
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, decode_partial, encode_partial
 from fleetlearn.aggregator.round_log import append_round_record, read_round_log
 from fleetlearn.edge_runtime.core.protocol import RoundMetrics
-from fleetlearn.aggregator.strategy import make_strategy
+from fleetlearn.aggregator.registry import make_strategy
 from fleetlearn.aggregator.validation import Rejection, max_update_bytes, validate_update
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
@@ -75,14 +75,14 @@ def test_streaming_fedavg_equals_the_batch_weighted_mean(updates):
     """Folding updates one at a time gives the weighted mean of the local models."""
     w = np.linspace(-1, 1, N, dtype=np.float32)
     strat = FedAvg()
-    strat.begin_round(w)
+    strat.begin_round(1, w)
     store = type("V", (), {"run_id": "0" * 32, "model_hash": HASH, "open_round": 1})()
     for i, (n, v) in enumerate(updates):
         strat.accumulate(make_update(store, device=f"d{i}", samples=n, delta=np.full(N, v, np.float32)))
     local = [w.astype(np.float64) + np.float32(v) for _, v in updates]
     ns = np.array([n for n, _ in updates], dtype=np.float64)
     want = sum(n * m for n, m in zip(ns, local)) / ns.sum()
-    np.testing.assert_allclose(strat.aggregate(), want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(strat.step(w, strat.aggregate()), want, rtol=1e-6, atol=1e-5)
     assert strat.round_summary()["samples"] == int(ns.sum())
 
 
@@ -90,22 +90,24 @@ def test_fedavg_state_dict_round_trip_is_bit_identical(store):
     rng = np.random.default_rng(1)
     a, b = FedAvg(), FedAvg()
     w = rng.normal(size=N).astype(np.float32)
-    a.begin_round(w)
+    a.begin_round(1, w)
     a.accumulate(make_update(store, samples=13, delta=rng.normal(size=N).astype(np.float32)))
-    raw = encode_partial(PartialRound(store.run_id, 1, {"dev-a": "1" * 32}, a.state_dict()))
-    b.begin_round(w)
-    b.load_state_dict(decode_partial(raw).strategy)
+    raw = encode_partial(PartialRound(store.run_id, 1, {"dev-a": "1" * 32}, a.partial_state()))
+    b.begin_round(1, w)
+    b.load_partial_state(decode_partial(raw).strategy)
     u = make_update(store, device="dev-b", samples=5, delta=rng.normal(size=N).astype(np.float32))
     a.accumulate(u)
     b.accumulate(u)
-    assert a.aggregate().tobytes() == b.aggregate().tobytes()
+    assert a.step(w, a.aggregate()).tobytes() == b.step(w, b.aggregate()).tobytes()
+    assert a.step(w, a.aggregate()).tobytes() == apply_mean_delta(w, a.aggregate().total, a.round_summary()["samples"]).tobytes()
     assert a.round_summary() == b.round_summary()
 
 
 def test_unknown_strategy_is_a_usage_error():
-    with pytest.raises(UsageError, match="fedavg"):
+    with pytest.raises(UsageError, match="fedavg") as exc:
         make_strategy("krum")
-    assert make_strategy("fedavg", local_epochs=2).configure_round(1, np.zeros(N)).to_meta() == {"local_epochs": 2}
+    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"
+    assert type(make_strategy("fedavg")) is FedAvg
 
 
 # ------------------------------------------------------------------ validation
@@ -267,3 +269,35 @@ def test_chunk_size_bounds(boston_bundle):
 def test_update_size_bound_formula():
     assert max_update_bytes(10) == 24 + 8 * 1024 + 40 + 512
     assert struct.calcsize("<4sBBBBIIIHH") == 24
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_one_call_logs_and_notifies_every_listener(caplog):
+    import logging
+
+    from fleetlearn.aggregator.events import Events
+
+    got: list[tuple[str, dict]] = []
+
+    def broken(name, fields):
+        raise RuntimeError("listener bug")
+
+    ev = Events(lambda n, f: got.append((n, f)))
+    ev.listen(broken)
+    ev.listen(lambda n, f: got.append(("second:" + n, f)))
+    with caplog.at_level(logging.INFO, logger="fleetlearn.aggregator"):
+        ev.emit("round_failed", 3, level=logging.ERROR, reason="why it failed")
+        ev.emit("update_rejected", 3, device="pi-07", reason="bad")
+        ev.log("update_duplicate", 3, device="pi-07")  # a log line only
+        ev.emit("round_closed", 3, notify={"round": 3, "devices": ["a"]}, accepted=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fleetlearn.aggregator"]
+    assert 'event=round_failed round=3 reason="why it failed"' in lines
+    assert "event=update_rejected device=pi-07 round=3 reason=bad" in lines and "event=update_duplicate device=pi-07 round=3" in lines
+    assert sum("event=on_event_failed" in line for line in lines) == 3  # the broken listener, once per emit
+    assert got == [
+        ("round_failed", {"round": 3, "reason": "why it failed"}), ("second:round_failed", {"round": 3, "reason": "why it failed"}),
+        ("update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}), ("second:update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}),
+        ("round_closed", {"round": 3, "devices": ["a"]}), ("second:round_closed", {"round": 3, "devices": ["a"]}),
+    ]

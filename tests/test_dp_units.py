@@ -13,7 +13,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fleetlearn.aggregator.clipping import clip_delta
-from fleetlearn.aggregator.dp_fedavg import DPFedAvg, dp_epsilon, gaussian_noise, noisy_mean_delta
+from fleetlearn.aggregator.clipping import Clipping, ClippingOptions
+from fleetlearn.aggregator.dp_fedavg import DPNoise, DPOptions, dp_epsilon, gaussian_noise, noisy_mean_delta
+from fleetlearn.aggregator.fedavg import FedAvg
+from fleetlearn.aggregator.median import Median
+from fleetlearn.aggregator.registry import make_strategy
 from fleetlearn.aggregator.model_store import PartialRound, decode_partial, encode_partial
 from fleetlearn.edge_runtime.core.protocol import Update
 
@@ -63,6 +67,12 @@ def test_epsilon_behaves():
         dp_epsilon(1.0, 1.5, 1, 1e-5)
 
 
+def DPFedAvg(clip_norm, noise_multiplier, expected_participants, population=None, dp_delta=1e-5, accountant="rdp"):
+    """--strategy fedavg --clip-norm C --dp-noise-multiplier S [...] with --target-devices m."""
+    return make_strategy("fedavg", target_devices=expected_participants, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                         population=population, delta=dp_delta, accountant=accountant)
+
+
 def _update(delta, samples=10, device="d"):
     return Update(run_id="a" * 32, round=1, device_id=device, model_hash="b" * 64, samples=samples, train_loss=1.0, train_s=0.1, nonce=secrets.token_hex(16), delta=np.asarray(delta, np.float32))
 
@@ -73,17 +83,17 @@ def test_dp_fedavg_is_clip_sum_noise_divide_by_expected_participants():
     w = rng.normal(size=P).astype(np.float32)
     deltas = [rng.normal(0, s, P).astype(np.float32) for s in (0.001, 0.1, 1.0, 10.0)]  # k = 4 < m: a deadline close
     s = DPFedAvg(clip_norm=C, noise_multiplier=sigma, expected_participants=m)
-    s.configure_round(1, w)
-    s.begin_round(w)
+    s.begin_round(1, w)
     for i, d in enumerate(deltas):
         s.accumulate(_update(d, samples=10 ** i, device=f"d{i}"))  # sample counts play no part
-    seed = s.state_dict()["noise_seed"]
+    seed = s.partial_state()["noise_seed"]
     S = sum(clip_delta(d, C)[0] for d in deltas)
     z = gaussian_noise(seed, P, sigma * C)
     want = (w.astype(np.float64) + (S + z) / m).astype(np.float32)
-    got = s.aggregate()
+    got = s.step(w, s.aggregate())
     assert got.tobytes() == want.tobytes()
-    np.testing.assert_array_equal(s.aggregate(), got)  # same seed, same noise, every time
+    assert s.aggregate().delta().tobytes() == noisy_mean_delta(S, z, m).tobytes()
+    np.testing.assert_array_equal(s.step(w, s.aggregate()), got)  # same seed, same noise, every time
     summary = s.round_summary()
     assert summary["clipped"] == 3 and summary["epsilon"] == dp_epsilon(sigma, 1.0, 1, 1e-5) and summary["delta"] == 1e-5
     assert summary["samples"] == 1111 and summary["dp_sampling_rate"] == 1.0 and summary["noise_multiplier"] == sigma
@@ -95,9 +105,9 @@ def test_noise_has_the_calibrated_scale_and_fresh_seeds_each_round():
     s = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_participants=2)
     w = np.zeros(10, np.float32)
     seeds = set()
-    for _ in range(5):
-        s.begin_round(w)
-        seeds.add(s.state_dict()["noise_seed"])
+    for r in range(5):
+        s.begin_round(r + 1, w)
+        seeds.add(s.partial_state()["noise_seed"])
     assert len(seeds) == 5 and all(len(x) == 32 for x in seeds)
 
 
@@ -120,30 +130,35 @@ def test_restart_mid_round_reproduces_the_noise_and_the_result():
     w = rng.normal(size=P).astype(np.float32)
     ups = [_update(rng.normal(0, 1, P), device=f"d{i}") for i in range(5)]
     a = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5, population=50)
-    a.configure_round(3, w)
-    a.begin_round(w)
+    a.begin_round(3, w)
     for u in ups[:2]:
         a.accumulate(u)
-    raw = encode_partial(PartialRound(run_id="a" * 32, round=3, accepted={}, strategy=a.state_dict()))
+    raw = encode_partial(PartialRound(run_id="a" * 32, round=3, accepted={}, strategy=a.partial_state()))
     for u in ups[2:]:
         a.accumulate(u)
-    want = a.aggregate()
+    want = a.step(w, a.aggregate())
 
     b = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5, population=50)
-    b.configure_round(3, w)
-    b.begin_round(w)  # draws a new seed ...
-    b.load_state_dict(decode_partial(raw).strategy)  # ... which the persisted one replaces
+    b.begin_round(3, w)  # draws a new seed ...
+    b.load_partial_state(decode_partial(raw).strategy)  # ... which the persisted one replaces
     for u in ups[2:]:
         b.accumulate(u)
-    assert b.aggregate().tobytes() == want.tobytes()
+    assert b.step(w, b.aggregate()).tobytes() == want.tobytes()
     assert b.round_summary() == a.round_summary()
     assert a.round_summary()["epsilon"] == dp_epsilon(0.8, 0.1, 3, 1e-5)
 
 
 def test_bad_construction():
-    for kw in (dict(clip_norm=0), dict(noise_multiplier=-1), dict(expected_participants=0), dict(population=1, expected_participants=2), dict(dp_delta=1), dict(accountant="moments")):
+    from fleetlearn.edge_runtime.core.errors import UsageError
+
+    for kw in (dict(clip_norm=0), dict(noise_multiplier=-1), dict(population=1, expected_participants=2), dict(dp_delta=1), dict(accountant="moments")):
         args = dict(clip_norm=1.0, noise_multiplier=1.0, expected_participants=1) | kw
-        with pytest.raises(ValueError):
+        with pytest.raises(UsageError):
             DPFedAvg(**args)
+    # The wrapper itself refuses what its math cannot honour, whoever builds it.
+    clip = ClippingOptions(1.0)
+    for inner, m in ((Clipping(FedAvg(uniform=True), clip), 0), (Clipping(FedAvg(), clip), 2), (Clipping(Median(), clip), 2), (FedAvg(uniform=True), 2)):
+        with pytest.raises(ValueError):
+            DPNoise(inner, DPOptions(noise_multiplier=1.0), expected_participants=m)
     with pytest.raises(ValueError):
         noisy_mean_delta(np.zeros(2), np.zeros(2), 0)

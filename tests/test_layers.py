@@ -78,6 +78,21 @@ def test_provisioning_imports_only_the_ground_floor():
     assert not bad, "provisioning may import fleetlearn.edge_runtime only:\n" + "\n".join(bad)
 
 
+def test_the_aggregator_engine_never_exports_a_model():
+    """Exporting on start (--model) is the aggregator's CLI module's job: the engine is given a
+    bundle dir, so it runs where torch is not installed."""
+    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources("aggregator") if p.name != "cli.py"
+           for line, name in _imports(p) if name == "fleetlearn.export" or name.startswith("fleetlearn.export.") or name.split(".")[0] in ("torch", "onnx")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_over_450_lines():
+    """Small modules with one job: nothing outside tests passes 450 lines."""
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for folder in [*FOLDERS, "fleetlearn", "bench"] for p in _sources(folder)
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
+    assert not long, "\n".join(long)
+
+
 def test_no_module_uses_the_old_top_level_names():
     """`import export` / `import aggregator` would pick up a user's own export.py: only fleetlearn.* exists."""
     bad = [f"{p.relative_to(ROOT)}:{line}: {name}"

@@ -14,14 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fleetlearn.aggregator.clipping import ClippedFedAvg, clip_delta, clip_factor, l2_norm
+from fleetlearn.aggregator.clipping import Clipping, ClippingOptions, clip_delta, clip_factor, l2_norm
+from fleetlearn.aggregator.config import AggregatorConfig, RoundPolicy
+from fleetlearn.aggregator.dp_fedavg import DPNoise
 from fleetlearn.aggregator.fedavg import FedAvg
 from fleetlearn.aggregator.median import Median, coordinate_median
 from fleetlearn.aggregator.model_store import PartialRound, decode_partial, encode_partial
-from fleetlearn.aggregator.server import AggregatorConfig
-from fleetlearn.aggregator.strategy import STRATEGIES, make_strategy
-from fleetlearn.aggregator.strategy_options import strategy_options
-from fleetlearn.aggregator.trimmed_mean import TrimmedMean, coordinate_trimmed_mean, trim_count
+from fleetlearn.aggregator.registry import STRATEGIES, StrategyChoice, make_strategy
+from fleetlearn.aggregator.schedule import TrainingPlan, scheduled_lr
+from fleetlearn.aggregator.trimmed_mean import TrimmedMean, TrimmedMeanOptions, coordinate_trimmed_mean, trim_count
 from fleetlearn.edge_runtime.core.errors import UsageError
 from fleetlearn.edge_runtime.core.protocol import Update
 
@@ -96,11 +97,14 @@ def test_clip_factor():
 
 
 def _run(strategy, w, updates):
-    strategy.configure_round(1, w)
-    strategy.begin_round(w)
+    strategy.begin_round(1, w)
     for u in updates:
         strategy.accumulate(u)
-    return strategy.aggregate()
+    return strategy.step(w, strategy.aggregate())
+
+
+def ClippedFedAvg(clip_norm):
+    return Clipping(FedAvg(), ClippingOptions(clip_norm))
 
 
 def test_strategies_compute_what_the_docstrings_say():
@@ -112,7 +116,7 @@ def test_strategies_compute_what_the_docstrings_say():
     stack = np.stack(deltas).astype(np.float64)
     w0 = w.copy()
     np.testing.assert_array_equal(_run(Median(), w, ups), (w.astype(np.float64) + np.median(stack, 0)).astype(np.float32))
-    t = TrimmedMean(trim_fraction=0.2)
+    t = TrimmedMean(TrimmedMeanOptions(trim_fraction=0.2))
     np.testing.assert_array_equal(_run(t, w, ups), (w.astype(np.float64) + np.sort(stack, 0)[1:4].mean(0)).astype(np.float32))
     assert t.round_summary()["trimmed"] == 1 and t.round_summary()["samples"] == sum(ns)
     c = 1.0
@@ -123,24 +127,31 @@ def test_strategies_compute_what_the_docstrings_say():
     s = cf.round_summary()
     assert s["clipped"] == sum(np.linalg.norm(d) > c for d in stack) and s["clip_norm"] == c and s["update_norm_max"] == pytest.approx(np.linalg.norm(stack, axis=1).max())
     # Median with clipping clips first.
-    mc = Median(clip_norm=c)
+    mc = make_strategy("median", clip_norm=c)
+    assert mc.name == "clipped-median" and isinstance(mc, Clipping) and type(mc.rule) is Median
     np.testing.assert_allclose(_run(mc, w, ups), (w.astype(np.float64) + np.median(np.stack([x.astype(np.float32) for x in clipped]).astype(np.float64), 0)).astype(np.float32), rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(w, w0)  # aggregate() never modifies the weights it was given
-    assert Median.streaming is False and TrimmedMean.streaming is False and ClippedFedAvg.streaming is True
+    np.testing.assert_array_equal(w, w0)  # step() never modifies the weights it was given
+    # The coordinate-wise rules report the norms of the deltas they hold (raw here), clipping the raw ones.
+    assert mc.round_summary()["update_norm_max"] == pytest.approx(np.linalg.norm(stack, axis=1).max())
+    assert t.round_summary()["update_norm_max"] == pytest.approx(np.linalg.norm(stack, axis=1).max())
 
 
-def test_round_options_pass_through_like_fedavg():
-    """The server's round options (epochs, lr schedule...) give every strategy FedAvg's config."""
-    opts = dict(local_epochs=2, batch_size=16, lr=0.01, max_steps=None, lr_schedule="cosine", lr_min_factor=0.1, total_rounds=5)
-    w = np.zeros(3, np.float32)
-    want = [FedAvg(**opts).configure_round(r, w) for r in (1, 3, 5)]
-    for name, extra in (("median", {}), ("trimmed-mean", {"trim_fraction": 0.2}), ("clipped-fedavg", {"clip_norm": 1.0}),
-                        ("dp-fedavg", {"clip_norm": 1.0, "noise_multiplier": 1.0, "expected_participants": 3})):
-        s = make_strategy(name, **opts, **extra)
-        assert [s.configure_round(r, w) for r in (1, 3, 5)] == want, name
+def test_round_config_is_the_engines_not_the_strategys():
+    """Each round's training config comes from the TrainingPlan (the engine's), whatever the
+    strategy: epochs, batch, and the cosine-scheduled rate of the round."""
+    plan = TrainingPlan(local_epochs=2, batch_size=16, lr=0.01, lr_schedule="cosine", lr_min_factor=0.1)
+    got = [plan.round_config(r, 5, bundle_lr=0.5) for r in (1, 3, 5)]
+    assert [c.lr for c in got] == [scheduled_lr(0.01, r, 5, "cosine", 0.1) for r in (1, 3, 5)]
+    assert got[0].lr == 0.01 and got[2].lr < got[1].lr < got[0].lr
+    assert all((c.local_epochs, c.batch_size, c.max_steps) == (2, 16, None) for c in got)
+    # A schedule without --lr decays the bundle's own rate; no schedule and no --lr leaves the device's.
+    assert TrainingPlan(lr_warmup=2).round_config(1, 5, bundle_lr=0.5).lr == 0.25
+    assert TrainingPlan(local_epochs=2).round_config(3, 5, bundle_lr=0.5).to_meta() == {"local_epochs": 2}
+    for name in ("median", "trimmed-mean", "clipped-fedavg", "dp-fedavg", "fedavgm"):
+        assert not hasattr(make_strategy(name, clip_norm=1.0, noise_multiplier=1.0) if name == "dp-fedavg" else make_strategy(name, **({"clip_norm": 1.0} if name == "clipped-fedavg" else {})), "configure_round")
 
 
-@pytest.mark.parametrize("make", [lambda: Median(), lambda: Median(clip_norm=0.5), lambda: TrimmedMean(0.2, clip_norm=0.7), lambda: ClippedFedAvg(0.5)])
+@pytest.mark.parametrize("make", [lambda: Median(), lambda: make_strategy("median", clip_norm=0.5), lambda: make_strategy("trimmed-mean", trim_fraction=0.2, clip_norm=0.7), lambda: ClippedFedAvg(0.5)])
 def test_restart_mid_round_is_bit_identical_through_the_partial_encoding(make):
     """persist (the model store's real binary encoding), crash, restart, load: same bytes."""
     rng = np.random.default_rng(1)
@@ -149,18 +160,16 @@ def test_restart_mid_round_is_bit_identical_through_the_partial_encoding(make):
     whole = make()
     want = _run(whole, w, ups)
     a = make()
-    a.configure_round(1, w)
-    a.begin_round(w)
+    a.begin_round(1, w)
     for u in ups[:4]:
         a.accumulate(u)
-    raw = encode_partial(PartialRound(run_id="a" * 32, round=1, accepted={}, strategy=a.state_dict()))
+    raw = encode_partial(PartialRound(run_id="a" * 32, round=1, accepted={}, strategy=a.partial_state()))
     b = make()
-    b.configure_round(1, w)
-    b.begin_round(w)
-    b.load_state_dict(decode_partial(raw).strategy)
+    b.begin_round(1, w)
+    b.load_partial_state(decode_partial(raw).strategy)
     for u in ups[4:]:
         b.accumulate(u)
-    got = b.aggregate()
+    got = b.step(w, b.aggregate())
     assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
     assert b.round_summary() == whole.round_summary()
 
@@ -168,84 +177,137 @@ def test_restart_mid_round_is_bit_identical_through_the_partial_encoding(make):
 def test_non_streaming_state_holds_every_delta():
     m = Median()
     w = np.zeros(1000, np.float32)
-    m.begin_round(w)
+    m.begin_round(1, w)
     for i in range(5):
         m.accumulate(_update(np.full(1000, i, np.float32), device=f"d{i}"))
-    st_ = m.state_dict()
+    st_ = m.partial_state()
     assert st_["deltas"].shape == (5, 1000) and st_["deltas"].dtype == np.float32  # k * num_params floats
+    assert m.state_dict() == {}  # no cross-round state
     with pytest.raises(ValueError):
         m2 = Median()
-        m2.begin_round(np.zeros(999, np.float32))
-        m2.load_state_dict(st_)
+        m2.begin_round(1, np.zeros(999, np.float32))
+        m2.load_partial_state(st_)
 
 
 # ------------------------------------------------------------------ options
 
 
-def _cfg(tmp_path: Path, **kw) -> AggregatorConfig:
-    base = dict(broker="mqtt://127.0.0.1:1883", state_dir=tmp_path, rounds=1, min_devices=2, bundle=tmp_path)
-    return AggregatorConfig(**{**base, **kw})
+def _cfg(tmp_path: Path, strategy: str = "fedavg", target_devices: int | None = None, **options) -> AggregatorConfig:
+    return AggregatorConfig(broker="mqtt://127.0.0.1:1883", state_dir=tmp_path, bundle=tmp_path, rounds=RoundPolicy(rounds=1, min_devices=2, target_devices=target_devices),
+                            strategy=StrategyChoice(strategy, options))
+
+
+def _shape(s) -> list:
+    """A composition as [outermost ..., rule] class names with their options."""
+    out = []
+    while s is not None:
+        out.append(type(s).__name__)
+        s = getattr(s, "inner", None)
+    return out
 
 
 def test_default_options_stay_plain_fedavg(tmp_path):
     cfg = _cfg(tmp_path)
     cfg.validate()
-    assert strategy_options(cfg) == ("fedavg", {})
-    assert type(make_strategy("fedavg")) is FedAvg
-    assert set(STRATEGIES) >= {"fedavg", "median", "trimmed-mean", "clipped-fedavg", "dp-fedavg"}
+    assert type(cfg.strategy.build(cfg.rounds.target)) is FedAvg
+    assert type(make_strategy("fedavg")) is FedAvg and not make_strategy("fedavg").uniform
+    assert set(STRATEGIES) >= {"fedavg", "median", "trimmed-mean", "fedavgm"}
 
 
-def test_options_resolve_to_strategies(tmp_path):
-    assert strategy_options(_cfg(tmp_path, clip_norm=2.0)) == ("clipped-fedavg", {"clip_norm": 2.0})
-    assert strategy_options(_cfg(tmp_path, strategy="median")) == ("median", {})
-    assert strategy_options(_cfg(tmp_path, strategy="median", clip_norm=1.0)) == ("median", {"clip_norm": 1.0})
-    assert strategy_options(_cfg(tmp_path, strategy="trimmed-mean", trim_fraction=0.2)) == ("trimmed-mean", {"trim_fraction": 0.2})
-    name, extra = strategy_options(_cfg(tmp_path, target_devices=5, clip_norm=1.0, dp_noise_multiplier=1.1, dp_population=50))
-    assert name == "dp-fedavg" and extra == {"clip_norm": 1.0, "noise_multiplier": 1.1, "expected_participants": 5, "population": 50, "dp_delta": 1e-5}
+def test_options_compose_strategies(tmp_path):
+    s = _cfg(tmp_path, clip_norm=2.0).strategy.build(2)
+    assert _shape(s) == ["Clipping", "FedAvg"] and s.clip_norm == 2.0 and s.name == "clipped-fedavg"
+    assert _shape(make_strategy("clipped-fedavg", clip_norm=2.0)) == ["Clipping", "FedAvg"]
+    assert _shape(make_strategy("median")) == ["Median"]
+    m = make_strategy("median", clip_norm=1.0)
+    assert _shape(m) == ["Clipping", "Median"] and m.clip_norm == 1.0
+    t = make_strategy("trimmed-mean", trim_fraction=0.2)
+    assert _shape(t) == ["TrimmedMean"] and t.trim_fraction == 0.2
+    assert make_strategy("trimmed-mean").trim_fraction == 0.1
+    for name in ("fedavg", "dp-fedavg"):
+        dp = _cfg(tmp_path, name, target_devices=5, clip_norm=1.0, noise_multiplier=1.1, population=50).strategy.build(5)
+        assert isinstance(dp, DPNoise) and _shape(dp) == ["DPNoise", "Clipping", "FedAvg"] and dp.name == "dp-fedavg"
+        assert (dp.clip_norm, dp.noise_multiplier, dp.expected_participants, dp.population, dp.dp_delta) == (1.0, 1.1, 5, 50, 1e-5)
+        assert dp.rule.uniform  # DP-FedAvg weighs every device 1
+    dpm = make_strategy("fedavgm", target_devices=3, clip_norm=1.0, noise_multiplier=1.0, server_momentum=0.5)
+    assert _shape(dpm) == ["DPNoise", "Clipping", "FedAvgM"] and dpm.name == "dp-fedavgm" and dpm.rule.options.server_momentum == 0.5
 
 
 @pytest.mark.parametrize(
-    "kw, message",
+    "strategy, kw, message",
     [
-        (dict(strategy="krum"), "--strategy 'krum' is not one of"),
-        (dict(clip_norm=0.0), "--clip-norm must be"),
-        (dict(clip_norm=float("nan")), "--clip-norm must be"),
-        (dict(strategy="trimmed-mean", trim_fraction=0.5), "--trim-fraction must be in [0, 0.5)"),
-        (dict(dp_noise_multiplier=1.0), "--dp-noise-multiplier needs --clip-norm"),
-        (dict(dp_noise_multiplier=-1.0, clip_norm=1.0), "--dp-noise-multiplier must be"),
-        (dict(strategy="median", dp_noise_multiplier=1.0, clip_norm=1.0), "works with --strategy fedavg"),
-        (dict(strategy="dp-fedavg"), "needs --dp-noise-multiplier"),
-        (dict(strategy="clipped-fedavg"), "needs --clip-norm"),
-        (dict(dp_delta=0.0, dp_noise_multiplier=1.0, clip_norm=1.0), "--dp-delta must be in (0, 1)"),
-        (dict(dp_population=10), "--dp-population applies with --dp-noise-multiplier"),
-        (dict(dp_population=1, dp_noise_multiplier=1.0, clip_norm=1.0), "--dp-population 1 is below --target-devices 2"),
+        ("krum", {}, "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"),
+        ("fedavg", dict(clip_norm=0.0), "--clip-norm must be"),
+        ("fedavg", dict(clip_norm=float("nan")), "--clip-norm must be"),
+        ("trimmed-mean", dict(trim_fraction=0.5), "--trim-fraction must be in [0, 0.5)"),
+        ("fedavg", dict(noise_multiplier=1.0), "--dp-noise-multiplier needs --clip-norm"),
+        ("fedavg", dict(noise_multiplier=-1.0, clip_norm=1.0), "--dp-noise-multiplier must be"),
+        ("median", dict(noise_multiplier=1.0, clip_norm=1.0), "works with --strategy fedavg"),
+        ("dp-fedavg", {}, "needs --dp-noise-multiplier"),
+        ("clipped-fedavg", {}, "needs --clip-norm"),
+        ("fedavg", dict(delta=0.0, noise_multiplier=1.0, clip_norm=1.0), "--dp-delta must be in (0, 1)"),
+        ("fedavg", dict(population=10), "--dp-population applies with --dp-noise-multiplier"),
+        ("fedavg", dict(population=1, noise_multiplier=1.0, clip_norm=1.0), "--dp-population 1 is below --target-devices 2"),
+        ("fedavg", dict(accountant="moments", noise_multiplier=1.0, clip_norm=1.0), "--dp-accountant must be one of rdp, pld"),
+        ("fedavg", dict(trim_fraction=0.2), "--trim-fraction does not apply to --strategy fedavg; its options: --clip-norm, --dp-noise-multiplier"),
+        ("median", dict(server_momentum=0.5), "--server-momentum does not apply to --strategy median"),
+        ("fedavgm", dict(server_momentum=1.0), "--server-momentum must be in [0, 1), got 1.0"),
+        ("fedavgm", dict(server_lr=0.0), "--server-lr must be in (0, 10], got 0.0"),
     ],
 )
-def test_bad_options_are_one_line_usage_errors(tmp_path, kw, message):
+def test_bad_options_are_one_line_usage_errors(tmp_path, strategy, kw, message):
     with pytest.raises(UsageError) as exc:
-        _cfg(tmp_path, **kw).validate()
+        _cfg(tmp_path, strategy, **kw).validate()
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_cli_flags_reach_the_config():
+def _parser():
     import argparse
 
-    from fleetlearn.aggregator.cli import add_arguments, config_from_args
+    from fleetlearn.aggregator.cli import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    base = ["--broker", "mqtt://127.0.0.1:1", "--rounds", "1", "--min-devices", "1", "--state-dir", "s", "--bundle", "b"]
-    d = config_from_args(p.parse_args(base))
-    assert (d.strategy, d.clip_norm, d.trim_fraction, d.dp_noise_multiplier, d.dp_delta, d.dp_population) == ("fedavg", None, 0.1, None, 1e-5, None)
-    c = config_from_args(p.parse_args(base + ["--strategy", "trimmed-mean", "--clip-norm", "2.5", "--trim-fraction", "0.2", "--dp-delta", "1e-6", "--dp-population", "9"]))
-    assert (c.strategy, c.clip_norm, c.trim_fraction, c.dp_delta, c.dp_population) == ("trimmed-mean", 2.5, 0.2, 1e-6, 9)
-    assert config_from_args(p.parse_args(base + ["--dp-noise-multiplier", "1.1"])).dp_noise_multiplier == 1.1
+    return p
+
+
+BASE = ["--broker", "mqtt://127.0.0.1:1", "--rounds", "1", "--min-devices", "1", "--state-dir", "s", "--bundle", "b"]
+
+
+def test_cli_flags_reach_the_config():
+    from fleetlearn.aggregator.cli import config_from_args
+
+    p = _parser()
+    d = config_from_args(p.parse_args(BASE))
+    assert (d.strategy.name, dict(d.strategy.options)) == ("fedavg", {})  # only what was given
+    c = config_from_args(p.parse_args(BASE + ["--strategy", "trimmed-mean", "--clip-norm", "2.5", "--trim-fraction", "0.2", "--dp-delta", "1e-6", "--dp-population", "9"]))
+    assert (c.strategy.name, dict(c.strategy.options)) == ("trimmed-mean", {"clip_norm": 2.5, "trim_fraction": 0.2, "delta": 1e-6, "population": 9})
+    assert config_from_args(p.parse_args(BASE + ["--dp-noise-multiplier", "1.1"])).strategy.options == {"noise_multiplier": 1.1}
+    m = config_from_args(p.parse_args(BASE + ["--strategy", "fedavgm", "--server-lr", "0.5", "--server-momentum", "0.8", "--local-epochs", "3"]))
+    assert m.strategy.options == {"server_lr": 0.5, "server_momentum": 0.8} and m.training.local_epochs == 3
+    assert m.link.client_id == "fleetlearn-aggregator-default" and not m.link.clean_session
+    m.validate()
+
+
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
+    """Through the real `fleetlearn aggregator` entry: an unknown strategy and a foreign option."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for extra, want in ((["--strategy", "krum"], "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"),
+                        (["--strategy", "median", "--server-momentum", "0.9"], "--server-momentum does not apply to --strategy median; its options: --clip-norm")):
+        r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "aggregator", *BASE, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 2, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("fleetlearn aggregator: error: ") and want in last, r.stderr
 
 
 def test_update_is_not_mutated_by_clipping():
     d = np.full(10, 3.0, np.float32)
     u = _update(d)
     cf = ClippedFedAvg(clip_norm=1.0)
-    cf.begin_round(np.zeros(10, np.float32))
+    cf.begin_round(1, np.zeros(10, np.float32))
     cf.accumulate(u)
     assert np.all(u.delta == 3.0) and dataclasses.is_dataclass(u)

@@ -4,6 +4,11 @@ Shared by the device agent, the aggregator and the monitor. Callbacks are thin: 
 handed to `on_message(topic, payload)` from the network thread and the owner queues it; all
 protocol state lives with the owner, never here.
 
+Publishing: `publish()` tracks every QoS 1 message until the broker's PUBACK, so `flush()` can
+wait for all of them (through paho's on_publish callback, never its private fields), and
+remembers the last payload of every retained topic, so `republish_retained()` can put them back
+after a broker that lost them (a restart without persistence) comes back.
+
 Why not paho's own `loop_start()` reconnects: they back off without jitter, so a fleet that
 lost its broker reconnects in lockstep. Why TCP_NODELAY: without it, Nagle's algorithm plus
 delayed ACKs add about 40 ms to every round trip of small messages (measured here).
@@ -96,7 +101,12 @@ class MqttLink:
         self.bytes_out = 0
         self.bytes_in = 0
         self._rng = random.Random()
-        self._inflight: dict[int, str] = {}  # mid -> topic, to name the topic of a refused publish
+        self._unacked: dict[int, str] = {}  # mid -> topic of QoS 1 publishes not yet PUBACKed
+        # PUBACKs (and QoS 0 sends) seen before publish() recorded the mid: paho may call
+        # on_publish before client.publish() returns. Mids are sequential and wrap at 65535, so
+        # keeping the last 4096 can never confuse a stale entry with a reused mid.
+        self._acked_early: dict[int, None] = {}
+        self._retained: dict[str, tuple[bytes, int]] = {}  # topic -> (payload, qos), for republish_retained()
         self._thread: threading.Thread | None = None
         self.client = self._make_client()
 
@@ -170,7 +180,13 @@ class MqttLink:
     def _handle_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         # Over MQTT 5 a broker reports a denied publish (e.g. 0x87 not authorized) in its PUBACK;
         # over 3.1.1 it cannot, which is why delivery also needs end-to-end acknowledgements.
-        topic = self._inflight.pop(mid, "?")
+        with self._lock:
+            topic = self._unacked.pop(mid, None)
+            if topic is None:
+                self._acked_early[mid] = None
+                if len(self._acked_early) > 4096:
+                    del self._acked_early[next(iter(self._acked_early))]
+        topic = topic or "?"
         if reason_code is not None and getattr(reason_code, "is_failure", False):
             log.warning("event=mqtt_publish_refused client=%s topic=%s reason=%r", self.opts.client_id, topic, str(reason_code))
 
@@ -193,15 +209,50 @@ class MqttLink:
             self.client.unsubscribe(topic)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        """Queue a publish. QoS 1 messages published while offline are sent after reconnect."""
+        """Queue a publish. QoS 1 messages published while offline are sent after reconnect and
+        tracked until acknowledged (`flush`); a retained one is remembered (an empty payload
+        clears the topic and forgets it) for `republish_retained`."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if qos and len(self._inflight) < 10_000:
-            self._inflight[info.mid] = topic
+        queued = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
+        with self._lock:
+            if qos and queued:
+                if info.mid in self._acked_early:
+                    del self._acked_early[info.mid]
+                else:
+                    self._unacked[info.mid] = topic
+            if retain:
+                if payload:
+                    self._retained[topic] = (bytes(payload), qos)
+                else:
+                    self._retained.pop(topic, None)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             self.bytes_out += len(payload)
             return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         log.warning("event=mqtt_publish_failed client=%s topic=%s rc=%s", self.opts.client_id, topic, info.rc)
         return False
+
+    def unacknowledged(self) -> int:
+        """QoS 1 messages published and not yet acknowledged by the broker."""
+        with self._lock:
+            return len(self._unacked)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged every QoS 1 message published so far."""
+        end = time.monotonic() + timeout
+        while self.unacknowledged():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def republish_retained(self) -> int:
+        """Publish again the last payload of every retained topic (after a reconnect to a broker
+        that may have lost them); returns how many."""
+        with self._lock:
+            retained = list(self._retained.items())
+        for topic, (payload, qos) in retained:
+            self.publish(topic, payload, qos=qos, retain=True)
+        return len(retained)
 
     def start(self) -> "MqttLink":
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.opts.client_id}", daemon=True)

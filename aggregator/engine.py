@@ -1,0 +1,340 @@
+"""The round engine: opens rounds, folds accepted updates in, closes, evaluates, persists.
+
+    config = AggregatorConfig(broker="mqtt://127.0.0.1:1883", state_dir=Path("runs/a"),
+                              bundle=Path("bundles/boston"), rounds=RoundPolicy(5, min_devices=2))
+    code = Aggregator(config).run()     # 0 done, 3 a round failed, 130/143 stopped
+    # or run_aggregator(config)
+
+Shape (as in the device agent): MQTT callbacks only put events on a queue; the thread that
+called run() owns all state and handles one event at a time. Nothing a message holds can
+stop the loop: a bad update costs one log line and one negative ack (aggregator/intake.py).
+
+Round state machine (docs/aggregator.md has the picture):
+
+    open(r) --target reached----------------------------> closed(r) -> open(r+1) ... finished
+    open(r) --deadline, >= min accepted-----------------> closed(r)
+    open(r) --deadline, < min, extensions left----------> open(r) (deadline + D, logged)
+    open(r) --deadline, < min, no extensions left-------> failed(r)  (exit 3)
+
+Who does what: config.py (options), schedule.py (each round's training config), registry.py
+(the strategy), intake.py (validating updates, group-commit acks), publisher.py (the wire),
+evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
+
+from fleetlearn.aggregator.config import AggregatorConfig
+from fleetlearn.aggregator.events import EventCallback, Events, log
+from fleetlearn.aggregator.intake import Intake, RoundRun
+from fleetlearn.aggregator.logs import kv
+
+EXIT_OK = 0
+EXIT_ROUND_FAILED = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class RoundFailed(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Aggregator:
+    """One aggregator run. `run()` blocks; `stop()` (any thread) ends it at the next event.
+
+    `on_event(name, fields)`, when given, is called from run()'s thread for the events in
+    events.NOTIFIED: round_open, update_accepted, update_rejected, round_extended,
+    round_closed (fields: the round's record), round_failed, finished.
+    """
+
+    def __init__(self, config: AggregatorConfig, on_event: EventCallback | None = None):
+        self.config = config
+        self.events = Events(on_event)
+        self.exit_reason = ""
+        self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._stop_code = EXIT_SIGTERM
+        self._connects = 0
+        self.link: Any = None
+        self.store: Any = None
+        self.current: RoundRun | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def stop(self, code: int = EXIT_SIGTERM) -> None:
+        """End the run within half a second. Safe from a signal handler: it only sets a flag
+        (putting on the event queue there could deadlock on the queue's lock)."""
+        self._stop_code = code
+        self._stop.set()
+
+    def run(self) -> int:
+        cfg = self.config
+        cfg.validate()
+        self.topics = Topics(cfg.fleet)
+        self._setup()
+        try:
+            self._connect()
+            self.publisher.bundle(self.plan)
+            for rnd in range(self.store.open_round, cfg.rounds.rounds + 1):
+                opened = time.monotonic()
+                self._run_round(rnd)
+                # --round-interval paces the run (demos watched by a person); 0 by default.
+                if self._stop.wait(max(0.0, cfg.rounds.round_interval - (time.monotonic() - opened))) or self._stop.is_set():
+                    return self._stopped()
+            self._finish()
+            return EXIT_OK
+        except RoundFailed as exc:
+            self.exit_reason = str(exc)
+            return EXIT_ROUND_FAILED
+        except _Stopped:
+            return self._stopped()
+        finally:
+            self._flush(5.0)
+            if self.link is not None:
+                self.link.stop()
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        from fleetlearn.edge_runtime.core.bundle import load_bundle
+
+        from fleetlearn.aggregator.distribution import plan_bundle
+        from fleetlearn.aggregator.evaluation import Evaluator
+        from fleetlearn.aggregator.model_store import ModelStore, StateError
+        from fleetlearn.aggregator.signing import open_signing
+
+        cfg = self.config
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.bundle_dir = Path(cfg.bundle)
+        self.manifest = load_bundle(self.bundle_dir)
+        self.plan = plan_bundle(self.bundle_dir, self.manifest, cfg.chunk_size)
+        self.evaluator = Evaluator(self.bundle_dir, self.manifest, cfg.test_data)
+        self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights)
+        s = cfg.signing
+        self.signing = open_signing(
+            self.state_dir, self.store.run_id, self.store.open_round,
+            signing_key=s.signing_key, device_keys=s.device_keys, require=s.require_signatures,
+        )
+        self.strategy = cfg.strategy.build(cfg.rounds.target)
+        try:
+            self.strategy.load_state_dict(self.store.server_state)
+        except ValueError as exc:
+            raise StateError(f"{self.state_dir}: {exc}; use the run's --strategy or a fresh --state-dir") from None
+        self.bundle_lr = float(self.manifest.optimizer.get("lr", 1e-3))
+        self.events.log(
+            "aggregator_start", None,
+            run_id=self.store.run_id, resumed_after=self.store.round, rounds=cfg.rounds.rounds,
+            model=self.manifest.model_name, model_hash=self.manifest.model_hash[:12], params=self.manifest.num_params,
+            fleet=cfg.fleet, broker=cfg.link.url, min_devices=cfg.rounds.min_devices, target_devices=cfg.rounds.target,
+            strategy=self.strategy.name,
+        )
+
+    def _connect(self) -> None:
+        from fleetlearn.edge_runtime.core.mqtt import MqttLink
+
+        from fleetlearn.aggregator.publisher import Publisher
+
+        cfg = self.config
+        self.link = MqttLink(cfg.link, on_message=self._on_message, on_connect=self._on_connect)
+        self.link.subscribe(self.topics.all_updates, qos=1)
+        self.link.subscribe(self.topics.bundle, qos=1)
+        self.publisher = Publisher(self.link, self.topics, self.signing, self.events)
+        self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.rounds.target)
+        self.link.start()
+        deadline = time.monotonic() + cfg.connect_timeout
+        while not self.link.wait_connected(0.2):
+            if self._stop.is_set():
+                raise _Stopped()
+            if time.monotonic() > deadline:
+                raise UsageError(f"cannot reach the broker at {cfg.link.url} within {cfg.connect_timeout:.0f}s: {self.link.last_error or 'no answer'}")
+
+    # ------------------------------------------------------------------ MQTT plumbing
+
+    def _on_message(self, topic: str, payload: bytes) -> None:  # network thread
+        self._queue.put(("message", topic, bytes(payload)))
+
+    def _on_connect(self) -> None:  # network thread
+        self._queue.put(("connected", "", b""))
+
+    def _flush(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged every QoS 1 message we published."""
+        if self.link is None or self.link.flush(timeout):
+            return True
+        self.events.log("flush_timeout", None, level=logging.WARNING, unacknowledged=self.link.unacknowledged())
+        return False
+
+    def _handle_next_event(self, timeout: float) -> None:
+        try:
+            kind, topic, payload = self._queue.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return
+        try:
+            if kind == "connected":
+                self._connects += 1
+                if self._connects > 1:
+                    # A restarted broker may have lost every retained message: put ours back.
+                    n = self.link.republish_retained()
+                    self.events.log("republish_retained", self.current.round if self.current else None, messages=n)
+            elif kind == "message":
+                if topic == self.topics.bundle:
+                    self.publisher.on_bundle_announcement(self.plan, payload)
+                elif self.current is not None:
+                    self.intake.on_update(self.current, topic, payload)
+        except (RoundFailed, _Stopped):
+            raise
+        except Exception as exc:  # a bug must cost one message, not the run
+            log.exception("%s", kv(event="handler_failed", round=self.current.round if self.current else "-", topic=topic, error=f"{type(exc).__name__}: {exc}"))
+
+    def _drain_events(self, limit: int = 256) -> None:
+        """Handle what is already queued (no waiting), so updates that arrived together are
+        made durable together."""
+        for _ in range(limit):
+            if self._queue.empty() or len(self.current.accepted) >= self.config.rounds.target:
+                return
+            self._handle_next_event(0.0)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _round_state(self, state: str, reason: str = "", rnd: int | None = None) -> None:
+        pol = self.config.rounds
+        run = self.current
+        r = rnd if rnd is not None else (run.round if run else self.store.open_round)
+        self.publisher.round_state(RoundState(
+            run_id=self.store.run_id, round=r, state=state, total_rounds=pol.rounds,
+            deadline=run.deadline if run and state == "open" else 0.0,
+            min_devices=pol.min_devices, target_devices=pol.target,
+            accepted=len(run.accepted) if run and rnd is None else 0, reason=reason,
+        ))
+
+    def _run_round(self, rnd: int) -> None:
+        cfg = self.config
+        pol = cfg.rounds
+        store = self.store
+        w = store.weights
+        self.strategy.begin_round(rnd, w)
+        now = time.time()
+        run = RoundRun(round=rnd, opened_at=now, deadline=now + pol.deadline, config=cfg.training.round_config(rnd, pol.rounds, self.bundle_lr))
+        partial = store.load_partial(rnd)
+        if partial is not None:
+            self.strategy.load_partial_state(partial.strategy)
+            run.accepted = dict(partial.accepted)
+            run.opened_at = partial.opened_at or now
+            run.bytes_in, run.bytes_out, run.rejected, run.extensions = partial.bytes_in, partial.bytes_out, partial.rejected, partial.extensions
+            self.events.log("round_resumed", rnd, accepted=len(run.accepted), devices=sorted(run.accepted))
+        self.current = run
+        g = GlobalModel(store.run_id, rnd, self.manifest.model_hash, w, train=True, total_rounds=pol.rounds, deadline=run.deadline, config=run.config)
+        run.bytes_out += self.publisher.global_model(g)
+        self._round_state("open")
+        self.events.emit("round_open", rnd, deadline_s=pol.deadline, min_devices=pol.min_devices, target_devices=pol.target,
+                         config=run.config.to_meta() or "-", deadline=run.deadline, accepted=len(run.accepted))
+        while True:
+            if len(run.accepted) >= pol.target:
+                self._close_round(run, "target")
+                return
+            now = time.time()
+            if now >= run.deadline:
+                if len(run.accepted) >= pol.min_devices:
+                    self._close_round(run, "deadline")
+                    return
+                self._deadline_missed(run)
+                continue
+            self._handle_next_event(min(run.deadline - now, 0.5))
+            self._drain_events()
+            if len(run.accepted) < pol.target:
+                self.intake.commit_acks(run)  # else: the round's commit at close makes them durable
+            if self._stop.is_set():
+                raise _Stopped()
+
+    def _fail(self, run: RoundRun, reason: str, **fields: Any) -> None:
+        """Round `run` failed: say so on the wire, in the log and to the callback, then stop."""
+        self._round_state("failed", reason=reason)
+        self.events.emit("round_failed", run.round, level=logging.ERROR, **fields, reason=reason)
+        raise RoundFailed(reason)
+
+    def _deadline_missed(self, run: RoundRun) -> None:
+        pol = self.config.rounds
+        k = len(run.accepted)
+        if run.extensions >= pol.max_extensions:
+            reason = (
+                f"round {run.round} failed: {k} of the {pol.min_devices} devices needed sent an accepted update "
+                f"within {pol.deadline:g}s and {pol.max_extensions} extension(s)"
+            )
+            self._fail(run, reason, accepted=k, min_devices=pol.min_devices, extensions=run.extensions)
+        run.extensions += 1
+        run.deadline = time.time() + pol.deadline
+        self.intake.save_partial(run)
+        self.intake.send_due_acks(run)
+        self._round_state("open")
+        self.events.emit(
+            "round_extended", run.round, level=logging.WARNING,
+            accepted=k, min_devices=pol.min_devices, extension=run.extensions, max_extensions=pol.max_extensions,
+            deadline=run.deadline, reason=f"only {k} of {pol.min_devices} required devices answered by the deadline",
+        )
+
+    def _close_round(self, run: RoundRun, closed_by: str) -> None:
+        k = len(run.accepted)
+        self._round_state("closed")
+        new_w = self.strategy.step(self.store.weights, self.strategy.aggregate())
+        if not np.isfinite(new_w).all():
+            # Finite deltas can still overflow float32 when summed; never publish such a model.
+            self._fail(run, f"round {run.round} failed: the aggregated model holds NaN/Inf values", accepted=k)
+        record: dict[str, Any] = {"round": run.round, "run_id": self.store.run_id, "devices": sorted(run.accepted), "accepted": k, **self.strategy.round_summary()}
+        acks = self.intake.encode_due_acks(run)  # sent once the commit below has made them durable
+        record.update(self.evaluator.evaluate(new_w))
+        closed_at = time.time()
+        record.update(
+            wall_s=round(closed_at - run.opened_at, 4), bytes_in=run.bytes_in, bytes_out=run.bytes_out,
+            deadline_extensions=run.extensions, rejected=run.rejected, closed_by=closed_by,
+            strategy=self.strategy.name, opened_at=run.opened_at, closed_at=closed_at,
+        )
+        record = _finite(record)
+        # Weights and the strategy's cross-round state become current in one commit.
+        self.store.commit(run.round, new_w, record, run.accepted, self.strategy.state_dict())
+        self.intake.publish_acks(acks)  # the commit made every accepted update of the round durable
+        self.publisher.metrics(record)
+        metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
+        self.events.emit("round_closed", run.round, notify=record, closed_by=closed_by, accepted=k, devices=record["devices"],
+                         samples=record.get("samples"), train_loss=record.get("train_loss"), wall_s=record["wall_s"], **metric)
+        self.current = None
+
+    def _finish(self) -> None:
+        pol = self.config.rounds
+        store = self.store
+        final = store.weights
+        self.publisher.global_model(GlobalModel(store.run_id, store.round + 1, self.manifest.model_hash, final, train=False, total_rounds=pol.rounds, deadline=0.0))
+        self._round_state("finished", rnd=store.round + 1)
+        out = self.state_dir / "model.onnx"
+        self.evaluator.export_final(final, out)
+        self._flush(10.0)
+        self.events.emit("finished", store.round, rounds=store.round, model=str(out), run_id=store.run_id)
+
+    def _stopped(self) -> int:
+        run = self.current
+        self.events.log("aggregator_stopped", run.round if run else None, reason="signal", accepted=len(run.accepted) if run else 0)
+        return self._stop_code
+
+
+def _finite(doc: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: a non-finite float becomes null."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in doc.items()}
+
+
+def run_aggregator(config: AggregatorConfig, on_event: EventCallback | None = None) -> int:
+    """Run to the end; 0 when every round closed, 3 when a round failed. UsageError for bad input."""
+    return Aggregator(config, on_event).run()
