@@ -80,7 +80,7 @@ class PartialRound:
     run_id: str
     round: int
     accepted: dict[str, str] = field(default_factory=dict)  # device -> nonce, arrival order
-    strategy: dict[str, Any] = field(default_factory=dict)  # Strategy.state_dict()
+    strategy: dict[str, Any] = field(default_factory=dict)  # Strategy.partial_state(): the within-round accumulator
     opened_at: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
