@@ -184,8 +184,16 @@ def test_aggregator_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mos
     (rec,) = rounds_log(state)
     assert rec["round"] == 1 and rec["devices"] == names and rec["accepted"] == 3
     assert rec["samples"] == sum(u.samples for u in updates)
-    accepted = agg_events(first, "update_accepted") + agg_events(second, "update_accepted")
-    assert sorted(re.search(r"device=(\S+)", line).group(1) for line in accepted) == names, accepted
+    # The log never claims an update twice, and never one a crash lost: update_accepted is
+    # written when the ack goes out, after the update is durable. An update made durable just
+    # before the kill, whose ack never went out, is not claimed by the first aggregator; the
+    # second restores it from the partial round (round_resumed lists it) and acks the re-send
+    # as a duplicate of a counted update.
+    accepted = [re.search(r"device=(\S+)", line).group(1)
+                for line in agg_events(first, "update_accepted") + agg_events(second, "update_accepted")]
+    assert len(accepted) == len(set(accepted)), accepted
+    restored = set(re.search(r" devices=(\S+)", resumed).group(1).split(","))
+    assert set(accepted) | restored == set(names), (accepted, restored)
     # Every nonce was acknowledged as accepted, none refused.
     acks = [Ack.decode(p) for t, p, _ in wire.snapshot() if t.startswith(T.base + "/ack/")]
     assert {a.nonce for a in acks if a.accepted} == set(seen) and not [a for a in acks if not a.accepted]
