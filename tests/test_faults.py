@@ -194,9 +194,14 @@ def test_aggregator_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mos
     assert len(accepted) == len(set(accepted)), accepted
     restored = set(re.search(r" devices=(\S+)", resumed).group(1).split(","))
     assert set(accepted) | restored == set(names), (accepted, restored)
-    # Every nonce was acknowledged as accepted, none refused.
+    # No nonce was refused, and every nonce was acknowledged as accepted, except possibly a
+    # restored one: when the restarted aggregator reaches its target with the restored updates
+    # and the queued one, the round closes before that device's re-send arrives; the device is
+    # then told by the next global model that the round closed, and its update is in the record.
     acks = [Ack.decode(p) for t, p, _ in wire.snapshot() if t.startswith(T.base + "/ack/")]
-    assert {a.nonce for a in acks if a.accepted} == set(seen) and not [a for a in acks if not a.accepted]
+    assert not [a for a in acks if not a.accepted]
+    unacked = set(seen) - {a.nonce for a in acks if a.accepted}
+    assert {u.device_id for u in updates if u.nonce in unacked} <= restored - set(accepted), unacked
 
 
 def test_device_sigkill_mid_training_round_closes_without_it_and_it_rejoins(mosquitto, tmp_path, boston_bundle, boston_shards, procs):
