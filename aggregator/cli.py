@@ -132,10 +132,13 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from fleetlearn.aggregator.logs import setup_logging
     from fleetlearn.aggregator.server import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
+    from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 
     setup_logging(args.log_level)
     config = config_from_args(args)
     config.validate()
+    # One process per state dir, held until this process exits (before the engine reads it).
+    state_lock = lock_state_dir(config.state_dir, "aggregator")  # noqa: F841 (kept alive on purpose)
     agg = Aggregator(config)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: agg.stop(EXIT_SIGTERM))

@@ -33,6 +33,7 @@ from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
+from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
 
@@ -52,7 +53,8 @@ class DeviceAgent:
         self.max_rounds = max_rounds
         self.topics = Topics(cfg.fleet)
         self.state_dir = Path(cfg.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # One device process per state dir (two would clobber the pending update): held for life.
+        self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self.events: queue.Queue[Event] = queue.Queue()
