@@ -80,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--allow-unsigned", dest="require_signatures", action="store_const", const=False, help="accept unsigned updates even though device keys are registered (signed ones are still verified)")
 
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text (key=value) or json (one object per line, for journald and log shippers)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from fleetlearn.aggregator.server import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
     from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     config.validate()
     # One process per state dir, held until this process exits (before the engine reads it).

@@ -31,6 +31,7 @@ from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
+from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
@@ -103,8 +104,7 @@ class DeviceAgent:
         self.events.put(Event("message", topic, bytes(payload)))
 
     def _log(self, level: int, event: str, round_: int | None = None, **fields) -> None:
-        extra = "".join(f" {k}={v!r}" if isinstance(v, str) and (" " in v or not v) else f" {k}={v}" for k, v in fields.items())
-        log.log(level, "event=%s device=%s round=%s%s", event, self.cfg.device_id, "-" if round_ is None else round_, extra)
+        log.log(level, "%s", kv(event=event, device=self.cfg.device_id, round="-" if round_ is None else round_, **fields))
 
     def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
         self.status_state = state
