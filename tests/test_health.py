@@ -133,17 +133,17 @@ def test_eligibility_config_is_strict_with_one_line_errors(table, message):
 # ---------------------------------------------------------------- a real device
 
 
-def wait_status(peer: Peer, state: str, round_: int | None = None, timeout: float = 60.0) -> Status:
+def wait_status(peer: Peer, state: str, round_: int | None = None, timeout: float = 60.0, device: str = "dev-0") -> Status:
     deadline = time.monotonic() + timeout
     while True:
-        _, payload = peer.wait_for(lambda t, p: t == T.status("dev-0") and bool(p), timeout=max(0.1, deadline - time.monotonic()))
+        _, payload = peer.wait_for(lambda t, p: t == T.status(device) and bool(p), timeout=max(0.1, deadline - time.monotonic()))
         st = Status.decode(payload)
         if st.state == state and round_ in (None, st.round):
             return st
 
 
-def eligible_config(tmp_path: Path, url: str, bundle: Path, data: Path, sysfs: Path, **rules) -> Path:
-    cfg = write_config(tmp_path, url, bundle, data)
+def eligible_config(tmp_path: Path, url: str, bundle: Path, data: Path, sysfs: Path, device_id: str = "dev-0", **rules) -> Path:
+    cfg = write_config(tmp_path, url, bundle, data, device_id=device_id)
     body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in rules.items())
     text = cfg.read_text().replace("\n[training]", f'\nsysfs_root = "{sysfs}"\n\n[training]')
     cfg.write_text(text + f"\n[eligibility]\n{body}")
@@ -197,3 +197,33 @@ def test_device_outside_its_hours_or_on_battery_reports_ineligible_while_idle(mo
         proc.terminate()
         proc.wait(15)
         peer.close()
+
+
+def test_aggregator_treats_an_ineligible_device_as_unavailable_not_failed(mosquitto, tmp_path, boston_bundle, boston_shards):
+    """A real aggregator, one eligible and one overheated device: each round closes at its
+    deadline with the eligible device's update; nothing is rejected, the run succeeds."""
+    from tests.procs import AggregatorProcess
+
+    shards, _ = boston_shards
+    state = tmp_path / "agg"
+    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, "--rounds", "2", "--min-devices", "1", "--target-devices", "2", "--deadline", "3",
+                            bundle=boston_bundle)
+    cool = write_config(tmp_path, mosquitto.url, boston_bundle, shards[0], device_id="dev-0")
+    hot_sys = fake_sysfs(tmp_path / "hot-sys", {"cpu-thermal": 95000})
+    hot = eligible_config(tmp_path, mosquitto.url, boston_bundle, shards[1], hot_sys, device_id="dev-1", max_cpu_temp_c=70, check_interval_s=0.2)
+    peer = Peer(mosquitto.url, [T.status("dev-1")])
+    procs = [start_device(cool, tmp_path / "dev-0.log", "--max-rounds", "2"), start_device(hot, tmp_path / "dev-1.log")]
+    try:
+        assert agg.wait(120) == 0, agg.text()[-3000:]
+        assert wait_status(peer, "ineligible", device="dev-1").detail == "CPU at 95.0 C, above max_cpu_temp_c 70"
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(15)
+        agg.stop()
+        peer.close()
+    rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["devices"] == ["dev-0"] and r["rejected"] == 0 for r in rounds)
+    assert "dev-1" not in agg.text()  # the aggregator never heard from it: no failure, no rejection
+    assert "update_sent" not in (tmp_path / "dev-1.log").read_text()
