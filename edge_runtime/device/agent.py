@@ -73,7 +73,7 @@ class DeviceAgent:
         self.signer = _load_signer(cfg)
         self.status_state = "idle"
         self.status_last: tuple[str, int | None, str] = ("idle", None, "")  # (state, round, detail) last published
-        self._status_t = 0.0  # monotonic time of the last status, for the health heartbeat
+        self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self.link = MqttLink(
