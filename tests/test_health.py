@@ -227,3 +227,27 @@ def test_aggregator_treats_an_ineligible_device_as_unavailable_not_failed(mosqui
     assert all(r["devices"] == ["dev-0"] and r["rejected"] == 0 for r in rounds)
     assert "dev-1" not in agg.text()  # the aggregator never heard from it: no failure, no rejection
     assert "update_sent" not in (tmp_path / "dev-1.log").read_text()
+
+
+def test_gate_holds_the_newest_refused_round_and_forgets_it_once_a_round_trains():
+    from types import SimpleNamespace
+
+    from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
+
+    temp = {"c": 90.0}
+    gate = EligibilityGate(parse_eligibility({"max_cpu_temp_c": 70, "check_interval_s": 5}), lambda: Health(cpu_temp_c=temp["c"]), 60)
+    g1, g2, g3 = (SimpleNamespace(round=r) for r in (1, 2, 3))
+    assert gate.refuse(g1) and gate.parked is g1
+    assert gate.refuse(g2) and gate.parked is g2  # a newer round replaces the held one
+    assert gate.verdict("ineligible", "CPU at 90.0 C, above max_cpu_temp_c 70") is None  # same reason: nothing to say
+    temp["c"] = 95.0
+    assert gate.verdict("ineligible", "CPU at 90.0 C, above max_cpu_temp_c 70") == "CPU at 95.0 C, above max_cpu_temp_c 70"
+    temp["c"] = 50.0
+    assert gate.verdict("ineligible", "x") == "eligible" and gate.verdict("idle", "") is None
+    assert gate.verdict("training", "") is None  # only idle or ineligible devices are judged between events
+    # Round 3 arrives and passes the rules: round 2 must never be trained afterwards.
+    assert gate.refuse(g3) is None and gate.take() is None
+    temp["c"] = 90.0
+    gate.refuse(g3)
+    gate.drop_until(3)  # its round closed
+    assert gate.take() is None

@@ -387,6 +387,8 @@ class DeviceAgent:
             self._log(logging.WARNING, "health_check_failed", reason=f"{type(exc).__name__}: {str(exc)[:150]}")
 
     def _on_eligible(self) -> None:
+        if self.status_state != "ineligible":
+            return  # the device moved on (a newer round passed the rules) before this event
         g = self.gate.take()
         self._status("idle", g.round if g else None)
         if g is not None:

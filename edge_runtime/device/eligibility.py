@@ -144,8 +144,9 @@ class EligibilityGate:
     def refuse(self, g: Any) -> str | None:
         """None: train g now. Else the reason, and g is held for later."""
         reason = ineligible_reason(self.rules, self.read_health()) if self.rules.any_rule else None
+        # Training g now supersedes any older round held before: never train that one later.
+        self.parked = g if reason is not None else None
         if reason is not None:
-            self.parked = g
             self.next_check = time.monotonic() + self.rules.check_interval_s
         return reason
 
