@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh Debian/Ubuntu machine with Python 3.11:
-#   make demo   -> venv + server extra, then the Boston demo on the embedded broker
+#   make demo   -> venv + server extra, then the Boston demo (on mosquitto if installed, else the embedded amqtt broker)
 #   make test   -> mosquitto (apt) + venv + dev extra, then the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -1,8 +1,15 @@
-"""Run an MQTT broker inside fleetlearn (amqtt): zero setup for a laptop demo or a test.
+"""A local MQTT broker with zero setup: Debian's mosquitto when installed, else amqtt embedded.
 
-`fleetlearn broker [--host 127.0.0.1] [--port 1883]` serves until SIGINT or SIGTERM and then
-exits 0. `EmbeddedBroker(host, port).start()` runs the same broker in a background thread with
-its own asyncio loop, so a Python program (the demo) needs no second process.
+`fleetlearn broker [--host 127.0.0.1] [--port 1883] [--embedded]` serves until SIGINT or SIGTERM
+and then exits 0. It runs mosquitto (aggregator/broker_mosquitto.py: a child process with a
+generated minimal config) when the binary is installed, and the embedded amqtt broker otherwise
+or with --embedded; its first log line says which. `EmbeddedBroker(host, port).start()` runs
+amqtt in a background thread with its own asyncio loop; `start_local_broker()` picks one the
+same way for a Python program (the demo).
+
+amqtt runs as `aggregator/amqtt_fixes.py`'s subclass, which fixes its retained-message delivery
+(0.12.1 sends a connecting client the retained messages of everybody's subscriptions); see
+docs/operations.md for what upstream should fix.
 
 What amqtt 0.12.1 is, measured here, and what follows:
   * it speaks MQTT 3.1.1 only: clients must not ask for MQTT 5 (MqttLink's default is 3.1.1);
@@ -95,9 +102,16 @@ class EmbeddedBroker:
         self._started = threading.Event()
         self._error: BaseException | None = None
 
+    name = "amqtt"
+
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        from fleetlearn.aggregator.amqtt_fixes import AMQTT_VERSION
+
+        return f"embedded amqtt {AMQTT_VERSION} (in this process)"
 
     def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
         if self._thread is not None:
@@ -155,11 +169,11 @@ class EmbeddedBroker:
 
 async def start_broker(host: str, port: int) -> Any:
     """Create and start an amqtt broker on the running loop; raises with amqtt's reason."""
-    from amqtt.broker import Broker
+    from fleetlearn.aggregator.amqtt_fixes import fixed_broker_class
 
-    broker = Broker(broker_config(host, port))
+    broker = fixed_broker_class()(broker_config(host, port))
     await broker.start()
-    log.info("event=broker_started host=%s port=%d", host, _bound_port(broker, port))
+    log.info("event=broker_started broker=amqtt host=%s port=%d", host, _bound_port(broker, port))
     return broker
 
 
@@ -194,12 +208,23 @@ async def stop_broker(broker: Any, timeout: float = 3.0) -> None:
             instance.close()
 
 
+def start_local_broker(host: str, port: int, embedded: bool = False) -> Any:
+    """mosquitto when installed (and not `embedded`), else amqtt in a thread; started. Both have
+    `.url`, `.name`, `.describe()` and `.stop()`. Raises RuntimeError with the reason."""
+    from fleetlearn.aggregator.broker_mosquitto import MosquittoBroker, mosquitto_path
+
+    if not embedded and mosquitto_path():
+        return MosquittoBroker(host, port).start()
+    return EmbeddedBroker(host, port).start()
+
+
 # ---------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for a LAN fleet)")
     parser.add_argument("--port", type=int, default=1883, help="TCP port (default 1883)")
+    parser.add_argument("--embedded", action="store_true", help="run the embedded amqtt broker even when mosquitto is installed")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -225,9 +250,38 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port")
     level = setup_logging(args.log_level)
+    from fleetlearn.aggregator.broker_mosquitto import mosquitto_path
+
+    if not args.embedded and mosquitto_path():
+        return _run_mosquitto(args.host, args.port)
     _quiet_amqtt(level)
     try:
         asyncio.run(_serve_until_signal(args.host, args.port))
     except Exception as exc:  # amqtt wraps bind errors in BrokerError
         raise UsageError(f"cannot run the broker on {args.host}:{args.port}: {exc}") from None
+    return 0
+
+
+def _run_mosquitto(host: str, port: int) -> int:
+    """mosquitto as our child until SIGINT/SIGTERM; 0 then, 1 when mosquitto dies on its own."""
+    from fleetlearn.aggregator.broker_mosquitto import MosquittoBroker
+    from fleetlearn.edge_runtime.core.errors import UsageError
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        broker = MosquittoBroker(host, port).start()
+    except RuntimeError as exc:
+        raise UsageError(f"cannot run the broker on {host}:{port}: {exc} (mosquitto)") from None
+    log.info("event=broker_started broker=mosquitto version=%s host=%s port=%d binary=%s", broker.version, host, broker.port, broker.binary)
+    try:
+        while not stop.wait(0.5):
+            if broker.returncode() is not None:
+                log.error("event=broker_died broker=mosquitto code=%s", broker.returncode())
+                return 1
+    finally:
+        log.info("event=broker_stopping")
+        broker.stop()
+    log.info("event=broker_stopped")
     return 0

@@ -86,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--allow-unsigned", dest="require_signatures", action="store_const", const=False, help="accept unsigned updates even though device keys are registered (signed ones are still verified)")
 
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text (key=value) or json (one object per line, for journald and log shippers)")
 
 
 def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
@@ -171,12 +172,15 @@ def export_on_start(args: argparse.Namespace, out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from fleetlearn.aggregator.engine import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
     from fleetlearn.aggregator.logs import setup_logging
+    from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     check_model_source(args)
     exported = Path(args.state_dir) / "bundle" if args.model is not None else None
     config = config_from_args(args, bundle=exported)
     config.validate()
+    # One process per state dir, held until this process exits (before anything reads or writes it).
+    state_lock = lock_state_dir(config.state_dir, "aggregator")  # noqa: F841 (kept alive on purpose)
     if exported is not None:
         export_on_start(args, exported)
     agg = Aggregator(config)

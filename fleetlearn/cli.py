@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fleetlearn.export.cli", "export a PyTorch model to an on-device training bundle"),
     "device": ("fleetlearn.edge_runtime.device.cli", "run the device agent (torch-free)"),
     "aggregator": ("fleetlearn.aggregator.cli", "run the federated aggregator (FedAvg over MQTT)"),
-    "broker": ("fleetlearn.aggregator.broker", "run the embedded MQTT broker (amqtt), zero setup"),
+    "broker": ("fleetlearn.aggregator.broker", "run a local MQTT broker: mosquitto if installed, else embedded amqtt"),
     "broker-config": ("fleetlearn.provisioning.broker_config", "write a secured mosquitto config for a fleet"),
     "demo": ("fleetlearn.demo", "broker + aggregator + N device processes on Boston housing"),
     "flash": ("fleetlearn.firmware_configs.flash", "write a self-contained device image from a profile"),

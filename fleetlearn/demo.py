@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=["sgd", "adamw"], help=f"on-device optimizer (default {DEFAULT_OPTIMIZER})")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate of round 1 (default {DEFAULT_LR})")
     p.add_argument("--lr-schedule", default=DEFAULT_SCHEDULE, choices=["cosine", "constant"], help=f"learning rate over the rounds (default {DEFAULT_SCHEDULE}, to {LR_MIN_FACTOR}x)")
-    p.add_argument("--broker", default=None, help="use this MQTT broker URL instead of starting the embedded one")
+    p.add_argument("--broker", default=None, help="use this MQTT broker URL instead of starting a local one")
+    p.add_argument("--embedded", action="store_true", help="start the embedded amqtt broker even when mosquitto is installed")
     p.add_argument("--fleet", default="demo", help="fleet name (topic prefix fleetlearn/<fleet>/...)")
     p.add_argument("--non-iid", action="store_true", help="shard by target value (each device sees a price band) instead of at random")
     p.add_argument("--state-dir", default=None, help="keep the aggregator's state and round log here (default: a temp dir)")
@@ -139,16 +140,16 @@ def run(args: argparse.Namespace) -> int:
     broker_handle = None
     broker_url = args.broker
     if broker_url is None:
-        from fleetlearn.aggregator.broker import EmbeddedBroker
+        from fleetlearn.aggregator.broker import start_local_broker
 
-        # MQTT's usual port when it is free, so `fleetlearn monitor` in another terminal needs
-        # no guessing; any free port otherwise.
+        # mosquitto when installed (--embedded: amqtt). MQTT's usual port when it is free, so
+        # `fleetlearn monitor` in another terminal needs no guessing; any free port otherwise.
         try:
-            broker_handle = EmbeddedBroker("127.0.0.1", 1883).start()
+            broker_handle = start_local_broker("127.0.0.1", 1883, args.embedded)
         except RuntimeError:
-            broker_handle = EmbeddedBroker("127.0.0.1", 0).start()
+            broker_handle = start_local_broker("127.0.0.1", 0, args.embedded)
         broker_url = broker_handle.url
-        say(f"embedded broker (amqtt) on {broker_url}")
+        say(f"started broker: {broker_handle.describe()} on {broker_url}")
     say(f"watch it from another terminal: fleetlearn monitor --broker {broker_url} --fleet {args.fleet}")
 
     procs: list[subprocess.Popen] = []

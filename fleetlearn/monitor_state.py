@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlearn.edge_runtime.core.protocol import Ack, RoundMetrics, RoundState, Status
+from fleetlearn.edge_runtime.core.protocol import Ack, Health, RoundMetrics, RoundState, Status
 from fleetlearn.monitor_messages import DeviceForgotten, GlobalSeen, Message, UploadSeen
 
 CLOSED_STATES = ("closed", "finished", "failed")
@@ -59,6 +59,7 @@ class DeviceView:
     seen: float = 0.0  # the monitor's clock at the last message about this device
     uploads: int = 0  # uploads seen by this monitor
     late_rounds: int = 0
+    health: Health | None = None  # the device's last health readings (None: it sent none)
 
     @property
     def online(self) -> bool:
@@ -102,6 +103,7 @@ class DeviceCounts:
     uploaded: int  # uploaded for the current round
     late: int  # late in the most recent round judged
     offline: int
+    ineligible: int = 0  # online but kept from training by their [eligibility] rules
 
 
 class FleetState:
@@ -224,9 +226,13 @@ class FleetState:
         previous = dev.state
         changed = (dev.state, dev.round, dev.detail) != (st.state, st.round, st.detail)
         dev.state, dev.round, dev.detail, dev.device_ts, dev.seen = st.state, st.round, st.detail, st.ts, now
+        dev.health = st.health or dev.health  # the Last Will carries none: keep the last readings
         if not changed:
-            return []
-        return [MonitorEvent("device", now, {"device_id": st.device_id, "state": st.state, "previous": previous, "round": st.round, "detail": st.detail})]
+            return []  # a heartbeat with fresh readings: the view shows them, no event
+        fields = {"device_id": st.device_id, "state": st.state, "previous": previous, "round": st.round, "detail": st.detail}
+        if st.health is not None:
+            fields["health"] = st.health.to_json()
+        return [MonitorEvent("device", now, fields)]
 
     def forget_device(self, device_id: str, now: float) -> list[MonitorEvent]:
         if self.devices.pop(device_id, None) is None:
@@ -327,6 +333,7 @@ class FleetState:
             uploaded=len(current.uploaded) if current else 0,
             late=len(late_view.late) if late_view else 0,
             offline=sum(not d.online for d in devices),
+            ineligible=sum(d.state == "ineligible" for d in devices),
         )
 
     def trend(self) -> tuple[str | None, list[float]]:

@@ -15,10 +15,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from fleetlearn.edge_runtime.core.protocol import Health
 from fleetlearn.monitor_state import DeviceView, FleetState, RoundView
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-DEVICE_STYLE = {"idle": "green", "fetching": "cyan", "training": "yellow", "uploading": "blue", "error": "bold red", "offline": "dim red", "unknown": "dim"}
+DEVICE_STYLE = {"idle": "green", "fetching": "cyan", "training": "yellow", "uploading": "blue", "error": "bold red", "offline": "dim red", "ineligible": "dark_orange", "unknown": "dim"}
 ROUND_STYLE = {"open": "bold yellow", "closed": "green", "finished": "bold green", "failed": "bold red"}
 
 
@@ -52,6 +53,24 @@ def _ago(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def health_text(h: Health | None) -> str:
+    """`61.2C ac rss 48.0 MB disk 3.1 GB up 2.0h`: the readings a device sent, absent ones left out."""
+    if h is None:
+        return "-"
+    parts = []
+    if h.cpu_temp_c is not None:
+        parts.append(f"{h.cpu_temp_c:.1f}C")
+    if h.power_source is not None:
+        parts.append(h.power_source)
+    if h.rss_bytes is not None:
+        parts.append(f"rss {human_bytes(h.rss_bytes)}")
+    if h.free_disk_bytes is not None:
+        parts.append(f"disk {human_bytes(h.free_disk_bytes)}")
+    if h.uptime_s is not None:
+        parts.append(f"up {_ago(h.uptime_s)}")
+    return " ".join(parts) or "-"
 
 
 def _num(v: float | None, fmt: str = ".4g") -> str:
@@ -100,6 +119,7 @@ def summary(state: FleetState) -> Text:
     for label, value, style in (
         ("online", c.online, "green"),
         ("training", c.training, "yellow"),
+        ("ineligible", c.ineligible, "dark_orange"),
         ("uploaded", c.uploaded, "blue"),
         ("late", c.late, "magenta"),
         ("offline", c.offline, "red"),
@@ -128,7 +148,7 @@ def _device_phase(dev: DeviceView, current: RoundView | None, late_view: RoundVi
 
 def devices_table(state: FleetState, now: float, limit: int = 20) -> Table:
     table = Table(title="devices", expand=True, title_justify="left")
-    for col in ("device", "state", "round", "this round", "uploads", "late", "last seen", "detail"):
+    for col in ("device", "state", "round", "this round", "uploads", "late", "last seen", "health", "detail"):
         table.add_column(col, no_wrap=col != "detail", overflow="ellipsis")
     current = state.current_round()
     late_view = state.rounds.get(state.late_round) if state.late_round is not None else None
@@ -143,6 +163,7 @@ def devices_table(state: FleetState, now: float, limit: int = 20) -> Table:
             str(dev.uploads),
             str(dev.late_rounds),
             _ago(now - dev.seen) if dev.seen else "-",
+            health_text(dev.health),
             dev.detail,
         )
     if len(devices) > limit:

@@ -69,7 +69,7 @@ class Broker:
             )
             cmd = [mosquitto_binary(), "-c", str(conf)]
         else:
-            cmd = [PY, "-m", "fleetlearn.cli", "broker", "--host", "127.0.0.1", "--port", str(self.port)]
+            cmd = [PY, "-m", "fleetlearn.cli", "broker", "--embedded", "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
         wait_port(self.port)
         return self

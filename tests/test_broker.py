@@ -3,6 +3,7 @@ exercised with real paho clients (retained QoS 1 messages the size of bundle chu
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -91,7 +92,7 @@ def test_fleetlearn_broker_process_serves_retained_qos1_and_exits_0_on_sigterm(a
 
 def test_broker_process_exits_0_on_sigint(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "broker", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "broker", "--embedded", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE)
     try:
         wait_port(port)
         c = Client(port)
@@ -102,12 +103,13 @@ def test_broker_process_exits_0_on_sigint(tmp_path):
         stop_process(proc)
 
 
-def test_broker_on_a_taken_port_exits_2_with_one_line(tmp_path):
+@pytest.mark.parametrize("which", [["--embedded"], []], ids=["amqtt", "mosquitto"])
+def test_broker_on_a_taken_port_exits_2_with_one_line(tmp_path, which):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "broker", "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "broker", *which, "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fleetlearn broker: error: cannot run the broker on 127.0.0.1:{port}")
@@ -141,3 +143,40 @@ def test_embedded_broker_accepts_any_credentials_and_persistent_sessions():
         c.loop_stop()
     finally:
         broker.stop()
+
+
+def start_broker_cli(log, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "broker", "--port", str(port), *args], cwd=ROOT, stderr=open(log, "wb"), env={**os.environ, **(env or {})})
+    wait_port(port)
+    return proc, port
+
+
+def test_fleetlearn_broker_prefers_mosquitto_and_says_so(tmp_path):
+    from fleetlearn.aggregator.broker_mosquitto import mosquitto_path
+
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed: `fleetlearn broker` serves amqtt (tested above)")
+    log = tmp_path / "broker.log"
+    proc, port = start_broker_cli(log)
+    try:
+        exercise(port)
+        assert stop_process(proc, signal.SIGTERM) == 0
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert "event=broker_started broker=mosquitto version=2." in text and "event=broker_stopped" in text
+    # The mosquitto child went with it: nothing listens any more.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_fleetlearn_broker_without_mosquitto_serves_amqtt_and_says_so(tmp_path):
+    log = tmp_path / "broker.log"
+    proc, port = start_broker_cli(log, env={"FLEETLEARN_MOSQUITTO": "none"})
+    try:
+        exercise(port)
+        assert stop_process(proc, signal.SIGTERM) == 0
+    finally:
+        stop_process(proc)
+    assert "event=broker_started broker=amqtt" in log.read_text()

@@ -186,3 +186,24 @@ def test_the_end_of_run_marker_is_not_a_round():
     console = Console(width=120, height=30, record=True, color_system=None)
     console.print(render(s, 4.0, "mqtt://x:1883"))
     assert "run finished after 5 rounds" in console.export_text()
+
+
+def test_health_readings_and_ineligible_devices_are_shown():
+    from fleetlearn.edge_runtime.core.protocol import Health
+
+    s = FleetState("lab")
+    s.set_connected(0.0)
+    s.apply(rs(1, "open"), 1.0)
+    hot = Health(uptime_s=7200.0, rss_bytes=48 << 20, free_disk_bytes=3 << 30, cpu_temp_c=81.5, power_source="ac")
+    events = s.apply(Status("pi-1", "ineligible", 1, "CPU at 81.5 C, above max_cpu_temp_c 70", health=hot), 2.0)
+    assert events[0].to_json()["health"] == {"uptime_s": 7200.0, "rss_bytes": 48 << 20, "free_disk_bytes": 3 << 30, "cpu_temp_c": 81.5, "power_source": "ac"}
+    s.apply(Status("pi-2", "idle", 1, health=Health(uptime_s=5.0)), 2.0)  # no thermal zone, no supply
+    assert s.apply(Status("pi-2", "idle", 1, health=Health(uptime_s=65.0)), 3.0) == []  # a heartbeat: no event
+    s.apply(Status("pi-3", "offline", 1, "connection lost (last will)"), 3.0)
+    assert s.counts().ineligible == 1
+    console = Console(width=200, height=50, record=True, color_system=None)
+    console.print(render(s, 5.0, "mqtt://127.0.0.1:1883", rounds=5))
+    text = console.export_text()
+    assert "ineligible 1" in text and "CPU at 81.5 C" in text
+    assert "81.5C ac rss 48.0 MB disk 3.0 GB up 2.0h" in text
+    assert "up 1m" in text and "C ac" not in text.split("pi-2")[1].splitlines()[0]

@@ -28,15 +28,21 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
+from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
+from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
+from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
+from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
 
 log = logging.getLogger("fleetlearn.device")
+
+HEALTH_REFRESH_S = 60.0  # re-publish the status (fresh health readings) at least this often
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,8 @@ class DeviceAgent:
         self.max_rounds = max_rounds
         self.topics = Topics(cfg.fleet)
         self.state_dir = Path(cfg.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # One device process per state dir (two would clobber the pending update): held for life.
+        self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self.events: queue.Queue[Event] = queue.Queue()
@@ -65,6 +72,10 @@ class DeviceAgent:
         self.waiting_global: GlobalModel | None = None  # a global model for a bundle we are fetching
         self.signer = _load_signer(cfg)
         self.status_state = "idle"
+        self.status_last: tuple[str, int | None, str] = ("idle", None, "")  # (state, round, detail) last published
+        self._status_t = time.monotonic()  # of the last status, for the health heartbeat
+        self.health = HealthReader(self.state_dir, cfg.sysfs_root)
+        self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self.link = MqttLink(
             self._link_options(),
             on_message=self._on_message,
@@ -101,13 +112,16 @@ class DeviceAgent:
         self.events.put(Event("message", topic, bytes(payload)))
 
     def _log(self, level: int, event: str, round_: int | None = None, **fields) -> None:
-        extra = "".join(f" {k}={v!r}" if isinstance(v, str) and (" " in v or not v) else f" {k}={v}" for k, v in fields.items())
-        log.log(level, "event=%s device=%s round=%s%s", event, self.cfg.device_id, "-" if round_ is None else round_, extra)
+        log.log(level, "%s", kv(event=event, device=self.cfg.device_id, round="-" if round_ is None else round_, **fields))
 
     def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
+        if state == "ineligible" and not detail and self.status_last[0] == "ineligible":
+            detail = self.status_last[2]  # a reconnect re-announces the state: keep its reason
         self.status_state = state
+        self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
-        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time()).encode(), qos=1, retain=True)
+        health = self.health.read()
+        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health).encode(), qos=1, retain=True)
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
@@ -150,6 +164,7 @@ class DeviceAgent:
         self.link.start()
         try:
             while not self.stopping.is_set():
+                self._tick()
                 try:
                     event = self.events.get(timeout=0.5)
                 except queue.Empty:
@@ -192,6 +207,8 @@ class DeviceAgent:
         try:
             if event.kind == "connected":
                 self._on_connected()
+            elif event.kind == "eligible":
+                self._on_eligible()
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
             elif event.topic == self.topics.ack(self.cfg.device_id):
@@ -255,6 +272,8 @@ class DeviceAgent:
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
                 self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
                 return
+        if not self._may_train(g):
+            return
         self._train_and_send(g)
 
     def _train_and_send(self, g: GlobalModel) -> None:
@@ -320,6 +339,8 @@ class DeviceAgent:
         rs = RoundState.decode(payload)
         if rs.run_id != self.state.run_id:
             return
+        if rs.state in ("closed", "finished", "failed"):
+            self.gate.drop_until(rs.round)
         if rs.state in ("closed", "finished", "failed") and self.state.pending_round and self.state.pending_round <= rs.round:
             self._finish_round(self.state.pending_round, f"round {rs.state} before our update was acknowledged")
 
@@ -332,6 +353,46 @@ class DeviceAgent:
         self.state.save(self.state_dir)
         self.rounds_done += 1
         self._status("idle", round_)
+
+    # ------------------------------------------------------------------ health and eligibility
+
+    def _may_train(self, g: GlobalModel) -> bool:
+        """Check [eligibility] before training round g; when it says no, hold g and say why."""
+        reason = self.gate.refuse(g)
+        if reason is not None:
+            self._log(logging.INFO, "ineligible", g.round, reason=reason)
+            self._status("ineligible", g.round, reason)
+        return reason is None
+
+    def _tick(self) -> None:
+        """Between events: look at the eligibility rules again every check_interval_s (an
+        ineligible device resumes when they pass), and re-publish the status with fresh health
+        readings at least every HEALTH_REFRESH_S."""
+        now = time.monotonic()
+        if not self.gate.due(now):
+            return
+        state, round_, detail = self.status_last
+        try:
+            verdict = self.gate.verdict(state, detail)
+            if verdict == "eligible":
+                self._log(logging.INFO, "eligible", round_, parked=self.gate.parked.round if self.gate.parked else 0)
+                self.events.put(Event("eligible"))
+            elif verdict is not None:
+                if state == "idle":
+                    self._log(logging.INFO, "ineligible", round_, reason=verdict)
+                self._status("ineligible", round_, verdict)
+            elif now - self._status_t >= HEALTH_REFRESH_S:
+                self._status(state, round_, detail)  # heartbeat: same state, fresh health
+        except Exception as exc:  # a health file that misbehaves must not stop the device
+            self._log(logging.WARNING, "health_check_failed", reason=f"{type(exc).__name__}: {str(exc)[:150]}")
+
+    def _on_eligible(self) -> None:
+        if self.status_state != "ineligible":
+            return  # the device moved on (a newer round passed the rules) before this event
+        g = self.gate.take()
+        self._status("idle", g.round if g else None)
+        if g is not None:
+            self._handle_global(g)  # checks the rules (and everything else) once more
 
     # ------------------------------------------------------------------ bundle over the air
 

@@ -6,17 +6,18 @@ Needs only the `edge` extra (numpy, onnxruntime-training, paho-mqtt): no torch, 
 from __future__ import annotations
 
 import argparse
-import logging
+
+from fleetlearn.edge_runtime.core.logs import add_log_arguments, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="device config TOML (see docs/device.md)")
     parser.add_argument("--max-rounds", type=int, default=None, help="exit cleanly after this many completed rounds (tests, benchmarks)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
+    add_log_arguments(parser)  # --log-level, --log-format text|json
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     from fleetlearn.edge_runtime.device.agent import DeviceAgent
     from fleetlearn.edge_runtime.device.config import load_device_config
 

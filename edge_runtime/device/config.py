@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from fleetlearn.edge_runtime.core.errors import ConfigError
 from fleetlearn.edge_runtime.core.files import read_toml
 from fleetlearn.edge_runtime.core.names import check_name
+from fleetlearn.edge_runtime.device.eligibility import EligibilityConfig, parse_eligibility
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -79,6 +80,8 @@ class DeviceConfig:
     signing: SigningConfig = field(default_factory=SigningConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     profile: str | None = None  # the firmware profile this config was rendered from (informational)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)  # when it may train (device/eligibility.py)
+    sysfs_root: str = "/sys"  # where health readings come from (tests point it at fake files)
 
 
 _TABLES = {"training": TrainingConfig, "auth": AuthConfig, "tls": TlsConfig, "signing": SigningConfig, "privacy": PrivacyConfig}
@@ -92,6 +95,9 @@ def _typed(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
         name = f"{where}{key}"
         if key not in known:
             raise ConfigError(f"unknown key {name!r} (known: {', '.join(sorted(known))})")
+        if key == "eligibility":  # its own strict parser: time windows are not plain types
+            out[key] = parse_eligibility(value)
+            continue
         if key in _TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name!r} must be a table")

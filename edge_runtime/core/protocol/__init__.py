@@ -7,7 +7,8 @@ unpickled. docs/protocol.md is the prose version of this package.
     fields    field checks, the JSON envelope ("v": 1) of control messages, name/hex patterns
     frame     the binary frame: header (the one parser: read_header), encode/decode, peek_meta
     topics    the topic tree (TOPIC_TREE: who publishes and who reads each topic) and Topics
-    messages  RoundConfig, GlobalModel, Update (+ UpdateHeader), Ack, RoundState, Status
+    messages  RoundConfig, GlobalModel, Update (+ UpdateHeader), Ack, RoundState
+    status    Status (+ Health), a device's retained state
     bundle    BundleAnnouncement and BUNDLE_CHUNK frames, chunk-size bounds
     metrics   RoundMetrics: the `metrics` message and a line of rounds.jsonl
 
@@ -82,7 +83,6 @@ from fleetlearn.edge_runtime.core.protocol.frame import (
     tensor_to_body,
 )
 from fleetlearn.edge_runtime.core.protocol.messages import (
-    DEVICE_STATES,
     MAX_DECODE_PARAMS,
     MAX_MODEL_PARAMS,
     ROUND_STATES,
@@ -90,11 +90,11 @@ from fleetlearn.edge_runtime.core.protocol.messages import (
     GlobalModel,
     RoundConfig,
     RoundState,
-    Status,
     Update,
     UpdateHeader,
 )
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
+from fleetlearn.edge_runtime.core.protocol.status import DEVICE_STATES, POWER_SOURCES, Health, Status
 from fleetlearn.edge_runtime.core.protocol.topics import TOPIC_TREE, Grant, TopicRule, Topics
 
 __all__ = [
@@ -103,5 +103,5 @@ __all__ = [
     "FLAG_SIGNED", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_META_BYTES", "MAX_SIG_BYTES", "Encoding", "Frame", "FrameHeader", "Kind", "Signer",
     "decode_frame", "encode_frame", "max_frame_bytes", "peek_meta", "read_header", "tensor_from_body", "tensor_to_body",
     "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "ROUND_STATES", "Ack", "GlobalModel", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
-    "RoundMetrics", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
+    "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

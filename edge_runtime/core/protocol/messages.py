@@ -263,25 +263,3 @@ class RoundState:
         )
 
 
-DEVICE_STATES = ("idle", "fetching", "training", "uploading", "error", "offline")
-
-
-@dataclass(frozen=True)
-class Status:
-    """Retained on `status/<device>`; the broker publishes the `offline` Last Will for us."""
-
-    device_id: str
-    state: str
-    round: int = 0
-    detail: str = ""
-    ts: float = 0.0
-
-    def encode(self) -> bytes:
-        return encode_json({"device_id": self.device_id, "state": self.state, "round": self.round, "detail": self.detail[:300], "ts": self.ts})
-
-    @classmethod
-    def decode(cls, payload: bytes) -> "Status":
-        d = decode_json(payload, "status")
-        if d.get("state") not in DEVICE_STATES:
-            raise ProtocolError(f"status state {d.get('state')!r} not one of {DEVICE_STATES}")
-        return cls(check_str(d, "device_id", NAME_RE), d["state"], check_int(d, "round", 0, MAX_ROUND), str(d.get("detail", ""))[:300], check_float(d, "ts", 0.0))
