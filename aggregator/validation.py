@@ -1,7 +1,7 @@
 """Checking one update before it counts. Pure functions of (topic, payload, round state).
 
 Order (the first failing check is the reason sent back to the device):
-  1. size:      payload <= header + max meta + 4 * num_params + max signature
+  1. size:      payload <= header + max meta + max body (4 * num_params + 16) + max signature
   2. decode:    Update.decode(payload, num_params): frame, crc32, meta fields, size, finite values
   3. identity:  the topic's device id == the meta's device_id
   3b. authenticity (when an `authenticate` hook is given, aggregator/signing.py): the signature
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Topics, Update, UpdateHeader, max_frame_bytes
+from fleetlearn.edge_runtime.core.protocol import Topics, Update, UpdateHeader, max_body_bytes, max_frame_bytes
 
 UNKNOWN_NONCE = "0" * 32  # acks for payloads whose nonce cannot be read
 
 
 def max_update_bytes(num_params: int) -> int:
     """The largest UPDATE frame a model of `num_params` parameters can produce."""
-    return max_frame_bytes(4 * num_params, signed=True)
+    return max_frame_bytes(max_body_bytes(num_params), signed=True)
 
 
 class Rejection(Exception):

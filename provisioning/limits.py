@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlearn.edge_runtime.core.protocol import MAX_JSON_BYTES, MAX_MODEL_PARAMS, max_frame_bytes
+from fleetlearn.edge_runtime.core.protocol import MAX_JSON_BYTES, MAX_MODEL_PARAMS, max_body_bytes, max_frame_bytes
 from fleetlearn.provisioning.errors import BrokerConfigError
 
 HEADROOM_BYTES = 64 * 1024  # slack above the largest legitimate payload (a longer meta, a new field)
@@ -52,8 +52,8 @@ class Limits:
 
 
 def model_frame_bytes(num_params: int) -> int:
-    """Largest GLOBAL or UPDATE frame of a model: header + meta bound + float32 body + signature bound."""
-    return max_frame_bytes(4 * num_params, signed=True)
+    """Largest GLOBAL or UPDATE frame of a model: header + meta bound + body bound (float32 + the encodings' 16) + signature bound."""
+    return max_frame_bytes(max_body_bytes(num_params), signed=True)
 
 
 def chunk_frame_bytes(chunk_size: int) -> int:

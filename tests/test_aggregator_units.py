@@ -267,7 +267,7 @@ def test_chunk_size_bounds(boston_bundle):
 
 
 def test_update_size_bound_formula():
-    assert max_update_bytes(10) == 24 + 8 * 1024 + 40 + 512
+    assert max_update_bytes(10) == 24 + 8 * 1024 + (40 + 16) + 512  # body: float32 + the encodings' headroom
     assert struct.calcsize("<4sBBBBIIIHH") == 24
 
 

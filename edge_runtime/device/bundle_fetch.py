@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fleetlearn.edge_runtime.core.bundle import MANIFEST, Manifest, load_bundle, parse_manifest
 from fleetlearn.edge_runtime.core.errors import BundleError, ProtocolError
-from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, decode_chunk
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, ChunkAssembly, decode_chunk
 from fleetlearn.edge_runtime.core.files import atomic_write_json
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
@@ -38,7 +38,8 @@ class BundleAssembly:
             raise ProtocolError("bundle announcement's total_bytes disagrees with the manifest's file sizes")
         self.announcement = announcement
         self.manifest = manifest
-        self._chunks: dict[int, bytes] = {}
+        # The same assembly as message parts (protocol/parts.py): index, length and repeat checks.
+        self._chunks = ChunkAssembly(announcement.total_bytes, announcement.chunk_size, announcement.chunks)
 
     @property
     def model_hash(self) -> str:
@@ -46,25 +47,25 @@ class BundleAssembly:
 
     @property
     def complete(self) -> bool:
-        return len(self._chunks) == self.announcement.chunks
+        return self._chunks.complete
 
     @property
     def progress(self) -> str:
-        return f"{len(self._chunks)}/{self.announcement.chunks}"
+        return self._chunks.progress
 
     def add(self, payload: bytes) -> None:
         a = self.announcement
         index, data = decode_chunk(payload, a.model_hash, a.chunks, a.chunk_size)
-        expected = a.chunk_size if index < a.chunks - 1 else a.total_bytes - a.chunk_size * (a.chunks - 1)
-        if len(data) != expected:
-            raise ProtocolError(f"bundle chunk {index} has {len(data)} bytes, expected {expected}")
-        self._chunks[index] = data
+        try:
+            self._chunks.add(index, data)
+        except ProtocolError as exc:
+            raise ProtocolError(f"bundle {exc.reason}") from None
 
     def install(self, bundle_dir: str | Path) -> Manifest:
         """Write, verify and swap the bundle into `bundle_dir`. Raises BundleError if any file fails."""
         target = Path(bundle_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
-        blob = b"".join(self._chunks[i] for i in range(self.announcement.chunks))
+        blob = self._chunks.assemble()
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
         try:
             offset = 0

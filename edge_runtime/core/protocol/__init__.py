@@ -11,12 +11,15 @@ unpickled. docs/protocol.md is the prose version of this package.
     status    Status (+ Health), a device's retained state
     bundle    BundleAnnouncement and BUNDLE_CHUNK frames, chunk-size bounds
     metrics   RoundMetrics: the `metrics` message and a line of rounds.jsonl
+    encodings tensor body encodings (float32, fp16, int8 blocks, top-k) and error feedback
+    parts     PART frames: messages over --max-message-size, and the one chunk assembly
 
 Import from here (`from fleetlearn.edge_runtime.core.protocol import Update`); a new wire
 message is one type in one of these modules, exported below.
 
 Topics (per fleet; topics.TOPIC_TREE is the table):
     fleetlearn/<fleet>/global              retained  binary GLOBAL frame: round, model hash, flat weights, round config
+    fleetlearn/<fleet>/global/part/<i>     retained  binary PART frames of a GLOBAL frame over --max-message-size
     fleetlearn/<fleet>/round               retained  JSON round state (open / closed / finished / failed)
     fleetlearn/<fleet>/update/<device>     -         binary UPDATE frame: device -> aggregator weight delta
     fleetlearn/<fleet>/ack/<device>        -         JSON acknowledgement of one update (accepted or the reason)
@@ -29,8 +32,8 @@ Binary frame (all integers little-endian):
     offset size field
     0      4    magic b"FLRN"
     4      1    wire version (1)
-    5      1    kind (1 GLOBAL, 2 UPDATE, 3 BUNDLE_CHUNK)
-    6      1    body encoding (0 float32 LE raw; 1 raw bytes; others reserved, e.g. fp16, zlib)
+    5      1    kind (1 GLOBAL, 2 UPDATE, 3 BUNDLE_CHUNK, 4 PART)
+    6      1    body encoding (0 float32 LE; 1 raw bytes; 2 fp16 LE; 3 int8 blocks; 4 top-k)
     7      1    flags (bit 0: signed)
     8      4    meta_len: bytes of the UTF-8 JSON meta object that follows the header
     12     4    body_len: bytes of the body that follows the meta
@@ -51,6 +54,15 @@ from fleetlearn.edge_runtime.core.protocol.bundle import (
     BundleAnnouncement,
     decode_chunk,
     encode_chunk,
+)
+from fleetlearn.edge_runtime.core.protocol.encodings import (
+    DEFAULT_INT8_BLOCK,
+    TENSOR_ENCODINGS,
+    Compression,
+    decode_tensor,
+    encode_tensor,
+    feedback_step,
+    max_body_bytes,
 )
 from fleetlearn.edge_runtime.core.protocol.fields import (
     HEX32_RE,
@@ -84,7 +96,9 @@ from fleetlearn.edge_runtime.core.protocol.frame import (
 )
 from fleetlearn.edge_runtime.core.protocol.messages import (
     MAX_DECODE_PARAMS,
+    MAX_MAX_MESSAGE_SIZE,
     MAX_MODEL_PARAMS,
+    MIN_MAX_MESSAGE_SIZE,
     ROUND_STATES,
     Ack,
     GlobalModel,
@@ -94,6 +108,7 @@ from fleetlearn.edge_runtime.core.protocol.messages import (
     UpdateHeader,
 )
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
+from fleetlearn.edge_runtime.core.protocol.parts import PART_META_RESERVE, ChunkAssembly, Part, Reassembler, is_part, part_capacity, split_message
 from fleetlearn.edge_runtime.core.protocol.status import DEVICE_STATES, POWER_SOURCES, Health, Status
 from fleetlearn.edge_runtime.core.protocol.topics import TOPIC_TREE, Grant, TopicRule, Topics
 
@@ -103,5 +118,8 @@ __all__ = [
     "FLAG_SIGNED", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_META_BYTES", "MAX_SIG_BYTES", "Encoding", "Frame", "FrameHeader", "Kind", "Signer",
     "decode_frame", "encode_frame", "max_frame_bytes", "peek_meta", "read_header", "tensor_from_body", "tensor_to_body",
     "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "ROUND_STATES", "Ack", "GlobalModel", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
+    "DEFAULT_INT8_BLOCK", "TENSOR_ENCODINGS", "Compression", "decode_tensor", "encode_tensor", "feedback_step", "max_body_bytes",
+    "MAX_MAX_MESSAGE_SIZE", "MIN_MAX_MESSAGE_SIZE",
+    "PART_META_RESERVE", "ChunkAssembly", "Part", "Reassembler", "is_part", "part_capacity", "split_message",
     "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

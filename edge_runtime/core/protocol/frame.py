@@ -39,11 +39,15 @@ class Kind(IntEnum):
     GLOBAL = 1
     UPDATE = 2
     BUNDLE_CHUNK = 3
+    PART = 4  # one part of a message larger than the broker's limit (protocol/parts.py)
 
 
 class Encoding(IntEnum):
     F32_LE = 0  # raw little-endian float32 tensor
-    RAW = 1  # opaque bytes (bundle chunks)
+    RAW = 1  # opaque bytes (bundle chunks, message parts)
+    F16_LE = 2  # little-endian float16 tensor (protocol/encodings.py has every tensor format)
+    INT8_BLOCK = 3  # int8 codes with one float32 scale per block
+    TOPK = 4  # k (index, float32 value) pairs, indices strictly increasing
 
 
 def max_frame_bytes(body_bytes: int, signed: bool = True) -> int:

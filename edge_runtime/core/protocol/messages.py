@@ -14,10 +14,15 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol.fields import HEX32_RE, HEX64_RE, MAX_ROUND, NAME_RE, check_float, check_int, check_str, decode_json, encode_json
-from fleetlearn.edge_runtime.core.protocol.frame import Kind, Signer, decode_frame, encode_frame, peek_meta, tensor_from_body, tensor_to_body
+from fleetlearn.edge_runtime.core.protocol.encodings import NONE, Compression, decode_tensor, encode_tensor, max_body_bytes
+from fleetlearn.edge_runtime.core.protocol.frame import HEADER_SIZE, MAX_META_BYTES, Kind, Signer, decode_frame, encode_frame, peek_meta, tensor_from_body, tensor_to_body
 
 MAX_MODEL_PARAMS = 1 << 26  # the largest model a device accepts (and broker limits are sized for)
 MAX_DECODE_PARAMS = 1 << 28  # GlobalModel.decode's bound when the caller gives none
+# --max-message-size's floor: every JSON control message (64 KiB) and a part frame's header and
+# meta must fit in one message; AWS IoT Core's 128 KB and Azure IoT Hub's 256 KB are above it.
+MIN_MAX_MESSAGE_SIZE = 64 * 1024 + HEADER_SIZE + MAX_META_BYTES
+MAX_MAX_MESSAGE_SIZE = 256 << 20  # MQTT's own limit
 
 
 @dataclass(frozen=True)
@@ -28,15 +33,21 @@ class RoundConfig:
     max_steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    compression: str | None = None  # encodings.Compression's text form; None: float32
+    max_message_size: int | None = None  # bytes; larger messages travel in parts (protocol/parts.py)
 
     def to_meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @property
+    def compression_spec(self) -> Compression:
+        return Compression.parse(self.compression) if self.compression is not None else NONE
 
     @classmethod
     def from_meta(cls, doc: Any) -> "RoundConfig":
         if not isinstance(doc, dict):
             raise ProtocolError("field 'config' must be an object")
-        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr"}
+        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr", "compression", "max_message_size"}
         if unknown:
             raise ProtocolError(f"round config has unknown keys {sorted(unknown)}")
         return cls(
@@ -44,6 +55,8 @@ class RoundConfig:
             max_steps=check_int(doc, "max_steps", 1, 10**9) if "max_steps" in doc else None,
             batch_size=check_int(doc, "batch_size", 1, 1 << 20) if "batch_size" in doc else None,
             lr=check_float(doc, "lr", 0.0, 10.0) if "lr" in doc else None,
+            compression=str(Compression.parse(doc["compression"])) if "compression" in doc else None,
+            max_message_size=check_int(doc, "max_message_size", MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE) if "max_message_size" in doc else None,
         )
 
 
@@ -117,7 +130,8 @@ class Update:
     signature: bytes = b""
     signed_part: bytes = b""
 
-    def encode(self, sign: Signer | None = None) -> bytes:
+    def encode(self, sign: Signer | None = None, compression: Compression = NONE) -> bytes:
+        """The UPDATE frame, its delta encoded with `compression` (encodings.py; lossy but for none)."""
         meta = {
             "run_id": self.run_id,
             "round": self.round,
@@ -129,12 +143,14 @@ class Update:
             "nonce": self.nonce,
             "n": int(self.delta.size),
         }
-        return encode_frame(Kind.UPDATE, meta, tensor_to_body(self.delta), sign=sign)
+        encoding, body = encode_tensor(self.delta, compression)
+        return encode_frame(Kind.UPDATE, meta, body, encoding=encoding, sign=sign)
 
     @classmethod
     def decode(cls, payload: bytes, num_params: int) -> "Update":
-        """Decode and validate an update for a model of `num_params` parameters."""
-        frame = decode_frame(payload, Kind.UPDATE, max_body=4 * num_params)
+        """Decode and validate an update for a model of `num_params` parameters; whatever the
+        body's encoding, `delta` is float32 (encodings.decode_tensor checks it as hostile)."""
+        frame = decode_frame(payload, Kind.UPDATE, max_body=max_body_bytes(num_params))
         m = frame.meta
         n = check_int(m, "n", 1, num_params)
         if n != num_params:
@@ -148,7 +164,7 @@ class Update:
             train_loss=check_float(m, "train_loss"),
             train_s=check_float(m, "train_s", 0.0),
             nonce=check_str(m, "nonce", HEX32_RE),
-            delta=tensor_from_body(frame, n),
+            delta=decode_tensor(frame.encoding, frame.body, n),
             signature=frame.signature,
             signed_part=frame.signed_part,
         )

@@ -46,6 +46,7 @@ def _rule(path: str, writer: str, readers: tuple[str, ...], retained: bool, doc:
 TOPIC_TREE: tuple[TopicRule, ...] = (
     # The aggregator reads its own retained topics back at start (an older run's bundle is cleared).
     _rule("global", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary GLOBAL frame: round, model hash, flat weights, round config"),
+    _rule("global/part/#", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary PART frames of a global model over --max-message-size, on global/part/<i>"),
     _rule("round", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON round state (open / closed / finished / failed)"),
     _rule("metrics", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON metrics of the last closed round (RoundMetrics)"),
     _rule("bundle", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON bundle announcement (manifest + chunking)"),
@@ -82,6 +83,16 @@ class Topics:
     @property
     def global_model(self) -> str:
         return f"{self.base}/global"
+
+    def global_part(self, index: int) -> str:
+        return f"{self.base}/global/part/{index}"
+
+    @property
+    def global_parts(self) -> str:
+        return f"{self.base}/global/part/+"
+
+    def is_global_part(self, topic: str) -> bool:
+        return topic.startswith(f"{self.base}/global/part/")
 
     @property
     def round(self) -> str:
