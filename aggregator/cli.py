@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker at start (default 30)")
     net.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"bundle chunk size in bytes (default {DEFAULT_CHUNK_SIZE})")
 
+    wire = parser.add_argument_group("wire (docs/protocol.md: encodings, message parts)")
+    wire.add_argument("--compression", default="none", metavar="none|fp16|int8[:BLOCK]|topk:F", help="how devices encode their deltas: fp16, int8 with one scale per BLOCK values (default 256), or the top fraction F of values with error feedback (default none: float32)")
+    wire.add_argument("--max-message-size", type=int, metavar="BYTES", help="the broker's message limit: larger global models, updates and bundle chunks travel in parts under it (e.g. 131072 for AWS IoT Core)")
+
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, required=True, help="number of rounds")
     rounds.add_argument("--min-devices", type=int, required=True, help="accepted updates a round needs to close at its deadline")
@@ -94,6 +98,7 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
     from fleetlearn.aggregator.config import AggregatorConfig, RoundPolicy, SigningConfig, link_options
     from fleetlearn.aggregator.registry import StrategyChoice, all_option_classes
     from fleetlearn.aggregator.schedule import TrainingPlan
+    from fleetlearn.aggregator.wire import WirePolicy
 
     password = None
     if args.password_file is not None:
@@ -124,6 +129,7 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
         fleet=args.fleet,
         test_data=args.test_data,
         chunk_size=args.chunk_size,
+        wire=WirePolicy(compression=args.compression, max_message_size=args.max_message_size),
         connect_timeout=args.connect_timeout,
     )
 

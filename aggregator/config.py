@@ -26,6 +26,7 @@ from fleetlearn.edge_runtime.core.protocol import Topics
 from fleetlearn.aggregator.distribution import DEFAULT_CHUNK_SIZE, check_chunk_size
 from fleetlearn.aggregator.registry import StrategyChoice
 from fleetlearn.aggregator.schedule import TrainingPlan
+from fleetlearn.aggregator.wire import WirePolicy
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class AggregatorConfig:
     fleet: str = "default"
     test_data: Path | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    wire: WirePolicy = field(default_factory=WirePolicy)  # --compression, --max-message-size (wire.py)
     connect_timeout: float = 30.0  # give up (exit 2) when the broker is unreachable at start
 
     def __post_init__(self) -> None:
@@ -106,6 +108,7 @@ class AggregatorConfig:
         self.rounds.validate()
         self.training.validate(self.rounds.rounds)
         check_chunk_size(self.chunk_size)
+        self.wire.validate()
         self.strategy.validate(self.rounds.target)
         try:
             Topics(self.fleet)

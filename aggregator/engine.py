@@ -123,7 +123,7 @@ class Aggregator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.bundle_dir = Path(cfg.bundle)
         self.manifest = load_bundle(self.bundle_dir)
-        self.plan = plan_bundle(self.bundle_dir, self.manifest, cfg.chunk_size)
+        self.plan = plan_bundle(self.bundle_dir, self.manifest, cfg.wire.bundle_chunk_size(cfg.chunk_size))
         self.evaluator = Evaluator(self.bundle_dir, self.manifest, cfg.test_data)
         self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights)
         s = cfg.signing
@@ -154,7 +154,7 @@ class Aggregator:
         self.link = MqttLink(cfg.link, on_message=self._on_message, on_connect=self._on_connect)
         self.link.subscribe(self.topics.all_updates, qos=1)
         self.link.subscribe(self.topics.bundle, qos=1)
-        self.publisher = Publisher(self.link, self.topics, self.signing, self.events)
+        self.publisher = Publisher(self.link, self.topics, self.signing, self.events, max_message_size=cfg.wire.max_message_size)
         self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.rounds.target)
         self.link.start()
         deadline = time.monotonic() + cfg.connect_timeout
@@ -229,7 +229,7 @@ class Aggregator:
         w = store.weights
         self.strategy.begin_round(rnd, w)
         now = time.time()
-        run = RoundRun(round=rnd, opened_at=now, deadline=now + pol.deadline, config=cfg.training.round_config(rnd, pol.rounds, self.bundle_lr))
+        run = RoundRun(round=rnd, opened_at=now, deadline=now + pol.deadline, config=cfg.wire.apply(cfg.training.round_config(rnd, pol.rounds, self.bundle_lr)))
         partial = store.load_partial(rnd)
         if partial is not None:
             self.strategy.load_partial_state(partial.strategy)

@@ -11,17 +11,20 @@ publishes their acks after it. A rejected update is answered at once (nothing to
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Ack, RoundConfig, Topics, Update
+from fleetlearn.edge_runtime.core.protocol import Ack, Reassembler, RoundConfig, Topics, Update, is_part
 
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
 from fleetlearn.aggregator.publisher import Publisher
 from fleetlearn.aggregator.strategy import Strategy
-from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, validate_update
+from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, max_update_bytes, validate_update
+
+PART_TIMEOUT_S = 600.0  # a partial update not completed in this long is dropped (the device re-sends)
 
 
 @dataclass
@@ -59,9 +62,17 @@ class Intake:
         self.events = events
         self.target = target
         self.acks_due: list[DueAck] = []
+        # Updates over --max-message-size arrive as PART frames (protocol/parts.py): at most two
+        # partial updates per device, each bounded by the model's largest update frame.
+        self.parts = Reassembler(max_total=max_update_bytes(num_params), per_sender=2, max_partials=4096, timeout=PART_TIMEOUT_S)
 
     def on_update(self, run: RoundRun, topic: str, payload: bytes) -> None:
         run.bytes_in += len(payload)
+        if is_part(payload):
+            whole = self._reassemble(run, topic, payload)
+            if whole is None:
+                return
+            payload = whole
         try:
             verdict = validate_update(
                 topic, payload, topics=self.topics, num_params=self.num_params, version=self.store,
@@ -86,6 +97,19 @@ class Intake:
         # Durable before the ack: an aggregator killed after acking loses nothing. The ack is
         # due with the next durable write (commit_acks, or the round's commit at close).
         self.acks_due.append(DueAck(u, len(run.accepted), len(payload)))
+
+    def _reassemble(self, run: RoundRun, topic: str, payload: bytes) -> bytes | None:
+        """The whole update once its last part is in; a refused part costs one rejection."""
+        try:
+            device = self.topics.device_of(topic, "update")
+        except ProtocolError as exc:
+            self.reject(run, Rejection(exc.reason, None, None, None))
+            return None
+        try:
+            return self.parts.feed(device, payload, time.monotonic())
+        except ProtocolError as exc:
+            self.reject(run, Rejection(f"update part: {exc.reason}", device, None, None))
+            return None
 
     def reject(self, run: RoundRun, rej: Rejection) -> None:
         run.rejected += 1

@@ -4,7 +4,7 @@ remembers the retained ones for a republish after a broker restart: edge_runtime
 
     pub = Publisher(link, topics, run_id, signing, events)
     pub.bundle(plan)                               # chunks, then the announcement (retained)
-    pub.global_model(g)                            # retained; returns bytes sent
+    pub.global_model(g)                            # retained (in parts over max_message_size); returns bytes sent
     pub.round_state(RoundState(...))               # retained
     pub.ack(Ack(...))                              # to ack/<device>
     pub.metrics(record)                            # retained round record
@@ -17,15 +17,18 @@ import time
 from typing import Any
 
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
-from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, RoundMetrics, RoundState, Topics
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, RoundMetrics, RoundState, Topics, split_message
 
 from fleetlearn.aggregator.distribution import BundlePlan, chunk_messages, clear_messages
 from fleetlearn.aggregator.events import Events
 
 
 class Publisher:
-    def __init__(self, link: MqttLink, topics: Topics, signing: Any, events: Events):
+    def __init__(self, link: MqttLink, topics: Topics, signing: Any, events: Events, max_message_size: int | None = None):
         self.link = link
+        self.max_message_size = max_message_size
+        self._global_in_parts = False
         self.topics = topics
         self.signing = signing
         self.events = events
@@ -37,7 +40,19 @@ class Publisher:
         return len(payload)
 
     def global_model(self, g: GlobalModel) -> int:
-        return self.publish(self.topics.global_model, g.encode(sign=self.signing.sign), retain=True)
+        """Retained on `global`, or, over the message limit, as retained PART frames on
+        `global/part/<i>` (protocol/parts.py) with `global` itself cleared, so no device mistakes
+        an older whole frame there for the current model."""
+        parts = split_message(g.encode(sign=self.signing.sign), self.max_message_size)
+        if len(parts) == 1:
+            return self.publish(self.topics.global_model, parts[0], retain=True)
+        sent = 0
+        if not self._global_in_parts:
+            sent += self.publish(self.topics.global_model, b"", retain=True)
+            self._global_in_parts = True
+        for i, part in enumerate(parts):
+            sent += self.publish(self.topics.global_part(i), part, retain=True)
+        return sent
 
     def round_state(self, state: RoundState) -> int:
         return self.publish(self.topics.round, state.encode(), retain=True)
@@ -56,10 +71,13 @@ class Publisher:
     def bundle(self, plan: BundlePlan) -> None:
         a = plan.announcement
         t0 = time.monotonic()
+        announcement = self.signing.sign_announcement(a.encode())
+        if self.max_message_size is not None and len(announcement) > self.max_message_size:
+            raise UsageError(f"the bundle announcement is {len(announcement)} bytes, over --max-message-size {self.max_message_size}")
         for topic, payload in chunk_messages(plan, self.topics):
             self.publish(topic, payload, retain=True)
         # The announcement goes last: a device that sees it finds every chunk already there.
-        self.publish(self.topics.bundle, self.signing.sign_announcement(a.encode()), retain=True)
+        self.publish(self.topics.bundle, announcement, retain=True)
         self.events.log("bundle_published", None, model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks, chunk_size=a.chunk_size, s=time.monotonic() - t0)
 
     def on_bundle_announcement(self, plan: BundlePlan, payload: bytes) -> None:

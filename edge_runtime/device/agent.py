@@ -36,6 +36,8 @@ from fleetlearn.edge_runtime.core.errors import BundleError, DataError, Protocol
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
+from fleetlearn.edge_runtime.device.feedback import ErrorFeedback
+from fleetlearn.edge_runtime.device.wire import GlobalParts, publish_update
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
@@ -61,6 +63,8 @@ class DeviceAgent:
         # One device process per state dir (two would clobber the pending update): held for life.
         self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
+        self.feedback = ErrorFeedback(self.state_dir)  # top-k's residual (device/feedback.py)
+        self.global_parts = GlobalParts(MAX_MODEL_PARAMS)  # a global model over the message limit
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -82,7 +86,7 @@ class DeviceAgent:
             on_connect=lambda: self.events.put(Event("connected")),
             will_provider=self._last_will,
         )
-        for topic in (self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
+        for topic in (self.topics.global_model, self.topics.global_parts, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
             self.link.subscribe(topic, qos=1)
 
     # ------------------------------------------------------------------ setup
@@ -211,6 +215,8 @@ class DeviceAgent:
                 self._on_eligible()
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
+            elif self.topics.is_global_part(event.topic):
+                self._on_global(self.global_parts.feed(event.payload))
             elif event.topic == self.topics.ack(self.cfg.device_id):
                 self._on_ack(event.payload)
             elif event.topic == self.topics.round:
@@ -235,11 +241,15 @@ class DeviceAgent:
         pending = load_pending_update(self.state_dir) if self.state.pending_round else None
         if pending:
             self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")
-            self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+            self._publish_update(pending)
 
-    def _on_global(self, payload: bytes) -> None:
+    def _publish_update(self, payload: bytes) -> None:
+        """The update frame, in parts when it is over the round's message limit (device/wire.py)."""
+        publish_update(self.link, self.topics.update(self.cfg.device_id), payload, self.state.max_message_size)
+
+    def _on_global(self, payload: bytes | None) -> None:
         if not payload:
-            return  # a cleared retained message
+            return  # a cleared retained message (or a part of one still incomplete)
         self._handle_global(GlobalModel.decode(payload, max_params=MAX_MODEL_PARAMS))
 
     def _handle_global(self, g: GlobalModel) -> None:
@@ -252,8 +262,10 @@ class DeviceAgent:
         if g.run_id != self.state.run_id:
             self._log(logging.INFO, "new_run", g.round, run_id=g.run_id[:8])
             clear_pending_update(self.state_dir)
+            self.feedback.reset()
             self.state = DeviceState(run_id=g.run_id)
             self.state.save(self.state_dir)
+        self.state.max_message_size = g.config.max_message_size or 0  # saved with the state's next change
         if not g.train:
             self._status("idle", g.round, "run finished")
             return
@@ -270,7 +282,7 @@ class DeviceAgent:
             pending = load_pending_update(self.state_dir)
             if pending:  # the aggregator re-announced this round (it restarted): send again
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
-                self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+                self._publish_update(pending)
                 return
         if not self._may_train(g):
             return
@@ -313,13 +325,14 @@ class DeviceAgent:
             nonce=secrets.token_hex(16),
             delta=delta,
         )
-        payload = update.encode(sign=self.signer.sign if self.signer else None)
+        # Encoded as the round asks; with error feedback the residual is made durable first.
+        payload = self.feedback.encode(update, g.config.compression_spec, load_pending_update(self.state_dir), sign=self.signer.sign if self.signer else None)
         # Durable before it is sent: a crash after this line re-sends these exact bytes.
         save_pending_update(self.state_dir, payload)
         self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
-        self.link.publish(self.topics.update(self.cfg.device_id), payload, qos=1)
+        self._publish_update(payload)
         self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
 
     def _on_ack(self, payload: bytes) -> None:
@@ -331,6 +344,9 @@ class DeviceAgent:
             self._log(logging.INFO, "update_acknowledged", ack.round, note=ack.reason)
         else:
             self._log(logging.WARNING, "update_refused", ack.round, reason=ack.reason)
+            pending = load_pending_update(self.state_dir)
+            if pending is not None:  # not applied: its top-k values go back into the residual
+                self.feedback.settle(s.pending_nonce, refused_payload=pending)
         self._finish_round(ack.round, "")
 
     def _on_round(self, payload: bytes) -> None:
@@ -347,6 +363,7 @@ class DeviceAgent:
     def _finish_round(self, round_: int, why: str) -> None:
         if why:
             self._log(logging.WARNING, "update_dropped", round_, reason=why)
+        self.feedback.settle(self.state.pending_nonce)  # before the pending update goes (feedback.py)
         clear_pending_update(self.state_dir)
         self.state.pending_round, self.state.pending_nonce = 0, ""
         self.state.last_round = max(self.state.last_round, round_)

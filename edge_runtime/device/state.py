@@ -17,6 +17,7 @@ class DeviceState:
     rounds_done: int = 0  # rounds completed by this process lifetime's counting (for --max-rounds)
     pending_round: int = 0  # round of the update not yet acknowledged (0: none)
     pending_nonce: str = ""
+    max_message_size: int = 0  # the last round config's message limit (0: none), for re-sends after a restart
 
     @classmethod
     def load(cls, state_dir: Path) -> "DeviceState":
