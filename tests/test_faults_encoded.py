@@ -302,3 +302,46 @@ def test_hostile_encoded_updates_and_parts_are_each_rejected_once_and_change_not
     decoded = [decode_tensor(*encode_tensor(u.delta, Compression.parse(s)), u.delta.size) for (u, _), s in zip(ups, HONEST_COMPRESSION)]
     expect = w + sum(s * d.astype(np.float64) for s, d in zip(SAMPLES, decoded)) / sum(SAMPLES)
     np.testing.assert_allclose(attacked, expect, rtol=1e-6, atol=1e-7)
+
+
+def test_update_parts_resume_after_a_reconnect_and_count_once(mosquitto, tmp_path, boston_bundle, procs):
+    """A device that lost its connection halfway through its parts re-sends them all (the same
+    bytes): the aggregator continues the partial message it holds, counts the update once, and
+    a part repeated with other bytes in between is refused without spoiling the rest."""
+    fleet = "enc-resume"
+    T = Topics(fleet)
+    n = load_bundle(boston_bundle).num_params
+    state = tmp_path / "state-resume"
+    wire = Recorder(mosquitto.url, [T.global_model, T.ack("+")], "wire-resume")
+    procs.append(wire)
+    agg = AggProc(tmp_path, mosquitto.url, fleet, boston_bundle, state, *agg_args(1, 1, 1, 600), name="agg-resume")
+    procs.append(agg)
+    g = wire.wait(lambda t, p: t == T.global_model and (x := GlobalModel.decode(p)).round == 1 and x, timeout=60)
+    u = Update(g.run_id, 1, "dev-a", g.model_hash, 10, 1.0, 0.1, secrets.token_hex(16), np.random.default_rng(3).normal(0, 0.05, n).astype(np.float32))
+    from fleetlearn.edge_runtime.core.protocol import split_message
+
+    parts = split_message(u.encode(), 2600)
+    assert len(parts) == 4
+    first = Recorder(mosquitto.url, [], "dev-a-first")
+    procs.append(first)
+    first.publish(T.update("dev-a"), parts[0])
+    first.publish(T.update("dev-a"), parts[1])
+    time.sleep(0.5)
+    first.close()  # the link drops
+    # A forged part 1 (same message id and layout, other bytes): refused, the partial stays intact.
+    m = Part.decode(parts[1], 1 << 20)
+    forged = Part(m.id, 1, m.count, m.total, m.size, bytes(len(m.data))).encode()
+    again = Recorder(mosquitto.url, [], "dev-a-again")
+    procs.append(again)
+    again.publish(T.update("dev-a"), forged)
+    for p in parts:  # the reconnected device re-sends everything, part by part
+        again.publish(T.update("dev-a"), p)
+    wire.wait(lambda t, p: t == T.ack("dev-a") and (a := Ack.decode(p)).nonce == u.nonce and a.accepted, timeout=30)
+    assert agg.wait(60) == 0, agg.text()[-3000:]
+    text = agg.text()
+    (rejected,) = agg_events(text, "update_rejected")
+    assert "different bytes" in rejected
+    assert len(agg_events(text, "update_accepted")) == 1 and "update_duplicate" not in text
+    (rec,) = rounds_log(state)
+    assert rec["devices"] == ["dev-a"] and rec["samples"] == 10
+    np.testing.assert_allclose(state_weights(state, 1), g.weights + u.delta, rtol=1e-6, atol=1e-7)
