@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"bundle chunk size in bytes (default {DEFAULT_CHUNK_SIZE})")
 
     wire = parser.add_argument_group("wire (docs/protocol.md: encodings, message parts)")
-    wire.add_argument("--compression", default="none", metavar="none|fp16|int8[:BLOCK]|topk:F", help="how devices encode their deltas: fp16, int8 with one scale per BLOCK values (default 256), or the top fraction F of values with error feedback (default none: float32)")
+    wire.add_argument("--compression", default="none", metavar="none|fp16|int8[:BLOCK]|topk:F", help="how devices encode their deltas: fp16, int8 with one scale per BLOCK values (default 512), or the top fraction F of values with error feedback (default none: float32)")
     wire.add_argument("--max-message-size", type=int, metavar="BYTES", help="the broker's message limit: larger global models, updates and bundle chunks travel in parts under it (e.g. 131072 for AWS IoT Core)")
 
     rounds = parser.add_argument_group("rounds")

@@ -66,7 +66,7 @@ def test_round_trip_within_the_stated_bound(spec, n):
 
 
 def test_compression_text_forms():
-    assert str(Compression.parse("int8")) == "int8:256"
+    assert str(Compression.parse("int8")) == "int8:512"
     assert str(Compression.parse("topk:0.01")) == "topk:0.01"
     for bad in ["", "gzip", "int8:7", "int8:x", "int8:65537", "topk", "topk:0", "topk:0.6", "topk:nan", "fp16:2", "none:1", "x" * 100]:
         with pytest.raises(ProtocolError):

@@ -1,0 +1,130 @@
+"""Wire bytes and metric cost of each update encoding: 3 real device processes, the real
+aggregator, mosquitto, Boston, the same run repeated once per `--compression`.
+
+    .venv/bin/python bench/bench_compress.py [--rounds 30] [--encodings none,fp16,int8:256,topk:0.01]
+
+For each encoding: the update bytes per device per round the aggregator received (whole UPDATE
+frames: header + ~290 bytes of meta + body), as a ratio of the raw float32 model (4 bytes per
+parameter) and of the float32 run's update measured in the same run, the body alone (the frame
+minus its float32 run's overhead, i.e. what the encoding itself costs), and the final test MSE
+against the float32 run's. Goals (issue 13): int8 <= 0.3x raw bytes with the final metric within
+2% of float32; top-1% <= 0.05x raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run(work: Path, bundle: Path, url: str, compression: str, rounds: int, devices: int) -> list[dict]:
+    state = work / f"agg-{compression.replace(':', '_')}"
+    agg = subprocess.Popen(
+        [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", url, "--fleet", "bench",
+         "--rounds", str(rounds), "--min-devices", str(devices), "--deadline", "60", "--state-dir", str(state),
+         "--test-data", str(work / "test.npz"), "--compression", compression, "--log-level", "warning"],
+        cwd=ROOT, stderr=open(work / "agg.log", "wb"),
+    )
+    procs = []
+    try:
+        for i in range(devices):
+            cfg = work / f"dev{i}.toml"
+            cfg.write_text(f'device_id = "dev-{i}"\nfleet = "bench"\nbroker = "{url}"\nbundle = "{bundle}"\n'
+                           f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{state}-dev{i}"\n[training]\nbatch_size = 8\n')
+            procs.append(subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", str(rounds)],
+                                          cwd=ROOT, stderr=open(work / f"dev{i}.log", "wb")))
+        assert agg.wait(900) == 0, (work / "agg.log").read_text()[-2000:]
+        for proc in procs:
+            proc.wait(60)
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    return [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--encodings", default="none,fp16,int8:256,int8:512,int8:1024,topk:0.1,topk:0.05,topk:0.01")
+    args = p.parse_args()
+    from bench_device import export_bundle
+    from fleetlearn.edge_runtime.core.bundle import load_bundle
+    from tests.conftest import Broker
+
+    encodings = args.encodings.split(",")
+    if encodings[0] != "none":
+        encodings.insert(0, "none")  # the baseline, measured in the same run
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bundle = export_bundle(work / "bundle")
+        n = load_bundle(bundle).num_params
+        with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
+            x, y = d["x_train"], d["y_train"]
+            np.savez(work / "test.npz", x=d["x_test"], y=d["y_test"])
+        for i, idx in enumerate(np.array_split(np.arange(len(x)), args.devices)):
+            np.savez(work / f"shard{i}.npz", x=x[idx], y=y[idx])
+        broker = Broker("mosquitto", work).start()
+        try:
+            results = {c: run(work, bundle, broker.url, c, args.rounds, args.devices) for c in encodings}
+        finally:
+            broker.stop()
+    raw = 4 * n
+    base = results["none"]
+    base_up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in base)
+    overhead = base_up - raw  # header + meta of a frame, the same for every encoding
+    base_mse = base[-1]["test_mse"]
+    print(f"Boston MLP ({n} parameters, raw {raw} bytes), {args.devices} devices, {args.rounds} rounds, mosquitto; load {os.getloadavg()[0]:.2f}")
+    print("| encoding | update bytes / device / round | vs raw float32 | vs float32 frame | body vs raw | final test MSE | vs float32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    out = []
+    for c, rounds in results.items():
+        up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in rounds)
+        mse = rounds[-1]["test_mse"]
+        row = {"encoding": c, "update_bytes": up, "vs_raw": up / raw, "vs_f32_frame": up / base_up, "body_vs_raw": (up - overhead) / raw,
+               "final_test_mse": mse, "mse_vs_f32": mse / base_mse - 1}
+        out.append(row)
+        print(f"| {c} | {up:,.0f} | {row['vs_raw']:.3f}x | {row['vs_f32_frame']:.3f}x | {row['body_vs_raw']:.3f}x | {mse:.3f} | {100 * row['mse_vs_f32']:+.1f}% |")
+    print(json.dumps(out))
+    print()
+    frame_ratios(1_657_685, [c for c in encodings if c != "none"])
+    return 0
+
+
+def frame_ratios(n: int, encodings: list[str]) -> None:
+    """Whole UPDATE frames of a large model (the tests' 1.66M-parameter CNN), in process: there
+    the ~300 bytes of meta vanish and the frame costs what its body costs."""
+    import time
+
+    from fleetlearn.edge_runtime.core.protocol import Compression, Update
+
+    delta = np.random.default_rng(0).normal(0, 0.01, n).astype(np.float32)
+    u = Update("a" * 32, 1, "dev-0", "b" * 64, 100, 1.0, 0.1, "c" * 32, delta)
+    f32 = len(u.encode())
+    print(f"UPDATE frame of a {n:,}-parameter model (raw {4 * n:,} bytes); load {os.getloadavg()[0]:.2f}")
+    print("| encoding | frame bytes | vs raw float32 | encode ms | decode ms |")
+    print("| --- | --- | --- | --- | --- |")
+    for c in ["none", *encodings]:
+        t0 = time.perf_counter()
+        payload = u.encode(compression=Compression.parse(c))
+        t1 = time.perf_counter()
+        Update.decode(payload, n)
+        t2 = time.perf_counter()
+        print(f"| {c} | {len(payload):,} | {len(payload) / (4 * n):.4f}x | {1000 * (t1 - t0):.1f} | {1000 * (t2 - t1):.1f} |")
+    assert f32 > 4 * n
+
+
+if __name__ == "__main__":
+    sys.exit(main())
