@@ -35,11 +35,10 @@ from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
-from fleetlearn.edge_runtime.device.feedback import ErrorFeedback
-from fleetlearn.edge_runtime.device.wire import GlobalParts, publish_update
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update
+from fleetlearn.edge_runtime.device.wire import DeviceWire
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
-from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
+from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, recover_pending, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
 
 log = logging.getLogger("fleetlearn.device")
@@ -63,8 +62,7 @@ class DeviceAgent:
         # One device process per state dir (two would clobber the pending update): held for life.
         self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
-        self.feedback = ErrorFeedback(self.state_dir)  # top-k's residual (device/feedback.py)
-        self.global_parts = GlobalParts(MAX_MODEL_PARAMS)  # a global model over the message limit
+        self.wire = DeviceWire(self.state_dir, self.topics.update(cfg.device_id))  # encodings, parts (device/wire.py)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -184,20 +182,8 @@ class DeviceAgent:
         return 0
 
     def _recover_pending(self) -> None:
-        """After a power cut device_state.json (not fsynced) may be older than the pending
-        update file (fsynced): the frame itself says which run, round and nonce it is."""
-        payload = load_pending_update(self.state_dir)
-        if payload is None or self.state.pending_round:
-            return
-        try:
-            peek = UpdateHeader.peek(payload, verify_body=True).require("run_id", "round", "nonce")
-            run_id, round_, nonce = str(peek.run_id), int(peek.round or 0), str(peek.nonce)
-        except ProtocolError:
-            clear_pending_update(self.state_dir)
-            return
-        if round_ > self.state.last_round:
-            self.state.run_id, self.state.pending_round, self.state.pending_nonce = run_id, round_, nonce
-            self.state.save(self.state_dir)
+        """After a power cut the pending update file says what was pending (state.recover_pending)."""
+        if round_ := recover_pending(self.state_dir, self.state):
             self._log(logging.INFO, "pending_update_recovered", round_)
 
     def _install_signal_handlers(self) -> None:
@@ -216,7 +202,7 @@ class DeviceAgent:
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
             elif self.topics.is_global_part(event.topic):
-                self._on_global(self.global_parts.feed(event.payload))
+                self._on_global(self.wire.global_parts.feed(event.payload))
             elif event.topic == self.topics.ack(self.cfg.device_id):
                 self._on_ack(event.payload)
             elif event.topic == self.topics.round:
@@ -241,11 +227,7 @@ class DeviceAgent:
         pending = load_pending_update(self.state_dir) if self.state.pending_round else None
         if pending:
             self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")
-            self._publish_update(pending)
-
-    def _publish_update(self, payload: bytes) -> None:
-        """The update frame, in parts when it is over the round's message limit (device/wire.py)."""
-        publish_update(self.link, self.topics.update(self.cfg.device_id), payload, self.state.max_message_size)
+            self.wire.send(self.link, pending, self.state.max_message_size)
 
     def _on_global(self, payload: bytes | None) -> None:
         if not payload:
@@ -262,7 +244,7 @@ class DeviceAgent:
         if g.run_id != self.state.run_id:
             self._log(logging.INFO, "new_run", g.round, run_id=g.run_id[:8])
             clear_pending_update(self.state_dir)
-            self.feedback.reset()
+            self.wire.feedback.reset()
             self.state = DeviceState(run_id=g.run_id)
             self.state.save(self.state_dir)
         self.state.max_message_size = g.config.max_message_size or 0  # saved with the state's next change
@@ -282,7 +264,7 @@ class DeviceAgent:
             pending = load_pending_update(self.state_dir)
             if pending:  # the aggregator re-announced this round (it restarted): send again
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
-                self._publish_update(pending)
+                self.wire.send(self.link, pending, self.state.max_message_size)
                 return
         if not self._may_train(g):
             return
@@ -325,14 +307,13 @@ class DeviceAgent:
             nonce=secrets.token_hex(16),
             delta=delta,
         )
-        # Encoded as the round asks; with error feedback the residual is made durable first.
-        payload = self.feedback.encode(update, g.config.compression_spec, load_pending_update(self.state_dir), sign=self.signer.sign if self.signer else None)
+        payload = self.wire.encode(update, g.config.compression_spec, self.signer.sign if self.signer else None)  # as the round asks
         # Durable before it is sent: a crash after this line re-sends these exact bytes.
         save_pending_update(self.state_dir, payload)
         self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
-        self._publish_update(payload)
+        self.wire.send(self.link, payload, self.state.max_message_size)
         self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
 
     def _on_ack(self, payload: bytes) -> None:
@@ -344,9 +325,7 @@ class DeviceAgent:
             self._log(logging.INFO, "update_acknowledged", ack.round, note=ack.reason)
         else:
             self._log(logging.WARNING, "update_refused", ack.round, reason=ack.reason)
-            pending = load_pending_update(self.state_dir)
-            if pending is not None:  # not applied: its top-k values go back into the residual
-                self.feedback.settle(s.pending_nonce, refused_payload=pending)
+            self.wire.refused(s.pending_nonce)  # not applied: its values go back into the residual
         self._finish_round(ack.round, "")
 
     def _on_round(self, payload: bytes) -> None:
@@ -363,7 +342,7 @@ class DeviceAgent:
     def _finish_round(self, round_: int, why: str) -> None:
         if why:
             self._log(logging.WARNING, "update_dropped", round_, reason=why)
-        self.feedback.settle(self.state.pending_nonce)  # before the pending update goes (feedback.py)
+        self.wire.feedback.settle(self.state.pending_nonce)  # before the pending update goes (feedback.py)
         clear_pending_update(self.state_dir)
         self.state.pending_round, self.state.pending_nonce = 0, ""
         self.state.last_round = max(self.state.last_round, round_)

@@ -1,12 +1,17 @@
-"""A device's side of messages over the broker's limit (protocol/parts.py): its update sent in
-parts, and the global model put back together from its retained parts."""
+"""A device's side of compressed updates and of messages over the broker's limit: its update
+encoded as the round asks (with the error-feedback residual, device/feedback.py), sent whole or
+in parts (protocol/parts.py), and the global model put back together from its retained parts."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
-from fleetlearn.edge_runtime.core.protocol import Reassembler, max_body_bytes, max_frame_bytes, split_message
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Compression, Reassembler, Update, max_body_bytes, max_frame_bytes, split_message
+from fleetlearn.edge_runtime.core.protocol.frame import Signer
+from fleetlearn.edge_runtime.device.feedback import ErrorFeedback
+from fleetlearn.edge_runtime.device.state import load_pending_update
 
 PART_TIMEOUT_S = 600.0
 
@@ -24,7 +29,7 @@ class GlobalParts:
     """The retained parts on `global/part/<i>`, reassembled (bounded by the largest model a
     device accepts; at most two partial models, e.g. the last round's and this one's)."""
 
-    def __init__(self, max_params: int):
+    def __init__(self, max_params: int = MAX_MODEL_PARAMS):
         self.reassembler = Reassembler(max_total=max_frame_bytes(max_body_bytes(max_params)), per_sender=2, max_partials=2, timeout=PART_TIMEOUT_S)
 
     def feed(self, payload: bytes) -> bytes | None:
@@ -32,3 +37,26 @@ class GlobalParts:
         if not payload:
             return None
         return self.reassembler.feed("global", payload, time.monotonic())
+
+
+class DeviceWire:
+    """What the agent needs of this module, in one object (keeps agent.py about rounds)."""
+
+    def __init__(self, state_dir: Path, update_topic: str):
+        self.state_dir = Path(state_dir)
+        self.topic = update_topic
+        self.feedback = ErrorFeedback(self.state_dir)
+        self.global_parts = GlobalParts()
+
+    def encode(self, update: Update, compression: Compression, sign: Signer | None) -> bytes:
+        """The update's frame; with error feedback the residual is durable before this returns."""
+        return self.feedback.encode(update, compression, load_pending_update(self.state_dir), sign=sign)
+
+    def send(self, link: MqttLink, payload: bytes, max_message_size: int) -> int:
+        return publish_update(link, self.topic, payload, max_message_size)
+
+    def refused(self, nonce: str) -> None:
+        """The aggregator refused update `nonce`: its sent values go back into the residual."""
+        pending = load_pending_update(self.state_dir)
+        if pending is not None:
+            self.feedback.settle(nonce, refused_payload=pending)
