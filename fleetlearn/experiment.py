@@ -156,11 +156,11 @@ def _run_one(grid, split, strategy, partition: str, seed: int, parts, prepared, 
         shards = write_shards(work, split.x_train, split.y_train, parts)
         with LocalFleet(spec, url, shards) as local:
             code = local.wait(grid.run_timeout)
-            tail = local.aggregator_tail(3)
+            why = local.failure_reason()
         if code is None:
             result.reason = f"timed out after {grid.run_timeout:g}s (run_timeout)"
         elif code != 0:
-            result.reason = f"aggregator exited with code {code}: {tail}"
+            result.reason = f"aggregator exited with code {code}: {why}"
         else:
             series = read_metric_series(spec.state, grid.metric)
             result.rounds = len(series)

@@ -182,6 +182,19 @@ class LocalFleet:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])[:600]
 
+    def failure_reason(self) -> str:
+        """Why the aggregator stopped, in one line: its own `error:` line when it printed one (a
+        UsageError or a failed round), else its last error event, else the tail of its log."""
+        try:
+            lines = (self.spec.logs / "aggregator.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        for marker in ("fleetlearn aggregator: error:", "level=error"):
+            for line in reversed(lines):
+                if marker in line:
+                    return line.split(marker, 1)[1].strip()[:400] if marker.endswith(":") else line.strip()[:400]
+        return " | ".join(lines[-3:])[:400]
+
     def stop(self) -> None:
         procs = [p for p in [self.aggregator, *self.devices] if p is not None]
         for p in procs:
