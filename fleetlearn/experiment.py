@@ -2,7 +2,7 @@
 
 `fleetlearn experiment --config grid.toml --out DIR`: every run is a real aggregator process,
 real device processes (the `fleetlearn device` code path) and a real broker (a fresh embedded
-amqtt broker per run, or --broker URL), one run after another. DIR receives:
+amqtt broker process per run, its log beside the others, or --broker URL), one run after another. DIR receives:
 
   results.md, results.csv   one row per (strategy, partition): final metric mean and 95%
                             t-interval over seeds, rounds-to-target, central baseline
@@ -140,7 +140,7 @@ def _prepare_seeds(grid, split, out: Path) -> dict:
 
 def _run_one(grid, split, strategy, partition: str, seed: int, parts, prepared, run_dir: Path, *, fleet: str, broker: str | None):
     from fleetlearn.experiment_results import RunResult, read_metric_series, rounds_to_target
-    from fleetlearn.local_fleet import FleetSpec, LocalFleet, start_broker, write_shards
+    from fleetlearn.local_fleet import BrokerProcess, FleetSpec, LocalFleet, write_shards
 
     bundle, _, test, central = prepared
     result = RunResult(strategy.label, partition, seed, "failed", central=central, dir=str(run_dir))
@@ -152,7 +152,10 @@ def _run_one(grid, split, strategy, partition: str, seed: int, parts, prepared, 
     t0 = time.monotonic()
     handle = None
     try:
-        url, handle = start_broker(broker, say=lambda _: None, port=0)
+        spec.logs.mkdir(parents=True)
+        if broker is None:
+            handle = BrokerProcess(spec.logs / "broker.log").start()
+        url = broker or handle.url
         shards = write_shards(work, split.x_train, split.y_train, parts)
         with LocalFleet(spec, url, shards) as local:
             code = local.wait(grid.run_timeout)

@@ -91,6 +91,49 @@ def start_broker(url: str | None, say: Callable[[str], None] = print, port: int 
     return handle.url, handle
 
 
+class BrokerProcess:
+    """`fleetlearn broker` (embedded amqtt) as a child process on a free loopback port, its log
+    in `log`: a broker that misbehaves stays out of the caller's process and output, and each
+    run can have a fresh one. `start()` raises RuntimeError with the log's tail on failure."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 20.0) -> "BrokerProcess":
+        import socket
+
+        for _ in range(3):  # a free port can be taken between the probe and the bind: retry
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            with open(self.log, "ab") as out:
+                self.proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "broker", "--host", "127.0.0.1", "--port", str(port),
+                                              "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        self.url = f"mqtt://127.0.0.1:{port}"
+                        return self
+                except OSError:
+                    time.sleep(0.1)
+            self.stop()
+        tail = " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-2:])[:300]
+        raise RuntimeError(f"the embedded broker did not start: {tail or 'no output'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
 def write_shards(work: Path, x: Any, y: Any, parts: Sequence[Any]) -> list[Path]:
     """One NPZ (x, y) per device: device i's shard holds the rows parts[i]."""
     import numpy as np
