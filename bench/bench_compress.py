@@ -1,13 +1,14 @@
 """Wire bytes and metric cost of each update encoding: 3 real device processes, the real
-aggregator, mosquitto, Boston, the same run repeated once per `--compression`.
+aggregator, mosquitto, Boston (or digits), the same run repeated once per `--compression`.
 
-    .venv/bin/python bench/bench_compress.py [--rounds 30] [--encodings none,fp16,int8:256,topk:0.01]
+    .venv/bin/python bench/bench_compress.py [--dataset boston|digits] [--rounds 30] [--encodings none,fp16,int8:256,topk:0.01]
 
 For each encoding: the update bytes per device per round the aggregator received (whole UPDATE
 frames: header + ~290 bytes of meta + body), as a ratio of the raw float32 model (4 bytes per
 parameter) and of the float32 run's update measured in the same run, the body alone (the frame
-minus its float32 run's overhead, i.e. what the encoding itself costs), and the final test MSE
-against the float32 run's. Goals (issue 13): int8 <= 0.3x raw bytes with the final metric within
+minus its float32 run's overhead, i.e. what the encoding itself costs), and the final test
+metric (Boston: MSE; digits: accuracy, digits-mlp with SGD 0.05, 5 local epochs of batch 16, as
+experiments/digits.toml) against the float32 run's. Goals (issue 13): int8 <= 0.3x raw bytes with the final metric within
 2% of float32; top-1% <= 0.05x raw.
 """
 
@@ -29,12 +30,35 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def run(work: Path, bundle: Path, url: str, compression: str, rounds: int, devices: int) -> list[dict]:
+DATASETS = {
+    # name: (data file, built-in model, optimizer, lr, metric, aggregator's extra flags, device batch)
+    "boston": ("boston_housing_split.npz", "boston-mlp", "adamw", 1e-3, "test_mse", [], 8),
+    "digits": ("digits_split.npz", "digits-mlp", "sgd", 0.05, "test_accuracy", ["--local-epochs", "5"], 16),
+}
+
+
+def export(dataset: str, out: Path) -> Path:
+    from fleetlearn.export import build_bundle, resolve_model
+    from fleetlearn.export.models import BUILTIN_MODELS
+    from fleetlearn.export.preprocessing import standardization
+
+    data, name, optimizer, lr, *_ = DATASETS[dataset]
+    with np.load(ROOT / "data" / data) as d:
+        x = d["x_train"].astype(np.float64)
+    model, _ = resolve_model(name, seed=0)
+    spec = BUILTIN_MODELS[name]
+    build_bundle(model, out, model_name=name, input_shape=spec.input_shape, loss=spec.loss, optimizer=optimizer, lr=lr,
+                 preprocessing=standardization(x), seed=0)
+    return out
+
+
+def run(work: Path, bundle: Path, url: str, compression: str, rounds: int, devices: int, dataset: str = "boston") -> list[dict]:
+    *_, extra, batch = DATASETS[dataset]
     state = work / f"agg-{compression.replace(':', '_')}"
     agg = subprocess.Popen(
         [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", url, "--fleet", "bench",
          "--rounds", str(rounds), "--min-devices", str(devices), "--deadline", "60", "--state-dir", str(state),
-         "--test-data", str(work / "test.npz"), "--compression", compression, "--log-level", "warning"],
+         "--test-data", str(work / "test.npz"), "--compression", compression, "--log-level", "warning", *extra],
         cwd=ROOT, stderr=open(work / "agg.log", "wb"),
     )
     procs = []
@@ -42,7 +66,7 @@ def run(work: Path, bundle: Path, url: str, compression: str, rounds: int, devic
         for i in range(devices):
             cfg = work / f"dev{i}.toml"
             cfg.write_text(f'device_id = "dev-{i}"\nfleet = "bench"\nbroker = "{url}"\nbundle = "{bundle}"\n'
-                           f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{state}-dev{i}"\n[training]\nbatch_size = 8\n')
+                           f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{state}-dev{i}"\n[training]\nbatch_size = {batch}\n')
             procs.append(subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", str(rounds)],
                                           cwd=ROOT, stderr=open(work / f"dev{i}.log", "wb")))
         assert agg.wait(900) == 0, (work / "agg.log").read_text()[-2000:]
@@ -56,11 +80,12 @@ def run(work: Path, bundle: Path, url: str, compression: str, rounds: int, devic
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="boston")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--no-large-model", action="store_true", help="skip the in-process frame sizes of a 1.66M-parameter model")
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--encodings", default="none,fp16,int8:256,int8:512,int8:1024,topk:0.1,topk:0.05,topk:0.01")
     args = p.parse_args()
-    from bench_device import export_bundle
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from tests.conftest import Broker
 
@@ -69,37 +94,39 @@ def main() -> int:
         encodings.insert(0, "none")  # the baseline, measured in the same run
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle = export_bundle(work / "bundle")
+        bundle = export(args.dataset, work / "bundle")
         n = load_bundle(bundle).num_params
-        with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
+        with np.load(ROOT / "data" / DATASETS[args.dataset][0]) as d:
             x, y = d["x_train"], d["y_train"]
             np.savez(work / "test.npz", x=d["x_test"], y=d["y_test"])
         for i, idx in enumerate(np.array_split(np.arange(len(x)), args.devices)):
             np.savez(work / f"shard{i}.npz", x=x[idx], y=y[idx])
         broker = Broker("mosquitto", work).start()
         try:
-            results = {c: run(work, bundle, broker.url, c, args.rounds, args.devices) for c in encodings}
+            results = {c: run(work, bundle, broker.url, c, args.rounds, args.devices, args.dataset) for c in encodings}
         finally:
             broker.stop()
     raw = 4 * n
     base = results["none"]
     base_up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in base)
     overhead = base_up - raw  # header + meta of a frame, the same for every encoding
-    base_mse = base[-1]["test_mse"]
-    print(f"Boston MLP ({n} parameters, raw {raw} bytes), {args.devices} devices, {args.rounds} rounds, mosquitto; load {os.getloadavg()[0]:.2f}")
-    print("| encoding | update bytes / device / round | vs raw float32 | vs float32 frame | body vs raw | final test MSE | vs float32 |")
+    metric = DATASETS[args.dataset][4]
+    base_metric = base[-1][metric]
+    print(f"{DATASETS[args.dataset][1]} ({n} parameters, raw {raw} bytes), {args.devices} devices, {args.rounds} rounds, mosquitto; load {os.getloadavg()[0]:.2f}")
+    print(f"| encoding | update bytes / device / round | vs raw float32 | vs float32 frame | body vs raw | final {metric} | vs float32 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     out = []
     for c, rounds in results.items():
         up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in rounds)
-        mse = rounds[-1]["test_mse"]
+        value = rounds[-1][metric]
         row = {"encoding": c, "update_bytes": up, "vs_raw": up / raw, "vs_f32_frame": up / base_up, "body_vs_raw": (up - overhead) / raw,
-               "final_test_mse": mse, "mse_vs_f32": mse / base_mse - 1}
+               f"final_{metric}": value, "metric_vs_f32": value / base_metric - 1}
         out.append(row)
-        print(f"| {c} | {up:,.0f} | {row['vs_raw']:.3f}x | {row['vs_f32_frame']:.3f}x | {row['body_vs_raw']:.3f}x | {mse:.3f} | {100 * row['mse_vs_f32']:+.1f}% |")
+        print(f"| {c} | {up:,.0f} | {row['vs_raw']:.3f}x | {row['vs_f32_frame']:.3f}x | {row['body_vs_raw']:.3f}x | {value:.4f} | {100 * row['metric_vs_f32']:+.1f}% |")
     print(json.dumps(out))
-    print()
-    frame_ratios(1_657_685, [c for c in encodings if c != "none"])
+    if not args.no_large_model:
+        print()
+        frame_ratios(1_657_685, [c for c in encodings if c != "none"])
     return 0
 
 

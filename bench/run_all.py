@@ -15,6 +15,7 @@ for script, args in [
     ("bench_round.py", ["--broker", "amqtt"]),
     ("bench_ingest.py", []),
     ("bench_compress.py", []),
+    ("bench_compress.py", ["--dataset", "digits", "--rounds", "10", "--no-large-model"]),
 ]:
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)
