@@ -212,6 +212,13 @@ def test_residual_file_survives_every_crash_point(tmp_path):
     assert np.array_equal(fb.current(n, None), once)
     assert fb.path.read_bytes()[8:40].decode() == SETTLED
     assert fb.current(n + 1, None) is None  # another model's size starts from zero
+    # the aggregator switches to int8: what top-k held back goes out with the next delta
+    u3 = Update("a" * 32, 3, "dev", "b" * 64, 1, 0.0, 0.0, "3" * 32, vec(n, 3))
+    p3 = fb.encode(u3, Compression("none"), None)
+    assert np.array_equal(Update.decode(p3, n).delta, u3.delta + once) and not fb.current(n, p3).any()
+    fb.settle("3" * 32)
+    u4 = Update("a" * 32, 4, "dev", "b" * 64, 1, 0.0, 0.0, "4" * 32, vec(n, 4))
+    assert np.array_equal(Update.decode(fb.encode(u4, Compression("none"), None), n).delta, u4.delta)
 
 
 # ------------------------------------------------------------------ parts

@@ -80,8 +80,8 @@ class ErrorFeedback:
         before this returns: the caller writes the pending update after it."""
         n = update.delta.size
         residual = self.current(n, pending)
-        if not compression.error_feedback and residual is None:
-            return update.encode(sign=sign, compression=compression)
+        if not compression.error_feedback and (residual is None or not residual.any()):
+            return update.encode(sign=sign, compression=compression)  # nothing held back: no residual to keep
         _, _, v, after = feedback_step(residual, update.delta, compression)
         before = residual if residual is not None else np.zeros(n, dtype=np.float32)
         self._write(update.nonce, before, after)
