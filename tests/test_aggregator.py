@@ -245,7 +245,7 @@ def test_duplicates_late_and_malformed_updates(any_broker, boston_bundle, tmp_pa
         "truncated": (c.update(g, np.zeros(n, np.float32), 5).encode()[:-10], "truncated"),
         "wrong size": (c.update(g, np.zeros(n - 1, np.float32), 5).encode(), "parameters"),
         "nan": (c.update(g, np.full(n, np.nan, np.float32), 5).encode(), "NaN"),
-        "oversized": (b"\0" * (24 + 8192 + 4 * n + 513), "bound"),
+        "oversized": (b"\0" * (24 + 8192 + (4 * n + 16) + 513), "bound"),  # body bound: float32 + the encodings' 16
         "wrong run": (c.update(g, np.zeros(n, np.float32), 5, run_id="e" * 32).encode(), "not the current run"),
         "wrong model": (c.update(g, np.zeros(n, np.float32), 5, model_hash="cd" * 32).encode(), "not the current model"),
         "future round": (c.update(g, np.zeros(n, np.float32), 5, round=2).encode(), "round 2 not open"),
