@@ -277,7 +277,7 @@ def test_files_modes_and_formats(tmp_path):
 def test_frame_sizes_agree_with_the_protocol_and_limits_fit_a_real_bundle(boston_bundle, tmp_path):
     # The limits use the protocol's own bounds (imported, never copied): the frame layout of
     # docs/protocol.md, 24-byte header + meta bound + body + signature bound.
-    assert bc.model_frame_bytes(1000) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + 4000 + protocol.MAX_SIG_BYTES == 24 + 8192 + 4000 + 512
+    assert bc.model_frame_bytes(1000) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + protocol.max_body_bytes(1000) + protocol.MAX_SIG_BYTES == 24 + 8192 + (4000 + 16) + 512
     assert bc.chunk_frame_bytes(4096) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + 4096
     assert bc.MAX_JSON_BYTES is protocol.MAX_JSON_BYTES and bc.MAX_MODEL_PARAMS is protocol.MAX_MODEL_PARAMS
     size = bc.size_from_bundle(boston_bundle, protocol.DEFAULT_CHUNK_SIZE)

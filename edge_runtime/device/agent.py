@@ -62,7 +62,7 @@ class DeviceAgent:
         # One device process per state dir (two would clobber the pending update): held for life.
         self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
-        self.wire = DeviceWire(self.state_dir, self.topics.update(cfg.device_id))  # encodings, parts (device/wire.py)
+        self.wire = DeviceWire(self.state_dir, self.topics, cfg.device_id)  # encodings, parts (device/wire.py)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
@@ -201,7 +201,7 @@ class DeviceAgent:
                 self._on_eligible()
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
-            elif self.topics.is_global_part(event.topic):
+            elif self.wire.is_global_part(event.topic):
                 self._on_global(self.wire.global_parts.feed(event.payload))
             elif event.topic == self.topics.ack(self.cfg.device_id):
                 self._on_ack(event.payload)

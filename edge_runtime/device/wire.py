@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Compression, Reassembler, Update, max_body_bytes, max_frame_bytes, split_message
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Compression, Reassembler, Topics, Update, max_body_bytes, max_frame_bytes, split_message
 from fleetlearn.edge_runtime.core.protocol.frame import Signer
 from fleetlearn.edge_runtime.device.feedback import ErrorFeedback
 from fleetlearn.edge_runtime.device.state import load_pending_update
@@ -42,11 +42,15 @@ class GlobalParts:
 class DeviceWire:
     """What the agent needs of this module, in one object (keeps agent.py about rounds)."""
 
-    def __init__(self, state_dir: Path, update_topic: str):
+    def __init__(self, state_dir: Path, topics: Topics, device_id: str):
         self.state_dir = Path(state_dir)
-        self.topic = update_topic
+        self.topic = topics.update(device_id)
+        self._part_prefix = topics.global_part(0).rsplit("/", 1)[0] + "/"
         self.feedback = ErrorFeedback(self.state_dir)
         self.global_parts = GlobalParts()
+
+    def is_global_part(self, topic: str) -> bool:
+        return topic.startswith(self._part_prefix)
 
     def encode(self, update: Update, compression: Compression, sign: Signer | None) -> bytes:
         """The update's frame; with error feedback the residual is durable before this returns."""

@@ -91,9 +91,6 @@ class Topics:
     def global_parts(self) -> str:
         return f"{self.base}/global/part/+"
 
-    def is_global_part(self, topic: str) -> bool:
-        return topic.startswith(f"{self.base}/global/part/")
-
     @property
     def round(self) -> str:
         return f"{self.base}/round"
