@@ -30,6 +30,9 @@ STRATEGIES: dict[str, str] = {
     "median": "fleetlearn.aggregator.median:Median",
     "trimmed-mean": "fleetlearn.aggregator.trimmed_mean:TrimmedMean",
     "fedavgm": "fleetlearn.aggregator.fedavgm:FedAvgM",
+    "fedadam": "fleetlearn.aggregator.fedadam:FedAdam",
+    "fedyogi": "fleetlearn.aggregator.fedyogi:FedYogi",
+    "fedadagrad": "fleetlearn.aggregator.fedadagrad:FedAdagrad",
 }
 # name -> (strategy, the wrapper option it needs): the compositions that used to be classes.
 ALIASES: dict[str, tuple[str, str]] = {
@@ -65,6 +68,14 @@ def all_option_classes() -> list[type[Options]]:
         if cls not in out:
             out.append(cls)
     return out
+
+
+def option_owners() -> dict[type[Options], str]:
+    """Options class -> the strategy names that use it ("fedadam"), for --help's defaults."""
+    out: dict[type[Options], list[str]] = {}
+    for name, target in STRATEGIES.items():
+        out.setdefault(_load(target).Options, []).append(name)
+    return {cls: "/".join(names) for cls, names in out.items()}
 
 
 @dataclass(frozen=True)
