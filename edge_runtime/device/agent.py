@@ -65,6 +65,7 @@ class DeviceAgent:
         self.waiting_global: GlobalModel | None = None  # a global model for a bundle we are fetching
         self.signer = _load_signer(cfg)
         self.status_state = "idle"
+        self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
         self.link = MqttLink(
             self._link_options(),
             on_message=self._on_message,
@@ -255,6 +256,13 @@ class DeviceAgent:
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
                 self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
                 return
+        if g.invite is not None and not g.invite.invites(self.cfg.device_id):
+            # Client sampling: not asked this round, so no training and no upload (logged once per round).
+            if self._not_invited != (g.run_id, g.round):
+                self._not_invited = (g.run_id, g.round)
+                self._log(logging.INFO, "not_invited", g.round)
+                self._status("idle", g.round, f"not invited to round {g.round}")
+            return
         self._train_and_send(g)
 
     def _train_and_send(self, g: GlobalModel) -> None:
