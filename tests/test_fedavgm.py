@@ -4,6 +4,7 @@ the bit-identical weights of an uninterrupted run given the same arrivals, for f
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -226,6 +227,12 @@ def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(stra
         delta = sum(SAMPLES[d] * _delta(d, rnd, n).astype(np.float64) for d in SAMPLES) / sum(SAMPLES.values())
         w, st = SERVER_OPTS[strategy][1](w.astype(np.float32).astype(np.float64), st, delta)
     np.testing.assert_allclose(_weights(sw, ROUNDS), w.astype(np.float32), rtol=1e-5, atol=1e-6)
+    # Telemetry: the sample-weighted mean and the max of the raw delta norms, also for round 3,
+    # whose first update was counted before the kill (the norms persist with the open round).
+    for rec in (json.loads(line) for line in (sk / "rounds.jsonl").read_text().splitlines()):
+        norms = {d: float(np.linalg.norm(_delta(d, rec["round"], n).astype(np.float64))) for d in SAMPLES}
+        assert rec["update_norm"] == pytest.approx(sum(SAMPLES[d] * norms[d] for d in SAMPLES) / sum(SAMPLES.values()), rel=1e-12)
+        assert rec["update_norm_max"] == pytest.approx(max(norms.values()), rel=1e-12)
     saved = decode_server_state((sk / "global" / f"server_{ROUNDS:04d}.bin").read_bytes())[2]
     assert sorted(saved) == sorted(st) and all(np.allclose(saved[k], st[k], rtol=1e-4, atol=1e-9) for k in st)
     plain = _weights(sw, 0).astype(np.float64) + sum(sum(SAMPLES[d] * _delta(d, r, n).astype(np.float64) for d in SAMPLES) / 26 for r in range(1, ROUNDS + 1))

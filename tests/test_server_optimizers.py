@@ -177,3 +177,46 @@ def test_defaults_are_the_papers_and_fedavg_is_untouched():
     a = make_strategy("fedadam")
     assert (a.options.server_lr, a.options.beta1, a.options.beta2, a.options.tau) == (0.01, 0.9, 0.99, 1e-3)
     assert type(make_strategy("fedavg")) is FedAvg and make_strategy("fedavgm").options.server_lr == 1.0
+
+
+# ------------------------------------------------------------------ end to end, real devices
+
+
+@pytest.mark.parametrize("strategy, extra", [("fedyogi", []), ("fedadagrad", ["--clip-norm", "5"])])
+def test_runs_end_to_end_with_real_devices(strategy, extra, mosquitto, tmp_path, boston_bundle, boston_shards):
+    """2 real device processes, 2 rounds over mosquitto; the record names the strategy and carries
+    the update norms, the moments are committed beside each round's weights."""
+    import json
+
+    from fleetlearn.aggregator.model_store import decode_server_state
+    from tests.conftest import stop_process
+    from tests.procs import AggregatorProcess
+    from tests.test_device import FLEET, start_device, write_config
+
+    shards, test_npz = boston_shards
+    state = tmp_path / "agg"
+    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, "--rounds", "2", "--min-devices", "2", "--deadline", "60", "--test-data", str(test_npz),
+                            "--strategy", strategy, "--server-lr", "0.02", "--beta1", "0.8", "--tau", "0.01", *extra, bundle=boston_bundle)
+    devices = []
+    try:
+        for i, shard in enumerate(shards[:2]):
+            cfg = write_config(tmp_path, mosquitto.url, boston_bundle, shard, device_id=f"dev-{i}")
+            devices.append(start_device(cfg, tmp_path / f"dev-{i}.log", "--max-rounds", "2"))
+        assert agg.wait(120) == 0, agg.text()[-3000:]
+    finally:
+        for proc in devices:
+            stop_process(proc)
+        agg.stop()
+    rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+    name = f"clipped-{strategy}" if extra else strategy
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["strategy"] == name and r["devices"] == ["dev-0", "dev-1"] for r in rounds)
+    assert all(0 < r["update_norm"] <= r["update_norm_max"] for r in rounds)
+    w = [np.fromfile(state / "global" / f"round_{r:04d}.f32", dtype="<f4") for r in range(3)]
+    m1 = decode_server_state((state / "global" / "server_0001.bin").read_bytes())[2]
+    # Round 1 from round 0 is the adaptive step, whatever the (unknown) mean delta was: with m_{-1} = 0,
+    # |x1 - x0| = eta (1 - beta1) |Delta| / (sqrt(v1) + tau) per coordinate, and Delta = m1 / (1 - beta1).
+    delta = m1["m"] / 0.2
+    v1 = {"fedyogi": 1e-4 - 0.01 * delta**2 * np.sign(1e-4 - delta**2), "fedadagrad": 1e-4 + delta**2}[strategy]
+    np.testing.assert_allclose(m1["v"], v1, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(w[1], (w[0].astype(np.float64) + 0.02 * m1["m"] / (np.sqrt(v1) + 0.01)).astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(w[1], w[2])
