@@ -243,3 +243,61 @@ def test_sampled_rounds_with_real_devices_uninvited_stay_idle_dp_uses_the_real_r
     assert "event=round_cohort round=1 invited=2 connected=3 target=1" in agg.text()
     saved = decode_server_state((state / "global" / "server_0003.bin").read_bytes())[2]
     assert sorted(saved) == ["dp_sampling_rates", "m", "v"] and saved["dp_sampling_rates"].tolist() == pytest.approx(rates)
+
+
+def test_a_restarted_aggregator_keeps_the_rounds_invitations(mosquitto, tmp_path, boston_bundle):
+    """Scripted devices on the wire: round 1 invites 3 of 4; one invited device's update is acked,
+    the aggregator is SIGKILLed, the fleet changes (an invited device goes offline, a new one comes),
+    and the restarted aggregator re-announces the SAME invitation, refuses the outsider and closes
+    the round with the cohort it drew before the kill."""
+    from tests.test_faults import wait_text
+
+    fleet = "sampled"
+    t = Topics(fleet)
+    names = ["d-0", "d-1", "d-2", "d-3"]
+    peers = {d: Recorder(mosquitto.url, [t.ack(d)], d) for d in [*names, "d-new"]}
+    obs = Recorder(mosquitto.url, [t.global_model], "obs")
+    for d in names:
+        peers[d].client.publish(t.status(d), Status(d, "idle").encode(), qos=1, retain=True).wait_for_publish(5)
+
+    def send(d: str, g: GlobalModel, nonce: str):
+        u = Update(g.run_id, g.round, d, g.model_hash, 10, 1.0, 0.01, nonce, np.full(g.weights.size, 0.01, np.float32))
+        before = len(peers[d].snapshot())
+        peers[d].publish(t.update(d), u.encode())
+        peers[d].wait(lambda tp, p: len(peers[d].snapshot()) > before, timeout=60)
+        from fleetlearn.edge_runtime.core.protocol import Ack
+
+        return Ack.decode(peers[d].snapshot()[-1][1])
+
+    args = ("--rounds", "1", "--min-devices", "2", "--deadline", "60", "--sample-size", "2", "--over-selection", "1.5")
+    state = tmp_path / "state"
+    agg = AggregatorProcess(tmp_path, mosquitto.url, fleet, state, *args, bundle=boston_bundle, name="agg-1")
+    try:
+        g1 = obs.wait(lambda tp, p: p and (g := GlobalModel.decode(p)).round == 1 and g, timeout=60)
+        invited = sorted(d for d in names if g1.invite.invites(d))
+        assert len(invited) == 3
+        first = invited[0]
+        nonce = secrets.token_hex(16)
+        assert send(first, g1, nonce).accepted
+        agg.kill9()
+        gone = invited[1]
+        peers[gone].client.publish(t.status(gone), Status(gone, "offline").encode(), qos=1, retain=True).wait_for_publish(5)
+        peers["d-new"].client.publish(t.status("d-new"), Status("d-new", "idle").encode(), qos=1, retain=True).wait_for_publish(5)
+        n_before = len(obs.snapshot())
+        agg = AggregatorProcess(tmp_path, mosquitto.url, fleet, state, *args, bundle=boston_bundle, name="agg-2")
+        wait_text(agg.text, "event=round_resumed round=1", 60, "aggregator log")
+        g1b = obs.wait(lambda tp, p: len(obs.snapshot()) > n_before and p and GlobalModel.decode(p), timeout=60)
+        assert g1b.invite == g1.invite and g1b.run_id == g1.run_id
+        (outsider,) = set(names) - set(invited)
+        refused = send(outsider, g1b, secrets.token_hex(16))
+        assert not refused.accepted and refused.reason == f"{outsider} was not invited to round 1"
+        assert send(first, g1b, nonce).accepted  # the re-send of the acked update: counted once
+        assert send(invited[2], g1b, secrets.token_hex(16)).accepted
+        assert agg.wait(60) == 0, agg.text()[-3000:]
+    finally:
+        agg.stop()
+        for p in [obs, *peers.values()]:
+            p.close()
+    (rec,) = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+    assert rec["invited"] == invited and rec["connected"] == 4 and sorted(rec["devices"]) == sorted([first, invited[2]])
+    assert "round_cohort round=1" in agg.text() and "waiting_for_devices" not in agg.text()
