@@ -82,7 +82,7 @@ def beta2_option() -> Any:
 
 
 def tau_option() -> Any:
-    return option(1e-3, "--tau", float, "fedadam/fedyogi/fedadagrad: adaptivity tau (step <= eta/tau per coordinate)", metavar="TAU",
+    return option(1e-3, "--tau", float, "fedadam/fedyogi/fedadagrad: adaptivity tau (a coordinate moves at most eta |m| / tau)", metavar="TAU",
                   check=lambda t: 0 < t <= 1, bound="in (0, 1]")
 
 

@@ -10,7 +10,8 @@ Aggregation rules and server optimizers are registered below, one line each; the
 `clipped-fedavg` and `dp-fedavg` are aliases that build the composition and insist on its
 options. Which option belongs to which strategy, and which wrappers a rule admits, is decided here;
 bounds are checked once, by each component: single values in its Options dataclass
-(aggregator/options.py), values against the round policy in its constructor (DP's population).
+(aggregator/options.py), values against the round policy where they meet it (DP's noise
+denominator here, client sampling in sampling.py and config.py).
 """
 
 from __future__ import annotations
