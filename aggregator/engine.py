@@ -17,8 +17,8 @@ Round state machine (docs/aggregator.md has the picture):
     open(r) --deadline, < min, no extensions left-------> failed(r)  (exit 3)
 
 Who does what: config.py (options), schedule.py (each round's training config), registry.py
-(the strategy), sampling.py + presence.py (who is invited, among the connected devices), intake.py (validating updates, group-commit acks), publisher.py (the wire),
-evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
+(the strategy), sampling.py + presence.py (who is invited, among the connected devices),
+intake.py (validating updates, group-commit acks), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ class Aggregator:
             n = len(self.presence.connected())
             # The first draw after start waits the settle time in any case: the retained statuses of
             # a large fleet arrive over a while after the subscription. Later draws know the fleet.
-            full = self._cohorts_drawn > 0 and smp.sample_size is not None and n >= smp.invite_count(smp.sample_size, n + 10**9)
+            full = self._cohorts_drawn > 0 and smp.sample_size is not None and n >= smp.wanted(smp.sample_size)
             if full or (n >= need and time.monotonic() - started >= SAMPLING_SETTLE_S):
                 break
             if time.time() >= give_up:

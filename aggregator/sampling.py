@@ -14,8 +14,9 @@ ones: each device's rank is sha256(salt || device id) with salt = sha256("fleetl
 ":" round)[:16 bytes], and the `invited` lowest ranks are taken. The wire carries only (salt,
 below) (edge_runtime/core/protocol/messages.py, Invitation), so a device checks its own
 invitation and the message size does not grow with the fleet. The same seed, round and connected
-set give the same cohort; the cohort is persisted with the open round, so an aggregator restarted
-mid-round keeps the invitations it made.
+set give the same cohort; the cohort is persisted with the open round (partial_round.bin, from
+its first accepted update on), so an aggregator restarted mid-round keeps the invitations it
+made; restarted before that, it draws again (the same cohort unless the fleet changed).
 
 DP accounting (aggregator/dp_fedavg.py): round r's sampling rate is q_r = invited_r /
 connected_r, the probability that a connected device was asked to contribute that round.
@@ -83,8 +84,12 @@ class SamplingOptions(Options):
         assert self.sample_fraction is not None
         return max(min_devices, _ceil(self.sample_fraction * connected))
 
+    def wanted(self, target: int) -> int:
+        """ceil(X x target): the devices a round with this target invites when enough are connected."""
+        return _ceil(self.factor * target)
+
     def invite_count(self, target: int, connected: int) -> int:
-        return min(connected, _ceil(self.factor * target))
+        return min(connected, self.wanted(target))
 
 
 def _ceil(x: float) -> int:
