@@ -30,12 +30,15 @@ dp-accounting's RDP (or PLD) accountant (never hand-written math here), with q_t
 REAL sampling rate:
   * without client sampling every device is asked every round (the global model goes to all,
     the first m that answer are taken): q_t = 1, no amplification is claimed;
-  * with `--sample-size`/`--sample-fraction` (aggregator/sampling.py) the engine tells the
+  * with `--sample-size` (aggregator/sampling.py; `--sample-fraction` is refused with DP, its
+    target would move m) the engine tells the
     wrapper q_t = invited_t / connected_t (`set_sampling_rate`), the probability that a connected
     device was asked in round t. The cohort is a uniform sample without replacement of fixed size,
     which the accountant models as Poisson sampling at the same rate (the usual approximation;
     dp-accounting's RDP accountant has no fixed-size sampling under add/remove-one neighbours).
-    Over-selection does not change q: every invited device may contribute.
+    Over-selection does not change q: every invited device may contribute. Amplification
+    assumes the cohort is secret; the invitation and the record's `invited`/`devices` are
+    published, so the amplified figure holds against an observer of the models only.
 The rates of released rounds are cross-round state (`dp_sampling_rates`, committed with the
 weights), so epsilon after a restart composes the rates the run really used; rounds with no
 recorded rate (a state dir from before) count as q = 1, the worst case. docs/security-robust-dp.md.

@@ -233,3 +233,22 @@ def test_topic_names_and_device_of():
     with pytest.raises(ProtocolError):
         t.grants("device")  # a device's grants name its own topics
     assert struct.calcsize("<4sBBBBIIIHH") == HEADER_SIZE
+
+
+def test_update_norms_are_non_negative_numbers():
+    for key in ("update_norm", "update_norm_max"):
+        for bad in (-0.1, "1", True, [1.0], -1):
+            with pytest.raises(ProtocolError, match=key):
+                RoundMetrics.from_doc({"round": 1, key: bad})
+    m = RoundMetrics.from_doc({"round": 1, "update_norm": 0.5, "update_norm_max": 2})
+    assert (m.update_norm, m.update_norm_max) == (0.5, 2.0) and RoundMetrics.decode(m.encode()) == m
+
+
+def test_a_large_cohort_is_cut_from_the_metrics_message_not_from_the_log_record():
+    invited = tuple(f"device-{i:05d}-" + "x" * 40 for i in range(3000))
+    m = RoundMetrics(round=2, run_id=RUN, devices=invited[:5], invited=invited, connected=5000)
+    payload = m.encode()
+    back = RoundMetrics.decode(payload)
+    assert len(payload) <= 64 * 1024 and back.invited_truncated and 0 < len(back.invited) < 3000
+    assert back.devices == invited[:5] and not back.devices_truncated and back.connected == 5000
+    assert RoundMetrics.from_doc(json.loads(json.dumps(m.to_doc()))).invited == invited  # rounds.jsonl keeps all
