@@ -261,7 +261,8 @@ class DeviceAgent:
             if self._not_invited != (g.run_id, g.round):
                 self._not_invited = (g.run_id, g.round)
                 self._log(logging.INFO, "not_invited", g.round)
-                self._status("idle", g.round, f"not invited to round {g.round}")
+                if self.status_state != "idle":  # an idle device says nothing: no status traffic per round
+                    self._status("idle", g.round, f"not invited to round {g.round}")
             return
         self._train_and_send(g)
 
