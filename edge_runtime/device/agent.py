@@ -76,6 +76,7 @@ class DeviceAgent:
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
+        self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
         self.link = MqttLink(
             self._link_options(),
             on_message=self._on_message,
@@ -272,6 +273,14 @@ class DeviceAgent:
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
                 self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
                 return
+        if g.invite is not None and not g.invite.invites(self.cfg.device_id):
+            # Client sampling: not asked this round, so no training and no upload (logged once per round).
+            if self._not_invited != (g.run_id, g.round):
+                self._not_invited = (g.run_id, g.round)
+                self._log(logging.INFO, "not_invited", g.round)
+                if self.status_state != "idle":  # an idle device says nothing: no status traffic per round
+                    self._status("idle", g.round, f"not invited to round {g.round}")
+            return
         if not self._may_train(g):
             return
         self._train_and_send(g)
