@@ -38,8 +38,9 @@ Dropout runs onnxruntime's RandomUniformLike/Bernoulli, seeded by onnxruntime, n
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import io
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -117,7 +118,7 @@ def build_portable(
     y = torch.zeros((3, *label_shape), dtype=ldtype)
     loss_fn = torch_loss(loss)
     try:
-        with quiet_native_output(), torch.random.fork_rng(devices=[]):
+        with quiet_native_output(), torch.random.fork_rng(devices=[]), _quiet_torch_loggers():
             joint, mutated = _joint_graph(model, loss_fn, x, y)
             buffers = _buffer_slots(mutated, named_buffers)
             step_module = _StepModule(joint, model, param_order, buffers, state_kind(opt), opt)
@@ -138,6 +139,21 @@ def build_portable(
         raise ExportError(f"cannot build the portable step graph: {type(exc).__name__}: {one_line(exc)}") from exc
     init = np.concatenate([named_buffers[b.name].detach().numpy().astype(np.float32).ravel() for b in buffers]) if buffers else np.zeros(0, np.float32)
     return PortableGraphs(step, evalg, tuple(buffers), init, STATE_NAMES[state_kind(opt)], has_dropout)
+
+
+@contextlib.contextmanager
+def _quiet_torch_loggers():
+    """The dynamo exporter logs through Python logging (e.g. 'torchvision is not installed'
+    warnings on every export); the CLI's stderr is for one-line errors only."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # ------------------------------------------------------------------ the joint forward-backward graph

@@ -23,6 +23,7 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import Manifest, PortableSpec
 from fleetlearn.edge_runtime.core.errors import BundleError
+from fleetlearn.edge_runtime.core.onnx_wire import read_onnx_facts
 from fleetlearn.edge_runtime.engines.base import Engine
 
 PARAMS, BUFFERS, LR, LOSS = "params", "buffers", "lr", "loss"
@@ -60,6 +61,8 @@ class PortableEngine(Engine):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        for file in (spec.step_model, spec.eval_model):
+            _check_standard(root / file, spec)
         self._step = _session(ort, root / spec.step_model, options, "step graph")
         self._eval = _session(ort, root / spec.eval_model, options, "eval graph")
         label = manifest.raw.get("label", {}) if isinstance(manifest.raw.get("label"), dict) else {}
@@ -151,6 +154,18 @@ class PortableEngine(Engine):
             "the portable engine cannot write an inference model (that needs the onnx package); "
             "use the onnxruntime-training engine, or run portable_eval_model.onnx with the weights"
         )
+
+
+def _check_standard(path: Path, spec: PortableSpec) -> None:
+    """Standard ONNX only: any onnxruntime build must run it (no contrib or custom-op domains)."""
+    facts = read_onnx_facts(path)
+    odd = sorted(d for d in facts.opsets if d not in ("", "ai.onnx"))
+    if odd:
+        raise BundleError(f"{path.name}: uses operator domain(s) {', '.join(odd)}; the portable engine runs standard ONNX only")
+    if facts.functions:
+        raise BundleError(f"{path.name}: defines {facts.functions} local function(s); the portable engine runs plain graphs only")
+    if facts.ir_version > 10 or facts.ir_version < 8:
+        raise BundleError(f"{path.name}: ONNX IR version {facts.ir_version} (the portable engine reads 8-10)")
 
 
 def _session(ort, path: Path, options, what: str):
