@@ -87,6 +87,7 @@ class PortableEngine(Engine):
         self._loss = np.zeros((), np.float32)
         # One binding per direction (A -> B, B -> A); per step only x and y are rebound.
         self._bindings = [self._bind(self._sets[i], self._sets[1 - i]) for i in (0, 1)]
+        self._batch: tuple[np.ndarray, np.ndarray] | None = None  # the bound x, y buffers
 
     # ---------------------------------------------------------------- state
 
@@ -126,12 +127,16 @@ class PortableEngine(Engine):
         self._lr[...] = lr
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        io = self._bindings[self._cur]
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        y = np.ascontiguousarray(y, dtype=self._label_dtype)
-        io.bind_cpu_input(self.manifest.input_name, x)
-        io.bind_cpu_input(self._label_name, y)
-        self._step.run_with_iobinding(io)
+        # The batch goes into buffers bound once per batch shape (both bindings read the same
+        # ones), so a step with the usual batch size copies it and binds nothing.
+        if self._batch is None or self._batch[0].shape != x.shape or self._batch[1].shape != y.shape:
+            self._batch = (np.empty(x.shape, np.float32), np.empty(y.shape, self._label_dtype))
+            for io in self._bindings:
+                io.bind_cpu_input(self.manifest.input_name, self._batch[0])
+                io.bind_cpu_input(self._label_name, self._batch[1])
+        np.copyto(self._batch[0], x, casting="same_kind")
+        np.copyto(self._batch[1], y, casting="same_kind")
+        self._step.run_with_iobinding(self._bindings[self._cur])
         self._cur = 1 - self._cur
         return float(self._loss)
 
