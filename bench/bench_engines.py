@@ -66,10 +66,17 @@ def make_venv(where: Path, extra: str) -> Path:
     return py
 
 
+INSTALLER_TOOLS = ("pip", "setuptools", "_distutils_hack", "pkg_resources", "distutils-precedence.pth")
+
+
 def site_packages_mb(where: Path) -> float:
+    """Installed size of the venv's packages, without pip/setuptools (a device image needs neither)."""
     sp = next((where / "lib").glob("python3*/site-packages"))
     total = 0
-    for dirpath, _, files in os.walk(sp):
+    for dirpath, dirs, files in os.walk(sp):
+        if Path(dirpath) == sp:
+            dirs[:] = [d for d in dirs if not d.startswith(INSTALLER_TOOLS)]
+            files = [f for f in files if not f.startswith(INSTALLER_TOOLS)]
         for f in files:
             p = os.path.join(dirpath, f)
             if not os.path.islink(p):
