@@ -58,7 +58,8 @@ for r in range(reps):
 
 def make_venv(where: Path, extra: str) -> Path:
     py = where / "bin" / "python"
-    if py.exists() and (where / ".installed").exists():
+    if py.exists() and (where / ".installed").exists():  # reuse it, with this checkout's fleetlearn
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall", str(ROOT)], check=True)
         return py
     venv.EnvBuilder(with_pip=True, clear=True).create(where)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extra}]"], check=True)
