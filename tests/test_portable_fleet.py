@@ -111,3 +111,23 @@ def test_mixed_fleet_trains_boston_to_the_demo_quality(portable_venv, mosquitto,
     assert "engine=ort-training" in (tmp_path / "dev-0.log").read_text()
     assert "engine=portable" in (tmp_path / "dev-1.log").read_text()
     assert (tmp_path / "dev-1.out").read_text().strip() == "MODULES", (tmp_path / "dev-1.out").read_text()
+
+
+def test_auto_picks_portable_without_onnxruntime_training(portable_venv, boston_bundle, tmp_path):
+    probe = (
+        "import sys\n"
+        "from fleetlearn.edge_runtime.core.bundle import load_bundle\n"
+        "from fleetlearn.edge_runtime.core.errors import UsageError\n"
+        "from fleetlearn.edge_runtime.engines.select import open_engine\n"
+        "m = load_bundle(sys.argv[1])\n"
+        "print(open_engine(sys.argv[1], m, 'auto').name)\n"
+        "try:\n"
+        "    open_engine(sys.argv[1], m, 'ort-training')\n"
+        "except UsageError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    # cwd outside the checkout: its fleetlearn/ folder must not shadow the installed package
+    r = subprocess.run([str(portable_venv), "-c", probe, str(boston_bundle)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == "portable" and lines[1].startswith("REFUSED ") and "onnxruntime-training is not installed" in lines[1], r.stdout
