@@ -12,11 +12,10 @@ DEVICE_ID='@@device_id@@'
 ARCH='@@arch@@'
 PY_VERSION='@@python@@'
 FLASHED_PREFIX='@@prefix@@'
-ORT_STATUS='@@ort_status@@'          # pypi | build-from-source | unsupported
-ORT_IN_IMAGE=@@ort_in_image@@                # 1: wheels/ holds onnxruntime-training
+ENGINE='@@engine@@'                   # portable | ort-training: what requirements.txt installs
+NEEDS_ORT_WHEEL=@@needs_ort_wheel@@             # 1: ort-training where PyPI has no onnxruntime-training (--ort-wheel)
 DEPS_IN_IMAGE=@@deps_in_image@@               # 1: wheels/ holds every dependency (offline install)
 FLEETLEARN_WHEEL='@@fleetlearn_wheel@@'
-EXTRA_REQUIREMENTS='@@extra_requirements@@'  # beyond fleetlearn[edge], e.g. cryptography for signing
 SERVICE=fleetlearn-device.service
 SERVICE_USER=fleetlearn
 
@@ -42,7 +41,8 @@ DIR/device.toml and the secrets in DIR/secrets; then, when run as root on a syst
 (and without --no-systemd), creates the user '$SERVICE_USER' and enables $SERVICE.
 
   --prefix DIR      install somewhere else (paths in device.toml and the unit are rewritten)
-  --ort-wheel FILE  an onnxruntime-training 1.19.2 wheel built with build_ort_aarch64.sh
+  --ort-wheel FILE  engine ort-training off x86_64 only: an onnxruntime-training 1.19.2 wheel
+                    (build_ort_aarch64.sh is an untested recipe for one)
   --python PYTHON   the Python $PY_VERSION interpreter to build the venv with (default python3)
   --no-systemd      do not create the user or install the unit; print how to start by hand
 EOF
@@ -89,16 +89,19 @@ pyv=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
     || die "'$PYTHON' cannot create virtual environments: install its venv module (Debian/Ubuntu: apt-get install python$PY_VERSION-venv)"
 
-# 3. onnxruntime-training: from the image, from --ort-wheel, or (x86_64 only) from PyPI.
+# 3. The training engine's runtime. portable: plain onnxruntime from wheels/ (or the index).
+#    ort-training: onnxruntime-training from wheels/, PyPI (x86_64) or --ort-wheel (elsewhere).
 if [ -n "$ORT_WHEEL" ]; then
+    [ "$ENGINE" = ort-training ] \
+        || die "--ort-wheel: this image uses the $ENGINE engine (plain onnxruntime), which needs no onnxruntime-training wheel"
     [ -f "$ORT_WHEEL" ] || die "--ort-wheel '$ORT_WHEEL': no such file"
     case $(basename -- "$ORT_WHEEL") in
         onnxruntime_training-1.19.2-*.whl|onnxruntime_training-1.19.2+*.whl) ;;
         *) die "--ort-wheel '$ORT_WHEEL': expected onnxruntime_training-1.19.2[+cpu]-cp311-...whl (what build_ort_aarch64.sh writes)" ;;
     esac
     ORT_WHEEL=$(CDPATH='' cd -- "$(dirname -- "$ORT_WHEEL")" && pwd)/$(basename -- "$ORT_WHEEL")
-elif [ "$ORT_IN_IMAGE" = 0 ] && [ "$ORT_STATUS" != pypi ]; then
-    die "onnxruntime-training 1.19.2 is not on PyPI for $ARCH: build a wheel with ./build_ort_aarch64.sh (in this image; takes hours) and run ./install.sh --ort-wheel FILE"
+elif [ "$NEEDS_ORT_WHEEL" = 1 ]; then
+    die "onnxruntime-training 1.19.2 is not on PyPI for $ARCH: flash again with the portable engine (--set training.engine=portable), or build a wheel with ./build_ort_aarch64.sh (untested; takes hours) and run ./install.sh --ort-wheel FILE"
 fi
 
 # 4. Decide about systemd before touching anything, and stop a running agent before its venv is replaced.
@@ -131,11 +134,18 @@ fi
 if [ -n "$ORT_WHEEL" ]; then
     set -- "$@" --find-links "$(dirname -- "$ORT_WHEEL")" "$ORT_WHEEL"
 fi
-# shellcheck disable=SC2086  # EXTRA_REQUIREMENTS is a space-separated list on purpose
-"$VPY" -m pip "$@" "$IMAGE_DIR/wheels/$FLEETLEARN_WHEEL[edge]" $EXTRA_REQUIREMENTS \
+# requirements.txt was resolved by `fleetlearn flash` for this board's architecture and engine.
+"$VPY" -m pip "$@" "$IMAGE_DIR/wheels/$FLEETLEARN_WHEEL" -r "$IMAGE_DIR/requirements.txt" \
     || die "pip could not install the agent into $PREFIX/venv (see pip's message above)"
-"$VPY" -c 'import fleetlearn.edge_runtime.engines.ort_api, numpy, paho.mqtt.client' \
+if [ "$ENGINE" = ort-training ]; then
+    # ort_api first: it keeps `import onnxruntime` from probing for torch (not on a device).
+    check='import fleetlearn.edge_runtime.engines.ort_api, onnxruntime, numpy, paho.mqtt.client'
+else
+    check='import onnxruntime, numpy, paho.mqtt.client'
+fi
+ort_version=$("$VPY" -c "$check; print(onnxruntime.__version__)") \
     || die "the agent's dependencies do not import on this machine (see the error above)"
+say "installed the agent with the $ENGINE engine (onnxruntime $ort_version)"
 
 # 6. Rewrite paths if installing somewhere other than the flashed prefix, then check the config.
 rewrite() {
@@ -207,7 +217,8 @@ if [ "$USE_SYSTEMD" = 1 ]; then
     systemctl restart "$SERVICE"
     say "installed and started $SERVICE; follow it with: journalctl -u $SERVICE -f"
 else
-    say "not installing the systemd unit ($why)"
+    # Containers and chroots have no systemd: everything else is installed, only the unit is not.
+    say "skipped the systemd unit ($why); it is in $PREFIX/$SERVICE for a machine that has systemd"
     say "start the agent with: $PREFIX/venv/bin/fleetlearn device --config $PREFIX/device.toml"
 fi
 say "done: device $DEVICE_ID installed in $PREFIX"
