@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -217,6 +218,30 @@ def cpuinfo_file(cores: int | None = None) -> Path:
         tmp.write_text(text)
         os.replace(tmp, path)
     return path
+
+
+def cached_wheelhouse(project_wheel: Path, profile_name: str) -> Path:
+    """A profile's dependency wheels, resolved by flash's own code (wheels.dependency_requirements,
+    for the profile's architecture and engine) and downloaded once into
+    /var/cache/fleetlearn/wheels/, keyed by the requirement set; for `flash --wheelhouse`."""
+    from fleetlearn.firmware_configs import wheels
+    from fleetlearn.firmware_configs.profiles import load_profile
+
+    profile = load_profile(profile_name)
+    reqs = wheels.dependency_requirements(project_wheel, profile, profile.training.engine, [])
+    key = hashlib.sha256(json.dumps([profile.arch, profile.python, profile.glibc, sorted(reqs)]).encode()).hexdigest()[:16]
+    dest = cache_dir().parent / "wheels" / f"{profile.arch}-cp{profile.python.replace('.', '')}-{key}"
+    if not (dest / ".complete").is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+        try:
+            wheels.download_dependencies(reqs, profile, tmp, None)
+            (tmp / ".complete").write_text("\n".join(reqs) + "\n")
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 # ---------------------------------------------------------------------------- the running root

@@ -13,10 +13,7 @@ that is impossible it skips and says why. The arm64 root and the aarch64 wheels 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -69,24 +66,7 @@ def project_wheel(tmp_path_factory) -> Path:
 def aarch64_wheelhouse(project_wheel) -> Path:
     """The raspberry-pi-4 image's dependency wheels, resolved by flash's own code for aarch64 and
     downloaded once into /var/cache/fleetlearn/wheels/ (keyed by the requirement set)."""
-    from fleetlearn.firmware_configs import wheels
-    from fleetlearn.firmware_configs.profiles import load_profile
-
-    profile = load_profile(PROFILE)
-    reqs = wheels.dependency_requirements(project_wheel, profile, profile.training.engine, [])
-    key = hashlib.sha256(json.dumps([profile.arch, profile.python, profile.glibc, sorted(reqs)]).encode()).hexdigest()[:16]
-    dest = arm64_root.cache_dir().parent / "wheels" / f"{profile.arch}-cp{profile.python.replace('.', '')}-{key}"
-    if not (dest / ".complete").is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-        try:
-            wheels.download_dependencies(reqs, profile, tmp, None)
-            (tmp / ".complete").write_text("\n".join(reqs) + "\n")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return arm64_root.cached_wheelhouse(project_wheel, PROFILE)
 
 
 def _status_of(peer: Peer, device_id: str) -> list[dict]:
