@@ -11,6 +11,7 @@ HERE = Path(__file__).resolve().parent
 
 for script, args in [
     ("bench_device.py", []),
+    ("bench_engines.py", []),
     ("bench_round.py", ["--broker", "mosquitto"]),
     ("bench_round.py", ["--broker", "amqtt"]),
     ("bench_ingest.py", []),

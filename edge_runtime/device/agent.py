@@ -34,7 +34,9 @@ from fleetlearn.edge_runtime.core.errors import BundleError, DataError, Protocol
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, Kind, RoundState, Status, Topics, Update, decode_frame
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
-from fleetlearn.edge_runtime.engines.trainer import Trainer
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.engines.base import Engine
+from fleetlearn.edge_runtime.engines.select import open_engine
 
 log = logging.getLogger("fleetlearn.device")
 
@@ -58,7 +60,7 @@ class DeviceAgent:
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
         self.manifest: Manifest | None = None
-        self.trainer: Trainer | None = None
+        self.trainer: Engine | None = None  # the training engine chosen by [training] engine
         self.data: Dataset | None = None
         self._data_mtime: float | None = None
         self.assembly: BundleAssembly | None = None
@@ -106,6 +108,8 @@ class DeviceAgent:
 
     def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
         self.status_state = state
+        if not detail and self.trainer is not None:
+            detail = f"engine {self.trainer.name}"  # which engine trains here (a fleet may mix them)
         r = self.state.last_round if round_ is None else round_
         self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time()).encode(), qos=1, retain=True)
 
@@ -116,14 +120,16 @@ class DeviceAgent:
             self._log(logging.WARNING, "bundle_unavailable", reason=reason)
             return False
         try:
-            self.trainer = Trainer(self.cfg.bundle, manifest, threads=self.cfg.training.threads)
-        except (BundleError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
+            self.trainer = open_engine(self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads)
+        except (UsageError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
             self.manifest, self.trainer = None, None
-            self._log(logging.ERROR, "bundle_unusable", reason=str(exc)[:200])
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self._log(logging.ERROR, "bundle_unusable", reason=reason, engine=self.cfg.training.engine)
+            self._status("error", detail=f"bundle unusable: {reason}")
             return False
         self.manifest = manifest
         self.data = None  # preprocessing may have changed with the model
-        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params)
+        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params, engine=self.trainer.name)
         return True
 
     def _ensure_data(self) -> Dataset:
