@@ -18,16 +18,17 @@ from fleetlearn.edge_runtime.core.names import check_name
 
 from fleetlearn.edge_runtime.core.files import read_toml
 from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.edge_runtime.device.config import ENGINE_CHOICES
 from fleetlearn.firmware_configs.errors import FlashError, ProfileError
 from fleetlearn.firmware_configs.schema import from_table
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ARCHES = ("x86_64", "aarch64")
-# The device's training engine ([training] engine in device.toml): "portable" runs the bundle's
-# step graph on plain onnxruntime (wheels for x86_64 and aarch64 on PyPI); "ort-training" uses
-# onnxruntime-training 1.19.2's training API (x86_64 wheels only); "auto" uses onnxruntime-training
-# where it is installed and the portable engine otherwise.
-ENGINES = ("auto", "ort-training", "portable")
+# The device's training engine ([training] engine in device.toml; the device config owns the list):
+# "portable" runs the bundle's step graph on plain onnxruntime (wheels for x86_64 and aarch64 on
+# PyPI); "ort-training" uses onnxruntime-training 1.19.2's training API (x86_64 wheels only);
+# "auto" uses onnxruntime-training where it is installed and the portable engine otherwise.
+ENGINES = ENGINE_CHOICES
 # onnxruntime-training 1.19.2 on the board, for the ort-training engine only:
 # pypi: `pip install onnxruntime-training==1.19.2` works on the device's platform.
 # build-from-source: no wheel on PyPI; build_ort_aarch64.sh is an UNTESTED recipe for one.
