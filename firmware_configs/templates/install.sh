@@ -5,7 +5,7 @@
 # this file says what it does and docs/flashing.md in the fleetlearn repository says why.
 # POSIX sh on purpose: Raspberry Pi OS and Debian run /bin/sh as dash.
 #
-#   sudo ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd]
+#   sudo ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd] [--no-trim]
 set -eu
 
 DEVICE_ID='@@device_id@@'
@@ -23,6 +23,7 @@ IMAGE_DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
 PREFIX=$FLASHED_PREFIX
 ORT_WHEEL=''
 SYSTEMD=1
+TRIM=1
 PYTHON=python3
 
 # Files the service user must read (venv, config, bundle) must not inherit a caller's umask 077.
@@ -33,7 +34,7 @@ say() { echo "install.sh: $*"; }
 
 usage() {
     cat <<EOF
-usage: ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd]
+usage: ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd] [--no-trim]
 
 Installs the fleetlearn device agent for device '$DEVICE_ID' into DIR (default $FLASHED_PREFIX):
 a Python virtual environment in DIR/venv, the model bundle in DIR/bundle/current, the config
@@ -45,6 +46,7 @@ DIR/device.toml and the secrets in DIR/secrets; then, when run as root on a syst
                     (build_ort_aarch64.sh is an untested recipe for one)
   --python PYTHON   the Python $PY_VERSION interpreter to build the venv with (default python3)
   --no-systemd      do not create the user or install the unit; print how to start by hand
+  --no-trim         keep pip, setuptools and onnxruntime's C library in the venv (see step 5)
 EOF
 }
 
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
         --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON=$2; shift 2 ;;
         --python=*) PYTHON=${1#*=}; shift ;;
         --no-systemd) SYSTEMD=0; shift ;;
+        --no-trim) TRIM=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option '$1' (see ./install.sh --help)" ;;
     esac
@@ -137,15 +140,46 @@ fi
 # requirements.txt was resolved by `fleetlearn flash` for this board's architecture and engine.
 "$VPY" -m pip "$@" "$IMAGE_DIR/wheels/$FLEETLEARN_WHEEL" -r "$IMAGE_DIR/requirements.txt" \
     || die "pip could not install the agent into $PREFIX/venv (see pip's message above)"
-if [ "$ENGINE" = ort-training ]; then
-    # ort_api first: it keeps `import onnxruntime` from probing for torch (not on a device).
-    check='import fleetlearn.edge_runtime.engines.ort_api, onnxruntime, numpy, paho.mqtt.client'
-else
-    check='import onnxruntime, numpy, paho.mqtt.client'
+# The engine opens the image's bundle on this machine: the whole runtime loads, not just imports.
+check_engine() {
+    "$VPY" - "$IMAGE_DIR/bundle" "$ENGINE" <<'PY'
+import sys
+import numpy, paho.mqtt.client  # noqa: F401
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.engines.select import open_engine
+engine = open_engine(sys.argv[1], load_bundle(sys.argv[1]), sys.argv[2], threads=1)
+import onnxruntime  # after open_engine: for ort-training it first keeps onnxruntime from probing for torch
+print(engine.name, onnxruntime.__version__)
+PY
+}
+checked=$(check_engine) || die "the agent's engine does not load on this machine (see the error above)"
+say "installed the agent with the ${checked% *} engine (onnxruntime ${checked#* })"
+
+# 5b. Trim what the agent never uses, so a small board keeps its SD card for data (--no-trim
+#     keeps everything): pip and setuptools (this script recreates the venv on every run;
+#     `venv/bin/python -m ensurepip` brings pip back), and onnxruntime's C-API library
+#     libonnxruntime.so (about 27 MB on aarch64; it is for C/C++ programs, the Python binding has
+#     the runtime built in). The library is moved aside first and kept if the engine then fails.
+if [ "$TRIM" = 1 ]; then
+    "$VPY" -m pip uninstall --disable-pip-version-check -y -q pip setuptools >/dev/null 2>&1 \
+        || say "note: could not remove pip and setuptools from the venv (harmless)"
+    capi=$("$VPY" -c 'import importlib.util, os; s = importlib.util.find_spec("onnxruntime"); print(os.path.join(os.path.dirname(s.origin), "capi"))')
+    aside=$PREFIX/.trim-aside
+    rm -rf "$aside" && mkdir -p "$aside"
+    for lib in "$capi"/libonnxruntime.so*; do
+        [ -f "$lib" ] && mv "$lib" "$aside/"
+    done
+    if [ -z "$(ls -A "$aside")" ]; then
+        trimmed="pip, setuptools"
+    elif check_engine >/dev/null 2>&1; then
+        trimmed="pip, setuptools, onnxruntime's C library"
+    else
+        mv "$aside"/* "$capi/"
+        trimmed="pip, setuptools (onnxruntime's engine needs its C library here: kept)"
+    fi
+    rm -rf "$aside"
+    say "trimmed from the venv: $trimmed (--no-trim keeps them)"
 fi
-ort_version=$("$VPY" -c "$check; print(onnxruntime.__version__)") \
-    || die "the agent's dependencies do not import on this machine (see the error above)"
-say "installed the agent with the $ENGINE engine (onnxruntime $ort_version)"
 
 # 6. Rewrite paths if installing somewhere other than the flashed prefix, then check the config.
 rewrite() {
