@@ -40,7 +40,9 @@ from tests import arm64_root  # noqa: E402
 
 def flash(*args: str | Path) -> None:
     cmd = [sys.executable, "-m", "fleetlearn.cli", "flash", "--broker", "mqtt://127.0.0.1:1883", "--device-id=bench-0", *map(str, args)]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"flash failed: {proc.stderr[-2000:]}")
 
 
 def du_mb(path: Path) -> float:
@@ -52,8 +54,10 @@ def du_mb(path: Path) -> float:
 def native_install(image: Path, prefix: Path) -> float:
     python = "python3.11" if subprocess.run(["sh", "-c", "command -v python3.11"], capture_output=True).returncode == 0 else "python3"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    subprocess.run(["sh", str(image / "install.sh"), "--prefix", str(prefix), "--no-systemd", "--python", python],
-                   check=True, capture_output=True, env=env)  # fmt: skip
+    proc = subprocess.run(["sh", str(image / "install.sh"), "--prefix", str(prefix), "--no-systemd", "--python", python],
+                          capture_output=True, text=True, env=env, cwd=image.parent)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"install.sh of {image.name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return du_mb(prefix)
 
 
