@@ -159,10 +159,13 @@ say "installed the agent with the ${checked% *} engine (onnxruntime ${checked#* 
 #     keeps everything): pip and setuptools (this script recreates the venv on every run;
 #     `venv/bin/python -m ensurepip` brings pip back), and onnxruntime's C-API library
 #     libonnxruntime.so (about 27 MB on aarch64; it is for C/C++ programs, the Python binding has
-#     the runtime built in). The library is moved aside first and kept if the engine then fails.
+#     the runtime built in), and numpy's own test suites (numpy/**/tests, never imported at run
+#     time). The library is moved aside first and kept if the engine then fails.
 if [ "$TRIM" = 1 ]; then
     "$VPY" -m pip uninstall --disable-pip-version-check -y -q pip setuptools >/dev/null 2>&1 \
         || say "note: could not remove pip and setuptools from the venv (harmless)"
+    numpy_dir=$("$VPY" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("numpy").origin))')
+    find "$numpy_dir" -depth -type d -name tests -exec rm -rf {} + 2>/dev/null || true
     capi=$("$VPY" -c 'import importlib.util, os; s = importlib.util.find_spec("onnxruntime"); print(os.path.join(os.path.dirname(s.origin), "capi"))')
     aside=$PREFIX/.trim-aside
     rm -rf "$aside" && mkdir -p "$aside"
@@ -170,12 +173,12 @@ if [ "$TRIM" = 1 ]; then
         [ -f "$lib" ] && mv "$lib" "$aside/"
     done
     if [ -z "$(ls -A "$aside")" ]; then
-        trimmed="pip, setuptools"
+        trimmed="pip, setuptools, numpy's tests"
     elif check_engine >/dev/null 2>&1; then
-        trimmed="pip, setuptools, onnxruntime's C library"
+        trimmed="pip, setuptools, numpy's tests, onnxruntime's C library"
     else
         mv "$aside"/* "$capi/"
-        trimmed="pip, setuptools (onnxruntime's engine needs its C library here: kept)"
+        trimmed="pip, setuptools, numpy's tests (onnxruntime's engine needs its C library here: kept)"
     fi
     rm -rf "$aside"
     say "trimmed from the venv: $trimmed (--no-trim keeps them)"
