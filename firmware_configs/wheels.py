@@ -100,8 +100,9 @@ def _metadata(wheel: Path) -> str:
 
 
 def extra_requirements(wheel: Path, extra: str) -> list[Requirement]:
-    """The requirements of one extra, read from the wheel's METADATA (the one source of truth),
-    markers and all: `extra` is not evaluated here, the other markers are (target_environment)."""
+    """The requirements of one extra, read from the wheel's METADATA (the one source of truth).
+    Their other markers (platform_machine, ...) are kept: dependency_requirements evaluates them
+    for the device's platform (target_environment), not for this machine."""
     reqs = []
     for line in _metadata(wheel).splitlines():
         if not line.startswith("Requires-Dist:"):

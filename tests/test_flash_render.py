@@ -252,6 +252,20 @@ def test_ort_training_on_aarch64_is_the_untested_recipe(boston_bundle, tmp_path)
     assert "UNTESTED" in (out / "README.md").read_text()
 
 
+def test_markers_are_evaluated_for_the_board_not_this_machine(boston_bundle, tmp_path):
+    """engine "auto" installs the `edge` extra, whose markers pick onnxruntime-training on x86_64
+    and plain onnxruntime elsewhere. This machine is x86_64; the Pi's image must get the latter."""
+    out = tmp_path / "pi"
+    proc = flash_ok(*base_args(boston_bundle, out, profile="raspberry-pi-4"), "--set", "training.engine=auto")
+    assert "engine: portable" in proc.stdout and 'device.toml says engine = "auto"' in proc.stdout, proc.stdout
+    requirements = (out / "requirements.txt").read_text().split()
+    assert any(r.startswith("onnxruntime==") for r in requirements), requirements
+    assert not any(r.startswith("onnxruntime-training") for r in requirements), requirements
+    out86 = tmp_path / "x86"
+    flash_ok(*base_args(boston_bundle, out86), "--set", "training.engine=auto")
+    assert "onnxruntime-training==1.19.2" in (out86 / "requirements.txt").read_text().split()
+
+
 def test_x86_64_portable_engine_drops_onnxruntime_training(boston_bundle, tmp_path):
     out = tmp_path / "x86"
     proc = flash_ok(*base_args(boston_bundle, out), "--set", "training.engine=portable")
