@@ -121,8 +121,8 @@ def build_portable(
         with quiet_native_output(), torch.random.fork_rng(devices=[]), _quiet_torch_loggers():
             joint, mutated = _joint_graph(model, loss_fn, x, y)
             buffers = _buffer_slots(mutated, named_buffers)
-            step_module = _StepModule(joint, model, param_order, buffers, state_kind(opt), opt)
-            eval_module = _EvalModule(model, param_order, buffers, loss_fn)
+            step_module = _step_module(joint, param_order, buffers, state_kind(opt), opt)
+            eval_module = _eval_module(model, param_order, buffers, loss_fn)
             n_params = sum(s[3] for s in param_order)
             n_buf = sum(b.size for b in buffers)
             flat = torch.zeros(n_params)
@@ -254,30 +254,28 @@ def _views(flat, slots):
     return [flat[off : off + size].view(shape) for (_, shape, off, size) in slots]
 
 
-class _StepModule:  # built lazily as an nn.Module subclass (torch is imported inside functions)
-    def __new__(cls, joint, model, param_order, buffers, kind, opt):
-        import torch
+def _step_module(joint, param_order, buffers, kind, opt):
+    """The module exported as the step graph (defined here: torch is imported lazily)."""
+    import torch
 
-        class Step(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.gm = joint.graph_module
+    buffer_slots = [(b.name, b.shape, b.offset, b.size) for b in buffers]
 
-            def forward(self, params, states, bufs, x, y, lr):
-                views = dict(zip((s[0] for s in param_order), _views(params, param_order)))
-                bviews = dict(zip((b.name for b in buffers), _views(bufs, [(b.name, b.shape, b.offset, b.size) for b in buffers])))
-                new_bufs: dict[str, Any] = {}
-                loss, grads = _call_joint(self.gm, joint, views, bviews, new_bufs, x, y)
-                g = torch.cat([grads[name].reshape(-1) for name, *_ in param_order])
-                new_params, new_states = _optimizer_step(kind, opt, params, g, states, lr)
-                nb = [new_bufs.get(b.name, bviews[b.name]).reshape(-1) for b in buffers]
-                new_buf = torch.cat(nb) if nb else bufs * 1.0
-                return (loss, new_params, *new_states, new_buf)
+    class Step(torch.nn.Module):
+        def forward(self, params, states, bufs, x, y, lr):
+            views = dict(zip((s[0] for s in param_order), _views(params, param_order)))
+            bviews = dict(zip((b.name for b in buffers), _views(bufs, buffer_slots)))
+            new_bufs: dict[str, Any] = {}
+            loss, grads = _call_joint(joint, views, bviews, new_bufs, x, y)
+            g = torch.cat([grads[name].reshape(-1) for name, *_ in param_order])
+            new_params, new_states = _optimizer_step(kind, opt, params, g, states, lr)
+            nb = [new_bufs.get(b.name, bviews[b.name]).reshape(-1) for b in buffers]
+            new_buf = torch.cat(nb) if nb else bufs * 1.0  # a fresh output even when there are no buffers
+            return (loss, new_params, *new_states, new_buf)
 
-        return Step()
+    return Step()
 
 
-def _call_joint(gm, joint, views, bviews, new_bufs, x, y):
+def _call_joint(joint, views, bviews, new_bufs, x, y):
     """Run the joint graph with parameters/buffers replaced by slices of the flat inputs."""
     import torch
 
@@ -335,24 +333,25 @@ def _optimizer_step(kind, opt: OptimizerConfig, w, g, states, lr):
     return w - lr * g, ()
 
 
-class _EvalModule:
-    def __new__(cls, model, param_order, buffers, loss_fn):
-        import torch
+def _eval_module(model, param_order, buffers, loss_fn):
+    """The module exported as the eval graph: the model in eval mode on the flat vectors."""
+    import torch
 
-        eval_model = copy.deepcopy(model).eval()
+    eval_model = copy.deepcopy(model).eval()
+    buffer_slots = [(b.name, b.shape, b.offset, b.size) for b in buffers]
 
-        class Eval(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = eval_model
+    class Eval(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = eval_model
 
-            def forward(self, params, bufs, x, y):
-                tensors = dict(zip((s[0] for s in param_order), _views(params, param_order)))
-                tensors.update(zip((b.name for b in buffers), _views(bufs, [(b.name, b.shape, b.offset, b.size) for b in buffers])))
-                out = torch.func.functional_call(self.m, tensors, (x,), strict=False)
-                return loss_fn(out, y), out
+        def forward(self, params, bufs, x, y):
+            tensors = dict(zip((s[0] for s in param_order), _views(params, param_order)))
+            tensors.update(zip((b.name for b in buffers), _views(bufs, buffer_slots)))
+            out = torch.func.functional_call(self.m, tensors, (x,), strict=False)
+            return loss_fn(out, y), out
 
-        return Eval()
+    return Eval()
 
 
 def _to_onnx(module, args, input_names, output_names, dynamic) -> "onnx.ModelProto":

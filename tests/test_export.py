@@ -407,9 +407,9 @@ def test_cli_writes_a_complete_verified_bundle(tmp_path):
         ["training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "model.onnx", "manifest.json",
          "step_model.onnx", "portable_eval_model.onnx", "initial_state.f32"]
     )
+    raw = manifest.raw
     assert raw["engines"] == ["ort-training", "portable"]
     assert raw["portable"]["onnx"] == {"ir_version": 10, "opset": 18} and raw["portable"]["optimizer_state"] == ["adam_m", "adam_v", "adam_step"]
-    raw = manifest.raw
     assert manifest.model_name == "boston-mlp" and manifest.task == "regression" and manifest.loss == "mse"
     assert raw["inputs"] == [{"name": "input", "shape": ["batch", 13], "dtype": "float32"}]
     assert raw["outputs"] == [{"name": "output", "shape": ["batch", 1], "dtype": "float32"}]

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from fleetlearn.demo import DEFAULT_LR, LR_MIN_FACTOR, LR_WARMUP, _shards
+from fleetlearn.edge_runtime.core.protocol import Status, Topics
 from tests.conftest import ROOT, stop_process
+from tests.peers import Peer
 from tests.procs import AggregatorProcess
 from tests.test_device import FLEET, start_device, write_config
 
@@ -79,6 +81,7 @@ def test_mixed_fleet_trains_boston_to_the_demo_quality(portable_venv, mosquitto,
     )  # fmt: skip
     engines = ["ort-training", "portable"]
     procs: list[subprocess.Popen] = []
+    statuses = Peer(mosquitto.url, [Topics(FLEET).all_status])  # every status message of the run
     try:
         for i, (xs, ys) in enumerate(_shards(x, y, 2, False, 0)):
             shard = tmp_path / f"shard{i}.npz"
@@ -93,14 +96,18 @@ def test_mixed_fleet_trains_boston_to_the_demo_quality(portable_venv, mosquitto,
         assert agg.wait(900) == 0, agg.text()[-3000:]
         for i, proc in enumerate(procs):
             assert proc.wait(60) == 0, (tmp_path / f"dev-{i}.log").read_text()[-3000:]
+        seen = {(Status.decode(p).device_id, Status.decode(p).state, Status.decode(p).detail) for _, p in statuses.drain() if p}
     finally:
+        statuses.close()
         for proc in procs:
             stop_process(proc)
         agg.stop()
+    # Each device says which engine it runs in its status while it trains...
+    assert ("dev-0", "training", "engine ort-training") in seen and ("dev-1", "training", "engine portable") in seen, seen
     rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == ROUNDS and all(r["devices"] == ["dev-0", "dev-1"] and r["rejected"] == 0 for r in rounds)
     assert rounds[-1]["test_mse"] < DEMO_WORST_MSE, [r["test_mse"] for r in rounds[-5:]]
-    # Each device says which engine it runs, in its log; the portable one never loaded torch or onnx.
+    # ... and in its log; the portable one never loaded torch or onnx.
     assert "engine=ort-training" in (tmp_path / "dev-0.log").read_text()
     assert "engine=portable" in (tmp_path / "dev-1.log").read_text()
     assert (tmp_path / "dev-1.out").read_text().strip() == "MODULES", (tmp_path / "dev-1.out").read_text()
