@@ -188,9 +188,7 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_whe
         else "none (flashed without --credentials: the broker must allow anonymous devices)."
     )
     extra = "".join(f"- `{name}`: {why}\n" for name, why in _extra_file_notes(spec, extra_files))
-    tested = VERIFIED_SUMMARY[p.verified]
-    if p.hardware_tested and p.verified != "hardware":  # check_profile forbids it; say so anyway
-        tested = "yes"
+    tested = VERIFIED_SUMMARY[p.verified]  # check_profile ties "hardware" to hardware_tested
     detail = f"**How this profile was proven ({p.verified})**: {p.evidence or 'not at all yet: the numbers come from the board specs.'}"
     if engine == "ort-training" or p.ort_training.status != "pypi":
         detail += f"\n\n**onnxruntime-training on this board ({p.ort_training.status})**: {p.ort_training.detail}"
