@@ -14,6 +14,7 @@ queue for offline sessions.
 from __future__ import annotations
 
 import logging
+import platform
 import os
 import queue
 import secrets
@@ -39,7 +40,9 @@ from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleA
 from fleetlearn.edge_runtime.device.wire import DeviceWire
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, recover_pending, save_pending_update
-from fleetlearn.edge_runtime.engines.trainer import Trainer
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.engines.base import Engine
+from fleetlearn.edge_runtime.engines.select import open_engine
 
 log = logging.getLogger("fleetlearn.device")
 
@@ -67,7 +70,7 @@ class DeviceAgent:
         self.events: queue.Queue[Event] = queue.Queue()
         self.stopping = threading.Event()
         self.manifest: Manifest | None = None
-        self.trainer: Trainer | None = None
+        self.trainer: Engine | None = None  # the training engine chosen by [training] engine
         self.data: Dataset | None = None
         self._data_mtime: float | None = None
         self.assembly: BundleAssembly | None = None
@@ -78,6 +81,7 @@ class DeviceAgent:
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
+        self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
         self.link = MqttLink(
             self._link_options(),
             on_message=self._on_message,
@@ -123,7 +127,8 @@ class DeviceAgent:
         self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
         health = self.health.read()
-        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health).encode(), qos=1, retain=True)
+        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health,
+                                 engine=self.trainer.name if self.trainer else None, arch=platform.machine() or None).encode(), qos=1, retain=True)
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
@@ -132,14 +137,16 @@ class DeviceAgent:
             self._log(logging.WARNING, "bundle_unavailable", reason=reason)
             return False
         try:
-            self.trainer = Trainer(self.cfg.bundle, manifest, threads=self.cfg.training.threads)
-        except (BundleError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
+            self.trainer = open_engine(self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads)
+        except (UsageError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
             self.manifest, self.trainer = None, None
-            self._log(logging.ERROR, "bundle_unusable", reason=str(exc)[:200])
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self._log(logging.ERROR, "bundle_unusable", reason=reason, engine=self.cfg.training.engine)
+            self._status("error", detail=f"bundle unusable: {reason}")
             return False
         self.manifest = manifest
         self.data = None  # preprocessing may have changed with the model
-        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params)
+        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params, engine=self.trainer.name)
         return True
 
     def _ensure_data(self) -> Dataset:
@@ -266,6 +273,14 @@ class DeviceAgent:
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
                 self.wire.send(self.link, pending, self.state.max_message_size)
                 return
+        if g.invite is not None and not g.invite.invites(self.cfg.device_id):
+            # Client sampling: not asked this round, so no training and no upload (logged once per round).
+            if self._not_invited != (g.run_id, g.round):
+                self._not_invited = (g.run_id, g.round)
+                self._log(logging.INFO, "not_invited", g.round)
+                if self.status_state != "idle":  # an idle device says nothing: no status traffic per round
+                    self._status("idle", g.round, f"not invited to round {g.round}")
+            return
         if not self._may_train(g):
             return
         self._train_and_send(g)
@@ -296,17 +311,8 @@ class DeviceAgent:
             from fleetlearn.edge_runtime.device.privacy import privatize_delta
 
             delta = privatize_delta(delta, self.cfg.privacy)
-        update = Update(
-            run_id=g.run_id,
-            round=g.round,
-            device_id=self.cfg.device_id,
-            model_hash=g.model_hash,
-            samples=result.samples,
-            train_loss=result.mean_loss,
-            train_s=result.seconds,
-            nonce=secrets.token_hex(16),
-            delta=delta,
-        )
+        update = Update(run_id=g.run_id, round=g.round, device_id=self.cfg.device_id, model_hash=g.model_hash, samples=result.samples,
+                        train_loss=result.mean_loss, train_s=result.seconds, nonce=secrets.token_hex(16), delta=delta)
         payload = self.wire.encode(update, g.config.compression_spec, self.signer.sign if self.signer else None)  # as the round asks
         # Durable before it is sent: a crash after this line re-sends these exact bytes.
         save_pending_update(self.state_dir, payload)
