@@ -23,6 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,13 +48,28 @@ HEALTH_REFRESH_S = 60.0  # re-publish the status (fresh health readings) at leas
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "message" | "connected"
+    kind: str  # "message" | "connected" | "eligible"
     topic: str = ""
     payload: bytes = b""
 
 
 class DeviceAgent:
-    def __init__(self, cfg: DeviceConfig, max_rounds: int | None = None):
+    """One device's protocol logic, driven by events. Two hosts drive it: `run()` (this process
+    is one device: paho's network thread queues events, the main thread handles them) and the
+    swarm (edge_runtime/device/swarm.py: many agents, one epoll loop). A host chooses how the
+    link is served (`link_factory`), where events go (`post`) and where the trainer comes
+    from (`engine_factory`); the state machine (global model -> train -> durable pending
+    update -> send -> ack) is the same code for both."""
+
+    def __init__(
+        self,
+        cfg: DeviceConfig,
+        max_rounds: int | None = None,
+        *,
+        link_factory: Callable[..., MqttLink] = MqttLink,
+        post: Callable[[Event], None] | None = None,
+        engine_factory: Callable[[str, Manifest, int], Trainer] = Trainer,
+    ):
         self.cfg = cfg
         self.max_rounds = max_rounds
         self.topics = Topics(cfg.fleet)
@@ -62,7 +78,10 @@ class DeviceAgent:
         self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
+        self._done_logged = False
         self.events: queue.Queue[Event] = queue.Queue()
+        self.post = post or self.events.put  # where this device's events go (its host's queue)
+        self._engine_factory = engine_factory
         self.stopping = threading.Event()
         self.manifest: Manifest | None = None
         self.trainer: Trainer | None = None
@@ -76,10 +95,10 @@ class DeviceAgent:
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
-        self.link = MqttLink(
+        self.link = link_factory(
             self._link_options(),
             on_message=self._on_message,
-            on_connect=lambda: self.events.put(Event("connected")),
+            on_connect=lambda: self.post(Event("connected")),
             will_provider=self._last_will,
         )
         for topic in (self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
@@ -109,7 +128,7 @@ class DeviceAgent:
         return self.topics.status(self.cfg.device_id), offline.encode(), 1, True
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.events.put(Event("message", topic, bytes(payload)))
+        self.post(Event("message", topic, bytes(payload)))
 
     def _log(self, level: int, event: str, round_: int | None = None, **fields) -> None:
         log.log(level, "%s", kv(event=event, device=self.cfg.device_id, round="-" if round_ is None else round_, **fields))
@@ -130,7 +149,7 @@ class DeviceAgent:
             self._log(logging.WARNING, "bundle_unavailable", reason=reason)
             return False
         try:
-            self.trainer = Trainer(self.cfg.bundle, manifest, threads=self.cfg.training.threads)
+            self.trainer = self._engine_factory(self.cfg.bundle, manifest, self.cfg.training.threads)
         except (BundleError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
             self.manifest, self.trainer = None, None
             self._log(logging.ERROR, "bundle_unusable", reason=str(exc)[:200])
@@ -157,27 +176,54 @@ class DeviceAgent:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        """Host this one device: paho's thread queues events, this thread handles them."""
         self._install_signal_handlers()
-        self._load_bundle()
-        self._recover_pending()
-        self._log(logging.INFO, "device_start", broker=self.cfg.broker, fleet=self.cfg.fleet, pending=self.state.pending_round)
-        self.link.start()
+        self.start()
         try:
             while not self.stopping.is_set():
-                self._tick()
+                self.tick()
                 try:
                     event = self.events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                self._dispatch(event)
-                if self.max_rounds is not None and self.rounds_done >= self.max_rounds:
-                    self._log(logging.INFO, "max_rounds_reached", rounds=self.rounds_done)
+                self.handle(event)
+                if self.done:
                     break
         finally:
-            self._status("offline", detail="stopped")
-            self.link.stop()
-            self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
+            self.close()
         return 0
+
+    # The host interface (run() above and the swarm use only these).
+
+    def start(self) -> None:
+        """Load the bundle, recover a pending update, start connecting."""
+        self._load_bundle()
+        self._recover_pending()
+        self._log(logging.INFO, "device_start", broker=self.cfg.broker, fleet=self.cfg.fleet, pending=self.state.pending_round)
+        self.link.start()
+
+    def handle(self, event: Event) -> None:
+        """Handle one event (never raises: a bad message costs one log line)."""
+        self._dispatch(event)
+        if self.max_rounds is not None and self.rounds_done >= self.max_rounds and not self._done_logged:
+            self._done_logged = True
+            self._log(logging.INFO, "max_rounds_reached", rounds=self.rounds_done)
+
+    @property
+    def done(self) -> bool:
+        """True once --max-rounds rounds completed (the host may then close this device)."""
+        return self.max_rounds is not None and self.rounds_done >= self.max_rounds
+
+    def tick(self) -> None:
+        """Between events: eligibility rules and the health heartbeat."""
+        self._tick()
+
+    def close(self) -> None:
+        """Say `offline` (retained), disconnect cleanly, release the state dir."""
+        self._status("offline", detail="stopped")
+        self.link.stop()
+        self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
+        self.state_lock.release()
 
     def _recover_pending(self) -> None:
         """After a power cut device_state.json (not fsynced) may be older than the pending
@@ -376,7 +422,7 @@ class DeviceAgent:
             verdict = self.gate.verdict(state, detail)
             if verdict == "eligible":
                 self._log(logging.INFO, "eligible", round_, parked=self.gate.parked.round if self.gate.parked else 0)
-                self.events.put(Event("eligible"))
+                self.post(Event("eligible"))
             elif verdict is not None:
                 if state == "idle":
                     self._log(logging.INFO, "ineligible", round_, reason=verdict)
