@@ -23,7 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleA
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
+
+if TYPE_CHECKING:
+    from fleetlearn.edge_runtime.device.swarm import GroupCommit
 
 log = logging.getLogger("fleetlearn.device")
 
@@ -69,6 +72,7 @@ class DeviceAgent:
         link_factory: Callable[..., MqttLink] = MqttLink,
         post: Callable[[Event], None] | None = None,
         engine_factory: Callable[[str, Manifest, int], Trainer] = Trainer,
+        group_commit: "GroupCommit | None" = None,
     ):
         self.cfg = cfg
         self.max_rounds = max_rounds
@@ -82,6 +86,10 @@ class DeviceAgent:
         self.events: queue.Queue[Event] = queue.Queue()
         self.post = post or self.events.put  # where this device's events go (its host's queue)
         self._engine_factory = engine_factory
+        # None: each pending update is fsynced before it is sent (a lone device). A swarm host
+        # passes its GroupCommit: the update is written without fsync and sent after the
+        # host's next file-system sync, one sync for every device that trained meanwhile.
+        self.group_commit = group_commit
         self.stopping = threading.Event()
         self.manifest: Manifest | None = None
         self.trainer: Trainer | None = None
@@ -281,7 +289,7 @@ class DeviceAgent:
         pending = load_pending_update(self.state_dir) if self.state.pending_round else None
         if pending:
             self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")
-            self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+            self._send_update(pending)
 
     def _on_global(self, payload: bytes) -> None:
         if not payload:
@@ -316,7 +324,7 @@ class DeviceAgent:
             pending = load_pending_update(self.state_dir)
             if pending:  # the aggregator re-announced this round (it restarted): send again
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
-                self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+                self._send_update(pending)
                 return
         if not self._may_train(g):
             return
@@ -361,12 +369,21 @@ class DeviceAgent:
         )
         payload = update.encode(sign=self.signer.sign if self.signer else None)
         # Durable before it is sent: a crash after this line re-sends these exact bytes.
-        save_pending_update(self.state_dir, payload)
+        save_pending_update(self.state_dir, payload, durable=self.group_commit is None)
         self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
-        self.link.publish(self.topics.update(self.cfg.device_id), payload, qos=1)
+        self._send_update(payload)
         self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
+
+    def _send_update(self, payload: bytes) -> None:
+        """Publish an update frame that is in the state dir: at once when it was fsynced, else
+        after the host's group commit made it durable."""
+        topic = self.topics.update(self.cfg.device_id)
+        if self.group_commit is None:
+            self.link.publish(topic, payload, qos=1)
+        else:
+            self.group_commit.after_sync(lambda: self.link.publish(topic, payload, qos=1))
 
     def _on_ack(self, payload: bytes) -> None:
         ack = Ack.decode(payload)

@@ -35,9 +35,11 @@ class DeviceState:
         atomic_write_json(state_dir / "device_state.json", asdict(self), durable=False)
 
 
-def save_pending_update(state_dir: Path, payload: bytes) -> None:
-    """The encoded update frame, written durably before it is first sent; re-sent as-is after a restart."""
-    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=True)
+def save_pending_update(state_dir: Path, payload: bytes, durable: bool = True) -> None:
+    """The encoded update frame, written durably before it is first sent; re-sent as-is after a
+    restart. durable=False only for a caller that syncs the file system before sending (the
+    swarm's group commit)."""
+    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=durable)
 
 
 def load_pending_update(state_dir: Path) -> bytes | None:

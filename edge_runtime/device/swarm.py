@@ -23,6 +23,8 @@ Scheduling: handling events is bounded per loop turn (EVENT_BUDGET_S), so socket
 from __future__ import annotations
 
 import collections
+import ctypes
+import os
 import logging
 import math
 import signal
@@ -88,6 +90,46 @@ def write_shards(data_file: str, state_root: Path, ids: list[str], spec: str, se
     return out
 
 
+def _syncfs(fd: int) -> None:
+    """Flush the file system holding `fd` (data and metadata, renames included): Linux's
+    syncfs(2); os.sync() where libc has none."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "syncfs", None)
+    if fn is None or fn(fd) != 0:
+        os.sync()
+
+
+class GroupCommit:
+    """Durable before sent, for many devices at one price: devices write their pending update
+    without fsync and hand over the send; `flush()` syncs the state file system once and then
+    sends them all. On this machine one fsync'd update cost about 14 ms (two fsyncs), so 1,000
+    devices spent 14 s per round in fsync alone; a group commit costs one sync per batch."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(root, os.O_RDONLY)
+        self._waiting: list[Callable[[], None]] = []
+        self.syncs = 0
+
+    def after_sync(self, send: Callable[[], None]) -> None:
+        self._waiting.append(send)
+
+    def flush(self) -> None:
+        if not self._waiting:
+            return
+        _syncfs(self._fd)
+        self.syncs += 1
+        sends, self._waiting = self._waiting, []
+        for send in sends:
+            try:
+                send()
+            except Exception:  # one device's link must not stop the others' sends
+                log.exception("event=swarm_send_failed")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class Swarm:
     """N device agents on one EpollLoop. `run()` until every device did --max-rounds rounds
     (or SIGTERM/SIGINT), then each says `offline` and disconnects cleanly."""
@@ -103,12 +145,14 @@ class Swarm:
         self.events: collections.deque[tuple[DeviceAgent, Event]] = collections.deque()
         self.stopping = threading.Event()
         self.agents: list[DeviceAgent] = []
+        self.commit = GroupCommit(Path(base.state_dir))
         extra = {"engine_factory": engine_factory} if engine_factory else {}
         link_factory = lambda *a, **kw: EpollLink(*a, loop=self.loop, **kw)  # noqa: E731
         for dev, shard in zip(ids, shards):
             cfg = replace(base, device_id=dev, data=str(shard), state_dir=str(Path(base.state_dir) / dev))
             cell: list[DeviceAgent] = []
-            agent = DeviceAgent(cfg, max_rounds, link_factory=link_factory, post=lambda ev, c=cell: self.events.append((c[0], ev)), **extra)
+            agent = DeviceAgent(cfg, max_rounds, link_factory=link_factory, post=lambda ev, c=cell: self.events.append((c[0], ev)),
+                                group_commit=self.commit, **extra)
             cell.append(agent)
             self.agents.append(agent)
         self._closed: set[int] = set()
@@ -138,6 +182,7 @@ class Swarm:
                         agent.handle(event)
                         if agent.done:
                             self._close(agent)
+                self.commit.flush()  # what this batch trained is now durable, and sent
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK_INTERVAL_S
@@ -147,6 +192,7 @@ class Swarm:
                 if len(self._closed) == len(self.agents):
                     break
         finally:
+            self.commit.flush()
             for agent in self.agents:
                 self._close(agent)
             self._drain(5.0)
@@ -164,3 +210,4 @@ class Swarm:
         while time.monotonic() < end and any(link._sock_open for link in self.loop.links):
             self.loop.run_once(0.05)
         self.loop.close()
+        self.commit.close()
