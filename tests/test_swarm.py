@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,12 +109,27 @@ def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bund
 # ------------------------------------------------------------------ whole rounds
 
 
-def _swarm_rounds(tmp_path, broker: Broker, bundle: Path, boston_split, n: int, rounds_: int, min_devices: int, deadline: float, timeout: float):
+@pytest.fixture
+def fast_state(tmp_path):
+    """Where the swarm's state dirs go: /dev/shm (tmpfs) when there is one. On a shared disk
+    under other jobs' fsyncs a rename or unlink costs 2-3 ms here (profiled), five per device
+    per round: the test is about the protocol at 1,000 connections, not the disk."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        yield tmp_path / "devs"
+        return
+    d = Path(tempfile.mkdtemp(prefix="fleetlearn-swarm-test-", dir=shm))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _swarm_rounds(tmp_path, broker: Broker, bundle: Path, boston_split, n: int, rounds_: int, min_devices: int, deadline: float, timeout: float,
+                  state: Path | None = None):
     fleet = f"sw{n}"
     agg_state = tmp_path / "agg"
     agg = AggregatorProcess(tmp_path, broker.url, fleet, agg_state, "--rounds", str(rounds_), "--min-devices", str(min_devices),
                             "--target-devices", str(n), "--deadline", str(deadline), "--log-level", "warning", bundle=bundle)
-    swarm = SwarmProc(tmp_path, swarm_config(tmp_path, broker.url, fleet, bundle, tmp_path / "devs", max_steps=2), n,
+    swarm = SwarmProc(tmp_path, swarm_config(tmp_path, broker.url, fleet, bundle, state or tmp_path / "devs", max_steps=2), n,
                       train_file(tmp_path, boston_split), "--max-rounds", str(rounds_), "--log-level", "warning")
     try:
         assert agg.wait(timeout) == 0, agg.text()[-3000:]
@@ -151,10 +168,10 @@ class BigMosquitto(Broker):
         return self
 
 
-def test_swarm_1000_devices_mosquitto(tmp_path, boston_bundle, boston_split):
+def test_swarm_1000_devices_mosquitto(tmp_path, boston_bundle, boston_split, fast_state):
     broker = BigMosquitto(tmp_path).start()
     try:
-        _swarm_rounds(tmp_path, broker, boston_bundle, boston_split, 1000, 2, 990, 120, 400)
+        _swarm_rounds(tmp_path, broker, boston_bundle, boston_split, 1000, 2, 990, 120, 400, state=fast_state)
     finally:
         broker.stop()
 
