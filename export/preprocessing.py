@@ -53,6 +53,14 @@ def standardization_from_file(path: str | Path, input_shape: tuple[int, ...]) ->
         raise DataError(f"{path}: x has {x.shape[1]} features per sample, the model's input {input_shape} has {n}")
     if not np.isfinite(x).all():
         raise DataError(f"{path}: x holds NaN or Inf")
+    return standardization(x)
+
+
+def standardization(x: np.ndarray) -> dict[str, list[float]]:
+    """mean/std per input element of training samples x (n, ...), finite; constant features
+    get std 1 (see standardization_from_file)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
     mean = x.mean(axis=0)
     std = x.std(axis=0)  # population std (ddof=0), like StandardScaler
     std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flash": ("fleetlearn.firmware_configs.flash", "write a self-contained device image from a profile"),
     "monitor": ("fleetlearn.monitor", "watch a fleet's rounds and devices live"),
     "report": ("fleetlearn.report", "plots and a summary table from an aggregator's round log"),
+    "experiment": ("fleetlearn.experiment", "run a grid of strategy x partition x seed on a local fleet, tabulate the results"),
 }
 
 

@@ -15,14 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fleetlearn.aggregator.round_log import ROUND_LOG, read_round_log, read_round_log_or_empty
 from fleetlearn.edge_runtime.core.errors import UsageError
 from fleetlearn.edge_runtime.core.protocol import RoundMetrics
+from fleetlearn.local_fleet import DATASETS
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "boston_housing_split.npz"
+REPO_DATA = DATASETS["boston"]
 # Chosen on the training split only, by 5-fold cross-validation of the 404 training rows over
 # AdamW/SGD, learning rates, batch sizes and schedules (docs/demo.md has the table): plain SGD
 # at 3e-3, warmed up linearly over 10 rounds, then a cosine decay to 0.1x, had the lowest
@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=None, help="use this MQTT broker URL instead of starting a local one")
     p.add_argument("--embedded", action="store_true", help="start the embedded amqtt broker even when mosquitto is installed")
     p.add_argument("--fleet", default="demo", help="fleet name (topic prefix fleetlearn/<fleet>/...)")
-    p.add_argument("--non-iid", action="store_true", help="shard by target value (each device sees a price band) instead of at random")
+    p.add_argument("--partition", default=None, metavar="SPEC", help="how the training split is spread over the devices: iid (default), dirichlet:ALPHA, shards:K or quantity:ALPHA (docs/learning.md)")
+    p.add_argument("--non-iid", action="store_true", help="deprecated: the same as --partition shards:1 (each device sees one price band)")
     p.add_argument("--state-dir", default=None, help="keep the aggregator's state and round log here (default: a temp dir)")
     p.add_argument("--deadline", type=float, default=60.0, help="per-round deadline in seconds (default 60)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the sharding (default 0)")
@@ -59,140 +60,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dp_arguments(p)  # --dp, --dp-noise-multiplier, --clip-norm
 
 
-@dataclass(frozen=True)
-class DemoPaths:
-    work: Path
-    bundle: Path
-    state: Path
-    logs: Path
-    test: Path
+def _partition_spec(args: argparse.Namespace):
+    """--partition, or --non-iid as its deprecated alias (shards:1: sorted by price, one band each)."""
+    from fleetlearn.edge_runtime.core.partition import parse_partition
 
-
-def _shards(x, y, n: int, non_iid: bool, seed: int):
-    import numpy as np
-
-    if n < 1 or n > len(x):
-        raise UsageError(f"--devices must be between 1 and {len(x)}")
-    order = np.argsort(y, kind="stable") if non_iid else np.random.default_rng(seed).permutation(len(x))
-    return [(x[idx], y[idx]) for idx in np.array_split(order, n)]
-
-
-def _device_config(i: int, fleet: str, broker: str, paths: DemoPaths, data: Path, args) -> Path:
-    cfg = paths.work / f"device-{i}.toml"
-    cfg.write_text(
-        f'device_id = "dev-{i}"\nfleet = "{fleet}"\nbroker = "{broker}"\nbundle = "{paths.bundle}"\n'
-        f'data = "{data}"\nstate_dir = "{paths.work / f"device-{i}-state"}"\n\n'
-        f"[training]\nbatch_size = {args.batch_size}\nlocal_epochs = {args.local_epochs}\nthreads = 1\nseed = {args.seed + i}\n"
-    )
-    return cfg
-
-
-def central_baseline(bundle: Path, x, y, x_test, y_test, rounds: int, local_epochs: int, batch_size: int, lr: float, schedule: str, seed: int) -> float:
-    """The same bundle (same initial weights, optimizer, preprocessing and learning-rate schedule)
-    trained on all the training data in one place for rounds x local_epochs epochs: the number
-    federated learning should match."""
-    from fleetlearn.aggregator.schedule import scheduled_lr
-    from fleetlearn.edge_runtime.core.bundle import load_bundle
-    from fleetlearn.edge_runtime.core.data import Dataset
-    from fleetlearn.edge_runtime.engines.trainer import Trainer
-
-    manifest = load_bundle(bundle)
-    trainer = Trainer(bundle, manifest)
-    train = Dataset(manifest.preprocessing.apply(x), y.reshape(-1, 1).astype("float32"))
-    test = Dataset(manifest.preprocessing.apply(x_test), y_test.reshape(-1, 1).astype("float32"))
-    for epoch in range(rounds * local_epochs):
-        rate = scheduled_lr(lr, epoch // local_epochs + 1, rounds, schedule, LR_MIN_FACTOR, min(LR_WARMUP, rounds - 1))
-        trainer.train(train, batch_size=batch_size, epochs=1, seed=[seed, epoch], lr=rate)
-    return float(trainer.evaluate(test).mse)
+    if args.non_iid:
+        if args.partition not in (None, "shards:1"):
+            raise UsageError("--non-iid is the deprecated spelling of --partition shards:1: give one or the other")
+        print("fleetlearn demo: --non-iid is deprecated, use --partition shards:1", file=sys.stderr)
+        return parse_partition("shards:1")
+    return parse_partition(args.partition or "iid")
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from fleetlearn.edge_runtime.core.partition import partition
+    from fleetlearn.local_fleet import FleetSpec, LocalFleet, central_baseline, export_builtin, load_split, start_broker, write_shards
+
     if args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
-    data_path = Path(args.data)
-    if not data_path.is_file():
-        raise UsageError(f"{data_path}: Boston split not found (pass --data FILE.npz with x_train, y_train, x_test, y_test)")
-    with np.load(data_path, allow_pickle=False) as d:
-        x, y, x_test, y_test = (d[k].astype(np.float64) for k in ("x_train", "y_train", "x_test", "y_test"))
+    spec = _partition_spec(args)
+    split = load_split(args.data)
+    x, y, x_test, y_test = split.x_train, split.y_train.astype(np.float64), split.x_test, split.y_test.astype(np.float64)
+    parts = partition(spec, y, args.devices, args.seed, task="regression")  # PartitionError (exit 2) if it cannot
 
     work = Path(tempfile.mkdtemp(prefix="fleetlearn-demo-"))
     state = Path(args.state_dir) if args.state_dir else work / "aggregator-state"
-    paths = DemoPaths(work, work / "bundle", state, work / "logs", work / "test.npz")
-    paths.logs.mkdir(parents=True)
-    np.savez(paths.test, x=x_test, y=y_test)
+    test_path, train_path = work / "test.npz", work / "train.npz"
+    np.savez(test_path, x=x_test, y=y_test)
+    np.savez(train_path, x=x, y=y)
     say = print
-    say(f"fleetlearn demo: {args.devices} devices, {args.rounds} rounds, work dir {work}")
+    say(f"fleetlearn demo: {args.devices} devices, {args.rounds} rounds, partition {spec}, work dir {work}")
 
-    from fleetlearn.export import build_bundle, resolve_model
-
-    model, _ = resolve_model("boston-mlp", seed=args.seed)
-    build_bundle(
-        model, paths.bundle, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer=args.optimizer, lr=args.lr,
-        preprocessing={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}, seed=args.seed,
-    )
-    say(f"exported boston-mlp -> {paths.bundle}")
+    bundle = export_builtin("boston-mlp", x, work / "bundle", optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+    say(f"exported boston-mlp -> {bundle}")
     from fleetlearn.demo_dp import dp_aggregator_args
 
-    dp_args = dp_aggregator_args(args, say)  # [] unless --dp
-
-    broker_handle = None
-    broker_url = args.broker
-    if broker_url is None:
-        from fleetlearn.aggregator.broker import start_local_broker
-
-        # mosquitto when installed (--embedded: amqtt). MQTT's usual port when it is free, so
-        # `fleetlearn monitor` in another terminal needs no guessing; any free port otherwise.
-        try:
-            broker_handle = start_local_broker("127.0.0.1", 1883, args.embedded)
-        except RuntimeError:
-            broker_handle = start_local_broker("127.0.0.1", 0, args.embedded)
-        broker_url = broker_handle.url
-        say(f"started broker: {broker_handle.describe()} on {broker_url}")
+    dp_args = dp_aggregator_args(args, say, run)  # [] unless --dp
+    warmup = min(LR_WARMUP, args.rounds - 1)
+    fleet_spec = FleetSpec(
+        bundle=bundle, work=work, state=state, logs=work / "logs", test_data=test_path, fleet=args.fleet, rounds=args.rounds,
+        batch_size=args.batch_size, local_epochs=args.local_epochs, seed=args.seed, deadline=args.deadline,
+        aggregator_args=("--lr", str(args.lr), "--lr-schedule", args.lr_schedule, "--round-interval", str(args.pace),
+                         "--lr-min-factor", str(LR_MIN_FACTOR), "--lr-warmup", str(warmup), *dp_args),
+    )  # fmt: skip
+    broker_url, broker_handle = start_broker(args.broker, say, embedded=args.embedded)
     say(f"watch it from another terminal: fleetlearn monitor --broker {broker_url} --fleet {args.fleet}")
-
-    procs: list[subprocess.Popen] = []
     try:
-        agg_cmd = [
-            sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(paths.bundle), "--broker", broker_url,
-            "--fleet", args.fleet, "--rounds", str(args.rounds), "--min-devices", str(args.devices),
-            "--target-devices", str(args.devices), "--deadline", str(args.deadline), "--state-dir", str(state),
-            "--test-data", str(paths.test), "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
-            "--round-interval", str(args.pace), "--lr-min-factor", str(LR_MIN_FACTOR), "--lr-warmup", str(min(LR_WARMUP, args.rounds - 1)),
-        ] + dp_args
-        aggregator = subprocess.Popen(agg_cmd, stdout=subprocess.DEVNULL, stderr=open(paths.logs / "aggregator.log", "wb"))
-        procs.append(aggregator)
-        for i, (xs, ys) in enumerate(_shards(x, y, args.devices, args.non_iid, args.seed)):
-            shard = work / f"device-{i}-data.npz"
-            np.savez(shard, x=xs, y=ys)
-            cfg = _device_config(i, args.fleet, broker_url, paths, shard, args)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", str(args.rounds)],
-                stdout=subprocess.DEVNULL, stderr=open(paths.logs / f"device-{i}.log", "wb"),
-            ))
-        say(f"started the aggregator and {args.devices} device processes (logs in {paths.logs})")
-        rc = _follow_rounds(aggregator, state / ROUND_LOG, args.rounds, args.quiet)
+        with LocalFleet(fleet_spec, broker_url, write_shards(work, x, y, parts)) as fleet:
+            say(f"started the aggregator and {args.devices} device processes (logs in {fleet_spec.logs})")
+            rc = _follow_rounds(fleet.aggregator, state / ROUND_LOG, args.rounds, args.quiet)
+            tail = fleet.aggregator_tail()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
         if broker_handle is not None:
             broker_handle.stop()
     if rc != 0:
-        tail = (paths.logs / "aggregator.log").read_text(errors="replace").strip().splitlines()[-5:]
-        raise UsageError(f"the aggregator exited with code {rc}: {' | '.join(tail)[:600]}")
+        raise UsageError(f"the aggregator exited with code {rc}: {tail}")
 
     rounds = read_round_log(state / ROUND_LOG).rounds
     final = rounds[-1]
     summary = {
         "rounds": len(rounds),
         "devices": args.devices,
+        "partition": str(spec),
         "final_test_mse": final.test_mse,
         "mean_round_wall_s": sum(r.wall_s or 0.0 for r in rounds) / len(rounds),
         "bytes_in": sum(r.bytes_in or 0 for r in rounds),
@@ -200,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         "reference_tutorial_test_mse": 40.09,
     }
     if not args.no_baseline:
-        summary["central_test_mse"] = central_baseline(
-            paths.bundle, x, y, x_test, y_test, args.rounds, args.local_epochs, args.batch_size, args.lr, args.lr_schedule, args.seed
+        _, summary["central_test_mse"] = central_baseline(
+            bundle, train_path, test_path, rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+            lr=args.lr, schedule=args.lr_schedule, min_factor=LR_MIN_FACTOR, warmup=warmup, seed=args.seed,
         )
         summary["federated_vs_central"] = summary["final_test_mse"] / summary["central_test_mse"]
     if dp_args:

@@ -39,16 +39,15 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-norm", type=float, default=None, help="with --dp: L2 clip norm C (default: median update norm of the non-DP run, training data only)")
 
 
-def run_without_dp(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
-    """The same demo, same arguments, without DP; its final test MSE and its rounds' median
+def run_without_dp(args: argparse.Namespace, say: Callable[[str], None], run_demo: Callable[[argparse.Namespace], int]) -> dict[str, Any]:
+    """The same demo (`run_demo`, the demo's own run: passed in so this module does not import
+    the demo back), same arguments, without DP; its final test MSE and its rounds' median
     update norms."""
-    from fleetlearn.demo import run
-
     state = Path(tempfile.mkdtemp(prefix="fleetlearn-demo-nodp-"))
     child = argparse.Namespace(**{**vars(args), "dp": False, "_record_norms": True, "state_dir": str(state / "state"), "report": str(state / "report"), "no_baseline": True, "quiet": True, "fleet": f"{args.fleet}-nodp"})
     say(f"running the same demo without DP first (log: {state / 'demo.log'}) ...")
     with open(state / "demo.log", "w") as out, contextlib.redirect_stdout(out):
-        run(child)
+        run_demo(child)
     from fleetlearn.aggregator.round_log import ROUND_LOG, read_round_log
 
     rounds = read_round_log(state / "state" / ROUND_LOG).rounds
@@ -57,7 +56,7 @@ def run_without_dp(args: argparse.Namespace, say: Callable[[str], None]) -> dict
     return {"test_mse": float(rounds[-1].test_mse or 0.0), "median_update_norm": norms[len(norms) // 2]}
 
 
-def dp_aggregator_args(args: argparse.Namespace, say: Callable[[str], None]) -> list[str]:
+def dp_aggregator_args(args: argparse.Namespace, say: Callable[[str], None], run_demo: Callable[[argparse.Namespace], int]) -> list[str]:
     """The aggregator's extra flags: [] for the plain demo; for --dp, the DP-FedAvg flags (after
     the non-DP run that calibrates C when --clip-norm is not given)."""
     if getattr(args, "_record_norms", False):
@@ -70,7 +69,7 @@ def dp_aggregator_args(args: argparse.Namespace, say: Callable[[str], None]) -> 
         raise UsageError(f"--dp-noise-multiplier must be > 0, got {args.dp_noise_multiplier}")
     if args.clip_norm is not None and not args.clip_norm > 0:
         raise UsageError(f"--clip-norm must be > 0, got {args.clip_norm}")
-    args._non_dp = run_without_dp(args, say)
+    args._non_dp = run_without_dp(args, say, run_demo)
     if args.clip_norm is None:
         args.clip_norm = args._non_dp["median_update_norm"]
         say(f"DP-FedAvg: clip norm C = {args.clip_norm:.4g} (median update norm of the non-DP run, training data only)")

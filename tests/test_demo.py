@@ -42,3 +42,47 @@ def test_demo_with_differential_privacy_prints_its_cost_and_epsilon(tmp_path):
     assert "started broker: embedded amqtt 0.12.1" in r.stdout
     assert "epsilon" in r.stdout.lower() or "ε" in r.stdout
     assert any(k.startswith("dp") or "epsilon" in k for k in summary), summary
+
+
+def _work_dir(stdout: str):
+    from pathlib import Path
+
+    line = next(line for line in stdout.splitlines() if line.startswith("fleetlearn demo:"))
+    return Path(line.rsplit("work dir ", 1)[1].strip())
+
+
+def test_demo_partition_gives_each_device_process_the_partitioners_shard(tmp_path):
+    import numpy as np
+
+    from fleetlearn.edge_runtime.core.partition import partition
+
+    r, summary = run_demo(tmp_path, "--devices", "3", "--partition", "dirichlet:0.3", "--no-baseline", "--seed", "4")
+    assert summary["partition"] == "dirichlet:0.3"
+    with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
+        y = d["y_train"]
+    work = _work_dir(r.stdout)
+    for i, idx in enumerate(partition("dirichlet:0.3", y, 3, seed=4, task="regression")):
+        with np.load(work / f"device-{i}-data.npz") as shard:
+            assert np.array_equal(shard["y"], y[idx])
+    rounds = [json.loads(line) for line in (tmp_path / "state" / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[-1]["samples"] == len(y)  # every training row trained somewhere, once
+
+
+def test_demo_non_iid_is_a_deprecated_alias_of_shards_1(tmp_path):
+    import numpy as np
+
+    r, summary = run_demo(tmp_path, "--non-iid", "--no-baseline")
+    assert "--non-iid is deprecated, use --partition shards:1" in r.stderr
+    assert summary["partition"] == "shards:1"
+    bands = sorted((np.load(p)["y"].min(), np.load(p)["y"].max()) for p in _work_dir(r.stdout).glob("device-*-data.npz"))
+    assert len(bands) == 2 and bands[0][1] <= bands[1][0], "each device holds one price band"
+
+
+def test_demo_bad_partition_is_a_one_line_error(capsys):
+    from fleetlearn.cli import main
+
+    assert main(["demo", "--partition", "dirichlet:-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fleetlearn demo: error: partition 'dirichlet:-1': alpha must be") and err.count("\n") == 1
+    assert main(["demo", "--non-iid", "--partition", "iid"]) == 2
+    assert "give one or the other" in capsys.readouterr().err

@@ -133,3 +133,22 @@ def test_built_wheel_installs_one_top_level_package(tmp_path):
     for module in ("fleetlearn/edge_runtime/core/protocol/__init__.py", "fleetlearn/export/build.py",
                    "fleetlearn/aggregator/cli.py", "fleetlearn/firmware_configs/profiles/raspberry-pi-4.toml"):
         assert module in names, module
+
+
+def test_cli_layer_modules_import_each_other_without_cycles():
+    """fleetlearn/*.py (demo, demo_dp, monitor, report, experiment...) form a DAG: a module that
+    needs a function of a module that imports it takes it as an argument instead."""
+    graph = {m: {name.split(".")[1] for _, name in _imports(ROOT / "fleetlearn" / f"{m}.py")
+                 if name.startswith("fleetlearn.") and name.split(".")[1] in CLI_LAYER and name.split(".")[1] != m}
+             for m in CLI_LAYER}
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, "import cycle: " + " -> ".join((*path, m))
+        if m not in done:
+            for n in sorted(graph[m]):
+                visit(n, (*path, m))
+            done.add(m)
+
+    for m in sorted(graph):
+        visit(m, ())
