@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.partition import parse_partition, partition
 from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop, raise_nofile_limit
 from fleetlearn.edge_runtime.device.agent import DeviceAgent, Event
 from fleetlearn.edge_runtime.device.config import DeviceConfig
@@ -54,20 +55,18 @@ def device_ids(prefix: str, n: int) -> list[str]:
 
 
 def partition_rows(spec: str, y: np.ndarray, devices: int, seed: int, task: str) -> list[np.ndarray]:
-    """Row indices per device. `iid` splits a seeded permutation; with more devices than rows
-    the permutation is repeated (a row then lives on several devices), so every device has
-    at least one sample. Non-IID specs (dirichlet:ALPHA, shards:K) need the partition module."""
+    """Row indices per device under `spec` (core/partition.py: iid, dirichlet:ALPHA, shards:K,
+    quantity:ALPHA). With more devices than rows the rows are repeated ceil(devices/rows)
+    times before partitioning (a row then lives on several devices), so every device has data;
+    otherwise this is exactly the experiment's partition."""
     n = len(y)
-    if spec == "iid":
-        reps = max(1, math.ceil(devices / n))
-        rng = np.random.default_rng(seed)
-        order = np.concatenate([rng.permutation(n) for _ in range(reps)])
-        return [np.sort(part) for part in np.array_split(order, devices)]
-    try:
-        from fleetlearn.edge_runtime.core import partition as p  # type: ignore[attr-defined]
-    except ImportError:
-        raise UsageError(f"--partition {spec}: only 'iid' is available in this build (no partition module)") from None
-    return p.partition(spec, y, devices, seed, task=task)
+    if n == 0:
+        raise UsageError("--data holds no samples")
+    parsed = parse_partition(spec)
+    per_device = int(parsed.param) if parsed.scheme == "shards" else 1  # shards:K needs K samples a device
+    reps = max(1, math.ceil(devices * per_device / n))
+    parts = partition(parsed, np.concatenate([np.asarray(y)] * reps), devices, seed, task=task)
+    return [np.sort(part % n) for part in parts]
 
 
 def write_shards(data_file: str, state_root: Path, ids: list[str], spec: str, seed: int, task: str, target: str | None = None) -> list[Path]:
