@@ -14,6 +14,7 @@ for script, args in [
     ("bench_round.py", ["--broker", "mosquitto"]),
     ("bench_round.py", ["--broker", "amqtt"]),
     ("bench_ingest.py", []),
+    ("bench_swarm.py", []),
 ]:
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)
