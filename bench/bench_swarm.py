@@ -99,9 +99,10 @@ def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: s
     }
 
 
-def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path) -> dict:
-    """Publish one global-model frame to n raw paho clients, then to n swarm devices (same
-    EpollLoop design, same broker, same frame); time publish -> last receipt."""
+def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, reps: int = 5) -> dict:
+    """Publish a global-model frame (retained, QoS 1) to n raw paho clients on one EpollLoop
+    and the same-size frame to n swarm devices (their own EpollLoop), alternately `reps` times
+    each; time publish -> last receipt (for a device: its agent is handed the message)."""
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.core.mqtt import LinkOptions
     from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop, raise_nofile_limit
@@ -112,76 +113,77 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
 
     raise_nofile_limit()
     m = load_bundle(bundle)
-    frame = GlobalModel("cd" * 16, 1, m.model_hash, np.zeros(m.num_params, np.float32)).encode()
+    weights = np.zeros(m.num_params, np.float32)
     pub = Peer(url)
 
-    def wait_until(cond, timeout: float, loop: EpollLoop):
+    def serve(loop: EpollLoop, cond, timeout: float) -> None:
         end = time.monotonic() + timeout
         while not cond():
             if time.monotonic() > end:
                 raise SystemExit("fan-out: timed out")
             loop.run_once(0.01)
 
-    # Raw paho clients on one EpollLoop.
-    loop = EpollLoop()
+    # n raw paho clients on one EpollLoop
+    raw_loop = EpollLoop()
     got: dict[int, float] = {}
-    topic = "fanout/raw/global"
+    raw_topic = "fanout/raw/global"
     links = []
     for i in range(n):
-        link = EpollLink(LinkOptions(url=url, client_id=f"raw-{i}", clean_session=True), on_message=lambda t, p, i=i: got.setdefault(i, time.perf_counter()), loop=loop)
-        link.subscribe(topic, qos=1)
+        link = EpollLink(LinkOptions(url=url, client_id=f"raw-{i}", clean_session=True),
+                         on_message=lambda t, p, i=i: got.setdefault(i, time.perf_counter()), loop=raw_loop)
+        link.subscribe(raw_topic, qos=1)
         links.append(link.start())
-    wait_until(lambda: all(lk.connected.is_set() for lk in links), 120, loop)
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:  # SUBACKs
-        loop.run_once(0.01)
-    t0 = time.perf_counter()
-    pub.client.publish(topic, frame, qos=1)
-    wait_until(lambda: len(got) == n, 60, loop)
-    raw_s = max(got.values()) - t0
-    for lk in links:
-        lk.stop()
-    end = time.monotonic() + 3
-    while time.monotonic() < end and any(lk._sock_open for lk in links):
-        loop.run_once(0.01)
-    loop.close()
+    serve(raw_loop, lambda: all(lk.connected.is_set() for lk in links), 120)
 
-    # Swarm devices: the time each device's agent is handed the global model.
+    # n swarm devices (real agents; here only their receipt is timed: events are not handled, so nobody trains)
     fleet = "fanout"
     cfg = load_device_config(device_toml(work, url, fleet, bundle, state_root / fleet))
     ids = device_ids("fan-", n)
-    shards = write_shards(str(data), Path(cfg.state_dir), ids, "iid", 0, m.task)
-    swarm = Swarm(cfg, ids, shards, max_rounds=None)
+    swarm = Swarm(cfg, ids, write_shards(str(data), Path(cfg.state_dir), ids, "iid", 0, m.task), max_rounds=None)
     seen: dict[int, float] = {}
     gtopic = Topics(fleet).global_model
 
     class Recording(collections.deque):
         def append(self, item):
-            agent, ev = item
-            if ev.topic == gtopic:
-                seen.setdefault(id(agent), time.perf_counter())
+            if item[1].topic == gtopic:
+                seen.setdefault(id(item[0]), time.perf_counter())
             super().append(item)
 
     swarm.events = Recording()
     swarm.start()
-    wait_until(lambda: all(a.link.connected.is_set() for a in swarm.agents), 120, swarm.loop)
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:
-        swarm.loop.run_once(0.01)
-        while swarm.events:
-            a, ev = swarm.events.popleft()
-            a.handle(ev)
-    t0 = time.perf_counter()
-    pub.client.publish(gtopic, frame, qos=1)
-    # Receipt only: the devices would now train; the loop here just serves the sockets.
-    wait_until(lambda: len(seen) == n, 60, swarm.loop)
-    swarm_s = max(seen.values()) - t0
+    serve(swarm.loop, lambda: all(a.link.connected.is_set() for a in swarm.agents), 120)
+    for loop in (raw_loop, swarm.loop):  # SUBACKs, connect-time statuses
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            loop.run_once(0.01)
+    swarm.events.clear()
+
+    raw_t, swarm_t = [], []
+    for rep in range(reps):
+        frame = GlobalModel("cd" * 16, rep + 1, m.model_hash, weights).encode()
+        got.clear()
+        t0 = time.perf_counter()
+        pub.client.publish(raw_topic, frame, qos=1, retain=True)
+        serve(raw_loop, lambda: len(got) == n, 60)
+        raw_t.append(max(got.values()) - t0)
+        seen.clear()
+        t0 = time.perf_counter()
+        pub.client.publish(gtopic, frame, qos=1, retain=True)
+        serve(swarm.loop, lambda: len(seen) == n, 60)
+        swarm_t.append(max(seen.values()) - t0)
+        swarm.events.clear()
+    for lk in links:
+        lk.stop()
+    serve(raw_loop, lambda: not any(lk._sock_open for lk in links), 5)
+    raw_loop.close()
     swarm.stopping.set()
     for a in swarm.agents:
         swarm._close(a)
     swarm._drain(5)
     pub.close()
-    return {"devices": n, "frame_bytes": len(frame), "raw_paho_s": round(raw_s, 4), "swarm_s": round(swarm_s, 4),
+    raw_s, swarm_s = float(np.median(raw_t)), float(np.median(swarm_t))
+    return {"devices": n, "frame_bytes": len(frame), "reps": reps, "raw_paho_s_median": round(raw_s, 4), "swarm_s_median": round(swarm_s, 4),
+            "raw_paho_s_all": [round(x, 4) for x in raw_t], "swarm_s_all": [round(x, 4) for x in swarm_t],
             "ratio_swarm_over_raw": round(swarm_s / raw_s, 2), "load_1min": load()}
 
 
