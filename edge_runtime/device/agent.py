@@ -29,14 +29,16 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
+from fleetlearn.edge_runtime.device.bundle_ota import BundleOverTheAir
+from fleetlearn.edge_runtime.device.wiring import link_options, load_signer
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
 from fleetlearn.edge_runtime.core.logs import kv
-from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
+from fleetlearn.edge_runtime.core.mqtt import MqttLink
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.trainer import Trainer
@@ -56,7 +58,7 @@ class Event:
     payload: bytes = b""
 
 
-class DeviceAgent:
+class DeviceAgent(BundleOverTheAir):
     """One device's protocol logic, driven by events. Two hosts drive it: `run()` (this process
     is one device: paho's network thread queues events, the main thread handles them) and the
     swarm (edge_runtime/device/swarm.py: many agents, one epoll loop). A host chooses how the
@@ -97,14 +99,14 @@ class DeviceAgent:
         self._data_mtime: float | None = None
         self.assembly: BundleAssembly | None = None
         self.waiting_global: GlobalModel | None = None  # a global model for a bundle we are fetching
-        self.signer = _load_signer(cfg)
+        self.signer = load_signer(cfg)
         self.status_state = "idle"
         self.status_last: tuple[str, int | None, str] = ("idle", None, "")  # (state, round, detail) last published
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self.link = link_factory(
-            self._link_options(),
+            link_options(cfg),
             on_message=self._on_message,
             on_connect=lambda: self.post(Event("connected")),
             will_provider=self._last_will,
@@ -113,22 +115,6 @@ class DeviceAgent:
             self.link.subscribe(topic, qos=1)
 
     # ------------------------------------------------------------------ setup
-
-    def _link_options(self) -> LinkOptions:
-        c = self.cfg
-        return LinkOptions(
-            url=c.broker,
-            client_id=f"fleetlearn-{c.fleet}-{c.device_id}",
-            username=c.auth.username,
-            password=c.auth.read_password(),
-            ca_file=c.tls.ca_file,
-            cert_file=c.tls.cert_file,
-            key_file=c.tls.key_file,
-            insecure_skip_hostname=c.tls.insecure_skip_hostname,
-            protocol=c.mqtt_protocol,
-            keepalive=c.keepalive,
-            clean_session=False,
-        )
 
     def _last_will(self) -> tuple[str, bytes, int, bool]:
         """The `offline` status the broker publishes for us if we vanish (built per connect)."""
@@ -456,55 +442,3 @@ class DeviceAgent:
         self._status("idle", g.round if g else None)
         if g is not None:
             self._handle_global(g)  # checks the rules (and everything else) once more
-
-    # ------------------------------------------------------------------ bundle over the air
-
-    def _on_bundle_announcement(self, payload: bytes) -> None:
-        if not payload:
-            return
-        if self.signer and not self.signer.verify_announcement(payload):
-            raise ProtocolError("bundle announcement signature does not verify with the aggregator's key")
-        a = BundleAnnouncement.decode(payload)
-        if self.manifest is not None and a.model_hash == self.manifest.model_hash:
-            return
-        if self.assembly and self.assembly.model_hash == a.model_hash:
-            return
-        if self.assembly:
-            self.link.unsubscribe(self.topics.bundle_chunks(self.assembly.model_hash))
-        self.assembly = BundleAssembly(a)
-        self._status("fetching", detail=f"bundle {a.model_hash[:12]}, {a.total_bytes} bytes")
-        self._log(logging.INFO, "bundle_fetch", model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks)
-        self.link.subscribe(self.topics.bundle_chunks(a.model_hash), qos=1)
-
-    def _on_bundle_chunk(self, payload: bytes) -> None:
-        assembly = self.assembly
-        assert assembly is not None
-        if not payload:
-            return
-        assembly.add(payload)
-        if not assembly.complete:
-            return
-        self.link.unsubscribe(self.topics.bundle_chunks(assembly.model_hash))
-        self.assembly = None
-        try:
-            assembly.install(self.cfg.bundle)
-        except BundleError as exc:
-            self._log(logging.ERROR, "bundle_rejected", reason=str(exc))
-            self._status("error", detail=str(exc))
-            return
-        self._log(logging.INFO, "bundle_installed", model_hash=assembly.model_hash[:12])
-        if self._load_bundle() and self.waiting_global is not None:
-            g, self.waiting_global = self.waiting_global, None
-            self._handle_global(g)  # the global model we had to park
-        else:
-            self._status("idle")
-
-
-def _load_signer(cfg: DeviceConfig):
-    """The update signer / global-model verifier, when the config names keys (issue: security)."""
-    if not (cfg.signing.key_file or cfg.signing.aggregator_public_key):
-        log.info("event=signing device=%s signs_updates=no verifies_globals=no reason='no [signing] keys configured'", cfg.device_id)
-        return None
-    from fleetlearn.edge_runtime.core.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
-
-    return DeviceSigner.from_config(cfg.signing, cfg.device_id)
