@@ -7,9 +7,10 @@ Three measurements, all in this run, with the load average beside each:
    round wall time (rounds 2.. : round 1 includes the swarm's start), aggregator CPU seconds per
    round (utime+stime over the run / rounds), peak RSS of swarm and aggregator;
 2. memory per extra device: (peak RSS with N devices - with `--small` devices) / (N - small);
-3. fan-out: one global-model frame published once (QoS 1) to N swarm devices, from the publish
-   to the last device's receipt, against N raw paho clients on the same EpollLoop receiving the
-   same frame from the same broker: the ratio swarm / raw.
+3. fan-out: a global-model frame published (retained, QoS 1) to N swarm devices, from the
+   publish to the last device's receipt, against N raw paho clients on the same EpollLoop design
+   receiving the same frame from the same broker (once with clean sessions, once with
+   persistent sessions as the devices have), alternately, 9 times each: median ratios.
 
 State dirs live on /dev/shm when it exists: on this machine's shared disk a rename or unlink
 costs 2-3 ms under the other jobs' fsyncs, which would make this a file-system benchmark.
@@ -99,7 +100,7 @@ def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: s
     }
 
 
-def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, reps: int = 5) -> dict:
+def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, reps: int = 9) -> dict:
     """Publish a global-model frame (retained, QoS 1) to n raw paho clients on one EpollLoop
     and the same-size frame to n swarm devices (their own EpollLoop), alternately `reps` times
     each; time publish -> last receipt (for a device: its agent is handed the message)."""
@@ -123,17 +124,21 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
                 raise SystemExit("fan-out: timed out")
             loop.run_once(0.01)
 
-    # n raw paho clients on one EpollLoop
-    raw_loop = EpollLoop()
-    got: dict[int, float] = {}
-    raw_topic = "fanout/raw/global"
-    links = []
-    for i in range(n):
-        link = EpollLink(LinkOptions(url=url, client_id=f"raw-{i}", clean_session=True),
-                         on_message=lambda t, p, i=i: got.setdefault(i, time.perf_counter()), loop=raw_loop)
-        link.subscribe(raw_topic, qos=1)
-        links.append(link.start())
-    serve(raw_loop, lambda: all(lk.connected.is_set() for lk in links), 120)
+    # n raw paho clients on one EpollLoop, twice: clean sessions (the plainest subscriber) and
+    # persistent sessions (what the devices use: the broker then keeps per-client session state)
+    groups = []
+    for clean in (True, False):
+        loop = EpollLoop()
+        got: dict[int, float] = {}
+        topic = f"fanout/raw-{'clean' if clean else 'persistent'}/global"
+        links = []
+        for i in range(n):
+            link = EpollLink(LinkOptions(url=url, client_id=f"raw-{clean}-{i}", clean_session=clean),
+                             on_message=lambda t, p, i=i, got=got: got.setdefault(i, time.perf_counter()), loop=loop)
+            link.subscribe(topic, qos=1)
+            links.append(link.start())
+        serve(loop, lambda: all(lk.connected.is_set() for lk in links), 120)
+        groups.append(("clean" if clean else "persistent", loop, links, got, topic))
 
     # n swarm devices (real agents; here only their receipt is timed: events are not handled, so nobody trains)
     fleet = "fanout"
@@ -152,39 +157,42 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
     swarm.events = Recording()
     swarm.start()
     serve(swarm.loop, lambda: all(a.link.connected.is_set() for a in swarm.agents), 120)
-    for loop in (raw_loop, swarm.loop):  # SUBACKs, connect-time statuses
+    for loop in [g[1] for g in groups] + [swarm.loop]:  # SUBACKs, connect-time statuses
         end = time.monotonic() + 2.0
         while time.monotonic() < end:
             loop.run_once(0.01)
     swarm.events.clear()
 
-    raw_t, swarm_t = [], []
+    times: dict[str, list[float]] = {"clean": [], "persistent": [], "swarm": []}
     for rep in range(reps):
         frame = GlobalModel("cd" * 16, rep + 1, m.model_hash, weights).encode()
-        got.clear()
-        t0 = time.perf_counter()
-        pub.client.publish(raw_topic, frame, qos=1, retain=True)
-        serve(raw_loop, lambda: len(got) == n, 60)
-        raw_t.append(max(got.values()) - t0)
+        for name, loop, links, got, topic in groups:
+            got.clear()
+            t0 = time.perf_counter()
+            pub.client.publish(topic, frame, qos=1, retain=True)
+            serve(loop, lambda: len(got) == n, 60)
+            times[name].append(max(got.values()) - t0)
         seen.clear()
         t0 = time.perf_counter()
         pub.client.publish(gtopic, frame, qos=1, retain=True)
         serve(swarm.loop, lambda: len(seen) == n, 60)
-        swarm_t.append(max(seen.values()) - t0)
+        times["swarm"].append(max(seen.values()) - t0)
         swarm.events.clear()
-    for lk in links:
-        lk.stop()
-    serve(raw_loop, lambda: not any(lk._sock_open for lk in links), 5)
-    raw_loop.close()
+    for name, loop, links, got, topic in groups:
+        for lk in links:
+            lk.stop()
+        serve(loop, lambda: not any(lk._sock_open for lk in links), 5)
+        loop.close()
     swarm.stopping.set()
     for a in swarm.agents:
         swarm._close(a)
     swarm._drain(5)
     pub.close()
-    raw_s, swarm_s = float(np.median(raw_t)), float(np.median(swarm_t))
-    return {"devices": n, "frame_bytes": len(frame), "reps": reps, "raw_paho_s_median": round(raw_s, 4), "swarm_s_median": round(swarm_s, 4),
-            "raw_paho_s_all": [round(x, 4) for x in raw_t], "swarm_s_all": [round(x, 4) for x in swarm_t],
-            "ratio_swarm_over_raw": round(swarm_s / raw_s, 2), "load_1min": load()}
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"devices": n, "frame_bytes": len(frame), "reps": reps, "median_s": {k: round(v, 4) for k, v in med.items()},
+            "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+            "ratio_swarm_over_raw_clean": round(med["swarm"] / med["clean"], 2),
+            "ratio_swarm_over_raw_persistent": round(med["swarm"] / med["persistent"], 2), "load_1min": load()}
 
 
 def main() -> int:
@@ -192,6 +200,7 @@ def main() -> int:
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--small", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fanout-only", action="store_true")
     args = p.parse_args()
     from bench_device import export_bundle
 
@@ -206,6 +215,9 @@ def main() -> int:
         broker = big_broker(work)
         try:
             out = {"fanout": fanout(args.devices, work, bundle, data, broker.url, state_root)}
+            if args.fanout_only:
+                print(json.dumps(out, indent=1))
+                return 0
             small = rounds_run(args.small, args.rounds, work, bundle, data, broker.url, state_root)
             big = rounds_run(args.devices, args.rounds, work, bundle, data, broker.url, state_root)
             out["rounds"] = [small, big]
