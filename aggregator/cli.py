@@ -61,13 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--state-dir", type=Path, required=True, help="checkpoints, round log, final model; reuse it to resume")
     rounds.add_argument("--test-data", type=Path, help="NPZ (x, y) or CSV to evaluate each new global model on")
     rounds.add_argument("--round-interval", type=float, default=0.0, help="open rounds at most this often, in seconds, so a person can watch (default 0)")
-    from fleetlearn.aggregator.registry import all_option_classes, strategy_names
+    from fleetlearn.aggregator.options import add_arguments_for
+    from fleetlearn.aggregator.registry import all_option_classes, option_owners, strategy_names
 
-    rounds.add_argument("--strategy", default="fedavg", help=f"one of {', '.join(strategy_names())} (default fedavg; docs/security-robust-dp.md)")
+    rounds.add_argument("--strategy", default="fedavg", help=f"one of {', '.join(strategy_names())} (default fedavg; docs/aggregator.md)")
     robust = parser.add_argument_group("strategy options: each applies to the strategies that declare it (docs/aggregator.md)")
-    seen: set[str] = set()
-    for options in all_option_classes():
-        options.add_arguments(robust, seen)
+    add_arguments_for(robust, all_option_classes(), option_owners())
+    from fleetlearn.aggregator.sampling import SamplingOptions
+
+    SamplingOptions.add_arguments(parser.add_argument_group("client sampling with over-selection (docs/aggregator.md)"), set())
 
     train = parser.add_argument_group("round config sent to devices (default: each device's own)")
     train.add_argument("--local-epochs", type=int)
@@ -106,7 +108,10 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
         ca_file=str(args.ca_file) if args.ca_file else None, cert_file=str(args.cert_file) if args.cert_file else None,
         key_file=str(args.key_file) if args.key_file else None, protocol=args.mqtt_protocol,
     )
+    from fleetlearn.aggregator.sampling import SamplingOptions
+
     given = {name: getattr(args, name) for cls in all_option_classes() for name in cls.flags() if hasattr(args, name)}
+    sampling = SamplingOptions.from_values({name: getattr(args, name) for name in SamplingOptions.flags() if hasattr(args, name)})
     return AggregatorConfig(
         broker=link,
         state_dir=args.state_dir,
@@ -120,6 +125,7 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
             lr_schedule=args.lr_schedule, lr_min_factor=args.lr_min_factor, lr_warmup=args.lr_warmup,
         ),
         strategy=StrategyChoice(args.strategy, given),
+        sampling=sampling,
         signing=SigningConfig(signing_key=args.signing_key, device_keys=args.device_keys, require_signatures=args.require_signatures),
         fleet=args.fleet,
         test_data=args.test_data,

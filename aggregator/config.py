@@ -6,6 +6,7 @@
         rounds=RoundPolicy(rounds=5, min_devices=2, target_devices=3, deadline=30),
         training=TrainingPlan(local_epochs=1, lr=1e-3, lr_schedule="cosine"),   # schedule.py
         strategy=StrategyChoice("median", {"clip_norm": 1.0}),                  # registry.py
+        sampling=SamplingOptions(sample_size=10),                               # sampling.py
         signing=SigningConfig(device_keys=Path("keys")),
     )
 
@@ -25,6 +26,7 @@ from fleetlearn.edge_runtime.core.protocol import Topics
 
 from fleetlearn.aggregator.distribution import DEFAULT_CHUNK_SIZE, check_chunk_size
 from fleetlearn.aggregator.registry import StrategyChoice
+from fleetlearn.aggregator.sampling import SamplingOptions
 from fleetlearn.aggregator.schedule import TrainingPlan
 
 
@@ -86,6 +88,7 @@ class AggregatorConfig:
     rounds: RoundPolicy
     training: TrainingPlan = field(default_factory=TrainingPlan)
     strategy: StrategyChoice = field(default_factory=StrategyChoice)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)  # client sampling (aggregator/sampling.py)
     signing: SigningConfig = field(default_factory=SigningConfig)
     fleet: str = "default"
     test_data: Path | None = None
@@ -97,6 +100,12 @@ class AggregatorConfig:
             self.broker = link_options(self.broker, self.fleet)
 
     @property
+    def round_target(self) -> int:
+        """Accepted updates that close a round: --sample-size with sampling, else --target-devices
+        (with --sample-fraction it varies per round; this is its floor, --min-devices)."""
+        return self.sampling.sample_size if self.sampling.sample_size is not None else self.rounds.target
+
+    @property
     def link(self) -> LinkOptions:
         assert isinstance(self.broker, LinkOptions)
         return self.broker
@@ -106,7 +115,10 @@ class AggregatorConfig:
         self.rounds.validate()
         self.training.validate(self.rounds.rounds)
         check_chunk_size(self.chunk_size)
-        self.strategy.validate(self.rounds.target)
+        self.sampling.validate(self.rounds.min_devices, self.rounds.target_devices)
+        if self.sampling.sample_fraction is not None and self.strategy.options.get("noise_multiplier") is not None:
+            raise UsageError("--dp-noise-multiplier needs a fixed round target for its noise denominator: use --sample-size K, not --sample-fraction")
+        self.strategy.validate(self.round_target)
         try:
             Topics(self.fleet)
         except Exception as exc:

@@ -17,8 +17,8 @@ Round state machine (docs/aggregator.md has the picture):
     open(r) --deadline, < min, no extensions left-------> failed(r)  (exit 3)
 
 Who does what: config.py (options), schedule.py (each round's training config), registry.py
-(the strategy), intake.py (validating updates, group-commit acks), publisher.py (the wire),
-evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
+(the strategy), sampling.py + presence.py (who is invited, among the connected devices),
+intake.py (validating updates, group-commit acks), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
 """
 
 from __future__ import annotations
@@ -32,18 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
 
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.events import EventCallback, Events, log
-from fleetlearn.aggregator.intake import Intake, RoundRun
+from fleetlearn.aggregator.intake import Intake, NormStats, RoundRun
 from fleetlearn.aggregator.logs import kv
+from fleetlearn.aggregator.sampling import Cohort, draw_cohort
 
 EXIT_OK = 0
 EXIT_ROUND_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+# With client sampling, the first round after start, and a round with fewer connected devices than
+# it would invite, wait this long for more (statuses arriving, devices connecting) before drawing.
+SAMPLING_SETTLE_S = 2.0
 
 
 class RoundFailed(Exception):
@@ -70,6 +74,7 @@ class Aggregator:
         self._stop = threading.Event()
         self._stop_code = EXIT_SIGTERM
         self._connects = 0
+        self._cohorts_drawn = 0
         self.link: Any = None
         self.store: Any = None
         self.current: RoundRun | None = None
@@ -131,7 +136,7 @@ class Aggregator:
             self.state_dir, self.store.run_id, self.store.open_round,
             signing_key=s.signing_key, device_keys=s.device_keys, require=s.require_signatures,
         )
-        self.strategy = cfg.strategy.build(cfg.rounds.target)
+        self.strategy = cfg.strategy.build(cfg.round_target)
         try:
             self.strategy.load_state_dict(self.store.server_state)
         except ValueError as exc:
@@ -141,21 +146,25 @@ class Aggregator:
             "aggregator_start", None,
             run_id=self.store.run_id, resumed_after=self.store.round, rounds=cfg.rounds.rounds,
             model=self.manifest.model_name, model_hash=self.manifest.model_hash[:12], params=self.manifest.num_params,
-            fleet=cfg.fleet, broker=cfg.link.url, min_devices=cfg.rounds.min_devices, target_devices=cfg.rounds.target,
-            strategy=self.strategy.name,
+            fleet=cfg.fleet, broker=cfg.link.url, min_devices=cfg.rounds.min_devices, target_devices=cfg.round_target,
+            strategy=self.strategy.name, sampling=cfg.sampling.to_log() if cfg.sampling.enabled else "off",
         )
 
     def _connect(self) -> None:
         from fleetlearn.edge_runtime.core.mqtt import MqttLink
 
+        from fleetlearn.aggregator.presence import Presence
         from fleetlearn.aggregator.publisher import Publisher
 
         cfg = self.config
+        self.presence = Presence(self.topics)
         self.link = MqttLink(cfg.link, on_message=self._on_message, on_connect=self._on_connect)
         self.link.subscribe(self.topics.all_updates, qos=1)
         self.link.subscribe(self.topics.bundle, qos=1)
+        if cfg.sampling.enabled:
+            self.link.subscribe(self.topics.all_status, qos=1)  # who is connected (retained statuses first)
         self.publisher = Publisher(self.link, self.topics, self.signing, self.events)
-        self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.rounds.target)
+        self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.round_target)
         self.link.start()
         deadline = time.monotonic() + cfg.connect_timeout
         while not self.link.wait_connected(0.2):
@@ -194,10 +203,14 @@ class Aggregator:
             elif kind == "message":
                 if topic == self.topics.bundle:
                     self.publisher.on_bundle_announcement(self.plan, payload)
+                elif self.presence.is_status(topic):
+                    self.presence.on_status(topic, payload)
                 elif self.current is not None:
                     self.intake.on_update(self.current, topic, payload)
         except (RoundFailed, _Stopped):
             raise
+        except ProtocolError as exc:  # a malformed status message: one line, nothing changes
+            self.events.log("message_ignored", self.current.round if self.current else None, level=logging.WARNING, topic=topic, reason=exc.reason)
         except Exception as exc:  # a bug must cost one message, not the run
             log.exception("%s", kv(event="handler_failed", round=self.current.round if self.current else "-", topic=topic, error=f"{type(exc).__name__}: {exc}"))
 
@@ -205,7 +218,7 @@ class Aggregator:
         """Handle what is already queued (no waiting), so updates that arrived together are
         made durable together."""
         for _ in range(limit):
-            if self._queue.empty() or len(self.current.accepted) >= self.config.rounds.target:
+            if self._queue.empty() or len(self.current.accepted) >= self.current.target:
                 return
             self._handle_next_event(0.0)
 
@@ -218,7 +231,7 @@ class Aggregator:
         self.publisher.round_state(RoundState(
             run_id=self.store.run_id, round=r, state=state, total_rounds=pol.rounds,
             deadline=run.deadline if run and state == "open" else 0.0,
-            min_devices=pol.min_devices, target_devices=pol.target,
+            min_devices=pol.min_devices, target_devices=run.target if run else self.config.round_target,
             accepted=len(run.accepted) if run and rnd is None else 0, reason=reason,
         ))
 
@@ -229,22 +242,35 @@ class Aggregator:
         w = store.weights
         self.strategy.begin_round(rnd, w)
         now = time.time()
-        run = RoundRun(round=rnd, opened_at=now, deadline=now + pol.deadline, config=cfg.training.round_config(rnd, pol.rounds, self.bundle_lr))
+        run = RoundRun(round=rnd, opened_at=now, deadline=now + pol.deadline, config=cfg.training.round_config(rnd, pol.rounds, self.bundle_lr),
+                       target=cfg.round_target)
         partial = store.load_partial(rnd)
         if partial is not None:
             self.strategy.load_partial_state(partial.strategy)
             run.accepted = dict(partial.accepted)
             run.opened_at = partial.opened_at or now
             run.bytes_in, run.bytes_out, run.rejected, run.extensions = partial.bytes_in, partial.bytes_out, partial.rejected, partial.extensions
+            run.norms = NormStats.from_doc(partial.norms)
+            run.cohort = Cohort.from_doc(partial.cohort) if partial.cohort else None
             self.events.log("round_resumed", rnd, accepted=len(run.accepted), devices=sorted(run.accepted))
+        if cfg.sampling.enabled:
+            if run.cohort is None:
+                run.cohort = self._draw_cohort(run)
+                run.deadline = time.time() + pol.deadline  # the deadline counts from the invitations
+            run.target = run.cohort.target
+            self.strategy.set_sampling_rate(run.cohort.sampling_rate)
+            self.events.log("round_cohort", rnd, invited=len(run.cohort.invited), connected=run.cohort.connected, target=run.target,
+                            sampling_rate=round(run.cohort.sampling_rate, 6))
+        self.intake.target = run.target
         self.current = run
-        g = GlobalModel(store.run_id, rnd, self.manifest.model_hash, w, train=True, total_rounds=pol.rounds, deadline=run.deadline, config=run.config)
+        g = GlobalModel(store.run_id, rnd, self.manifest.model_hash, w, train=True, total_rounds=pol.rounds, deadline=run.deadline, config=run.config,
+                        invite=run.cohort.invitation if run.cohort is not None else None)
         run.bytes_out += self.publisher.global_model(g)
         self._round_state("open")
-        self.events.emit("round_open", rnd, deadline_s=pol.deadline, min_devices=pol.min_devices, target_devices=pol.target,
+        self.events.emit("round_open", rnd, deadline_s=pol.deadline, min_devices=pol.min_devices, target_devices=run.target,
                          config=run.config.to_meta() or "-", deadline=run.deadline, accepted=len(run.accepted))
         while True:
-            if len(run.accepted) >= pol.target:
+            if len(run.accepted) >= run.target:
                 self._close_round(run, "target")
                 return
             now = time.time()
@@ -256,10 +282,42 @@ class Aggregator:
                 continue
             self._handle_next_event(min(run.deadline - now, 0.5))
             self._drain_events()
-            if len(run.accepted) < pol.target:
+            if len(run.accepted) < run.target:
                 self.intake.commit_acks(run)  # else: the round's commit at close makes them durable
             if self._stop.is_set():
                 raise _Stopped()
+
+    def _draw_cohort(self, run: RoundRun) -> Cohort:
+        """Client sampling: wait (handling events, so statuses arrive) until enough devices are
+        connected, then draw round `run`'s cohort among them (aggregator/sampling.py). Updates that
+        arrive meanwhile are not handled (self.current is None): a device re-sends on the global model."""
+        pol, smp = self.config.rounds, self.config.sampling
+        need = smp.need(pol.min_devices)
+        started, give_up = time.monotonic(), time.time() + pol.deadline * (pol.max_extensions + 1)
+        waiting_logged = False
+        while True:
+            n = len(self.presence.connected())
+            # The first draw after start waits the settle time in any case: the retained statuses of
+            # a large fleet arrive over a while after the subscription. Later draws know the fleet.
+            full = self._cohorts_drawn > 0 and smp.sample_size is not None and n >= smp.wanted(smp.sample_size)
+            if full or (n >= need and time.monotonic() - started >= SAMPLING_SETTLE_S):
+                break
+            if time.time() >= give_up:
+                self._fail(run, f"round {run.round} failed: {n} devices are connected and a sample needs {need}, after {pol.deadline * (pol.max_extensions + 1):g}s",
+                           connected=n, need=need)
+            if not waiting_logged and n < need:
+                self.events.log("waiting_for_devices", run.round, connected=n, need=need)
+                waiting_logged = True
+            self._handle_next_event(0.2)
+            for _ in range(10_000):  # the retained statuses arrive as one burst: count them all first
+                if self._queue.empty():
+                    break
+                self._handle_next_event(0.0)
+            if self._stop.is_set():
+                raise _Stopped()
+        self._cohorts_drawn += 1
+        seed = smp.sample_seed if smp.sample_seed is not None else self.store.run_id
+        return draw_cohort(self.presence.connected(), run.round, seed, smp, pol.min_devices)
 
     def _fail(self, run: RoundRun, reason: str, **fields: Any) -> None:
         """Round `run` failed: say so on the wire, in the log and to the callback, then stop."""
@@ -294,7 +352,10 @@ class Aggregator:
         if not np.isfinite(new_w).all():
             # Finite deltas can still overflow float32 when summed; never publish such a model.
             self._fail(run, f"round {run.round} failed: the aggregated model holds NaN/Inf values", accepted=k)
-        record: dict[str, Any] = {"round": run.round, "run_id": self.store.run_id, "devices": sorted(run.accepted), "accepted": k, **self.strategy.round_summary()}
+        record: dict[str, Any] = {"round": run.round, "run_id": self.store.run_id, "devices": sorted(run.accepted), "accepted": k,
+                                  **self.strategy.round_summary(), **run.norms.summary()}
+        if run.cohort is not None:
+            record.update(invited=list(run.cohort.invited), connected=run.cohort.connected)
         acks = self.intake.encode_due_acks(run)  # sent once the commit below has made them durable
         record.update(self.evaluator.evaluate(new_w))
         closed_at = time.time()

@@ -17,9 +17,11 @@ from typing import Any
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol import Ack, RoundConfig, Topics, Update
 
+from fleetlearn.aggregator.clipping import l2_norm
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
 from fleetlearn.aggregator.publisher import Publisher
+from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.aggregator.strategy import Strategy
 from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, validate_update
 
@@ -37,6 +39,41 @@ class RoundRun:
     bytes_out: int = 0
     rejected: int = 0
     extensions: int = 0
+    norms: "NormStats" = field(default_factory=lambda: NormStats())
+    target: int = 0  # accepted updates that close the round
+    cohort: Cohort | None = None  # with client sampling: who was invited (persisted with the round)
+
+
+@dataclass
+class NormStats:
+    """Streaming telemetry of the accepted deltas' L2 norms (raw, before any clipping): two
+    numbers and a sample count, whatever the device count.
+
+        update_norm     = sum_i n_i ||d_i||_2 / sum_i n_i      (sample-weighted mean)
+        update_norm_max = max_i ||d_i||_2
+    """
+
+    weighted_sum: float = 0.0
+    samples: int = 0
+    max: float = 0.0
+
+    def add(self, norm: float, samples: int) -> None:
+        self.weighted_sum += float(samples) * norm
+        self.samples += int(samples)
+        self.max = max(self.max, norm)
+
+    def summary(self) -> dict[str, float]:
+        """The record's fields ({} before the first accepted update)."""
+        return {"update_norm": self.weighted_sum / self.samples, "update_norm_max": self.max} if self.samples else {}
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"weighted_sum": self.weighted_sum, "samples": self.samples, "max": self.max}
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "NormStats":
+        if not doc:
+            return cls()
+        return cls(float(doc["weighted_sum"]), int(doc["samples"]), float(doc["max"]))
 
 
 @dataclass(frozen=True)
@@ -66,6 +103,7 @@ class Intake:
             verdict = validate_update(
                 topic, payload, topics=self.topics, num_params=self.num_params, version=self.store,
                 accepted=run.accepted, previous_accepted=self.store.last_accepted, authenticate=self.signing.authenticate,
+                invited=run.cohort.invitation.invites if run.cohort is not None else None,
             )
         except Rejection as rej:
             self.reject(run, rej)
@@ -83,6 +121,7 @@ class Intake:
             self.reject(run, Rejection(exc.reason, u.device_id, u.round, u.nonce))
             return
         run.accepted[u.device_id] = u.nonce
+        run.norms.add(l2_norm(u.delta), u.samples)
         # Durable before the ack: an aggregator killed after acking loses nothing. The ack is
         # due with the next durable write (commit_acks, or the round's commit at close).
         self.acks_due.append(DueAck(u, len(run.accepted), len(payload)))
@@ -100,6 +139,7 @@ class Intake:
         self.store.save_partial(PartialRound(
             run_id=self.store.run_id, round=run.round, accepted=dict(run.accepted), strategy=self.strategy.partial_state(),
             opened_at=run.opened_at, bytes_in=run.bytes_in, bytes_out=run.bytes_out, rejected=run.rejected, extensions=run.extensions,
+            norms=run.norms.to_doc(), cohort=run.cohort.to_doc() if run.cohort is not None else {},
         ))
 
     def commit_acks(self, run: RoundRun) -> None:
@@ -126,4 +166,4 @@ class Intake:
             u = due.update
             self.publisher.ack(ack)
             self.events.emit("update_accepted", u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, train_s=u.train_s,
-                             accepted=due.accepted, target=self.target, bytes=due.payload_bytes)
+                             accepted=due.accepted, target=self.target, bytes=due.payload_bytes)  # engine sets target per round

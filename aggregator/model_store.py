@@ -86,6 +86,8 @@ class PartialRound:
     bytes_out: int = 0
     rejected: int = 0
     extensions: int = 0
+    norms: dict[str, Any] = field(default_factory=dict)  # intake.NormStats.to_doc(): the round's norm telemetry
+    cohort: dict[str, Any] = field(default_factory=dict)  # sampling.Cohort.to_doc(): the round's invitations ({}: none)
 
 
 def pack_state(state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], bytes]:
@@ -151,6 +153,8 @@ def encode_partial(p: PartialRound) -> bytes:
         "bytes_out": p.bytes_out,
         "rejected": p.rejected,
         "extensions": p.extensions,
+        "norms": p.norms,
+        "cohort": p.cohort,
     }
     return _frame(PARTIAL_MAGIC, header, body)
 
@@ -170,6 +174,8 @@ def decode_partial(raw: bytes) -> PartialRound:
         bytes_out=int(header.get("bytes_out", 0)),
         rejected=int(header.get("rejected", 0)),
         extensions=int(header.get("extensions", 0)),
+        norms=dict(header.get("norms") or {}),
+        cohort=dict(header.get("cohort") or {}),
     )
 
 

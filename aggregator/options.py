@@ -90,6 +90,38 @@ class Options:
             group.add_argument(f.flag, **kwargs)
 
 
+def add_arguments_for(group: Any, classes: Iterable[type[Options]], owners: Mapping[type[Options], str] | None = None) -> None:
+    """Add every flag of `classes` to an argparse group once. A flag several components declare
+    with different defaults (--server-lr: 1 for fedavgm, 0.01 for the adaptive optimizers) shows
+    each default with its owners' names from `owners` (options class -> "fedadam/fedyogi")."""
+    classes = list(classes)
+    defaults: dict[str, list[tuple[Any, str]]] = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            defaults.setdefault(f.metadata["flag"].flag, []).append((f.default, (owners or {}).get(cls, cls.__name__)))
+    seen: set[str] = set()
+    for cls in classes:
+        own = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, f in cls.flags().items():
+            if f.flag in seen:
+                continue
+            seen.add(f.flag)
+            values = defaults[f.flag]
+            if len({repr(d) for d, _ in values}) > 1:
+                by_default: dict[str, list[str]] = {}
+                for d, who in values:
+                    by_default.setdefault(repr(d), []).append(who)
+                shown = " (default " + "; ".join(f"{'/'.join(w)}: {d}" for d, w in by_default.items()) + ")"
+            else:
+                shown = "" if own[name] is None else f" (default {own[name]})"
+            kwargs: dict[str, Any] = {"dest": name, "type": f.type, "default": argparse.SUPPRESS, "help": f.help + shown}
+            if f.metavar:
+                kwargs["metavar"] = f.metavar
+            if f.choices:
+                kwargs["choices"] = list(f.choices)
+            group.add_argument(f.flag, **kwargs)
+
+
 def flag_names(option_classes: Iterable[type[Options]], names: Iterable[str] | None = None) -> list[str]:
     """The flags of these options classes (restricted to the field `names`, when given)."""
     out: list[str] = []

@@ -10,7 +10,8 @@ Aggregation rules and server optimizers are registered below, one line each; the
 `clipped-fedavg` and `dp-fedavg` are aliases that build the composition and insist on its
 options. Which option belongs to which strategy, and which wrappers a rule admits, is decided here;
 bounds are checked once, by each component: single values in its Options dataclass
-(aggregator/options.py), values against the round policy in its constructor (DP's population).
+(aggregator/options.py), values against the round policy where they meet it (DP's noise
+denominator here, client sampling in sampling.py and config.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ STRATEGIES: dict[str, str] = {
     "median": "fleetlearn.aggregator.median:Median",
     "trimmed-mean": "fleetlearn.aggregator.trimmed_mean:TrimmedMean",
     "fedavgm": "fleetlearn.aggregator.fedavgm:FedAvgM",
+    "fedadam": "fleetlearn.aggregator.fedadam:FedAdam",
+    "fedyogi": "fleetlearn.aggregator.fedyogi:FedYogi",
+    "fedadagrad": "fleetlearn.aggregator.fedadagrad:FedAdagrad",
 }
 # name -> (strategy, the wrapper option it needs): the compositions that used to be classes.
 ALIASES: dict[str, tuple[str, str]] = {
@@ -65,6 +69,14 @@ def all_option_classes() -> list[type[Options]]:
         if cls not in out:
             out.append(cls)
     return out
+
+
+def option_owners() -> dict[type[Options], str]:
+    """Options class -> the strategy names that use it ("fedadam"), for --help's defaults."""
+    out: dict[type[Options], list[str]] = {}
+    for name, target in STRATEGIES.items():
+        out.setdefault(_load(target).Options, []).append(name)
+    return {cls: "/".join(names) for cls, names in out.items()}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ rest: the protocol, validation, deadlines, acks, durability, and each round's tr
 (aggregator/schedule.py's TrainingPlan). Per round the engine calls:
 
     strategy.begin_round(r, w)                    # reset the within-round accumulator
+    strategy.set_sampling_rate(q)                 # with client sampling only: invited / connected
     strategy.accumulate(update)                   # once per *accepted* update, in arrival order
     ... partial_state() persisted with the accepted list before those updates are acked ...
     agg = strategy.aggregate()                    # at close (>= 1 accepted): Aggregate(total, denominator)
@@ -109,6 +110,10 @@ class Strategy(ABC):
         """Extra per-round fields for rounds.jsonl (e.g. samples, train_loss)."""
         return {}
 
+    def set_sampling_rate(self, q: float) -> None:
+        """This round's client-sampling rate q = invited / connected (aggregator/sampling.py),
+        told by the engine after begin_round when it samples devices. Only DP accounting uses it."""
+
     # ------------------------------------------------------------ across rounds
 
     def step(self, weights: np.ndarray, agg: Aggregate) -> np.ndarray:
@@ -172,6 +177,9 @@ class Wrapper(Strategy):
 
     def round_summary(self) -> dict[str, Any]:
         return self.inner.round_summary()
+
+    def set_sampling_rate(self, q: float) -> None:
+        self.inner.set_sampling_rate(q)
 
     def step(self, weights: np.ndarray, agg: Aggregate) -> np.ndarray:
         return self.inner.step(weights, agg)

@@ -9,6 +9,8 @@ Order (the first failing check is the reason sent back to the device):
   4. version:   run_id == current run, model_hash == bundle's, round == the open round
                 (earlier: "round r closed", stale; later: "round r not open"); the model
                 store's check_version() says which (aggregator/model_store.py)
+  4b. invitation (client sampling, aggregator/sampling.py): the device was invited to the round
+                ("<device> was not invited to round r")
   5. duplicate: this device already has an accepted update this round:
                 same nonce -> accepted again, counted once (the device lost our ack);
                 other nonce -> rejected "duplicate update for round r"
@@ -82,11 +84,13 @@ def validate_update(
     accepted: Mapping[str, str],
     previous_accepted: Mapping[str, str] = {},
     authenticate: Callable[[str, Update, VersionSource], None] | None = None,
+    invited: Callable[[str], bool] | None = None,
 ) -> Verdict:
     """The update in `payload` if it may count now; raises Rejection(reason) otherwise.
 
     `accepted` maps device -> nonce of this round's accepted updates, `previous_accepted`
-    the same for the round that closed last.
+    the same for the round that closed last. `invited(device)`, when the round samples devices,
+    says whether the device was asked to train.
     """
     try:
         device = topics.device_of(topic, "update")
@@ -117,6 +121,8 @@ def validate_update(
     reason = version.check_version(update.run_id, update.model_hash, update.round)
     if reason is not None:
         raise Rejection(reason, device, update.round, update.nonce)
+    if invited is not None and not invited(device):
+        raise Rejection(f"{device} was not invited to round {update.round}", device, update.round, update.nonce)
     prior = accepted.get(device)
     if prior is not None:
         if prior == update.nonce:

@@ -11,10 +11,12 @@ HERE = Path(__file__).resolve().parent
 
 for script, args in [
     ("bench_device.py", []),
+    ("bench_engines.py", []),
     ("bench_round.py", ["--broker", "mosquitto"]),
     ("bench_round.py", ["--broker", "amqtt"]),
     ("bench_ingest.py", []),
     ("bench_swarm.py", []),
+    ("bench_emulated.py", []),  # needs root and qemu-user-static; says why when it cannot run
 ]:
     print(f"== {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(HERE / script), *args], check=True)

@@ -37,6 +37,7 @@ class BundleRequest:
     preprocessing: dict[str, list[float]]
     force: bool
     seed: int | None
+    portable: bool = True  # also write the portable engine's plain-ONNX step/eval graphs
 
 
 def make_request(
@@ -55,6 +56,7 @@ def make_request(
     task: str | None = None,
     force: bool = False,
     seed: int | None = None,
+    portable: bool = True,
 ) -> BundleRequest:
     """Validate build_bundle's arguments without touching torch. Raises UsageError (one line)."""
     if not isinstance(model_name, str) or not _NAME.match(model_name):
@@ -79,6 +81,7 @@ def make_request(
         preprocessing=validate_preprocessing(preprocessing, shape),
         force=force,
         seed=seed,
+        portable=bool(portable),
     )
 
 
@@ -118,6 +121,7 @@ def build_bundle(
     task: str | None = None,
     force: bool = False,
     seed: int | None = None,
+    portable: bool = True,
 ) -> Manifest:
     """Export `model` to an on-device training bundle in `out_dir`; return its verified manifest.
 
@@ -127,7 +131,9 @@ def build_bundle(
     `task` is implied by the loss and may be omitted. `seed` is recorded in the manifest as the seed
     that produced the model's initial weights: pass the one you gave `resolve_model(..., seed=...)`
     (None records null). The export itself is deterministic: the same weights give byte-identical
-    files. `model` and the caller's torch RNG state are not modified.
+    files. `model` and the caller's torch RNG state are not modified. `portable` (default) also
+    writes the plain-ONNX step and eval graphs of the portable engine (docs/bundle.md); without it
+    the bundle trains with onnxruntime-training only.
 
     The bundle is built beside `out_dir` and renamed into place only when complete and verified,
     so a failure leaves nothing behind. An existing `out_dir` is refused unless `force`, and even
@@ -139,7 +145,7 @@ def build_bundle(
     request = make_request(
         out_dir, model_name=model_name, input_shape=input_shape, loss=loss, optimizer=optimizer, lr=lr,
         weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum, preprocessing=preprocessing,
-        task=task, force=force, seed=seed,
+        task=task, force=force, seed=seed, portable=portable,
     )  # fmt: skip
     return build_from_request(model, request)
 
@@ -171,6 +177,14 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
         onnx.save(exported.inference_graph, stage / MODEL_FILE)
         slots = probe_layout(stage, exported.trainable)
         smoke_train(stage, exported.input_shape, labels, spec.label_dtype, exported.output_shape, request.optimizer.lr)
+        files = [*ARTIFACT_FILES, MODEL_FILE]
+        portable = None
+        if request.portable:
+            from fleetlearn.export.portable_files import write_portable
+
+            with torch.random.fork_rng(devices=[]):
+                portable = write_portable(model, stage, slots, exported, spec, labels, request.optimizer)
+            files += portable.pop("_files")
         facts = ManifestFacts(
             model_name=request.model_name,
             task=request.task,
@@ -189,6 +203,7 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
             ir_version=exported.ir_version,
             opset=exported.opset,
             seed=request.seed,
+            portable=portable,
             versions={
                 "onnxruntime": ort_api.ORT_VERSION,
                 "torch": torch.__version__.split("+")[0],
@@ -197,7 +212,7 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
             },
         )
         created_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-        doc = build_manifest(facts, stage, [*ARTIFACT_FILES, MODEL_FILE], created_at)
+        doc = build_manifest(facts, stage, files, created_at)
         write_manifest(stage, doc)
         load_bundle(stage)  # the reader devices use must accept what we wrote
     return load_bundle(request.out_dir)

@@ -41,6 +41,7 @@ class ManifestFacts:
     ir_version: int
     opset: int
     seed: int | None
+    portable: dict[str, Any] | None = None  # the portable engine's section, or None (ORT training only)
     versions: dict[str, str] = field(default_factory=dict)  # onnxruntime, torch, onnx, fleetlearn
 
 
@@ -82,6 +83,8 @@ def build_manifest(facts: ManifestFacts, bundle_dir: Path, file_names: Sequence[
         "onnx_version": facts.versions.get("onnx", ""),
         "exporter": {"fleetlearn_version": facts.versions.get("fleetlearn", "")},
         "seed": facts.seed,
+        "engines": ["ort-training", "portable"] if facts.portable else ["ort-training"],
+        **({"portable": facts.portable} if facts.portable else {}),
         "created_at": created_at,
         "files": {
             name: {"sha256": file_sha256(bundle_dir / name), "size": (bundle_dir / name).stat().st_size}

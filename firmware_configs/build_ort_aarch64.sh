@@ -1,9 +1,14 @@
 #!/bin/sh
 # build_ort_aarch64.sh - build an onnxruntime-training 1.19.2 wheel for 64-bit ARM Linux.
 #
-# WHY: PyPI publishes onnxruntime-training 1.19.2 wheels for x86_64 Linux only. A Raspberry Pi,
-# a Jetson or any other aarch64 board needs a wheel built from source, once per OS/Python
-# combination; install.sh then takes it with --ort-wheel FILE.
+# YOU PROBABLY DO NOT NEED THIS. Raspberry Pi, Jetson and other aarch64 profiles train with the
+# portable engine on plain onnxruntime, whose aarch64 wheels are on PyPI and in every aarch64
+# image. This recipe is only for the "ort-training" engine on ARM (--set training.engine=ort-training);
+# flash copies it into an image only then.
+#
+# WHY: PyPI publishes onnxruntime-training 1.19.2 wheels for x86_64 Linux only. The ort-training
+# engine on an aarch64 board needs a wheel built from source, once per OS/Python combination;
+# install.sh then takes it with --ort-wheel FILE.
 #
 # STATUS: NOT TESTED ON HARDWARE OR IN AN ARM CONTAINER. The steps follow onnxruntime's build
 # documentation and its tools/ci_build/build.py and setup.py; nobody has run this script to the

@@ -73,13 +73,16 @@ def run(args: argparse.Namespace) -> int:
     )
     render.checked_config(spec)  # the device's own validator, before any file exists
 
-    if profile.onnxruntime.status == "unsupported":
-        print(f"fleetlearn flash: warning: profile {profile.name} is unsupported as shipped: {profile.onnxruntime.detail}", file=sys.stderr)
+    if profile.ort_training.status == "unsupported":
+        print(f"fleetlearn flash: warning: profile {profile.name} is unsupported as shipped: {profile.ort_training.detail}", file=sys.stderr)
     result = image.build_image(spec, out, image.WheelOptions(project_wheel, deps=not args.no_deps_wheels, wheelhouse=args.wheelhouse))
 
     print(f"wrote {result.path} for device {device_id} (profile {profile.name}, {profile.arch}, {len(result.files)} files)")
-    if not result.ort_in_image and not profile.ort_from_pypi:
-        print(f"note: onnxruntime-training is not on PyPI for {profile.arch}: build it with build_ort_aarch64.sh and run install.sh --ort-wheel FILE")
+    runtime = "plain onnxruntime" if result.engine == "portable" else "onnxruntime-training 1.19.2"
+    print(f"engine: {result.engine} ({runtime}; device.toml says engine = \"{spec.engine}\")")
+    print(f"verified: {profile.verified}; hardware_tested: {str(profile.hardware_tested).lower()}" + (f" ({profile.evidence})" if profile.evidence else ""))
+    if result.engine == "ort-training" and not result.ort_in_image and not profile.ort_from_pypi:
+        print(f"note: onnxruntime-training is not on PyPI for {profile.arch}: build it with build_ort_aarch64.sh (untested) and run install.sh --ort-wheel FILE, or flash with --set training.engine=portable")
     if result.signing_public_key is not None:
         print("new signing key: register the public key signing.pub from the image with the aggregator")
     return 0

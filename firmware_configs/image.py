@@ -2,10 +2,12 @@
 
 Layout:
     install.sh  README.md  device.toml  fleetlearn-device.service  image.json  SHA256SUMS
+    requirements.txt  what install.sh installs beside the fleetlearn wheel, resolved at flash
+                      time for the device's architecture and engine (not by pip's markers there)
     wheels/     fleetlearn wheel + dependency wheels for the device's platform
     bundle/     the export bundle (verified before and after the copy)
     secrets/    this device's credentials only (0600, directory 0700)
-    build_ort_aarch64.sh  (boards where onnxruntime-training is not on PyPI)
+    build_ort_aarch64.sh  (engine ort-training where onnxruntime-training is not on PyPI; UNTESTED recipe)
     signing.pub           (when a fresh signing key was made: for the operator to register)
 
 Everything is built in a temporary directory beside the target and renamed into place at the
@@ -49,6 +51,7 @@ class ImageResult:
     path: Path
     files: list[str]  # relative paths in the image, sorted
     ort_in_image: bool
+    engine: str  # the engine the image's wheels install: "portable" or "ort-training"
     signing_public_key: bytes | None
 
 
@@ -156,23 +159,28 @@ def build_image(spec: ImageSpec, out: Path, options: WheelOptions) -> ImageResul
                 raise FlashError("fleetlearn is not running from a source tree, so it cannot build its wheel: pass --wheel FILE")
             project_wheel = wheels.build_project_wheel(src_root, wheels_dir)
         signing = spec.secrets.has(SIGNING_KEY) or spec.secrets.has(AGGREGATOR_PUB)
-        # Signature checks need `cryptography` on the device; the edge extra does not list it.
+        # Signature checks need `cryptography` on the device; the edge extras do not list it.
         extra = ["cryptography>=42"] if signing else []
+        # Chosen for the device's architecture and engine here, on the operator's machine:
+        # install.sh installs exactly this list, so nothing depends on pip's markers on the device.
+        requirements = wheels.dependency_requirements(project_wheel, spec.profile, spec.engine, extra)
+        engine = wheels.installed_engine(spec.engine, requirements)
         downloaded: list[str] = []
         if options.deps:
-            requirements = wheels.dependency_requirements(project_wheel, spec.profile, extra)
             with tempfile.TemporaryDirectory(dir=staging) as dl:
                 for whl in wheels.download_dependencies(requirements, spec.profile, Path(dl), options.wheelhouse):
                     shutil.copyfile(whl, wheels_dir / whl.name)
                     downloaded.append(whl.name)
         ort_in_image = any(wheels.is_ort(name) for name in downloaded)
+        needs_ort_wheel = engine == "ort-training" and not spec.profile.ort_from_pypi
 
         # 2. Bundle, secrets, rendered files.
         _copy_bundle(spec.bundle_dir, root / "bundle")
         for name, data in sorted(spec.secrets.files.items()):
             _write(root / "secrets" / name, data, 0o600)
-        extra_files = ["image.json"]
-        if not spec.profile.ort_from_pypi:
+        extra_files = ["image.json", "requirements.txt"]
+        _write(root / "requirements.txt", "".join(f"{r}\n" for r in requirements))
+        if needs_ort_wheel:
             shutil.copyfile(ORT_RECIPE, root / ORT_RECIPE.name)
             extra_files.append(ORT_RECIPE.name)
         if spec.secrets.signing_public_key is not None:
@@ -182,16 +190,14 @@ def build_image(spec: ImageSpec, out: Path, options: WheelOptions) -> ImageResul
         _write(root / SERVICE_NAME, render.systemd_unit(spec))
         _write(
             root / "install.sh",
-            render.install_script(
-                spec, fleetlearn_wheel=project_wheel.name, ort_in_image=ort_in_image, deps_in_image=options.deps, extra_requirements=extra
-            ),
+            render.install_script(spec, fleetlearn_wheel=project_wheel.name, engine=engine, needs_ort_wheel=needs_ort_wheel, deps_in_image=options.deps),
             0o755,
         )
         _write(
             root / "README.md",
-            render.readme(spec, fleetlearn_wheel=project_wheel.name, ort_in_image=ort_in_image, deps_in_image=options.deps, extra_files=extra_files),
+            render.readme(spec, fleetlearn_wheel=project_wheel.name, engine=engine, needs_ort_wheel=needs_ort_wheel, deps_in_image=options.deps, extra_files=extra_files),
         )
-        _write(root / "image.json", json.dumps(_image_info(spec, project_wheel.name, downloaded, ort_in_image, options), indent=1, sort_keys=True) + "\n")
+        _write(root / "image.json", json.dumps(_image_info(spec, project_wheel.name, requirements, downloaded, engine, ort_in_image, options), indent=1, sort_keys=True) + "\n")
 
         # 3. Checksums over everything else, then fixed metadata, then into place.
         files = _normalise(root)
@@ -204,14 +210,22 @@ def build_image(spec: ImageSpec, out: Path, options: WheelOptions) -> ImageResul
             if out.exists():  # appeared while we were building
                 raise FlashError(f"--out {out}: already exists; remove it or choose another path")
             os.rename(root, out)
-        return ImageResult(out, files, ort_in_image, spec.secrets.signing_public_key)
+        return ImageResult(out, files, ort_in_image, engine, spec.secrets.signing_public_key)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _image_info(spec: ImageSpec, project_wheel: str, downloaded: list[str], ort_in_image: bool, options: WheelOptions) -> dict:
+def _image_info(spec: ImageSpec, project_wheel: str, requirements: list[str], downloaded: list[str], engine: str, ort_in_image: bool, options: WheelOptions) -> dict:
     """What the image was made from. No timestamps and nothing secret: the file must be reproducible."""
     p = spec.profile
+    if engine == "portable":
+        ort_note = "not used: the portable engine runs on plain onnxruntime"
+    elif ort_in_image:
+        ort_note = ""
+    elif p.ort_from_pypi:
+        ort_note = "not in the image: install.sh installs it from PyPI"
+    else:
+        ort_note = "not in the image and not on PyPI for this board: build it with build_ort_aarch64.sh (UNTESTED) and pass --ort-wheel"
     return {
         "format": IMAGE_FORMAT,
         "format_version": IMAGE_FORMAT_VERSION,
@@ -223,15 +237,14 @@ def _image_info(spec: ImageSpec, project_wheel: str, downloaded: list[str], ort_
         "python": p.python,
         "glibc": p.glibc,
         "prefix": spec.prefix,
+        "engine": {"configured": spec.engine, "installed": engine},
         "fleetlearn_wheel": project_wheel,
+        "requirements": requirements,
         "dependency_wheels": sorted(downloaded),
         "dependency_wheels_included": options.deps,
-        "onnxruntime_training": {
-            "status": p.onnxruntime.status,
-            "in_image": ort_in_image,
-            "note": "" if ort_in_image else f"not in the image: {'install.sh installs it from PyPI' if p.ort_from_pypi else 'build it with build_ort_aarch64.sh and pass --ort-wheel'}",
-        },
+        "onnxruntime_training": {"status": p.ort_training.status, "in_image": ort_in_image, "note": ort_note},
         "bundle": {"model_name": spec.manifest.model_name, "model_hash": spec.manifest.model_hash},
         "secrets": sorted(spec.secrets.files),
         "hardware_tested": p.hardware_tested,
+        "verified": {"how": p.verified, "evidence": p.evidence},
     }

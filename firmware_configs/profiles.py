@@ -18,15 +18,27 @@ from fleetlearn.edge_runtime.core.names import check_name
 
 from fleetlearn.edge_runtime.core.files import read_toml
 from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.edge_runtime.device.config import ENGINE_CHOICES
 from fleetlearn.firmware_configs.errors import FlashError, ProfileError
 from fleetlearn.firmware_configs.schema import from_table
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ARCHES = ("x86_64", "aarch64")
+# The device's training engine ([training] engine in device.toml; the device config owns the list):
+# "portable" runs the bundle's step graph on plain onnxruntime (wheels for x86_64 and aarch64 on
+# PyPI); "ort-training" uses onnxruntime-training 1.19.2's training API (x86_64 wheels only);
+# "auto" uses onnxruntime-training where it is installed and the portable engine otherwise.
+ENGINES = ENGINE_CHOICES
+# onnxruntime-training 1.19.2 on the board, for the ort-training engine only:
 # pypi: `pip install onnxruntime-training==1.19.2` works on the device's platform.
-# build-from-source: no wheel on PyPI; build one with build_ort_aarch64.sh and pass it to install.sh.
+# build-from-source: no wheel on PyPI; build_ort_aarch64.sh is an UNTESTED recipe for one.
 # unsupported: not expected to work without changing the OS first (see the profile's detail).
 ORT_STATUSES = ("pypi", "build-from-source", "unsupported")
+# How far a profile was proven. untested: reasoned from the board's specs only; emulated: its
+# image installed and trained in an emulated root of the board's OS and architecture (qemu-user
+# in CI: right instruction set and userland, not the board's speed, memory or kernel); hardware:
+# on such a machine for real (then hardware_tested = true as well).
+VERIFICATIONS = ("untested", "emulated", "hardware")
 # The oldest manylinux glibc for each architecture (manylinux2014 = glibc 2.17 on both).
 _MIN_GLIBC_MINOR = {"x86_64": 5, "aarch64": 17}
 _SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$")
@@ -39,6 +51,7 @@ class TrainingDefaults:
     batch_size: int
     local_epochs: int
     max_steps: int | None = None  # caps a round's local steps on slow boards
+    engine: str = "auto"  # one of ENGINES; written into device.toml's [training] table
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,11 @@ class SystemdLimits:
 
 
 @dataclass(frozen=True)
-class OrtSupport:
+class OrtTraining:
+    """onnxruntime-training on this board: only what the ort-training engine needs."""
+
     status: str  # one of ORT_STATUSES
     detail: str  # the honest one-paragraph story, shown in the image README
-    cuda: str | None = None  # whether/how a CUDA build is possible (Jetson); informational
 
 
 @dataclass(frozen=True)
@@ -72,14 +86,17 @@ class Profile:
     glibc: str  # the oldest glibc the image's wheels may need ("2.36" -> manylinux_2_36 and older)
     training: TrainingDefaults
     systemd: SystemdLimits
-    onnxruntime: OrtSupport
+    ort_training: OrtTraining
     python: str = "3.11"  # the image's wheels are built for this CPython
     hardware_tested: bool = False  # true only once someone ran the agent on this board
+    verified: str = "untested"  # one of VERIFICATIONS: how far this profile was proven
+    evidence: str = ""  # what ran, where, and which test shows it (required unless untested)
+    gpu: str = ""  # whether and how a GPU can help on this board, and what of that was tested
     notes: str = ""
 
     @property
     def ort_from_pypi(self) -> bool:
-        return self.onnxruntime.status == "pypi"
+        return self.ort_training.status == "pypi"
 
     def platform_tags(self) -> list[str]:
         """pip `--platform` tags for this board, newest first: pip does not widen manylinux_2_NN
@@ -131,11 +148,19 @@ def check_profile(p: Profile, where: str = "profile") -> Profile:
         raise bad("glibc", f"must look like \"2.28\" and be at least 2.{_MIN_GLIBC_MINOR.get(p.arch, 17)} on {p.arch}")
     if not re.fullmatch(r"3\.\d+", p.python):
         raise bad("python", f"must look like \"3.11\", got {p.python!r}")
-    if p.onnxruntime.status not in ORT_STATUSES:
-        raise bad("onnxruntime.status", f"must be one of {', '.join(ORT_STATUSES)}, got {p.onnxruntime.status!r}")
-    if p.onnxruntime.status == "pypi" and p.arch != "x86_64":
+    if p.training.engine not in ENGINES:
+        raise bad("training.engine", f"must be one of {', '.join(ENGINES)}, got {p.training.engine!r}")
+    if p.ort_training.status not in ORT_STATUSES:
+        raise bad("ort_training.status", f"must be one of {', '.join(ORT_STATUSES)}, got {p.ort_training.status!r}")
+    if p.ort_training.status == "pypi" and p.arch != "x86_64":
         # A fact about PyPI, not a preference: onnxruntime-training 1.19.2 has Linux wheels for x86_64 only.
-        raise bad("onnxruntime.status", "cannot be \"pypi\" off x86_64: onnxruntime-training 1.19.2 has no such wheel on PyPI")
+        raise bad("ort_training.status", "cannot be \"pypi\" off x86_64: onnxruntime-training 1.19.2 has no such wheel on PyPI")
+    if p.verified not in VERIFICATIONS:
+        raise bad("verified", f"must be one of {', '.join(VERIFICATIONS)}, got {p.verified!r}")
+    if p.verified != "untested" and not p.evidence.strip():
+        raise bad("evidence", f"must say what ran where (which test) when verified = {p.verified!r}")
+    if (p.verified == "hardware") != p.hardware_tested:
+        raise bad("verified", f"is {p.verified!r} but hardware_tested is {str(p.hardware_tested).lower()}: \"hardware\" and hardware_tested = true go together")
     check_limits(p.systemd, p.cores, p.memory_budget_mb, where)
     return p
 

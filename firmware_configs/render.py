@@ -50,6 +50,7 @@ def device_config_doc(spec: ImageSpec) -> dict[str, Any]:
         "batch_size": p.training.batch_size,
         "local_epochs": p.training.local_epochs,
         "seed": _default(TrainingConfig, "seed"),
+        "engine": p.training.engine,
     }
     if p.training.max_steps is not None:
         training["max_steps"] = p.training.max_steps
@@ -135,7 +136,7 @@ def systemd_unit(spec: ImageSpec) -> str:
     )
 
 
-def install_script(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool, deps_in_image: bool, extra_requirements: list[str]) -> str:
+def install_script(spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_wheel: bool, deps_in_image: bool) -> str:
     return fill(
         "install.sh",
         {
@@ -144,30 +145,42 @@ def install_script(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool
             "arch": spec.profile.arch,
             "python": spec.profile.python,
             "prefix": spec.prefix,
-            "ort_status": spec.profile.onnxruntime.status,
-            "ort_in_image": "1" if ort_in_image else "0",
+            "engine": engine,
+            "needs_ort_wheel": "1" if needs_ort_wheel else "0",
             "deps_in_image": "1" if deps_in_image else "0",
             "fleetlearn_wheel": fleetlearn_wheel,
-            "extra_requirements": " ".join(extra_requirements),
         },
     )
 
 
-def readme(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool, deps_in_image: bool, extra_files: list[str]) -> str:
+ENGINE_SUMMARY = {
+    "portable": "portable: the bundle's training-step graph on plain onnxruntime (no onnxruntime-training, no torch)",
+    "ort-training": "ort-training: onnxruntime-training 1.19.2's on-device training API",
+}
+VERIFIED_SUMMARY = {
+    "untested": "**no**: reasoned from the board's specs; nobody has run this profile",
+    "emulated": "**emulated only**, not on the board",
+    "hardware": "yes",
+}
+
+
+def readme(spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_wheel: bool, deps_in_image: bool, extra_files: list[str]) -> str:
     p = spec.profile
     _, cfg = checked_config(spec)
-    if ort_in_image:
-        ort_summary = "1.19.2, included in `wheels/`"
-    elif p.onnxruntime.status == "pypi":
-        ort_summary = "1.19.2, installed from PyPI by install.sh (this image was flashed without dependency wheels)"
+    if engine == "portable":
+        runtime = "plain onnxruntime, included in `wheels/`" if deps_in_image else "plain onnxruntime, installed from PyPI by install.sh"
+    elif needs_ort_wheel:
+        runtime = f"onnxruntime-training 1.19.2, **not on PyPI for {p.arch}**: build it with `build_ort_aarch64.sh` (UNTESTED), then `./install.sh --ort-wheel FILE`"
+    elif deps_in_image:
+        runtime = "onnxruntime-training 1.19.2, included in `wheels/`"
     else:
-        ort_summary = f"**not on PyPI for {p.arch}**: build it with `build_ort_aarch64.sh`, then `./install.sh --ort-wheel FILE`"
-    if deps_in_image and not ort_in_image:
+        runtime = "onnxruntime-training 1.19.2, installed from PyPI by install.sh (this image was flashed without dependency wheels)"
+    if deps_in_image and needs_ort_wheel:
         wheels_note = ", and every dependency except onnxruntime-training, so the install needs no network once you have that wheel."
     elif deps_in_image:
-        wheels_note = ", and every dependency for Python " + p.python + " on " + p.arch + ": the install needs no network."
+        wheels_note = ", and every dependency for Python " + p.python + " on " + p.arch + " (`requirements.txt`): the install needs no network."
     else:
-        wheels_note = ". Its dependencies are not included: install.sh downloads them from the package index."
+        wheels_note = ". Its dependencies (`requirements.txt`) are not included: install.sh downloads them from the package index."
     secrets = sorted(spec.secrets.files)
     secrets_note = (
         "this device's own credentials only (" + ", ".join(f"`{n}`" for n in secrets) + "), mode 0600. Keep them secret."
@@ -175,10 +188,12 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool, deps_i
         else "none (flashed without --credentials: the broker must allow anonymous devices)."
     )
     extra = "".join(f"- `{name}`: {why}\n" for name, why in _extra_file_notes(spec, extra_files))
-    status = p.onnxruntime.status
-    detail = f"**onnxruntime-training on this board ({status})**: {p.onnxruntime.detail}"
-    if p.onnxruntime.cuda:
-        detail += f"\n\nCUDA: {p.onnxruntime.cuda}"
+    tested = VERIFIED_SUMMARY[p.verified]  # check_profile ties "hardware" to hardware_tested
+    detail = f"**How this profile was proven ({p.verified})**: {p.evidence or 'not at all yet: the numbers come from the board specs.'}"
+    if engine == "ort-training" or p.ort_training.status != "pypi":
+        detail += f"\n\n**onnxruntime-training on this board ({p.ort_training.status})**: {p.ort_training.detail}"
+    if p.gpu:
+        detail += f"\n\nGPU: {p.gpu}"
     if p.notes:
         detail += f"\n\nNote: {p.notes}"
     return fill(
@@ -193,8 +208,9 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool, deps_i
             "os": p.os,
             "python": p.python,
             "prefix": spec.prefix,
-            "ort_summary": ort_summary,
-            "hardware_tested": "yes" if p.hardware_tested else "**no**: this profile has not been run on the real board",
+            "engine_summary": ENGINE_SUMMARY[engine] + (f" (device.toml says `engine = \"{spec.engine}\"`)" if spec.engine != engine else ""),
+            "runtime_summary": runtime,
+            "hardware_tested": tested,
             "ort_detail": detail,
             "fleetlearn_wheel": fleetlearn_wheel,
             "wheels_note": wheels_note,
@@ -203,7 +219,7 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool, deps_i
             "secrets_note": secrets_note,
             "extra_files": extra,
             "data": cfg.data,
-            "install_args": "" if ort_in_image or status == "pypi" else " --ort-wheel onnxruntime_training-1.19.2+cpu-cp311-cp311-linux_aarch64.whl",
+            "install_args": " --ort-wheel onnxruntime_training-1.19.2+cpu-cp311-cp311-linux_aarch64.whl" if needs_ort_wheel else "",
             "state_dir": cfg.state_dir,
         },
     )
@@ -211,7 +227,8 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, ort_in_image: bool, deps_i
 
 def _extra_file_notes(spec: ImageSpec, names: list[str]) -> list[tuple[str, str]]:
     notes = {
-        "build_ort_aarch64.sh": "builds the onnxruntime-training 1.19.2 wheel this board needs (read its header first).",
+        "build_ort_aarch64.sh": "an UNTESTED recipe for the onnxruntime-training 1.19.2 wheel the ort-training engine needs here (read its header first).",
+        "requirements.txt": "exactly what install.sh installs beside the agent, chosen at flash time for this board's architecture and engine.",
         "signing.pub": "this device's new public signing key: the operator registers it with the aggregator.",
         "image.json": "what this image was made from (profile, versions, wheels), for the operator.",
     }

@@ -49,5 +49,11 @@ class ImageSpec:
     def bundle_parent(self) -> str:
         return f"{self.prefix}/bundle"
 
+    @property
+    def engine(self) -> str:
+        """The device's training engine: the profile's, unless `--set training.engine=` says otherwise.
+        It decides which wheels the image carries (wheels.dependency_requirements)."""
+        return str((self.config_overrides.get("training") or {}).get("engine", self.profile.training.engine))
+
     def secret_path(self, name: str) -> str:
         return f"{self.prefix}/secrets/{name}"

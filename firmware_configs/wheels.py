@@ -19,6 +19,9 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+# packaging comes with `build` (server extra), which flash needs anyway to build the agent's wheel.
+from packaging.requirements import Requirement
+
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.profiles import Profile
 
@@ -28,6 +31,7 @@ ORT_REQUIREMENT = "onnxruntime-training==1.19.2"
 # onnxruntime-training 1.19.2's own Requires-Dist (read from its x86_64 wheel's METADATA). On
 # aarch64 its wheel comes from a local build, but these can still be carried for an offline install.
 ORT_TRAINING_REQUIRES = ("cerberus", "flatbuffers", "h5py", "numpy>=1.16.6", "onnx", "packaging", "protobuf", "sympy", "setuptools>=61.0.0")
+EDGE, EDGE_PORTABLE = "edge", "edge-portable"
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.egg-info", "build", "dist", ".*")
 
 
@@ -89,34 +93,106 @@ def check_project_wheel(path: Path) -> Path:
     return path
 
 
-def edge_requirements(wheel: Path) -> list[str]:
-    """The `edge` extra's requirements, read from the wheel's METADATA (the one source of truth)."""
+def _metadata(wheel: Path) -> str:
     with zipfile.ZipFile(wheel) as zf:
         name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
-        metadata = zf.read(name).decode("utf-8")
+        return zf.read(name).decode("utf-8")
+
+
+def extra_requirements(wheel: Path, extra: str) -> list[Requirement]:
+    """The requirements of one extra, read from the wheel's METADATA (the one source of truth).
+    Their other markers (platform_machine, ...) are kept: dependency_requirements evaluates them
+    for the device's platform (target_environment), not for this machine."""
     reqs = []
-    for line in metadata.splitlines():
+    for line in _metadata(wheel).splitlines():
         if not line.startswith("Requires-Dist:"):
             continue
-        req, _, marker = line.split(":", 1)[1].partition(";")
-        if re.search(r"""extra\s*==\s*["']edge["']""", marker):
-            reqs.append(req.strip().replace(" ", ""))
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.marker is not None and re.search(rf"""\bextra\s*==\s*["']{re.escape(extra)}["']""", str(req.marker)):
+            reqs.append(req)
+    return reqs
+
+
+def edge_requirements(wheel: Path) -> list[str]:
+    """The `edge` extra's requirements as written (checked for every --wheel given to flash)."""
+    reqs = extra_requirements(wheel, EDGE)
     if not reqs:
         raise FlashError(f"{wheel.name}: its METADATA lists no requirements for the `edge` extra")
-    return reqs
+    return [str(r) for r in reqs]
+
+
+def target_environment(profile: Profile) -> dict[str, str]:
+    """PEP 508 marker variables of the device, not of this machine: flash runs on an x86_64
+    laptop and writes images for aarch64 boards, and pip evaluates markers for the machine it
+    runs on, even under `pip download --platform`."""
+    return {
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "platform_machine": profile.arch,
+        "platform_system": "Linux",
+        "sys_platform": "linux",
+        "os_name": "posix",
+        "python_version": profile.python,
+        "python_full_version": f"{profile.python}.0",
+        "implementation_version": f"{profile.python}.0",
+    }
 
 
 def is_ort(requirement: str) -> bool:
     return re.match(r"onnxruntime[-_]training\b", requirement) is not None
 
 
-def dependency_requirements(wheel: Path, profile: Profile, extra: list[str]) -> list[str]:
-    """What to download for the device. Off x86_64 onnxruntime-training is not on PyPI: carry its
-    dependencies instead, so the locally built ORT wheel is the only thing the device still needs."""
-    reqs = edge_requirements(wheel)
-    if not profile.ort_from_pypi:
-        reqs = [r for r in reqs if not is_ort(r)] + list(ORT_TRAINING_REQUIRES)
-    return reqs + extra
+def is_plain_ort(requirement: str) -> bool:
+    return re.match(r"onnxruntime(?![-_.\w])", requirement) is not None
+
+
+def engine_extra(engine: str) -> str:
+    """The extra that installs an engine: `edge-portable` (plain onnxruntime anywhere) for the
+    portable engine; `edge` otherwise (onnxruntime-training on x86_64, plain onnxruntime elsewhere)."""
+    return EDGE_PORTABLE if engine == "portable" else EDGE
+
+
+def dependency_requirements(wheel: Path, profile: Profile, engine: str, extra: list[str]) -> list[str]:
+    """The device's requirements for `engine`, with markers evaluated for the profile's platform.
+
+    engine "portable": the wheel's `edge-portable` extra (plain onnxruntime; never onnxruntime-training).
+    engine "auto": the `edge` extra as the device would resolve it (onnxruntime-training on x86_64).
+    engine "ort-training": onnxruntime-training. Off x86_64 it is not on PyPI: carry its
+    dependencies instead, so a wheel from the UNTESTED build_ort_aarch64.sh recipe is the only
+    thing the device still needs (install.sh --ort-wheel)."""
+    name = engine_extra(engine)
+    listed = extra_requirements(wheel, name)
+    if not listed:
+        if engine == "portable":
+            raise FlashError(
+                f"{wheel.name} has no portable engine (its METADATA lists no `{EDGE_PORTABLE}` extra): "
+                "use a newer fleetlearn wheel, or --set training.engine=ort-training on x86_64"
+            )
+        raise FlashError(f"{wheel.name}: its METADATA lists no requirements for the `{name}` extra")
+    env = target_environment(profile)
+    reqs = [r for r in listed if r.marker is None or r.marker.evaluate({**env, "extra": name})]
+    out = [_without_marker(r) for r in reqs]
+    if engine == "ort-training":
+        out = [r for r in out if not is_plain_ort(r)]
+        if not any(is_ort(r) for r in out):
+            out.append(ORT_REQUIREMENT)
+        if not profile.ort_from_pypi:
+            out = [r for r in out if not is_ort(r)] + list(ORT_TRAINING_REQUIRES)
+    elif engine == "portable" and any(is_ort(r) for r in out):  # a packaging bug, not user input
+        raise FlashError(f"{wheel.name}: its `{EDGE_PORTABLE}` extra lists onnxruntime-training; the portable engine must not need it")
+    return out + extra
+
+
+def installed_engine(engine: str, requirements: list[str]) -> str:
+    """The engine the device will run: the configured one, or for "auto" the one its requirement
+    set installs (onnxruntime-training means ort-training)."""
+    if engine != "auto":
+        return engine
+    return "ort-training" if any(is_ort(r) for r in requirements) else "portable"
+
+
+def _without_marker(req: Requirement) -> str:
+    return f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}{req.specifier}"
 
 
 def download_dependencies(requirements: list[str], profile: Profile, dest: Path, wheelhouse: Path | None) -> list[Path]:

@@ -13,8 +13,8 @@ A *run* is one (strategy, partition, seed): one aggregator, N devices, its own s
                  rounds x local_epochs epochs with the same optimizer and schedule
                  (local_fleet.central_baseline), mean and interval over the same seeds.
 
-The round log is read in one place, `read_metric_series`, through fleetlearn.report_log's
-tolerant reader (to become the protocol's typed reader of rounds.jsonl: one line to change).
+The round log is read in one place, `read_metric_series`, through the one reader of
+rounds.jsonl (aggregator/round_log.py: RoundMetrics records of the latest run).
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def read_metric_series(state_dir: Path, metric: str) -> list[tuple[int, float]]:
     """(round, value of `metric`) for each round of the latest run in STATE_DIR/rounds.jsonl,
     in round order; rounds that did not report the metric are left out. The only place the
     experiment reads a round log."""
-    from fleetlearn.report_log import read_round_log
+    from fleetlearn.aggregator.round_log import ROUND_LOG, read_round_log
 
     out = []
-    for r in read_round_log(state_dir / "rounds.jsonl").rounds:
+    for r in read_round_log(state_dir / ROUND_LOG).rounds:
         value = r.test_value if r.test_metric == metric else r.extra.get(metric)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out.append((r.round, float(value)))

@@ -106,7 +106,7 @@ def test_fedavg_state_dict_round_trip_is_bit_identical(store):
 def test_unknown_strategy_is_a_usage_error():
     with pytest.raises(UsageError, match="fedavg") as exc:
         make_strategy("krum")
-    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"
+    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg"
     assert type(make_strategy("fedavg")) is FedAvg
 
 
@@ -301,3 +301,23 @@ def test_one_call_logs_and_notifies_every_listener(caplog):
         ("update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}), ("second:update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}),
         ("round_closed", {"round": 3, "devices": ["a"]}), ("second:round_closed", {"round": 3, "devices": ["a"]}),
     ]
+
+
+def test_update_norm_telemetry_streams_and_survives_the_partial_round():
+    """update_norm = sum n_i ||d_i|| / sum n_i and update_norm_max, from two numbers and a count,
+    persisted with the open round and restored bit for bit."""
+    from fleetlearn.aggregator.intake import NormStats
+
+    rng = np.random.default_rng(9)
+    deltas = [rng.normal(0, s, 500) for s in (0.01, 1.0, 0.3)]
+    ns = [3, 1, 7]
+    stats = NormStats()
+    assert stats.summary() == {}
+    for d, n in zip(deltas, ns):
+        stats.add(float(np.sqrt(np.sum(d.astype(np.float64) ** 2))), n)
+    norms = [np.linalg.norm(d) for d in deltas]
+    want = sum(n * x for n, x in zip(ns, norms)) / sum(ns)
+    assert stats.summary()["update_norm"] == pytest.approx(want, rel=1e-12) and stats.summary()["update_norm_max"] == pytest.approx(max(norms), rel=1e-12)
+    raw = encode_partial(PartialRound("a" * 32, 1, {"d": "1" * 32}, {}, norms=stats.to_doc()))
+    assert NormStats.from_doc(decode_partial(raw).norms) == stats
+    assert NormStats.from_doc({}) == NormStats()

@@ -43,7 +43,9 @@ def _update(g: GlobalModel, device: str, delta: np.ndarray, samples: int = 10) -
 def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosquitto, boston_bundle, boston_shards, tmp_path):
     _, test_npz = boston_shards
     state = tmp_path / "state"
-    dp = ["--clip-norm", "0.5", "--dp-noise-multiplier", "1.0", "--dp-population", "30", "--dp-delta", "1e-6"]
+    # No client sampling: every device is asked every round, so the accountant uses q = 1 (the
+    # sampled case, q = invited/connected, is tests/test_sampling.py's).
+    dp = ["--clip-norm", "0.5", "--dp-noise-multiplier", "1.0", "--dp-delta", "1e-6"]
     agg = Agg(tmp_path, mosquitto.url, boston_bundle, state, "--rounds", "3", "--min-devices", "3", "--target-devices", "3", "--deadline", "30", "--test-data", str(test_npz), *dp)
     obs = Peer(mosquitto.url, [T.global_model, T.metrics])
     devices = {f"dev-{i}": Peer(mosquitto.url, [T.ack(f"dev-{i}")]) for i in range(3)}
@@ -62,13 +64,13 @@ def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosqui
         for p in [obs, *devices.values()]:
             p.close()
     records = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
-    want = [dp_epsilon(1.0, 3 / 30, r, 1e-6) for r in (1, 2, 3)]
+    want = [dp_epsilon(1.0, 1.0, r, 1e-6) for r in (1, 2, 3)]
     assert [r["epsilon"] for r in records] == pytest.approx(want, rel=1e-12)
     assert want[0] < want[1] < want[2]
     assert [m["epsilon"] for m in metrics] == pytest.approx(want, rel=1e-12) and all(m["delta"] == 1e-6 for m in metrics)
     for r in records:
         assert r["strategy"] == "dp-fedavg" and r["delta"] == 1e-6 and r["noise_multiplier"] == 1.0 and r["clip_norm"] == 0.5
-        assert r["dp_sampling_rate"] == pytest.approx(0.1) and r["clipped"] == 3 and np.isfinite(r["test_mse"])
+        assert r["dp_sampling_rate"] == 1.0 and r["clipped"] == 3 and np.isfinite(r["test_mse"])
     assert "event=round_closed round=3" in agg.text()
 
 

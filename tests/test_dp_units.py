@@ -14,11 +14,11 @@ from hypothesis.extra import numpy as hnp
 
 from fleetlearn.aggregator.clipping import clip_delta
 from fleetlearn.aggregator.clipping import Clipping, ClippingOptions
-from fleetlearn.aggregator.dp_fedavg import DPNoise, DPOptions, dp_epsilon, gaussian_noise, noisy_mean_delta
+from fleetlearn.aggregator.dp_fedavg import DPNoise, DPOptions, dp_epsilon, dp_epsilon_rates, gaussian_noise, noisy_mean_delta
 from fleetlearn.aggregator.fedavg import FedAvg
 from fleetlearn.aggregator.median import Median
 from fleetlearn.aggregator.registry import make_strategy
-from fleetlearn.aggregator.model_store import PartialRound, decode_partial, encode_partial
+from fleetlearn.aggregator.model_store import PartialRound, decode_partial, decode_server_state, encode_partial, encode_server_state
 from fleetlearn.edge_runtime.core.protocol import Update
 
 # TensorFlow Privacy's compute_dp_sgd_privacy (tensorflow_privacy/privacy/analysis/
@@ -67,10 +67,10 @@ def test_epsilon_behaves():
         dp_epsilon(1.0, 1.5, 1, 1e-5)
 
 
-def DPFedAvg(clip_norm, noise_multiplier, expected_participants, population=None, dp_delta=1e-5, accountant="rdp"):
+def DPFedAvg(clip_norm, noise_multiplier, expected_participants, dp_delta=1e-5, accountant="rdp"):
     """--strategy fedavg --clip-norm C --dp-noise-multiplier S [...] with --target-devices m."""
     return make_strategy("fedavg", target_devices=expected_participants, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                         population=population, delta=dp_delta, accountant=accountant)
+                         delta=dp_delta, accountant=accountant)
 
 
 def _update(delta, samples=10, device="d"):
@@ -129,8 +129,10 @@ def test_restart_mid_round_reproduces_the_noise_and_the_result():
     P = 500
     w = rng.normal(size=P).astype(np.float32)
     ups = [_update(rng.normal(0, 1, P), device=f"d{i}") for i in range(5)]
-    a = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5, population=50)
+    a = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5)
+    a.load_state_dict({"dp_sampling_rates": np.array([0.1, 0.1])})  # rounds 1-2 sampled 5 of 50 connected devices
     a.begin_round(3, w)
+    a.set_sampling_rate(0.1)  # ... and so does round 3
     for u in ups[:2]:
         a.accumulate(u)
     raw = encode_partial(PartialRound(run_id="a" * 32, round=3, accepted={}, strategy=a.partial_state()))
@@ -138,8 +140,10 @@ def test_restart_mid_round_reproduces_the_noise_and_the_result():
         a.accumulate(u)
     want = a.step(w, a.aggregate())
 
-    b = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5, population=50)
+    b = DPFedAvg(clip_norm=2.0, noise_multiplier=0.8, expected_participants=5)
+    b.load_state_dict(decode_server_state(encode_server_state("a" * 32, 2, {"dp_sampling_rates": np.array([0.1, 0.1])}))[2])
     b.begin_round(3, w)  # draws a new seed ...
+    b.set_sampling_rate(0.1)  # the engine re-tells the round's rate from its persisted cohort
     b.load_partial_state(decode_partial(raw).strategy)  # ... which the persisted one replaces
     for u in ups[2:]:
         b.accumulate(u)
@@ -151,7 +155,7 @@ def test_restart_mid_round_reproduces_the_noise_and_the_result():
 def test_bad_construction():
     from fleetlearn.edge_runtime.core.errors import UsageError
 
-    for kw in (dict(clip_norm=0), dict(noise_multiplier=-1), dict(population=1, expected_participants=2), dict(dp_delta=1), dict(accountant="moments")):
+    for kw in (dict(clip_norm=0), dict(noise_multiplier=-1), dict(dp_delta=1), dict(accountant="moments")):
         args = dict(clip_norm=1.0, noise_multiplier=1.0, expected_participants=1) | kw
         with pytest.raises(UsageError):
             DPFedAvg(**args)
@@ -162,3 +166,46 @@ def test_bad_construction():
             DPNoise(inner, DPOptions(noise_multiplier=1.0), expected_participants=m)
     with pytest.raises(ValueError):
         noisy_mean_delta(np.zeros(2), np.zeros(2), 0)
+
+
+def test_epsilon_composes_the_real_per_round_sampling_rates():
+    """Rounds with different q (client sampling: invited / connected) compose as their events do;
+    checked against dp-accounting composing each round's event one by one."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    rates = [0.1, 0.25, 0.1, 1.0, 0.25]
+    acc = rdp.RdpAccountant()
+    for q in rates:
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.2)))
+    want = acc.get_epsilon(1e-5)
+    assert dp_epsilon_rates(1.2, rates, 1e-5) == pytest.approx(want, rel=1e-9)
+    assert dp_epsilon(1.2, 0.1, 5, 1e-5) < dp_epsilon_rates(1.2, rates, 1e-5) < dp_epsilon(1.2, 1.0, 5, 1e-5)
+    with pytest.raises(ValueError):
+        dp_epsilon_rates(1.2, [0.5, 0.0], 1e-5)
+
+
+def test_the_rates_of_released_rounds_are_cross_round_state():
+    s = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_participants=2)
+    w = np.zeros(4, np.float32)
+    assert s.state_dict() == {}
+    for rnd, q in ((1, 0.5), (2, 1.0), (3, 0.4)):
+        s.begin_round(rnd, w)
+        if q != 1.0:
+            s.set_sampling_rate(q)  # without sampling the engine never calls it: q = 1
+        s.accumulate(_update(np.ones(4)))
+        s.step(w, s.aggregate())
+        s.step(w, s.aggregate())  # idempotent within a round
+    assert s.state_dict()["dp_sampling_rates"].tolist() == [0.5, 1.0, 0.4]
+    assert s.round_summary()["epsilon"] == s.epsilon(3) == dp_epsilon_rates(1.0, [0.5, 1.0, 0.4], 1e-5)
+    assert s.round_summary()["dp_sampling_rate"] == 0.4
+    # A state dir without recorded rates counts the missing rounds as q = 1 (the worst case).
+    t = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_participants=2)
+    t.load_state_dict({})
+    t.begin_round(3, w)
+    t.set_sampling_rate(0.4)
+    assert t.epsilon() == dp_epsilon_rates(1.0, [1.0, 1.0, 0.4], 1e-5)
+    with pytest.raises(ValueError):
+        t.set_sampling_rate(0.0)
+    with pytest.raises(ValueError):
+        t.load_state_dict({"dp_sampling_rates": np.array([1.5])})

@@ -404,9 +404,12 @@ def test_cli_writes_a_complete_verified_bundle(tmp_path):
     assert "boston-mlp" in r.stdout and "1657" in r.stdout
     manifest = load_bundle(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "model.onnx", "manifest.json"]
+        ["training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "model.onnx", "manifest.json",
+         "step_model.onnx", "portable_eval_model.onnx", "initial_state.f32"]
     )
     raw = manifest.raw
+    assert raw["engines"] == ["ort-training", "portable"]
+    assert raw["portable"]["onnx"] == {"ir_version": 10, "opset": 18} and raw["portable"]["optimizer_state"] == ["adam_m", "adam_v", "adam_step"]
     assert manifest.model_name == "boston-mlp" and manifest.task == "regression" and manifest.loss == "mse"
     assert raw["inputs"] == [{"name": "input", "shape": ["batch", 13], "dtype": "float32"}]
     assert raw["outputs"] == [{"name": "output", "shape": ["batch", 1], "dtype": "float32"}]

@@ -1,9 +1,10 @@
 """FedAvgM (server momentum): the update rule against hand-computed steps, its cross-round state
-through the model store's real commit, and a real aggregator SIGKILLed mid-run that ends with
-the bit-identical weights of an uninterrupted run given the same arrivals."""
+through the model store's real commit; and a real aggregator SIGKILLed mid-run that ends with
+the bit-identical weights of an uninterrupted run given the same arrivals, for fedavgm and fedadam."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from fleetlearn.aggregator.fedavg import FedAvg
 from fleetlearn.aggregator.fedavgm import FedAvgM, FedAvgMOptions, momentum_step
-from fleetlearn.aggregator.model_store import ModelStore, StateError
+from fleetlearn.aggregator.model_store import ModelStore, StateError, decode_server_state
 from fleetlearn.aggregator.registry import make_strategy
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Topics, Update
@@ -171,22 +172,31 @@ class _Fleet:
             r.close()
 
 
-def _args() -> list[str]:
+# strategy -> its flags, and numpy's step (w, state, Delta) -> (w', state) to check the result independently.
+SERVER_OPTS = {
+    "fedavgm": (["--server-lr", "0.8", "--server-momentum", "0.9"], lambda w, st, d: (w + 0.8 * (v := 0.9 * st.get("velocity", 0.0) + d), {"velocity": v})),
+    "fedadam": (["--server-lr", "0.01", "--beta1", "0.9", "--beta2", "0.99", "--tau", "0.001"],
+                lambda w, st, d: (w + 0.01 * (m := 0.9 * st.get("m", 0.0) + 0.1 * d) / (np.sqrt(v := 0.99 * st.get("v", 1e-6) + 0.01 * d * d) + 1e-3), {"m": m, "v": v})),
+}
+
+
+def _args(strategy: str) -> list[str]:
     return ["--rounds", str(ROUNDS), "--min-devices", "2", "--target-devices", "2", "--deadline", "60",
-            "--strategy", "fedavgm", "--server-lr", "0.8", "--server-momentum", "0.9"]
+            "--strategy", strategy, *SERVER_OPTS[strategy][0]]
 
 
 def _weights(state: Path, rnd: int) -> np.ndarray:
     return np.fromfile(state / "global" / f"round_{rnd:04d}.f32", dtype="<f4")
 
 
-def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(mosquitto, boston_bundle, tmp_path):
+@pytest.mark.parametrize("strategy", sorted(SERVER_OPTS))
+def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(strategy, mosquitto, boston_bundle, tmp_path):
     n = load_bundle(boston_bundle).num_params
     runs = {}
     for name in ("whole", "killed"):
         state = tmp_path / name
         fleet = _Fleet(mosquitto.url)
-        agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, *_args(), bundle=boston_bundle, name=f"{name}-1")
+        agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, *_args(strategy), bundle=boston_bundle, name=f"{name}-1")
         try:
             for rnd in range(1, ROUNDS + 1):
                 g = fleet.global_model(rnd)
@@ -195,7 +205,7 @@ def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(mosq
                     # Rounds 1-2 committed (with their momentum), dev-a's round-3 update acked: kill -9.
                     agg.kill9()
                     assert (state / "partial_round.bin").exists() and (state / "global" / "server_0002.bin").exists()
-                    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, *_args(), bundle=boston_bundle, name=f"{name}-2")
+                    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, *_args(strategy), bundle=boston_bundle, name=f"{name}-2")
                     wait_text(agg.text, "event=round_open round=3", 60, "aggregator log")
                     ack = fleet.send("dev-a", g)  # the device re-sends when the round is re-announced: counted once
                     assert "counted once" in ack.reason
@@ -211,12 +221,19 @@ def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(mosq
     (sw, fw, _), (sk, fk, text) = runs["whole"], runs["killed"]
     assert "event=round_resumed round=3" in text and "resumed_after=2" in text
     assert _weights(sk, ROUNDS).tobytes() == _weights(sw, ROUNDS).tobytes() == fw.weights.tobytes() == fk.weights.tobytes()
-    # ... and it is server momentum, not FedAvg: numpy's FedAvgM over the same arrivals.
-    w, v = _weights(sw, 0).astype(np.float64), np.zeros(n)
+    # ... and it is the server optimizer, not FedAvg: numpy's rule over the same arrivals.
+    w, st = _weights(sw, 0).astype(np.float64), {}
     for rnd in range(1, ROUNDS + 1):
         delta = sum(SAMPLES[d] * _delta(d, rnd, n).astype(np.float64) for d in SAMPLES) / sum(SAMPLES.values())
-        v = 0.9 * v + delta
-        w = w.astype(np.float32).astype(np.float64) + 0.8 * v
+        w, st = SERVER_OPTS[strategy][1](w.astype(np.float32).astype(np.float64), st, delta)
     np.testing.assert_allclose(_weights(sw, ROUNDS), w.astype(np.float32), rtol=1e-5, atol=1e-6)
+    # Telemetry: the sample-weighted mean and the max of the raw delta norms, also for round 3,
+    # whose first update was counted before the kill (the norms persist with the open round).
+    for rec in (json.loads(line) for line in (sk / "rounds.jsonl").read_text().splitlines()):
+        norms = {d: float(np.linalg.norm(_delta(d, rec["round"], n).astype(np.float64))) for d in SAMPLES}
+        assert rec["update_norm"] == pytest.approx(sum(SAMPLES[d] * norms[d] for d in SAMPLES) / sum(SAMPLES.values()), rel=1e-12)
+        assert rec["update_norm_max"] == pytest.approx(max(norms.values()), rel=1e-12)
+    saved = decode_server_state((sk / "global" / f"server_{ROUNDS:04d}.bin").read_bytes())[2]
+    assert sorted(saved) == sorted(st) and all(np.allclose(saved[k], st[k], rtol=1e-4, atol=1e-9) for k in st)
     plain = _weights(sw, 0).astype(np.float64) + sum(sum(SAMPLES[d] * _delta(d, r, n).astype(np.float64) for d in SAMPLES) / 26 for r in range(1, ROUNDS + 1))
     assert np.abs(_weights(sw, ROUNDS) - plain).max() > 1e-3

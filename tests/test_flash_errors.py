@@ -142,3 +142,27 @@ def test_unsafe_prefix(boston_bundle, outdir):
     out = outdir / "img"
     assert_refused(flash(*base_args(boston_bundle, out), "--prefix", "/opt/fleet learn"), out, [], "--prefix")
     assert_refused(flash(*base_args(boston_bundle, out), "--prefix", "relative/dir"), out, [], "--prefix")
+
+
+@pytest.mark.parametrize(
+    "old, new, needle",
+    [
+        ('verified = "emulated"', 'verified = "simulated"', "key 'verified' must be one of untested, emulated, hardware"),
+        ('verified = "emulated"', 'verified = "hardware"', "\"hardware\" and hardware_tested = true go together"),
+        ('engine = "portable"', 'engine = "gpu"', "key 'training.engine' must be one of auto, ort-training, portable"),
+        ('evidence = "', 'evidence = "" # ', "key 'evidence' must say what ran where"),
+    ],
+)
+def test_profile_claims_are_checked(boston_bundle, outdir, tmp_path, old, new, needle):
+    """A profile cannot claim more than its evidence: `verified` is one of three words, "hardware"
+    needs hardware_tested, and any claim needs an evidence string."""
+    from fleetlearn.firmware_configs.profiles import PROFILES_DIR
+
+    text = (PROFILES_DIR / "raspberry-pi-4.toml").read_text()
+    assert old in text
+    path = tmp_path / "raspberry-pi-4.toml"
+    path.write_text(text.replace(old, new, 1))
+    out = outdir / "img"
+    args = base_args(boston_bundle, out)
+    args[args.index("--profile") + 1] = str(path)
+    assert_refused(flash(*args), out, [], needle)

@@ -48,7 +48,8 @@ def test_flash_install_and_train_one_round(tmp_path, mosquitto, boston_bundle, b
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env(),
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    assert "not installing the systemd unit (--no-systemd)" in install.stdout
+    assert "skipped the systemd unit (--no-systemd)" in install.stdout
+    assert "installed the agent with the ort-training engine (onnxruntime 1.19.2)" in install.stdout
 
     venv_py = prefix / "venv" / "bin" / "python"
     no_torch = subprocess.run([str(venv_py), "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path, env=clean_env())

@@ -26,11 +26,19 @@ def test_builtin_profiles_cover_the_boards():
         assert p.python == "3.11"
         assert 1 <= p.training.threads <= p.cores
         # PyPI has onnxruntime-training 1.19.2 for x86_64 Linux only: aarch64 profiles must say so.
-        assert (p.onnxruntime.status == "pypi") == (p.arch == "x86_64"), name
+        assert (p.ort_training.status == "pypi") == (p.arch == "x86_64"), name
         if p.arch == "aarch64":
-            assert "build_ort_aarch64.sh" in p.onnxruntime.detail or p.onnxruntime.status == "unsupported"
+            # ...and so they train with the portable engine (plain onnxruntime has aarch64 wheels).
+            assert p.training.engine == "portable", name
+            assert "NEVER been run" in p.ort_training.detail or p.ort_training.status == "unsupported", name
             assert not p.hardware_tested, f"{name}: nobody ran it on the board"
-    assert load_profile("jetson-nano").onnxruntime.status == "unsupported"
+            assert p.verified in ("untested", "emulated"), name
+        if p.verified != "untested":
+            assert "tests/test_" in p.evidence, f"{name}: evidence must name the test that shows it"
+    assert load_profile("jetson-nano").ort_training.status == "unsupported"
+    assert load_profile("raspberry-pi-4").verified == "emulated"
+    assert load_profile("jetson-orin-nano").verified == "untested"  # Ubuntu 22.04 was not emulated
+    assert load_profile("generic-x86_64").training.engine == "ort-training"
 
 
 @pytest.mark.parametrize("profile", known_profiles())
@@ -45,9 +53,21 @@ def test_every_profile_renders_a_loadable_config(boston_bundle, tmp_path, profil
     assert cfg.training.threads == p.training.threads and cfg.training.batch_size == p.training.batch_size
     unit = (out / "fleetlearn-device.service").read_text()
     assert f"MemoryMax={p.systemd.memory_max}\n" in unit
-    assert (out / "build_ort_aarch64.sh").exists() == (p.arch == "aarch64")
+    # The untested ORT recipe ships only where an image would need it (ort-training off x86_64).
+    assert not (out / "build_ort_aarch64.sh").exists()
+    assert cfg.training.engine == p.training.engine
     info = json.loads((out / "image.json").read_text())
-    assert info["arch"] == p.arch and info["onnxruntime_training"]["status"] == p.onnxruntime.status
+    assert info["arch"] == p.arch and info["onnxruntime_training"]["status"] == p.ort_training.status
+    assert info["engine"]["installed"] == ("ort-training" if p.arch == "x86_64" else "portable")
+    assert info["verified"] == {"how": p.verified, "evidence": p.evidence}
+    requirements = (out / "requirements.txt").read_text().split()
+    if p.arch == "aarch64":
+        assert any(r.startswith("onnxruntime>") or r.startswith("onnxruntime=") for r in requirements), requirements
+        assert not any(r.startswith("onnxruntime-training") for r in requirements), requirements
+    else:
+        assert "onnxruntime-training==1.19.2" in requirements, requirements
+    readme = (out / "README.md").read_text()
+    assert f"How this profile was proven ({p.verified})" in readme
 
 
 def test_unit_file(boston_bundle, tmp_path):
@@ -128,7 +148,7 @@ def test_only_this_devices_credentials(boston_bundle, tmp_path, credentials):  #
     assert cfg.signing.key_file == "/opt/fleetlearn/secrets/signing.key"
     assert cfg.signing.aggregator_public_key == "/opt/fleetlearn/secrets/aggregator-signing.pub"
     # Signatures need `cryptography` on the device, which the edge extra does not list.
-    assert "EXTRA_REQUIREMENTS='cryptography>=42'" in (out / "install.sh").read_text()
+    assert "cryptography>=42" in (out / "requirements.txt").read_text().split()
 
 
 def test_tarball_holds_the_same_files_with_root_ownership(boston_bundle, tmp_path, credentials):  # noqa: F811
@@ -195,26 +215,64 @@ def test_sha256sums_cover_every_file(boston_bundle, tmp_path):
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
 
 
-def test_aarch64_image_carries_deps_but_not_ort(boston_bundle, tmp_path):
-    """Downloads aarch64 wheels from the package index (about 40 MB): numpy, paho-mqtt and
-    onnxruntime-training's own dependencies, but no onnxruntime-training (not on PyPI)."""
+def test_aarch64_image_carries_plain_onnxruntime_for_aarch64(boston_bundle, tmp_path):
+    """Downloads aarch64 wheels from the package index (about 40 MB): plain onnxruntime, numpy
+    and paho-mqtt for the board, chosen by the profile's architecture on this x86_64 machine."""
     out = tmp_path / "pi"
     args = [a for a in base_args(boston_bundle, out, profile="raspberry-pi-4") if a != "--no-deps-wheels"]
     proc = flash_ok(*args)
-    assert "build_ort_aarch64.sh" in proc.stdout
+    assert "engine: portable" in proc.stdout and "verified: emulated" in proc.stdout, proc.stdout
+    assert "build_ort_aarch64.sh" not in proc.stdout
     wheels = sorted(p.name for p in (out / "wheels").iterdir())
-    assert not [w for w in wheels if w.startswith("onnxruntime")]
-    for name in ("numpy-", "paho_mqtt-", "h5py-", "onnx-", "protobuf-"):
+    for name in ("numpy-", "paho_mqtt-", "onnxruntime-"):
         assert any(w.startswith(name) for w in wheels), (name, wheels)
+    assert not [w for w in wheels if w.startswith(("onnxruntime_training", "torch", "onnx-", "h5py", "sympy"))], wheels
     assert all("x86_64" not in w for w in wheels)
-    assert any("aarch64" in w for w in wheels)
+    assert any(w.startswith("onnxruntime-") and w.endswith("_aarch64.whl") for w in wheels), wheels
     info = json.loads((out / "image.json").read_text())
-    assert info["onnxruntime_training"]["in_image"] is False
+    assert info["onnxruntime_training"]["in_image"] is False and info["engine"]["installed"] == "portable"
     readme = (out / "README.md").read_text()
-    assert "not on PyPI for aarch64" in readme and "--ort-wheel" in readme and "not been run on the real board" in readme
+    assert "plain onnxruntime, included in `wheels/`" in readme and "emulated only" in readme and "--ort-wheel" not in readme
     script = (out / "install.sh").read_text()
-    assert "ORT_IN_IMAGE=0" in script and "DEPS_IN_IMAGE=1" in script
-    assert tomllib.loads((out / "device.toml").read_text())["training"]["threads"] == 3
+    assert "ENGINE='portable'" in script and "NEEDS_ORT_WHEEL=0" in script and "DEPS_IN_IMAGE=1" in script
+    doc = tomllib.loads((out / "device.toml").read_text())
+    assert doc["training"]["threads"] == 3 and doc["training"]["engine"] == "portable"
+
+
+def test_ort_training_on_aarch64_is_the_untested_recipe(boston_bundle, tmp_path):
+    """Asking for onnxruntime-training on a Pi: the image says it needs a locally built wheel,
+    carries the (untested) recipe, and its install.sh refuses to go on without --ort-wheel."""
+    out = tmp_path / "pi"
+    proc = flash_ok(*base_args(boston_bundle, out, profile="raspberry-pi-4"), "--set", "training.engine=ort-training")
+    assert "engine: ort-training" in proc.stdout and "build_ort_aarch64.sh (untested)" in proc.stdout
+    assert (out / "build_ort_aarch64.sh").is_file()
+    requirements = (out / "requirements.txt").read_text().split()
+    assert not any(r.startswith("onnxruntime") for r in requirements), requirements
+    assert "NEEDS_ORT_WHEEL=1" in (out / "install.sh").read_text()
+    assert "UNTESTED" in (out / "README.md").read_text()
+
+
+def test_markers_are_evaluated_for_the_board_not_this_machine(boston_bundle, tmp_path):
+    """engine "auto" installs the `edge` extra, whose markers pick onnxruntime-training on x86_64
+    and plain onnxruntime elsewhere. This machine is x86_64; the Pi's image must get the latter."""
+    out = tmp_path / "pi"
+    proc = flash_ok(*base_args(boston_bundle, out, profile="raspberry-pi-4"), "--set", "training.engine=auto")
+    assert "engine: portable" in proc.stdout and 'device.toml says engine = "auto"' in proc.stdout, proc.stdout
+    requirements = (out / "requirements.txt").read_text().split()
+    assert any(r.startswith("onnxruntime==") for r in requirements), requirements
+    assert not any(r.startswith("onnxruntime-training") for r in requirements), requirements
+    out86 = tmp_path / "x86"
+    flash_ok(*base_args(boston_bundle, out86), "--set", "training.engine=auto")
+    assert "onnxruntime-training==1.19.2" in (out86 / "requirements.txt").read_text().split()
+
+
+def test_x86_64_portable_engine_drops_onnxruntime_training(boston_bundle, tmp_path):
+    out = tmp_path / "x86"
+    proc = flash_ok(*base_args(boston_bundle, out), "--set", "training.engine=portable")
+    assert "engine: portable" in proc.stdout
+    requirements = (out / "requirements.txt").read_text().split()
+    assert not any(r.startswith("onnxruntime-training") for r in requirements)
+    assert any(r.startswith("onnxruntime") for r in requirements), requirements
 
 
 def test_install_sh_refuses_another_architecture(boston_bundle, tmp_path):

@@ -124,7 +124,8 @@ def test_update_header_peek_keeps_what_is_readable():
 
 def full_metrics() -> RoundMetrics:
     return RoundMetrics(
-        round=4, run_id=RUN, devices=("dev-0", "dev-1"), devices_truncated=False, accepted=2, samples=40, train_loss=0.5, test_mse=3.25, test_accuracy=0.5, test_loss=3.25, eval_s=0.01,
+        round=4, run_id=RUN, devices=("dev-0", "dev-1"), devices_truncated=False, accepted=2, invited=("dev-0", "dev-1", "dev-2"), invited_truncated=False,
+        connected=5, update_norm=0.6, samples=40, train_loss=0.5, test_mse=3.25, test_accuracy=0.5, test_loss=3.25, eval_s=0.01,
         wall_s=1.5, bytes_in=1000, bytes_out=2000, deadline_extensions=1, rejected=1, rejected_devices=("dev-9",), closed_by="target",
         strategy="dp-fedavg", opened_at=1.0, closed_at=2.5, clip_norm=0.5, clipped=1, update_norm_median=0.4, update_norm_max=0.9,
         trim_fraction=0.1, trimmed=0, epsilon=1.2, delta=1e-5, noise_multiplier=1.0, dp_sampling_rate=1.0, dp_expected_participants=2.0,
@@ -232,3 +233,35 @@ def test_topic_names_and_device_of():
     with pytest.raises(ProtocolError):
         t.grants("device")  # a device's grants name its own topics
     assert struct.calcsize("<4sBBBBIIIHH") == HEADER_SIZE
+
+
+def test_update_norms_are_non_negative_numbers():
+    for key in ("update_norm", "update_norm_max"):
+        for bad in (-0.1, "1", True, [1.0], -1):
+            with pytest.raises(ProtocolError, match=key):
+                RoundMetrics.from_doc({"round": 1, key: bad})
+    m = RoundMetrics.from_doc({"round": 1, "update_norm": 0.5, "update_norm_max": 2})
+    assert (m.update_norm, m.update_norm_max) == (0.5, 2.0) and RoundMetrics.decode(m.encode()) == m
+
+
+def test_a_large_cohort_is_cut_from_the_metrics_message_not_from_the_log_record():
+    invited = tuple(f"device-{i:05d}-" + "x" * 40 for i in range(3000))
+    m = RoundMetrics(round=2, run_id=RUN, devices=invited[:5], invited=invited, connected=5000)
+    payload = m.encode()
+    back = RoundMetrics.decode(payload)
+    assert len(payload) <= 64 * 1024 and back.invited_truncated and 0 < len(back.invited) < 3000
+    assert back.devices == invited[:5] and not back.devices_truncated and back.connected == 5000
+    assert RoundMetrics.from_doc(json.loads(json.dumps(m.to_doc()))).invited == invited  # rounds.jsonl keeps all
+
+
+def test_status_engine_and_arch_round_trip_and_hostile_values_are_refused():
+    from fleetlearn.edge_runtime.core.protocol import Status
+
+    s = Status("pi-01", "training", 3, engine="portable", arch="aarch64")
+    assert Status.decode(s.encode()) == s
+    assert Status.decode(Status("pi-01", "idle").encode()).engine is None  # before a bundle is loaded
+    for field, value in (("engine", "cuda-magic"), ("engine", 7), ("arch", "arm/../x"), ("arch", "a" * 33), ("arch", 64)):
+        doc = json.loads(s.encode())
+        doc[field] = value
+        with pytest.raises(ProtocolError, match=field):
+            Status.decode(json.dumps(doc).encode())

@@ -225,9 +225,9 @@ def test_options_compose_strategies(tmp_path):
     assert _shape(t) == ["TrimmedMean"] and t.trim_fraction == 0.2
     assert make_strategy("trimmed-mean").trim_fraction == 0.1
     for name in ("fedavg", "dp-fedavg"):
-        dp = _cfg(tmp_path, name, target_devices=5, clip_norm=1.0, noise_multiplier=1.1, population=50).strategy.build(5)
+        dp = _cfg(tmp_path, name, target_devices=5, clip_norm=1.0, noise_multiplier=1.1).strategy.build(5)
         assert isinstance(dp, DPNoise) and _shape(dp) == ["DPNoise", "Clipping", "FedAvg"] and dp.name == "dp-fedavg"
-        assert (dp.clip_norm, dp.noise_multiplier, dp.expected_participants, dp.population, dp.dp_delta) == (1.0, 1.1, 5, 50, 1e-5)
+        assert (dp.clip_norm, dp.noise_multiplier, dp.expected_participants, dp.sampling_rate, dp.dp_delta) == (1.0, 1.1, 5, 1.0, 1e-5)
         assert dp.rule.uniform  # DP-FedAvg weighs every device 1
     dpm = make_strategy("fedavgm", target_devices=3, clip_norm=1.0, noise_multiplier=1.0, server_momentum=0.5)
     assert _shape(dpm) == ["DPNoise", "Clipping", "FedAvgM"] and dpm.name == "dp-fedavgm" and dpm.rule.options.server_momentum == 0.5
@@ -236,7 +236,7 @@ def test_options_compose_strategies(tmp_path):
 @pytest.mark.parametrize(
     "strategy, kw, message",
     [
-        ("krum", {}, "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"),
+        ("krum", {}, "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg"),
         ("fedavg", dict(clip_norm=0.0), "--clip-norm must be"),
         ("fedavg", dict(clip_norm=float("nan")), "--clip-norm must be"),
         ("trimmed-mean", dict(trim_fraction=0.5), "--trim-fraction must be in [0, 0.5)"),
@@ -246,8 +246,8 @@ def test_options_compose_strategies(tmp_path):
         ("dp-fedavg", {}, "needs --dp-noise-multiplier"),
         ("clipped-fedavg", {}, "needs --clip-norm"),
         ("fedavg", dict(delta=0.0, noise_multiplier=1.0, clip_norm=1.0), "--dp-delta must be in (0, 1)"),
-        ("fedavg", dict(population=10), "--dp-population applies with --dp-noise-multiplier"),
-        ("fedavg", dict(population=1, noise_multiplier=1.0, clip_norm=1.0), "--dp-population 1 is below --target-devices 2"),
+        ("fedavg", dict(delta=1e-6), "--dp-delta applies with --dp-noise-multiplier"),
+        ("fedavg", dict(population=10), "population does not apply to --strategy fedavg"),  # --dp-population is gone: q is measured
         ("fedavg", dict(accountant="moments", noise_multiplier=1.0, clip_norm=1.0), "--dp-accountant must be one of rdp, pld"),
         ("fedavg", dict(trim_fraction=0.2), "--trim-fraction does not apply to --strategy fedavg; its options: --clip-norm, --dp-noise-multiplier"),
         ("median", dict(server_momentum=0.5), "--server-momentum does not apply to --strategy median"),
@@ -280,8 +280,8 @@ def test_cli_flags_reach_the_config():
     p = _parser()
     d = config_from_args(p.parse_args(BASE))
     assert (d.strategy.name, dict(d.strategy.options)) == ("fedavg", {})  # only what was given
-    c = config_from_args(p.parse_args(BASE + ["--strategy", "trimmed-mean", "--clip-norm", "2.5", "--trim-fraction", "0.2", "--dp-delta", "1e-6", "--dp-population", "9"]))
-    assert (c.strategy.name, dict(c.strategy.options)) == ("trimmed-mean", {"clip_norm": 2.5, "trim_fraction": 0.2, "delta": 1e-6, "population": 9})
+    c = config_from_args(p.parse_args(BASE + ["--strategy", "trimmed-mean", "--clip-norm", "2.5", "--trim-fraction", "0.2", "--dp-delta", "1e-6"]))
+    assert (c.strategy.name, dict(c.strategy.options)) == ("trimmed-mean", {"clip_norm": 2.5, "trim_fraction": 0.2, "delta": 1e-6})
     assert config_from_args(p.parse_args(BASE + ["--dp-noise-multiplier", "1.1"])).strategy.options == {"noise_multiplier": 1.1}
     m = config_from_args(p.parse_args(BASE + ["--strategy", "fedavgm", "--server-lr", "0.5", "--server-momentum", "0.8", "--local-epochs", "3"]))
     assert m.strategy.options == {"server_lr": 0.5, "server_momentum": 0.8} and m.training.local_epochs == 3
@@ -296,7 +296,7 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
 
     from tests.conftest import ROOT
 
-    for extra, want in ((["--strategy", "krum"], "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, clipped-fedavg, dp-fedavg"),
+    for extra, want in ((["--strategy", "krum"], "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg"),
                         (["--strategy", "median", "--server-momentum", "0.9"], "--server-momentum does not apply to --strategy median; its options: --clip-norm")):
         r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "aggregator", *BASE, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
         assert r.returncode == 2, r.stderr

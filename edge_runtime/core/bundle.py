@@ -1,7 +1,9 @@
 """Reading and verifying an export bundle (the directory `fleetlearn export` writes).
 
-A bundle holds `training_model.onnx`, `eval_model.onnx`, `optimizer_model.onnx`, `checkpoint`,
-`model.onnx` (forward only) and `manifest.json`. The manifest is the contract between export,
+A bundle holds `training_model.onnx`, `eval_model.onnx`, `optimizer_model.onnx`, `checkpoint`
+(the onnxruntime-training engine), `step_model.onnx`, `portable_eval_model.onnx`,
+`initial_state.f32` (the portable engine, when the manifest lists it), `model.onnx` (forward only)
+and `manifest.json`. The manifest is the contract between export,
 devices and aggregator; docs/bundle.md describes every field. This module only reads it, so
 it depends on the standard library and numpy alone.
 """
@@ -20,7 +22,12 @@ from fleetlearn.edge_runtime.core.errors import BundleError
 FORMAT = "fleetlearn-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "model.onnx")
+ORT_TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+REQUIRED_FILES = (*ORT_TRAINING_FILES, "model.onnx")  # a bundle listing the ort-training engine
+ENGINES = ("ort-training", "portable")  # the engines this reader knows; a manifest may list others
+# The portable step graph's optimizer state inputs, per optimizer (docs/bundle.md, "The portable engine").
+PORTABLE_STATE = {"adamw": ("adam_m", "adam_v", "adam_step"), "sgd_momentum": ("sgd_momentum",), "sgd": ()}
+MAX_PORTABLE_VALUES = 1 << 28  # params + buffers; bounds what a device allocates from a manifest
 TASKS = ("regression", "classification", "binary")
 LOSSES = ("mse", "cross_entropy", "bce_with_logits")
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -34,6 +41,21 @@ class ParamSpec:
     shape: tuple[int, ...]
     offset: int
     size: int
+
+
+@dataclass(frozen=True)
+class PortableSpec:
+    """The portable engine's files and graph signature (manifest field `portable`)."""
+
+    step_model: str
+    eval_model: str
+    initial_state: str  # raw little-endian float32: num_params parameters, then num_buffers buffers
+    optimizer_state: tuple[str, ...]  # step graph inputs after `params`, in order
+    buffers: tuple[ParamSpec, ...]  # float32 buffers training updates (BatchNorm running statistics)
+    num_buffers: int
+    opset: int
+    ir_version: int
+    dropout: bool
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,8 @@ class Manifest:
     optimizer: dict[str, Any]
     preprocessing: Preprocessing
     files: dict[str, dict[str, Any]]
+    engines: tuple[str, ...] = ("ort-training",)
+    portable: PortableSpec | None = None
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -154,14 +178,14 @@ def parse_manifest(doc: dict[str, Any]) -> Manifest:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std) or any(v <= 0 for v in std):
             raise BundleError("manifest: preprocessing mean/std must be finite, std > 0")
     files = _need(doc, "files", dict)
-    for name in REQUIRED_FILES:
-        entry = files.get(name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise BundleError(f"manifest: files[{name!r}] needs a sha256")
+    engines = _engines(doc)
+    for name in (*(ORT_TRAINING_FILES if "ort-training" in engines else ()), "model.onnx"):
+        _need_file(files, name)
     for name in files:
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST:
             raise BundleError(f"manifest: unsafe file name {name!r}")
     optimizer = _need(doc, "optimizer", dict)
+    portable = _portable(doc, files, optimizer, num_params) if "portable" in engines else None
     return Manifest(
         model_name=_need(doc, "model_name", str),
         model_hash=model_hash,
@@ -176,8 +200,78 @@ def parse_manifest(doc: dict[str, Any]) -> Manifest:
         optimizer=optimizer,
         preprocessing=Preprocessing(tuple(mean) if mean else None, tuple(std) if std else None),
         files=files,
+        engines=engines,
+        portable=portable,
         raw=doc,
     )
+
+
+def _need_file(files: dict, name: str) -> None:
+    entry = files.get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise BundleError(f"manifest: files[{name!r}] needs a sha256")
+
+
+def _engines(doc: dict[str, Any]) -> tuple[str, ...]:
+    """`engines`: which trainers the bundle carries. Absent in bundles older than the portable engine."""
+    if "engines" not in doc:
+        return ("ort-training",)
+    engines = doc["engines"]
+    if not isinstance(engines, list) or not engines or len(engines) > 16:
+        raise BundleError("manifest: engines must be a non-empty list of engine names")
+    if not all(isinstance(e, str) and 0 < len(e) <= 64 for e in engines) or len(set(engines)) != len(engines):
+        raise BundleError(f"manifest: engines {engines!r} must be distinct names")
+    if not set(engines) & set(ENGINES):
+        raise BundleError(f"manifest: engines {engines!r} lists none this device knows ({', '.join(ENGINES)}); update fleetlearn")
+    return tuple(engines)
+
+
+def _portable(doc: dict[str, Any], files: dict, optimizer: dict, num_params: int) -> PortableSpec:
+    where = "manifest.portable"
+    sec = _need(doc, "portable", dict)
+    names = {key: _need(sec, key, str, where) for key in ("step_model", "eval_model", "initial_state")}
+    for key, name in names.items():
+        if name not in files:
+            raise BundleError(f"{where}: {key} {name!r} is not among the bundle's files")
+        _need_file(files, name)
+    onnx_doc = _need(sec, "onnx", dict, where)
+    opset, ir = _need(onnx_doc, "opset", int, where + ".onnx"), _need(onnx_doc, "ir_version", int, where + ".onnx")
+    if opset < 18 or ir > 10 or ir < 8:
+        raise BundleError(f"{where}: opset {opset} / IR version {ir} unsupported (needs opset >= 18, IR 8-10)")
+    opt_name = optimizer.get("name")
+    momentum = optimizer.get("momentum")
+    has_momentum = isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum > 0
+    kind = "adamw" if opt_name == "adamw" else ("sgd_momentum" if has_momentum else "sgd")
+    state = _need(sec, "optimizer_state", list, where)
+    if opt_name not in ("adamw", "sgd") or tuple(state) != PORTABLE_STATE[kind]:
+        raise BundleError(f"{where}: optimizer_state {state!r} does not match optimizer {opt_name!r} (expected {list(PORTABLE_STATE[kind])})")
+    buffers: list[ParamSpec] = []
+    offset = 0
+    for i, b in enumerate(_need(sec, "buffers", list, where)):
+        bw = f"{where}.buffers[{i}]"
+        if not isinstance(b, dict):
+            raise BundleError(f"{bw}: not an object")
+        shape = tuple(_need(b, "shape", list, bw))
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
+            raise BundleError(f"{bw}: bad shape {list(shape)!r}")
+        size = math.prod(shape)
+        if _need(b, "offset", int, bw) != offset or _need(b, "size", int, bw) != size:
+            raise BundleError(f"{bw}: offset/size do not tile the flat buffer vector")
+        buffers.append(ParamSpec(_need(b, "name", str, bw), shape, offset, size))
+        offset += size
+    num_buffers = _need(sec, "num_buffers", int, where)
+    if num_buffers != offset:
+        raise BundleError(f"{where}: num_buffers {num_buffers} != sum of buffer sizes {offset}")
+    if num_params + num_buffers > MAX_PORTABLE_VALUES:
+        raise BundleError(f"{where}: {num_params + num_buffers} state values exceed the limit {MAX_PORTABLE_VALUES}")
+    size = files[names["initial_state"]].get("size")
+    if size is not None and size != 4 * (num_params + num_buffers):
+        raise BundleError(f"{where}: initial_state has {size} bytes, expected {4 * (num_params + num_buffers)} (float32 params + buffers)")
+    return PortableSpec(
+        step_model=names["step_model"], eval_model=names["eval_model"], initial_state=names["initial_state"],
+        optimizer_state=tuple(state), buffers=tuple(buffers), num_buffers=num_buffers, opset=opset, ir_version=ir,
+        dropout=bool(_need(sec, "dropout", bool, where)),
+    )  # fmt: skip
 
 
 def file_sha256(path: Path) -> str:

@@ -14,6 +14,7 @@ queue for offline sessions.
 from __future__ import annotations
 
 import logging
+import platform
 import os
 import queue
 import secrets
@@ -35,13 +36,14 @@ from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
-from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
+from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
 from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
-from fleetlearn.edge_runtime.engines.trainer import Trainer
+from fleetlearn.edge_runtime.engines.base import Engine
+from fleetlearn.edge_runtime.engines.select import open_engine
 
 if TYPE_CHECKING:
     from fleetlearn.edge_runtime.device.swarm import GroupCommit
@@ -59,12 +61,10 @@ class Event:
 
 
 class DeviceAgent(BundleOverTheAir):
-    """One device's protocol logic, driven by events. Two hosts drive it: `run()` (this process
-    is one device: paho's network thread queues events, the main thread handles them) and the
-    swarm (edge_runtime/device/swarm.py: many agents, one epoll loop). A host chooses how the
-    link is served (`link_factory`), where events go (`post`) and where the trainer comes
-    from (`engine_factory`); the state machine (global model -> train -> durable pending
-    update -> send -> ack) is the same code for both."""
+    """One device's protocol logic, driven by events, hosted by `run()` (one device: paho's thread
+    queues events, the main thread handles them) or by the swarm (device/swarm.py: many agents,
+    one epoll loop), which chooses the link (`link_factory`), the event sink (`post`), the engine
+    (`engine_factory`) and the group commit: the state machine is the same code for both."""
 
     def __init__(
         self,
@@ -73,7 +73,7 @@ class DeviceAgent(BundleOverTheAir):
         *,
         link_factory: Callable[..., MqttLink] = MqttLink,
         post: Callable[[Event], None] | None = None,
-        engine_factory: Callable[[str, Manifest, int], Trainer] = Trainer,
+        engine_factory: Callable[..., Engine] = open_engine,
         group_commit: "GroupCommit | None" = None,
     ):
         self.cfg = cfg
@@ -84,17 +84,15 @@ class DeviceAgent(BundleOverTheAir):
         self.state_lock = lock_state_dir(self.state_dir, "device")
         self.state = DeviceState.load(self.state_dir)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
-        self._done_logged = False
         self.events: queue.Queue[Event] = queue.Queue()
         self.post = post or self.events.put  # where this device's events go (its host's queue)
         self._engine_factory = engine_factory
-        # None: each pending update is fsynced before it is sent (a lone device). A swarm host
-        # passes its GroupCommit: the update is written without fsync and sent after the
-        # host's next file-system sync, one sync for every device that trained meanwhile.
+        # None: each pending update is fsynced before it is sent. A swarm's GroupCommit: written
+        # without fsync, sent after the host's next file-system sync (one for many devices).
         self.group_commit = group_commit
         self.stopping = threading.Event()
         self.manifest: Manifest | None = None
-        self.trainer: Trainer | None = None
+        self.trainer: Engine | None = None  # the training engine chosen by [training] engine
         self.data: Dataset | None = None
         self._data_mtime: float | None = None
         self.assembly: BundleAssembly | None = None
@@ -105,6 +103,7 @@ class DeviceAgent(BundleOverTheAir):
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
+        self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
         self.link = link_factory(
             link_options(cfg),
             on_message=self._on_message,
@@ -134,7 +133,8 @@ class DeviceAgent(BundleOverTheAir):
         self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
         health = self.health.read()
-        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health).encode(), qos=1, retain=True)
+        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health,
+                                 engine=self.trainer.name if self.trainer else None, arch=platform.machine() or None).encode(), qos=1, retain=True)
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
@@ -143,14 +143,16 @@ class DeviceAgent(BundleOverTheAir):
             self._log(logging.WARNING, "bundle_unavailable", reason=reason)
             return False
         try:
-            self.trainer = self._engine_factory(self.cfg.bundle, manifest, self.cfg.training.threads)
-        except (BundleError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
+            self.trainer = self._engine_factory(self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads)
+        except (UsageError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
             self.manifest, self.trainer = None, None
-            self._log(logging.ERROR, "bundle_unusable", reason=str(exc)[:200])
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self._log(logging.ERROR, "bundle_unusable", reason=reason, engine=self.cfg.training.engine)
+            self._status("error", detail=f"bundle unusable: {reason}")
             return False
         self.manifest = manifest
         self.data = None  # preprocessing may have changed with the model
-        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params)
+        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params, engine=self.trainer.name)
         return True
 
     def _ensure_data(self) -> Dataset:
@@ -198,19 +200,15 @@ class DeviceAgent(BundleOverTheAir):
 
     def handle(self, event: Event) -> None:
         """Handle one event (never raises: a bad message costs one log line)."""
+        before = self.rounds_done
         self._dispatch(event)
-        if self.max_rounds is not None and self.rounds_done >= self.max_rounds and not self._done_logged:
-            self._done_logged = True
+        if self.done and before < self.rounds_done:
             self._log(logging.INFO, "max_rounds_reached", rounds=self.rounds_done)
 
     @property
     def done(self) -> bool:
         """True once --max-rounds rounds completed (the host may then close this device)."""
         return self.max_rounds is not None and self.rounds_done >= self.max_rounds
-
-    def tick(self) -> None:
-        """Between events: eligibility rules and the health heartbeat."""
-        self._tick()
 
     def close(self) -> None:
         """Say `offline` (retained), disconnect cleanly, release the state dir."""
@@ -312,6 +310,14 @@ class DeviceAgent(BundleOverTheAir):
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
                 self._send_update(pending)
                 return
+        if g.invite is not None and not g.invite.invites(self.cfg.device_id):
+            # Client sampling: not asked this round, so no training and no upload (logged once per round).
+            if self._not_invited != (g.run_id, g.round):
+                self._not_invited = (g.run_id, g.round)
+                self._log(logging.INFO, "not_invited", g.round)
+                if self.status_state != "idle":  # an idle device says nothing: no status traffic per round
+                    self._status("idle", g.round, f"not invited to round {g.round}")
+            return
         if not self._may_train(g):
             return
         self._train_and_send(g)
@@ -363,8 +369,7 @@ class DeviceAgent(BundleOverTheAir):
         self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
 
     def _send_update(self, payload: bytes) -> None:
-        """Publish an update frame that is in the state dir: at once when it was fsynced, else
-        after the host's group commit made it durable."""
+        """Publish the pending update: at once when fsynced, else after the host's group commit."""
         topic = self.topics.update(self.cfg.device_id)
         if self.group_commit is None:
             self.link.publish(topic, payload, qos=1)
@@ -413,7 +418,7 @@ class DeviceAgent(BundleOverTheAir):
             self._status("ineligible", g.round, reason)
         return reason is None
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         """Between events: look at the eligibility rules again every check_interval_s (an
         ineligible device resumes when they pass), and re-publish the status with fresh health
         readings at least every HEALTH_REFRESH_S."""

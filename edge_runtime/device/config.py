@@ -17,6 +17,8 @@ from fleetlearn.edge_runtime.core.files import read_toml
 from fleetlearn.edge_runtime.core.names import check_name
 from fleetlearn.edge_runtime.device.eligibility import EligibilityConfig, parse_eligibility
 
+ENGINE_CHOICES = ("auto", "ort-training", "portable")  # as engines/select.py (config must not import onnxruntime)
+
 @dataclass(frozen=True)
 class TrainingConfig:
     batch_size: int = 8
@@ -24,6 +26,9 @@ class TrainingConfig:
     max_steps: int | None = None  # caps local steps per round (whichever comes first)
     threads: int = 1  # ORT intra-op threads
     seed: int = 0  # shuffling seed; mixed with the round id so each round sees a new order
+    # "auto": onnxruntime-training when installed and in the bundle, else the portable engine
+    # (plain onnxruntime); or force one: "ort-training" | "portable" (engines/select.py)
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,8 @@ def parse_device_config(doc: Mapping[str, Any], base_dir: Path | None = None) ->
     for key in ("batch_size", "local_epochs", "threads"):
         if getattr(training, key) < 1:
             raise ConfigError(f"key 'training.{key}' must be >= 1")
+    if training.engine not in ENGINE_CHOICES:
+        raise ConfigError(f"key 'training.engine' must be one of {', '.join(repr(e) for e in ENGINE_CHOICES)}, got {training.engine!r}")
     if training.max_steps is not None and training.max_steps < 1:
         raise ConfigError("key 'training.max_steps' must be >= 1")
     privacy = values.get("privacy", PrivacyConfig())

@@ -5,18 +5,17 @@
 # this file says what it does and docs/flashing.md in the fleetlearn repository says why.
 # POSIX sh on purpose: Raspberry Pi OS and Debian run /bin/sh as dash.
 #
-#   sudo ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd]
+#   sudo ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd] [--no-trim]
 set -eu
 
 DEVICE_ID='@@device_id@@'
 ARCH='@@arch@@'
 PY_VERSION='@@python@@'
 FLASHED_PREFIX='@@prefix@@'
-ORT_STATUS='@@ort_status@@'          # pypi | build-from-source | unsupported
-ORT_IN_IMAGE=@@ort_in_image@@                # 1: wheels/ holds onnxruntime-training
+ENGINE='@@engine@@'                   # portable | ort-training: what requirements.txt installs
+NEEDS_ORT_WHEEL=@@needs_ort_wheel@@             # 1: ort-training where PyPI has no onnxruntime-training (--ort-wheel)
 DEPS_IN_IMAGE=@@deps_in_image@@               # 1: wheels/ holds every dependency (offline install)
 FLEETLEARN_WHEEL='@@fleetlearn_wheel@@'
-EXTRA_REQUIREMENTS='@@extra_requirements@@'  # beyond fleetlearn[edge], e.g. cryptography for signing
 SERVICE=fleetlearn-device.service
 SERVICE_USER=fleetlearn
 
@@ -24,6 +23,7 @@ IMAGE_DIR=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
 PREFIX=$FLASHED_PREFIX
 ORT_WHEEL=''
 SYSTEMD=1
+TRIM=1
 PYTHON=python3
 
 # Files the service user must read (venv, config, bundle) must not inherit a caller's umask 077.
@@ -34,7 +34,7 @@ say() { echo "install.sh: $*"; }
 
 usage() {
     cat <<EOF
-usage: ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd]
+usage: ./install.sh [--prefix DIR] [--ort-wheel FILE] [--python PYTHON] [--no-systemd] [--no-trim]
 
 Installs the fleetlearn device agent for device '$DEVICE_ID' into DIR (default $FLASHED_PREFIX):
 a Python virtual environment in DIR/venv, the model bundle in DIR/bundle/current, the config
@@ -42,9 +42,11 @@ DIR/device.toml and the secrets in DIR/secrets; then, when run as root on a syst
 (and without --no-systemd), creates the user '$SERVICE_USER' and enables $SERVICE.
 
   --prefix DIR      install somewhere else (paths in device.toml and the unit are rewritten)
-  --ort-wheel FILE  an onnxruntime-training 1.19.2 wheel built with build_ort_aarch64.sh
+  --ort-wheel FILE  engine ort-training off x86_64 only: an onnxruntime-training 1.19.2 wheel
+                    (build_ort_aarch64.sh is an untested recipe for one)
   --python PYTHON   the Python $PY_VERSION interpreter to build the venv with (default python3)
   --no-systemd      do not create the user or install the unit; print how to start by hand
+  --no-trim         keep pip, setuptools and onnxruntime's C library in the venv (see step 5)
 EOF
 }
 
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
         --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON=$2; shift 2 ;;
         --python=*) PYTHON=${1#*=}; shift ;;
         --no-systemd) SYSTEMD=0; shift ;;
+        --no-trim) TRIM=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option '$1' (see ./install.sh --help)" ;;
     esac
@@ -89,16 +92,19 @@ pyv=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
     || die "'$PYTHON' cannot create virtual environments: install its venv module (Debian/Ubuntu: apt-get install python$PY_VERSION-venv)"
 
-# 3. onnxruntime-training: from the image, from --ort-wheel, or (x86_64 only) from PyPI.
+# 3. The training engine's runtime. portable: plain onnxruntime from wheels/ (or the index).
+#    ort-training: onnxruntime-training from wheels/, PyPI (x86_64) or --ort-wheel (elsewhere).
 if [ -n "$ORT_WHEEL" ]; then
+    [ "$ENGINE" = ort-training ] \
+        || die "--ort-wheel: this image uses the $ENGINE engine (plain onnxruntime), which needs no onnxruntime-training wheel"
     [ -f "$ORT_WHEEL" ] || die "--ort-wheel '$ORT_WHEEL': no such file"
     case $(basename -- "$ORT_WHEEL") in
         onnxruntime_training-1.19.2-*.whl|onnxruntime_training-1.19.2+*.whl) ;;
         *) die "--ort-wheel '$ORT_WHEEL': expected onnxruntime_training-1.19.2[+cpu]-cp311-...whl (what build_ort_aarch64.sh writes)" ;;
     esac
     ORT_WHEEL=$(CDPATH='' cd -- "$(dirname -- "$ORT_WHEEL")" && pwd)/$(basename -- "$ORT_WHEEL")
-elif [ "$ORT_IN_IMAGE" = 0 ] && [ "$ORT_STATUS" != pypi ]; then
-    die "onnxruntime-training 1.19.2 is not on PyPI for $ARCH: build a wheel with ./build_ort_aarch64.sh (in this image; takes hours) and run ./install.sh --ort-wheel FILE"
+elif [ "$NEEDS_ORT_WHEEL" = 1 ]; then
+    die "onnxruntime-training 1.19.2 is not on PyPI for $ARCH: flash again with the portable engine (--set training.engine=portable), or build a wheel with ./build_ort_aarch64.sh (untested; takes hours) and run ./install.sh --ort-wheel FILE"
 fi
 
 # 4. Decide about systemd before touching anything, and stop a running agent before its venv is replaced.
@@ -131,11 +137,52 @@ fi
 if [ -n "$ORT_WHEEL" ]; then
     set -- "$@" --find-links "$(dirname -- "$ORT_WHEEL")" "$ORT_WHEEL"
 fi
-# shellcheck disable=SC2086  # EXTRA_REQUIREMENTS is a space-separated list on purpose
-"$VPY" -m pip "$@" "$IMAGE_DIR/wheels/$FLEETLEARN_WHEEL[edge]" $EXTRA_REQUIREMENTS \
+# requirements.txt was resolved by `fleetlearn flash` for this board's architecture and engine.
+"$VPY" -m pip "$@" "$IMAGE_DIR/wheels/$FLEETLEARN_WHEEL" -r "$IMAGE_DIR/requirements.txt" \
     || die "pip could not install the agent into $PREFIX/venv (see pip's message above)"
-"$VPY" -c 'import fleetlearn.edge_runtime.engines.ort_api, numpy, paho.mqtt.client' \
-    || die "the agent's dependencies do not import on this machine (see the error above)"
+# The engine opens the image's bundle on this machine: the whole runtime loads, not just imports.
+check_engine() {
+    "$VPY" - "$IMAGE_DIR/bundle" "$ENGINE" <<'PY'
+import sys
+import numpy, paho.mqtt.client  # noqa: F401
+from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.engines.select import open_engine
+engine = open_engine(sys.argv[1], load_bundle(sys.argv[1]), sys.argv[2], threads=1)
+import onnxruntime  # after open_engine: for ort-training it first keeps onnxruntime from probing for torch
+print(engine.name, onnxruntime.__version__)
+PY
+}
+checked=$(check_engine) || die "the agent's engine does not load on this machine (see the error above)"
+say "installed the agent with the ${checked% *} engine (onnxruntime ${checked#* })"
+
+# 5b. Trim what the agent never uses, so a small board keeps its SD card for data (--no-trim
+#     keeps everything): pip and setuptools (this script recreates the venv on every run;
+#     `venv/bin/python -m ensurepip` brings pip back), and onnxruntime's C-API library
+#     libonnxruntime.so (about 27 MB on aarch64; it is for C/C++ programs, the Python binding has
+#     the runtime built in), and numpy's own test suites (numpy/**/tests, never imported at run
+#     time). The library is moved aside first and kept if the engine then fails.
+if [ "$TRIM" = 1 ]; then
+    "$VPY" -m pip uninstall --disable-pip-version-check -y -q pip setuptools >/dev/null 2>&1 \
+        || say "note: could not remove pip and setuptools from the venv (harmless)"
+    numpy_dir=$("$VPY" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("numpy").origin))')
+    find "$numpy_dir" -depth -type d -name tests -exec rm -rf {} + 2>/dev/null || true
+    capi=$("$VPY" -c 'import importlib.util, os; s = importlib.util.find_spec("onnxruntime"); print(os.path.join(os.path.dirname(s.origin), "capi"))')
+    aside=$PREFIX/.trim-aside
+    rm -rf "$aside" && mkdir -p "$aside"
+    for lib in "$capi"/libonnxruntime.so*; do
+        [ -f "$lib" ] && mv "$lib" "$aside/"
+    done
+    if [ -z "$(ls -A "$aside")" ]; then
+        trimmed="pip, setuptools, numpy's tests"
+    elif check_engine >/dev/null 2>&1; then
+        trimmed="pip, setuptools, numpy's tests, onnxruntime's C library"
+    else
+        mv "$aside"/* "$capi/"
+        trimmed="pip, setuptools, numpy's tests (onnxruntime's engine needs its C library here: kept)"
+    fi
+    rm -rf "$aside"
+    say "trimmed from the venv: $trimmed (--no-trim keeps them)"
+fi
 
 # 6. Rewrite paths if installing somewhere other than the flashed prefix, then check the config.
 rewrite() {
@@ -207,7 +254,8 @@ if [ "$USE_SYSTEMD" = 1 ]; then
     systemctl restart "$SERVICE"
     say "installed and started $SERVICE; follow it with: journalctl -u $SERVICE -f"
 else
-    say "not installing the systemd unit ($why)"
+    # Containers and chroots have no systemd: everything else is installed, only the unit is not.
+    say "skipped the systemd unit ($why); it is in $PREFIX/$SERVICE for a machine that has systemd"
     say "start the agent with: $PREFIX/venv/bin/fleetlearn device --config $PREFIX/device.toml"
 fi
 say "done: device $DEVICE_ID installed in $PREFIX"

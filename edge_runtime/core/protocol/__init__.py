@@ -7,7 +7,7 @@ unpickled. docs/protocol.md is the prose version of this package.
     fields    field checks, the JSON envelope ("v": 1) of control messages, name/hex patterns
     frame     the binary frame: header (the one parser: read_header), encode/decode, peek_meta
     topics    the topic tree (TOPIC_TREE: who publishes and who reads each topic) and Topics
-    messages  RoundConfig, GlobalModel, Update (+ UpdateHeader), Ack, RoundState
+    messages  RoundConfig, Invitation, GlobalModel, Update (+ UpdateHeader), Ack, RoundState
     status    Status (+ Health), a device's retained state
     bundle    BundleAnnouncement and BUNDLE_CHUNK frames, chunk-size bounds
     metrics   RoundMetrics: the `metrics` message and a line of rounds.jsonl
@@ -16,7 +16,7 @@ Import from here (`from fleetlearn.edge_runtime.core.protocol import Update`); a
 message is one type in one of these modules, exported below.
 
 Topics (per fleet; topics.TOPIC_TREE is the table):
-    fleetlearn/<fleet>/global              retained  binary GLOBAL frame: round, model hash, flat weights, round config
+    fleetlearn/<fleet>/global              retained  binary GLOBAL frame: round, model hash, flat weights, round config, invitation
     fleetlearn/<fleet>/round               retained  JSON round state (open / closed / finished / failed)
     fleetlearn/<fleet>/update/<device>     -         binary UPDATE frame: device -> aggregator weight delta
     fleetlearn/<fleet>/ack/<device>        -         JSON acknowledgement of one update (accepted or the reason)
@@ -85,13 +85,16 @@ from fleetlearn.edge_runtime.core.protocol.frame import (
 from fleetlearn.edge_runtime.core.protocol.messages import (
     MAX_DECODE_PARAMS,
     MAX_MODEL_PARAMS,
+    RANK_SPACE,
     ROUND_STATES,
     Ack,
     GlobalModel,
+    Invitation,
     RoundConfig,
     RoundState,
     Update,
     UpdateHeader,
+    invitation_rank,
 )
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
 from fleetlearn.edge_runtime.core.protocol.status import DEVICE_STATES, POWER_SOURCES, Health, Status
@@ -102,6 +105,6 @@ __all__ = [
     "HEX32_RE", "HEX64_RE", "MAX_JSON_BYTES", "MAX_ROUND", "NAME_RE", "WIRE_VERSION", "decode_json", "encode_json",
     "FLAG_SIGNED", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_META_BYTES", "MAX_SIG_BYTES", "Encoding", "Frame", "FrameHeader", "Kind", "Signer",
     "decode_frame", "encode_frame", "max_frame_bytes", "peek_meta", "read_header", "tensor_from_body", "tensor_to_body",
-    "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "ROUND_STATES", "Ack", "GlobalModel", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
+    "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "RANK_SPACE", "ROUND_STATES", "Ack", "GlobalModel", "Invitation", "invitation_rank", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
     "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The typed wire messages of a round: round config, global model, update, ack, round state, status.
+"""The typed wire messages of a round: round config, invitation, global model, update, ack, round state, status.
 
 One dataclass per message, each with `encode()` and a `decode()` that treats its input as
 hostile (sizes bounded before allocating, every field checked, ProtocolError with a one-line
@@ -7,6 +7,7 @@ reason). `UpdateHeader` reads who sent an update for which round without decodin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,46 @@ class RoundConfig:
         )
 
 
+RANK_SPACE = 1 << 64  # invitation ranks are 64-bit
+
+
+def invitation_rank(salt: str, device_id: str) -> int:
+    """A device's rank for one round: the first 8 bytes of sha256(salt bytes || device id), as a
+    big-endian unsigned integer. Uniform and independent across devices for a fresh salt."""
+    return int.from_bytes(hashlib.sha256(bytes.fromhex(salt) + device_id.encode("utf-8")).digest()[:8], "big")
+
+
+@dataclass(frozen=True)
+class Invitation:
+    """Which devices are asked to train this round (client sampling), in a constant size whatever
+    the fleet: device d is invited iff invitation_rank(salt, d) < below.
+
+    Carried in the GLOBAL frame's meta as {"salt": 32 hex, "below": int} (absent: every device is
+    asked, as without sampling). The aggregator draws a fresh salt per round and sets `below` just
+    above the rank of the last device it wants, so exactly the devices it picked among those it
+    sees online are invited (a 1,000-device cohort costs the same 60-odd bytes as a 3-device one,
+    and the frame stays within its meta bound). The aggregator applies the same rule to refuse
+    updates from devices that were not invited. Signed with the frame when signing is on."""
+
+    salt: str  # 32 hex (128 bits), fresh per round
+    below: int  # 0 .. 2^64: 0 invites no one, 2^64 everyone
+
+    def invites(self, device_id: str) -> bool:
+        return invitation_rank(self.salt, device_id) < self.below
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"salt": self.salt, "below": self.below}
+
+    @classmethod
+    def from_meta(cls, doc: Any) -> "Invitation":
+        if not isinstance(doc, dict):
+            raise ProtocolError("field 'invite' must be an object")
+        unknown = set(doc) - {"salt", "below"}
+        if unknown:
+            raise ProtocolError(f"invitation has unknown keys {sorted(unknown)[:5]}")
+        return cls(salt=check_str(doc, "salt", HEX32_RE), below=check_int(doc, "below", 0, RANK_SPACE))
+
+
 @dataclass(frozen=True)
 class GlobalModel:
     """Retained on `global`: the weights that open round `round` (train=False once the run is over)."""
@@ -59,6 +100,7 @@ class GlobalModel:
     total_rounds: int = 0
     deadline: float = 0.0  # unix time the round closes at (informational for devices)
     config: RoundConfig = field(default_factory=RoundConfig)
+    invite: Invitation | None = None  # None: every device trains (no sampling)
     signature: bytes = b""
     signed_part: bytes = b""
 
@@ -73,6 +115,8 @@ class GlobalModel:
             "config": self.config.to_meta(),
             "n": int(self.weights.size),
         }
+        if self.invite is not None:
+            meta["invite"] = self.invite.to_meta()
         return encode_frame(Kind.GLOBAL, meta, tensor_to_body(self.weights), sign=sign)
 
     @classmethod
@@ -96,6 +140,7 @@ class GlobalModel:
             total_rounds=check_int(m, "total_rounds", 0, MAX_ROUND),
             deadline=check_float(m, "deadline", 0.0),
             config=RoundConfig.from_meta(m.get("config", {})),
+            invite=Invitation.from_meta(m["invite"]) if m.get("invite") is not None else None,
             signature=frame.signature,
             signed_part=frame.signed_part,
         )

@@ -5,7 +5,7 @@ The aggregator publishes it retained on `fleetlearn/<fleet>/metrics` (the JSON e
 `STATE_DIR/rounds.jsonl` (fleetlearn.aggregator.round_log reads and writes that file).
 
 Adding a field is one edit: declare it below with the kind of value it holds (`count`,
-`number`, `text`, `names`, `flag`); decoding, encoding and the reader follow. A field is
+`number`, `norm` (a number >= 0), `text`, `names`, `flag`); decoding, encoding and the reader follow. A field is
 optional unless noted: None (or a missing key, or JSON null: a non-finite value the aggregator
 could not write) means "not reported", and None fields are left out when encoding. Keys this
 version does not know are kept in `extra`, so a newer aggregator's fields survive an older
@@ -35,6 +35,10 @@ def _count(doc: dict, key: str) -> int:
 
 def _number(doc: dict, key: str) -> float:
     return check_float(doc, key)
+
+
+def _norm(doc: dict, key: str) -> float:
+    return check_float(doc, key, 0.0)
 
 
 def _text(doc: dict, key: str) -> str:
@@ -70,7 +74,7 @@ def _run_id(doc: dict, key: str) -> str:
     return check_str(doc, key, HEX32_RE)
 
 
-KINDS: dict[str, Callable[[dict, str], Any]] = {"count": _count, "number": _number, "text": _text, "flag": _flag, "names": _names, "run_id": _run_id}
+KINDS: dict[str, Callable[[dict, str], Any]] = {"count": _count, "number": _number, "norm": _norm, "text": _text, "flag": _flag, "names": _names, "run_id": _run_id}
 
 
 def _f(kind: str, default: Any = None) -> Any:
@@ -86,6 +90,9 @@ class RoundMetrics:
     devices: tuple[str, ...] = _f("names", ())  # whose updates were counted
     devices_truncated: bool | None = _f("flag")  # the metrics message cut `devices` to fit
     accepted: int | None = _f("count")
+    invited: tuple[str, ...] = _f("names", ())  # client sampling: the devices asked to train this round
+    invited_truncated: bool | None = _f("flag")  # the metrics message cut `invited` to fit
+    connected: int | None = _f("count")  # client sampling: the connected devices the cohort was drawn from
     samples: int | None = _f("count")
     train_loss: float | None = _f("number")
     test_mse: float | None = _f("number")
@@ -104,8 +111,9 @@ class RoundMetrics:
     closed_at: float | None = _f("number")
     clip_norm: float | None = _f("number")
     clipped: int | None = _f("count")
-    update_norm_median: float | None = _f("number")
-    update_norm_max: float | None = _f("number")
+    update_norm: float | None = _f("norm")  # sample-weighted mean L2 norm of the accepted deltas (before clipping)
+    update_norm_median: float | None = _f("norm")
+    update_norm_max: float | None = _f("norm")  # the largest of them
     trim_fraction: float | None = _f("number")
     trimmed: int | None = _f("count")
     epsilon: float | None = _f("number")
@@ -155,16 +163,17 @@ class RoundMetrics:
     # ------------------------------------------------------------ the metrics message
 
     def encode(self, max_bytes: int = MAX_JSON_BYTES) -> bytes:
-        """The retained metrics message. When the device list would push it over `max_bytes` (what
-        every JSON decoder accepts), the published list is cut and `devices_truncated` set;
-        rounds.jsonl keeps the whole list."""
+        """The retained metrics message. When the device lists would push it over `max_bytes` (what
+        every JSON decoder accepts), the published `invited` list, then `devices`, is cut and
+        `invited_truncated` / `devices_truncated` set; rounds.jsonl keeps the whole lists."""
         doc = self.to_doc()
         payload = encode_json(doc)
-        devices = list(self.devices)
-        while devices and len(payload) > max_bytes:
-            devices = devices[: len(devices) // 2]
-            doc.update(devices=devices, devices_truncated=True)
-            payload = encode_json(doc)
+        for key in ("invited", "devices"):
+            names = list(getattr(self, key))
+            while names and len(payload) > max_bytes:
+                names = names[: len(names) // 2]
+                doc.update({key: names, f"{key}_truncated": True})
+                payload = encode_json(doc)
         return payload
 
     @classmethod
