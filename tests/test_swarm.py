@@ -60,7 +60,10 @@ def rounds(state: Path) -> list[dict]:
 # ------------------------------------------------------------------ bit for bit
 
 
-def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bundle, boston_split):
+@pytest.mark.parametrize("engine", ["ort-training", "portable"])
+def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bundle, boston_split, engine):
+    """ort-training: each swarm device has its own sessions; portable: the three share one
+    engine and swap their state arrays, which is what this test would catch going wrong."""
     m = load_bundle(boston_bundle)
     data = train_file(tmp_path, boston_split)
     parts = partition_rows("iid", boston_split["y_train"], 3, 0, "regression")
@@ -69,8 +72,8 @@ def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bund
     lone_t, swarm_t = Topics("lone"), Topics("swarmfl")
     rec = Recorder(mosquitto.url, [lone_t.all_updates, swarm_t.all_updates], name="eq")
     # The lone device is named like the swarm's second device: the id seeds its batch order.
-    lone = DevProc(device_config(tmp_path, mosquitto.url, "lone", boston_bundle, lone_data, "eq-0001", max_steps=20), tmp_path / "lone.log")
-    swarm = SwarmProc(tmp_path, swarm_config(tmp_path, mosquitto.url, "swarmfl", boston_bundle, tmp_path / "swarm-state", max_steps=20),
+    lone = DevProc(device_config(tmp_path, mosquitto.url, "lone", boston_bundle, lone_data, "eq-0001", max_steps=20, engine=f'"{engine}"'), tmp_path / "lone.log")
+    swarm = SwarmProc(tmp_path, swarm_config(tmp_path, mosquitto.url, "swarmfl", boston_bundle, tmp_path / "swarm-state", max_steps=20, engine=f'"{engine}"'),
                       3, data, "--id-prefix", "eq-", "--log-level", "info")
     run_id = "ab" * 16
     w = np.random.default_rng(1).normal(0, 0.1, m.num_params).astype(np.float32)
@@ -99,6 +102,7 @@ def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bund
                 rec.publish(swarm_t.ack(u.device_id), Ack(run_id, r, u.device_id, u.nonce, True).encode())
             w = w + 0.5 * lone_u.delta  # the next global model: any new weights, the same for both
         wait_text(swarm.text, "update_acknowledged device=eq-0002 round=2", 30, "swarm log")
+        assert f"engines_opened={1 if engine == 'portable' else 3}" in swarm.text()
     finally:
         rec.close()
         lone.stop()

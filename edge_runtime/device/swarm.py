@@ -7,14 +7,14 @@ signing are the lone device's code. What the host changes: the link is an EpollL
 for all sockets, see core/mqtt_epoll.py), events go to one queue, and devices train one after
 another on the host's thread.
 
-Training engines. A device keeps its optimizer state (AdamW moments, step count) from round to
-round. onnxruntime-training 1.19.2's Python API cannot read or write that state (CheckpointState
-exposes parameters only; restoring means load_checkpoint plus new Module and Optimizer sessions,
-30 ms each time, measured here), so with that engine each swarm device owns its session set,
-created once: 0.91 MB per device for the Boston MLP (measured here: 100 sets). A swarm
-device therefore computes bit for bit what a lone device computes (tests/test_swarm.py). An
-engine whose optimizer state is plain arrays (the portable engine) can share one session set
-through `engine_factory` and swap the per-device arrays instead.
+Training engines (engines/shared.py). A device keeps its optimizer state (AdamW moments, step
+count) from round to round. With the portable engine all devices on a bundle share one session
+pair and each device's state (plain arrays, ~20 KB for the Boston MLP) is copied in before it
+trains. onnxruntime-training 1.19.2's Python API cannot read or write optimizer state
+(restoring it means load_checkpoint plus new Module and Optimizer sessions, 30 ms per switch,
+measured here), so with that engine each swarm device owns its session set, created once:
+0.91 MB per device for the Boston MLP (100 sets measured). Either way a swarm device computes
+bit for bit what a lone device computes (tests/test_swarm.py).
 
 Scheduling: handling events is bounded per loop turn (EVENT_BUDGET_S), so sockets are served
 (PUBACKs, pings, incoming models) while 1,000 devices train one after another.
@@ -41,6 +41,7 @@ from fleetlearn.edge_runtime.core.partition import parse_partition, partition
 from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop, raise_nofile_limit
 from fleetlearn.edge_runtime.device.agent import DeviceAgent, Event
 from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.edge_runtime.engines.shared import SharedEngines
 
 log = logging.getLogger("fleetlearn.swarm")
 
@@ -145,7 +146,8 @@ class Swarm:
         self.stopping = threading.Event()
         self.agents: list[DeviceAgent] = []
         self.commit = GroupCommit(Path(base.state_dir))
-        extra = {"engine_factory": engine_factory} if engine_factory else {}
+        self.engines = SharedEngines()
+        extra = {"engine_factory": engine_factory or self.engines}
         link_factory = lambda *a, **kw: EpollLink(*a, loop=self.loop, **kw)  # noqa: E731
         for dev, shard in zip(ids, shards):
             cfg = replace(base, device_id=dev, data=str(shard), state_dir=str(Path(base.state_dir) / dev))
@@ -165,7 +167,7 @@ class Swarm:
         t = time.monotonic()
         for agent in self.agents:
             agent.start()
-        log.info("event=swarm_start devices=%d setup_s=%.2f", len(self.agents), time.monotonic() - t)
+        log.info("event=swarm_start devices=%d engines_opened=%d setup_s=%.2f", len(self.agents), self.engines.opened, time.monotonic() - t)
 
     def run(self) -> int:
         self._install_signal_handlers()
