@@ -65,20 +65,64 @@ def big_broker(work: Path):
 
 def device_toml(work: Path, url: str, fleet: str, bundle: Path, state: Path) -> Path:
     cfg = work / f"{fleet}.toml"
-    cfg.write_text(f'device_id = "unused"\nfleet = "{fleet}"\nbroker = "{url}"\nbundle = "{bundle}"\ndata = "unused.npz"\n'
-                   f'state_dir = "{state}"\n\n[training]\nbatch_size = 8\nmax_steps = 2\nthreads = 1\n')
+    cfg.write_text(
+        f'device_id = "unused"\nfleet = "{fleet}"\nbroker = "{url}"\nbundle = "{bundle}"\ndata = "unused.npz"\n'
+        f'state_dir = "{state}"\n\n[training]\nbatch_size = 8\nmax_steps = 2\nthreads = 1\n'
+    )
     return cfg
 
 
 def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path) -> dict:
     fleet = f"swb{n}"
     agg_state = work / f"agg-{n}"
-    agg = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", url, "--fleet", fleet,
-                            "--rounds", str(rounds), "--min-devices", str(int(n * 0.99)), "--target-devices", str(n), "--deadline", "300",
-                            "--state-dir", str(agg_state), "--log-level", "warning"], cwd=ROOT, stderr=open(work / f"agg-{n}.log", "wb"))
-    swarm = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "swarm", "--config", str(device_toml(work, url, fleet, bundle, state_root / fleet)),
-                              "--devices", str(n), "--data", str(data), "--max-rounds", str(rounds), "--log-level", "warning"],
-                             cwd=ROOT, stderr=open(work / f"swarm-{n}.log", "wb"))
+    agg = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn.cli",
+            "aggregator",
+            "--bundle",
+            str(bundle),
+            "--broker",
+            url,
+            "--fleet",
+            fleet,
+            "--rounds",
+            str(rounds),
+            "--min-devices",
+            str(int(n * 0.99)),
+            "--target-devices",
+            str(n),
+            "--deadline",
+            "300",
+            "--state-dir",
+            str(agg_state),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stderr=open(work / f"agg-{n}.log", "wb"),
+    )
+    swarm = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn.cli",
+            "swarm",
+            "--config",
+            str(device_toml(work, url, fleet, bundle, state_root / fleet)),
+            "--devices",
+            str(n),
+            "--data",
+            str(data),
+            "--max-rounds",
+            str(rounds),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stderr=open(work / f"swarm-{n}.log", "wb"),
+    )
     swarm_hwm = agg_hwm = agg_cpu = 0.0
     loads = []
     while agg.poll() is None or swarm.poll() is None:
@@ -92,10 +136,14 @@ def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: s
     recs = [json.loads(line) for line in (agg_state / "rounds.jsonl").read_text().splitlines()]
     walls = [r["wall_s"] for r in recs[1:]] or [recs[0]["wall_s"]]
     return {
-        "devices": n, "rounds": len(recs), "accepted_min": min(r["accepted"] for r in recs),
-        "round1_wall_s": recs[0]["wall_s"], "round_wall_s_median_after_1": float(np.median(walls)),
+        "devices": n,
+        "rounds": len(recs),
+        "accepted_min": min(r["accepted"] for r in recs),
+        "round1_wall_s": recs[0]["wall_s"],
+        "round_wall_s_median_after_1": float(np.median(walls)),
         "aggregator_cpu_s_per_round": round(agg_cpu / len(recs), 3),
-        "swarm_peak_rss_mb": round(swarm_hwm, 1), "aggregator_peak_rss_mb": round(agg_hwm, 1),
+        "swarm_peak_rss_mb": round(swarm_hwm, 1),
+        "aggregator_peak_rss_mb": round(agg_hwm, 1),
         "load_1min_min_max": [round(min(loads), 1), round(max(loads), 1)],
     }
 
@@ -133,11 +181,14 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
         topic = f"fanout/raw-{'clean' if clean else 'persistent'}/global"
         links = []
         for i in range(n):
-            link = EpollLink(LinkOptions(url=url, client_id=f"raw-{clean}-{i}", clean_session=clean),
-                             on_message=lambda t, p, i=i, got=got: got.setdefault(i, time.perf_counter()), loop=loop)
+            link = EpollLink(
+                LinkOptions(url=url, client_id=f"raw-{clean}-{i}", clean_session=clean),
+                on_message=lambda t, p, i=i, got=got: got.setdefault(i, time.perf_counter()),
+                loop=loop,
+            )
             link.subscribe(topic, qos=1)
             links.append(link.start())
-        serve(loop, lambda: all(lk.connected.is_set() for lk in links), 120)
+        serve(loop, lambda links=links: all(lk.connected.is_set() for lk in links), 120)
         groups.append(("clean" if clean else "persistent", loop, links, got, topic))
 
     # n swarm devices (real agents; here only their receipt is timed: events are not handled, so nobody trains)
@@ -166,11 +217,11 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
     times: dict[str, list[float]] = {"clean": [], "persistent": [], "swarm": []}
     for rep in range(reps):
         frame = GlobalModel("cd" * 16, rep + 1, m.model_hash, weights).encode()
-        for name, loop, links, got, topic in groups:
+        for name, loop, _links, got, topic in groups:
             got.clear()
             t0 = time.perf_counter()
             pub.client.publish(topic, frame, qos=1, retain=True)
-            serve(loop, lambda: len(got) == n, 60)
+            serve(loop, lambda got=got: len(got) == n, 60)
             times[name].append(max(got.values()) - t0)
         seen.clear()
         t0 = time.perf_counter()
@@ -178,10 +229,10 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
         serve(swarm.loop, lambda: len(seen) == n, 60)
         times["swarm"].append(max(seen.values()) - t0)
         swarm.events.clear()
-    for name, loop, links, got, topic in groups:
+    for _name, loop, links, _got, _topic in groups:
         for lk in links:
             lk.stop()
-        serve(loop, lambda: not any(lk._sock_open for lk in links), 5)
+        serve(loop, lambda links=links: not any(lk._sock_open for lk in links), 5)
         loop.close()
     swarm.stopping.set()
     for a in swarm.agents:
@@ -189,10 +240,16 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
     swarm._drain(5)
     pub.close()
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return {"devices": n, "frame_bytes": len(frame), "reps": reps, "median_s": {k: round(v, 4) for k, v in med.items()},
-            "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
-            "ratio_swarm_over_raw_clean": round(med["swarm"] / med["clean"], 2),
-            "ratio_swarm_over_raw_persistent": round(med["swarm"] / med["persistent"], 2), "load_1min": load()}
+    return {
+        "devices": n,
+        "frame_bytes": len(frame),
+        "reps": reps,
+        "median_s": {k: round(v, 4) for k, v in med.items()},
+        "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "ratio_swarm_over_raw_clean": round(med["swarm"] / med["clean"], 2),
+        "ratio_swarm_over_raw_persistent": round(med["swarm"] / med["persistent"], 2),
+        "load_1min": load(),
+    }
 
 
 def main() -> int:
@@ -221,7 +278,9 @@ def main() -> int:
             small = rounds_run(args.small, args.rounds, work, bundle, data, broker.url, state_root)
             big = rounds_run(args.devices, args.rounds, work, bundle, data, broker.url, state_root)
             out["rounds"] = [small, big]
-            out["memory_per_extra_device_mb"] = round((big["swarm_peak_rss_mb"] - small["swarm_peak_rss_mb"]) / (args.devices - args.small), 3)
+            out["memory_per_extra_device_mb"] = round(
+                (big["swarm_peak_rss_mb"] - small["swarm_peak_rss_mb"]) / (args.devices - args.small), 3
+            )
         finally:
             broker.stop()
             import shutil

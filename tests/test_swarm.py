@@ -33,7 +33,9 @@ class SwarmProc(FleetlearnProcess):
     what = "swarm"
 
     def __init__(self, tmp: Path, cfg: Path, devices: int, data: Path, *extra: str, name: str = "swarm"):
-        super().__init__(tmp / f"{name}.log", "swarm", "--config", str(cfg), "--devices", str(devices), "--data", str(data), *extra)
+        super().__init__(
+            tmp / f"{name}.log", "swarm", "--config", str(cfg), "--devices", str(devices), "--data", str(data), *extra
+        )
 
 
 def swarm_config(tmp: Path, url: str, fleet: str, bundle: Path, state: Path, **training) -> Path:
@@ -72,9 +74,22 @@ def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bund
     lone_t, swarm_t = Topics("lone"), Topics("swarmfl")
     rec = Recorder(mosquitto.url, [lone_t.all_updates, swarm_t.all_updates], name="eq")
     # The lone device is named like the swarm's second device: the id seeds its batch order.
-    lone = DevProc(device_config(tmp_path, mosquitto.url, "lone", boston_bundle, lone_data, "eq-0001", max_steps=20, engine=f'"{engine}"'), tmp_path / "lone.log")
-    swarm = SwarmProc(tmp_path, swarm_config(tmp_path, mosquitto.url, "swarmfl", boston_bundle, tmp_path / "swarm-state", max_steps=20, engine=f'"{engine}"'),
-                      3, data, "--id-prefix", "eq-", "--log-level", "info")
+    lone = DevProc(
+        device_config(tmp_path, mosquitto.url, "lone", boston_bundle, lone_data, "eq-0001", max_steps=20, engine=f'"{engine}"'),
+        tmp_path / "lone.log",
+    )
+    swarm = SwarmProc(
+        tmp_path,
+        swarm_config(
+            tmp_path, mosquitto.url, "swarmfl", boston_bundle, tmp_path / "swarm-state", max_steps=20, engine=f'"{engine}"'
+        ),
+        3,
+        data,
+        "--id-prefix",
+        "eq-",
+        "--log-level",
+        "info",
+    )
     run_id = "ab" * 16
     w = np.random.default_rng(1).normal(0, 0.1, m.num_params).astype(np.float32)
     try:
@@ -83,17 +98,20 @@ def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bund
             for t in (lone_t, swarm_t):
                 rec.client.publish(t.global_model, g, qos=1, retain=True).wait_for_publish(10)
 
-            def update_of(topic_: Topics, dev: str):
+            def update_of(topic_: Topics, dev: str, r: int = r):
                 def match(topic, payload):
                     if topic != topic_.update(dev):
                         return None
                     u = Update.decode(payload, m.num_params)
                     return u if u.round == r else None
+
                 return match
 
             lone_u = rec.wait(update_of(lone_t, "eq-0001"), timeout=60)
             swarm_us = [rec.wait(update_of(swarm_t, f"eq-000{i}"), timeout=60) for i in range(3)]
-            assert swarm_us[1].delta.tobytes() == lone_u.delta.tobytes(), f"round {r}: the swarm device's delta differs from the lone device's"
+            assert swarm_us[1].delta.tobytes() == lone_u.delta.tobytes(), (
+                f"round {r}: the swarm device's delta differs from the lone device's"
+            )
             assert swarm_us[1].train_loss == lone_u.train_loss and swarm_us[1].samples == lone_u.samples
             # The devices' updates differ from one another (different shards): the comparison above is not vacuous.
             assert swarm_us[0].delta.tobytes() != swarm_us[1].delta.tobytes()
@@ -127,14 +145,47 @@ def fast_state(tmp_path):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _swarm_rounds(tmp_path, broker: Broker, bundle: Path, boston_split, n: int, rounds_: int, min_devices: int, deadline: float, timeout: float,
-                  state: Path | None = None):
+def _swarm_rounds(
+    tmp_path,
+    broker: Broker,
+    bundle: Path,
+    boston_split,
+    n: int,
+    rounds_: int,
+    min_devices: int,
+    deadline: float,
+    timeout: float,
+    state: Path | None = None,
+):
     fleet = f"sw{n}"
     agg_state = tmp_path / "agg"
-    agg = AggregatorProcess(tmp_path, broker.url, fleet, agg_state, "--rounds", str(rounds_), "--min-devices", str(min_devices),
-                            "--target-devices", str(n), "--deadline", str(deadline), "--log-level", "warning", bundle=bundle)
-    swarm = SwarmProc(tmp_path, swarm_config(tmp_path, broker.url, fleet, bundle, state or tmp_path / "devs", max_steps=2), n,
-                      train_file(tmp_path, boston_split), "--max-rounds", str(rounds_), "--log-level", "warning")
+    agg = AggregatorProcess(
+        tmp_path,
+        broker.url,
+        fleet,
+        agg_state,
+        "--rounds",
+        str(rounds_),
+        "--min-devices",
+        str(min_devices),
+        "--target-devices",
+        str(n),
+        "--deadline",
+        str(deadline),
+        "--log-level",
+        "warning",
+        bundle=bundle,
+    )
+    swarm = SwarmProc(
+        tmp_path,
+        swarm_config(tmp_path, broker.url, fleet, bundle, state or tmp_path / "devs", max_steps=2),
+        n,
+        train_file(tmp_path, boston_split),
+        "--max-rounds",
+        str(rounds_),
+        "--log-level",
+        "warning",
+    )
     try:
         assert agg.wait(timeout) == 0, agg.text()[-3000:]
         assert swarm.wait(60) == 0, swarm.text()[-3000:]
@@ -161,13 +212,15 @@ class BigMosquitto(Broker):
     def __init__(self, workdir: Path):
         super().__init__("mosquitto", workdir)
 
-    def start(self) -> "BigMosquitto":
+    def start(self) -> BigMosquitto:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
             "max_queued_messages 10000\nmax_connections -1\nlog_dest stderr\nlog_type error\nlog_type warning\n"
         )
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT
+        )
         wait_port(self.port)
         return self
 
@@ -205,8 +258,21 @@ def test_swarm_fault_mid_round_loses_no_acknowledged_update(tmp_path, boston_bun
     t = Topics(fleet)
     rec = Recorder(broker.url, [t.base + "/ack/+"], name="swf")
     agg_state = tmp_path / "agg"
-    agg = AggregatorProcess(tmp_path, broker.url, fleet, agg_state, "--rounds", "2", "--min-devices", str(n), "--target-devices", str(n),
-                            "--deadline", "120", bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        broker.url,
+        fleet,
+        agg_state,
+        "--rounds",
+        "2",
+        "--min-devices",
+        str(n),
+        "--target-devices",
+        str(n),
+        "--deadline",
+        "120",
+        bundle=boston_bundle,
+    )
     # 20 devices train slowly (the fault must land mid-round); 1,000 are slow enough as they are.
     slow = {"max_steps": 4000, "batch_size": 1} if n <= 20 else {"max_steps": 2}
     cfg = swarm_config(tmp_path, broker.url, fleet, boston_bundle, fast_state if n > 20 else tmp_path / "devs", **slow)

@@ -26,7 +26,7 @@ import select
 import socket
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -52,13 +52,13 @@ class EpollLoop:
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
-        self._by_fd: dict[int, "EpollLink"] = {}
+        self._by_fd: dict[int, EpollLink] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
-        self.links: list["EpollLink"] = []
+        self.links: list[EpollLink] = []
         self._next_misc = time.monotonic() + MISC_INTERVAL_S
 
-    def add(self, link: "EpollLink") -> None:
+    def add(self, link: EpollLink) -> None:
         self.links.append(link)
         self.call_later(0.0, link._connect)
 
@@ -67,7 +67,7 @@ class EpollLoop:
 
     # -------------------------------------------------------- socket callbacks from paho
 
-    def _register(self, link: "EpollLink", sock) -> None:
+    def _register(self, link: EpollLink, sock) -> None:
         fd = sock.fileno()
         self._by_fd[fd] = link
         try:
@@ -142,7 +142,7 @@ class EpollLink(MqttLink):
         self._sock_open = False
         self.loop._unregister(sock)
 
-    def start(self) -> "EpollLink":
+    def start(self) -> EpollLink:
         self.loop.add(self)
         return self
 

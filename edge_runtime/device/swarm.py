@@ -24,21 +24,21 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 import logging
 import math
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.partition import parse_partition, partition
 from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop, raise_nofile_limit
+from fleetlearn.edge_runtime.core.partition import parse_partition, partition
 from fleetlearn.edge_runtime.device.agent import DeviceAgent, Event
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.engines.shared import SharedEngines
@@ -70,7 +70,9 @@ def partition_rows(spec: str, y: np.ndarray, devices: int, seed: int, task: str)
     return [np.sort(part % n) for part in parts]
 
 
-def write_shards(data_file: str, state_root: Path, ids: list[str], spec: str, seed: int, task: str, target: str | None = None) -> list[Path]:
+def write_shards(
+    data_file: str, state_root: Path, ids: list[str], spec: str, seed: int, task: str, target: str | None = None
+) -> list[Path]:
     """Each device's shard of `data_file` as `<state_root>/<id>/shard.npz` (raw rows: the agent
     preprocesses them as it does any local data file)."""
     from fleetlearn.edge_runtime.core.data import _read_csv, _read_npz  # raw arrays, before preprocessing
@@ -134,8 +136,14 @@ class Swarm:
     """N device agents on one EpollLoop. `run()` until every device did --max-rounds rounds
     (or SIGTERM/SIGINT), then each says `offline` and disconnects cleanly."""
 
-    def __init__(self, base: DeviceConfig, ids: list[str], shards: list[Path], max_rounds: int | None,
-                 engine_factory: Callable | None = None):
+    def __init__(
+        self,
+        base: DeviceConfig,
+        ids: list[str],
+        shards: list[Path],
+        max_rounds: int | None,
+        engine_factory: Callable | None = None,
+    ):
         soft, hard = raise_nofile_limit()
         need = FDS_PER_DEVICE * len(ids) + 64
         if soft < need:
@@ -152,8 +160,14 @@ class Swarm:
         for dev, shard in zip(ids, shards):
             cfg = replace(base, device_id=dev, data=str(shard), state_dir=str(Path(base.state_dir) / dev))
             cell: list[DeviceAgent] = []
-            agent = DeviceAgent(cfg, max_rounds, link_factory=link_factory, post=lambda ev, c=cell: self.events.append((c[0], ev)),
-                                group_commit=self.commit, **extra)
+            agent = DeviceAgent(
+                cfg,
+                max_rounds,
+                link_factory=link_factory,
+                post=lambda ev, c=cell: self.events.append((c[0], ev)),
+                group_commit=self.commit,
+                **extra,
+            )
             cell.append(agent)
             self.agents.append(agent)
         self._closed: set[int] = set()
@@ -167,7 +181,12 @@ class Swarm:
         t = time.monotonic()
         for agent in self.agents:
             agent.start()
-        log.info("event=swarm_start devices=%d engines_opened=%d setup_s=%.2f", len(self.agents), self.engines.opened, time.monotonic() - t)
+        log.info(
+            "event=swarm_start devices=%d engines_opened=%d setup_s=%.2f",
+            len(self.agents),
+            self.engines.opened,
+            time.monotonic() - t,
+        )
 
     def run(self) -> int:
         self._install_signal_handlers()

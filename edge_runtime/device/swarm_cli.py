@@ -15,7 +15,9 @@ from fleetlearn.edge_runtime.core.logs import add_log_arguments, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="device config TOML (see docs/device.md); device_id and data are overridden")
+    parser.add_argument(
+        "--config", required=True, help="device config TOML (see docs/device.md); device_id and data are overridden"
+    )
     parser.add_argument("--devices", type=int, required=True, help="how many virtual devices")
     parser.add_argument("--data", required=True, help="dataset (NPZ with x, y or CSV) to partition across the devices")
     parser.add_argument("--partition", default="iid", help="iid (default), dirichlet:ALPHA or shards:K")

@@ -30,7 +30,9 @@ def link_options(c: DeviceConfig) -> LinkOptions:
 def load_signer(cfg: DeviceConfig):
     """The update signer / global-model verifier, when the config names keys (issue: security)."""
     if not (cfg.signing.key_file or cfg.signing.aggregator_public_key):
-        log.info("event=signing device=%s signs_updates=no verifies_globals=no reason='no [signing] keys configured'", cfg.device_id)
+        log.info(
+            "event=signing device=%s signs_updates=no verifies_globals=no reason='no [signing] keys configured'", cfg.device_id
+        )
         return None
     from fleetlearn.edge_runtime.core.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
 

@@ -76,7 +76,9 @@ class SharedEngines:
         self._slots: dict[tuple[str, str, int], _Slot] = {}
         self.opened = 0  # engines (session sets) opened, for the bench and tests
 
-    def __call__(self, bundle_dir: str | Path, manifest: Manifest, engine: str = "auto", threads: int = 1) -> Engine | DeviceEngine:
+    def __call__(
+        self, bundle_dir: str | Path, manifest: Manifest, engine: str = "auto", threads: int = 1
+    ) -> Engine | DeviceEngine:
         if choose_engine(manifest, engine) != "portable":
             self.opened += 1
             return open_engine(bundle_dir, manifest, engine, threads=threads)
