@@ -374,7 +374,7 @@ class DeviceAgent(BundleOverTheAir):
         if self.group_commit is None:
             self.link.publish(topic, payload, qos=1)
         else:
-            self.group_commit.after_sync(lambda: self.link.publish(topic, payload, qos=1))
+            self.group_commit.after_sync(lambda: None if self.link.publish(topic, payload, qos=1) else None)
 
     def _on_ack(self, payload: bytes) -> None:
         ack = Ack.decode(payload)

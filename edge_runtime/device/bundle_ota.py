@@ -6,13 +6,36 @@ protocol logic."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from fleetlearn.edge_runtime.core.errors import BundleError, ProtocolError
 from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
 
+if TYPE_CHECKING:
+    from fleetlearn.edge_runtime.core.bundle import Manifest
+    from fleetlearn.edge_runtime.core.mqtt import MqttLink
+    from fleetlearn.edge_runtime.core.protocol import GlobalModel, Topics
+    from fleetlearn.edge_runtime.device.config import DeviceConfig
+
 
 class BundleOverTheAir:
+    # What DeviceAgent provides (declared for the type checker).
+    cfg: DeviceConfig
+    link: MqttLink
+    topics: Topics
+    signer: Any
+    manifest: Manifest | None
+    assembly: BundleAssembly | None
+    waiting_global: GlobalModel | None
+
+    if TYPE_CHECKING:
+
+        def _status(self, state: str, round_: int | None = None, detail: str = "") -> None: ...
+        def _log(self, level: int, event: str, round_: int | None = None, **fields: Any) -> None: ...
+        def _load_bundle(self) -> bool: ...
+        def _handle_global(self, g: GlobalModel) -> None: ...
+
     def _on_bundle_announcement(self, payload: bytes) -> None:
         if not payload:
             return

@@ -41,6 +41,7 @@ from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop, raise_
 from fleetlearn.edge_runtime.core.partition import parse_partition, partition
 from fleetlearn.edge_runtime.device.agent import DeviceAgent, Event
 from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.edge_runtime.engines.base import Engine
 from fleetlearn.edge_runtime.engines.shared import SharedEngines
 
 log = logging.getLogger("fleetlearn.swarm")
@@ -64,7 +65,7 @@ def partition_rows(spec: str, y: np.ndarray, devices: int, seed: int, task: str)
     if n == 0:
         raise UsageError("--data holds no samples")
     parsed = parse_partition(spec)
-    per_device = int(parsed.param) if parsed.scheme == "shards" else 1  # shards:K needs K samples a device
+    per_device = int(parsed.param or 1) if parsed.scheme == "shards" else 1  # shards:K needs K samples a device
     reps = max(1, math.ceil(devices * per_device / n))
     parts = partition(parsed, np.concatenate([np.asarray(y)] * reps), devices, seed, task=task)
     return [np.sort(part % n) for part in parts]
@@ -142,7 +143,7 @@ class Swarm:
         ids: list[str],
         shards: list[Path],
         max_rounds: int | None,
-        engine_factory: Callable | None = None,
+        engine_factory: Callable[..., Engine] | None = None,
     ):
         soft, hard = raise_nofile_limit()
         need = FDS_PER_DEVICE * len(ids) + 64
@@ -155,7 +156,6 @@ class Swarm:
         self.agents: list[DeviceAgent] = []
         self.commit = GroupCommit(Path(base.state_dir))
         self.engines = SharedEngines()
-        extra = {"engine_factory": engine_factory or self.engines}
         link_factory = lambda *a, **kw: EpollLink(*a, loop=self.loop, **kw)  # noqa: E731
         for dev, shard in zip(ids, shards):
             cfg = replace(base, device_id=dev, data=str(shard), state_dir=str(Path(base.state_dir) / dev))
@@ -164,13 +164,21 @@ class Swarm:
                 cfg,
                 max_rounds,
                 link_factory=link_factory,
-                post=lambda ev, c=cell: self.events.append((c[0], ev)),
+                post=self._poster(cell),
                 group_commit=self.commit,
-                **extra,
+                engine_factory=engine_factory or self.engines,
             )
             cell.append(agent)
             self.agents.append(agent)
         self._closed: set[int] = set()
+
+    def _poster(self, cell: list[DeviceAgent]) -> Callable[[Event], None]:
+        """The device's event sink: the host's one queue, tagged with the device (cell[0])."""
+
+        def post(event: Event) -> None:
+            self.events.append((cell[0], event))
+
+        return post
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():

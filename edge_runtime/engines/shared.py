@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from fleetlearn.edge_runtime.engines.select import choose_engine, open_engine
 class _Slot:
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.fresh = {k: v.copy() for k, v in engine.live_state().items()}  # the bundle's initial state
+        self.fresh: dict[str, np.ndarray] = {k: v.copy() for k, v in engine.live_state().items()}  # the bundle's initial state
         self.owner: DeviceEngine | None = None
 
 
@@ -87,4 +88,4 @@ class SharedEngines:
         if slot is None:
             slot = self._slots[key] = _Slot(open_engine(bundle_dir, manifest, "portable", threads=threads))
             self.opened += 1
-        return DeviceEngine(slot)
+        return cast(Engine, DeviceEngine(slot))  # duck-typed: the Engine calls an agent makes
