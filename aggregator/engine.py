@@ -217,6 +217,7 @@ class Aggregator:
     def _drain_events(self, limit: int = 256) -> None:
         """Handle what is already queued (no waiting), so updates that arrived together are
         made durable together."""
+        assert self.current is not None  # only called while a round is open
         for _ in range(limit):
             if self._queue.empty() or len(self.current.accepted) >= self.current.target:
                 return

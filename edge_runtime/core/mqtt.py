@@ -291,7 +291,7 @@ class MqttLink:
                     self.client.reconnect()
                 first = False
                 sock = self.client.socket()
-                if isinstance(sock, socket.socket) or hasattr(sock, "setsockopt"):
+                if sock is not None and (isinstance(sock, socket.socket) or hasattr(sock, "setsockopt")):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 first = first and isinstance(exc, ValueError)
