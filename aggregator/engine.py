@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
+from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
+from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Status, Topics
 
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.events import EventCallback, Events, log
@@ -41,6 +41,7 @@ from fleetlearn.aggregator.intake import Intake, RoundRun
 from fleetlearn.aggregator.logs import kv
 
 EXIT_OK = 0
+EXIT_FLEET_LOST = 2  # another aggregator took the fleet over while this one ran
 EXIT_ROUND_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -59,7 +60,8 @@ class Aggregator:
 
     `on_event(name, fields)`, when given, is called from run()'s thread for the events in
     events.NOTIFIED: round_open, update_accepted, update_rejected, round_extended,
-    round_closed (fields: the round's record), round_failed, finished.
+    round_closed (fields: the round's record), round_failed, finished (and device_status when
+    `watch_devices` is set).
     """
 
     def __init__(self, config: AggregatorConfig, on_event: EventCallback | None = None):
@@ -71,8 +73,12 @@ class Aggregator:
         self._stop_code = EXIT_SIGTERM
         self._connects = 0
         self.link: Any = None
+        self.leader: Any = None  # the LeaseKeeper (aggregator/leader.py) once the fleet is claimed
         self.store: Any = None
         self.current: RoundRun | None = None
+        # Subscribe to the devices' retained statuses and emit `device_status` events (for a
+        # metrics exporter, aggregator/metrics.py); off by default: a large fleet's statuses cost bandwidth.
+        self.watch_devices = False
 
     # ------------------------------------------------------------------ public
 
@@ -105,6 +111,8 @@ class Aggregator:
             return self._stopped()
         finally:
             self._flush(5.0)
+            if self.leader is not None:
+                self.leader.release()
             if self.link is not None:
                 self.link.stop()
 
@@ -148,12 +156,20 @@ class Aggregator:
     def _connect(self) -> None:
         from fleetlearn.edge_runtime.core.mqtt import MqttLink
 
+        from fleetlearn.aggregator.config import aggregator_client_id
+        from fleetlearn.aggregator.leader import LeaseKeeper
         from fleetlearn.aggregator.publisher import Publisher
 
         cfg = self.config
-        self.link = MqttLink(cfg.link, on_message=self._on_message, on_connect=self._on_connect)
+        link = aggregator_client_id(cfg.link, cfg.fleet, self.store.run_id)
+        # One writer per fleet: claim it before publishing anything (LeaderError, exit 2, if another leads).
+        self.leader = LeaseKeeper(link, self.topics, self.store.run_id, cfg.lease, self.events, self._fleet_lost, cfg.connect_timeout)
+        self.leader.claim()
+        self.link = MqttLink(link, on_message=self._on_message, on_connect=self._on_connect)
         self.link.subscribe(self.topics.all_updates, qos=1)
         self.link.subscribe(self.topics.bundle, qos=1)
+        if self.watch_devices:
+            self.link.subscribe(self.topics.all_status, qos=1)
         self.publisher = Publisher(self.link, self.topics, self.signing, self.events)
         self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.rounds.target)
         self.link.start()
@@ -165,6 +181,10 @@ class Aggregator:
                 raise UsageError(f"cannot reach the broker at {cfg.link.url} within {cfg.connect_timeout:.0f}s: {self.link.last_error or 'no answer'}")
 
     # ------------------------------------------------------------------ MQTT plumbing
+
+    def _fleet_lost(self, reason: str) -> None:  # the lease keeper's thread
+        self.exit_reason = reason
+        self.stop(EXIT_FLEET_LOST)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # network thread
         self._queue.put(("message", topic, bytes(payload)))
@@ -194,12 +214,27 @@ class Aggregator:
             elif kind == "message":
                 if topic == self.topics.bundle:
                     self.publisher.on_bundle_announcement(self.plan, payload)
+                elif topic.startswith(self.topics.base + "/status/"):
+                    self._on_status(topic, payload)
                 elif self.current is not None:
                     self.intake.on_update(self.current, topic, payload)
         except (RoundFailed, _Stopped):
             raise
         except Exception as exc:  # a bug must cost one message, not the run
             log.exception("%s", kv(event="handler_failed", round=self.current.round if self.current else "-", topic=topic, error=f"{type(exc).__name__}: {exc}"))
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        """A device's retained status, told to the listeners (logged at debug: it is no round event)."""
+        try:
+            device = self.topics.device_of(topic, "status")
+            status = Status.decode(payload) if payload else None
+            if status is not None and status.device_id != device:
+                raise ProtocolError(f"status names device {status.device_id!r}")
+        except ProtocolError as exc:
+            self.events.log("status_ignored", None, level=logging.DEBUG, topic=topic, reason=exc.reason)
+            return
+        state = status.state if status is not None else "removed"  # an empty retained status: cleared on purpose
+        self.events.emit("device_status", status.round if status else None, device=device, level=logging.DEBUG, state=state)
 
     def _drain_events(self, limit: int = 256) -> None:
         """Handle what is already queued (no waiting), so updates that arrived together are
@@ -326,7 +361,8 @@ class Aggregator:
 
     def _stopped(self) -> int:
         run = self.current
-        self.events.log("aggregator_stopped", run.round if run else None, reason="signal", accepted=len(run.accepted) if run else 0)
+        reason = "fleet_lost" if self._stop_code == EXIT_FLEET_LOST else "signal"
+        self.events.log("aggregator_stopped", run.round if run else None, reason=reason, accepted=len(run.accepted) if run else 0)
         return self._stop_code
 
 
