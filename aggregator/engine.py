@@ -216,8 +216,10 @@ class Aggregator:
                     self.publisher.on_bundle_announcement(self.plan, payload)
                 elif topic.startswith(self.topics.base + "/status/"):
                     self._on_status(topic, payload)
-                elif self.current is not None:
-                    self.intake.on_update(self.current, topic, payload)
+                elif topic.startswith(self.topics.base + "/update/"):
+                    if self.current is not None:
+                        self.intake.on_update(self.current, topic, payload)
+                # else: a topic we never subscribed to (amqtt 0.12.1 delivers other clients' retained messages)
         except (RoundFailed, _Stopped):
             raise
         except Exception as exc:  # a bug must cost one message, not the run
