@@ -194,7 +194,9 @@ class DeviceAgent:
             if event.kind == "connected":
                 self._on_connected()
             elif event.topic == self.topics.leader:
-                if (lease := self.leader.observe(event.payload)) is not None:
+                before = self.leader.current
+                lease = self.leader.observe(event.payload)
+                if lease is not None and (before is None or (before.token, before.state) != (lease.token, lease.state)):  # not each renewal
                     self._log(logging.INFO, "leader", run_id=lease.run_id[:8], holder=lease.holder, state=lease.state)
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
