@@ -24,11 +24,15 @@ $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 demo: $(VENV)/.server-installed
 	$(VENV)/bin/fleetlearn demo --devices $(DEVICES) --rounds $(ROUNDS)
 
-# Debian's mosquitto is the real broker the integration tests also run against.
+# Debian's mosquitto is the real broker the integration tests also run against; Debian's
+# prometheus scrapes a real aggregator in tests/test_metrics.py.
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; }
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
 test: mosquitto $(VENV)/.dev-installed
 	$(PY) -m pytest -q

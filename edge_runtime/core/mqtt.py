@@ -133,6 +133,12 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        # Only the network thread touches the socket. Without a register-write hook, paho writes a
+        # publish() made on another thread (the owner's) straight to the socket while the network
+        # thread may be reading it: an SSL object used by two threads at once corrupts the TLS
+        # stream ("bad record mac", seen with the aggregator's lease connection). With the hook,
+        # publish() only queues and wakes the loop's select() through paho's socket pair.
+        client.on_socket_register_write = lambda *_: None
         return client
 
     def _connect_kwargs(self) -> dict:
