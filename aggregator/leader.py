@@ -167,7 +167,7 @@ class LeaseKeeper:
     def _options(self, suffix: str, will: tuple[str, bytes, int, bool] | None) -> LinkOptions:
         # Our own client ids (never the main link's): a second aggregator's read must not kick anyone off.
         return dataclasses.replace(self.opts, client_id=f"{self.opts.client_id}-{suffix}{self.token[:8]}"[:128], clean_session=True,
-                                   will=will, keepalive=max(2, min(self.opts.keepalive, int(self.policy.ttl // 2))), backoff_max=2.0)
+                                   will=will, backoff_max=2.0)
 
     def _lease(self, state: str) -> Lease:
         now = time.time()

@@ -59,7 +59,7 @@ REJECTION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("too_large", ("-byte bound", "exceeds the")),
     ("malformed", ("empty payload", "field ", "crc", "magic", "frame", "header", "meta", "not finite", "nan", "truncated", "wire version", "kind", "encoding", "body")),
 )
-REJECTION_REASONS = tuple(name for name, _ in REJECTION_RULES) + ("refused", "other")
+REJECTION_REASONS = tuple(name for name, _ in REJECTION_RULES) + ("other",)
 
 
 def rejection_reason(reason: str) -> str:

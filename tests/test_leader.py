@@ -201,7 +201,7 @@ def test_sigkilled_leader_without_a_will_is_taken_over_after_expiry(mosquitto, t
     not released; a replacement with --takeover takes the fleet once the lease expired, devices
     follow the new run, and the old leader's late Last Will does not undo the takeover."""
     relay = Relay(mosquitto.port)
-    a = agg(tmp_path, f"mqtt://127.0.0.1:{relay.port}", "a", boston_bundle, "--lease-ttl", "4")
+    a = agg(tmp_path, f"mqtt://127.0.0.1:{relay.port}", "a", boston_bundle, "--lease-ttl", "10")
     procs: list = []
     try:
         wait_text(a, "event=round_open")
