@@ -352,3 +352,24 @@ def test_monitor_exports_the_device_gauges(mosquitto, tmp_path):
         for dev in "abc":
             peer.publish(t.status(dev), b"", retain=True)
         peer.close()
+
+
+def test_dp_epsilon_only_when_dp_reports_it_and_counters_from_events():
+    from prometheus_client import generate_latest
+
+    e = MetricsExporter()
+    rec = {"round": 1, "run_id": "a" * 32, "devices": ["d1", "d2"], "accepted": 2, "wall_s": 2.5, "bytes_in": 100, "bytes_out": 40, "test_mse": 3.0}
+    e.on_event("round_open", {"round": 1, "target_devices": 2})
+    e.on_event("round_extended", {"round": 1})
+    e.on_event("round_closed", rec)
+    s = served_samples(generate_latest(e.registry).decode())
+    assert "fleetlearn_dp_epsilon" not in s
+    assert value(s, "fleetlearn_deadline_extensions_total") == 1 and value(s, "fleetlearn_bytes_total", direction="in") == 100
+    assert value(s, "fleetlearn_round_accepted_updates") == 2 and value(s, "fleetlearn_round_target_devices") == 2
+    e.on_event("round_open", {"round": 2, "target_devices": 2})
+    e.on_event("round_closed", {**rec, "round": 2, "epsilon": 1.25, "delta": 1e-5})
+    s = served_samples(generate_latest(e.registry).decode())
+    assert value(s, "fleetlearn_dp_epsilon") == 1.25 and value(s, "fleetlearn_round") == 2 and value(s, "fleetlearn_bytes_total", direction="out") == 80
+    resumed = MetricsExporter()
+    resumed.on_event("round_open", {"round": 7, "target_devices": 1})  # a restart resumes at round 7
+    assert value(served_samples(generate_latest(resumed.registry).decode()), "fleetlearn_round") == 6
