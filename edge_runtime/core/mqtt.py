@@ -274,12 +274,15 @@ class MqttLink:
         while self.connected.is_set() and self.client.want_write() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stop.set()
-        try:
-            self.client.disconnect()
-        except Exception:  # already gone: nothing to flush
-            pass
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        try:
+            # The network thread has ended: write the DISCONNECT from here (publish and disconnect
+            # only queue, see _make_client), so the broker does not publish our Last Will.
+            self.client.disconnect()
+            self.client.loop_write()
+        except Exception:  # already gone: nothing to flush
+            pass
 
     # ------------------------------------------------------------ network thread
 
