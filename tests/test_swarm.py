@@ -274,7 +274,8 @@ def test_swarm_fault_mid_round_loses_no_acknowledged_update(tmp_path, boston_bun
         bundle=boston_bundle,
     )
     # 20 devices train slowly (the fault must land mid-round); 1,000 are slow enough as they are.
-    slow = {"max_steps": 4000, "batch_size": 1} if n <= 20 else {"max_steps": 2}
+    # (a shard holds about 20 rows: 200 epochs of batch 1 make ~4,000 steps, ~0.3 s a device)
+    slow = {"max_steps": 4000, "batch_size": 1, "local_epochs": 200} if n <= 20 else {"max_steps": 2}
     cfg = swarm_config(tmp_path, broker.url, fleet, boston_bundle, fast_state if n > 20 else tmp_path / "devs", **slow)
     data = train_file(tmp_path, boston_split)
     swarm = SwarmProc(tmp_path, cfg, n, data, "--max-rounds", "2", "--log-level", "info")

@@ -39,8 +39,8 @@ MISC_INTERVAL_S = 1.0  # how often every client's loop_misc runs (keepalive ping
 
 def raise_nofile_limit() -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns (soft, hard) afterwards.
-    Each paho client holds 3 descriptors (its socket and a socket pair) and each device a
-    state-dir lock: about 4 per device."""
+    A paho client on this loop holds one descriptor (its socket: paho makes its wake-up socket
+    pair only for its own loop) and each device a state-dir lock: 2 per device."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

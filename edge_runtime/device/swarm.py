@@ -48,7 +48,7 @@ log = logging.getLogger("fleetlearn.swarm")
 
 EVENT_BUDGET_S = 0.05  # at most this long handling events before the sockets are served again
 TICK_INTERVAL_S = 0.5
-FDS_PER_DEVICE = 4  # socket, paho's socket pair, state-dir lock
+FDS_PER_DEVICE = 4  # its socket and state-dir lock (paho makes its socket pair only for its own loop), with margin
 
 
 def device_ids(prefix: str, n: int) -> list[str]:
