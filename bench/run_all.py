@@ -17,6 +17,7 @@ for script, args in [
     ("bench_ingest.py", []),
     ("bench_compress.py", []),
     ("bench_compress.py", ["--dataset", "digits", "--rounds", "10", "--no-large-model"]),
+    ("bench_swarm.py", []),
     ("bench_emulated.py", []),  # needs root and qemu-user-static; says why when it cannot run
 ]:
     print(f"== {script} {' '.join(args)}", flush=True)

@@ -38,9 +38,11 @@ class DeviceState:
         atomic_write_json(state_dir / "device_state.json", asdict(self), durable=False)
 
 
-def save_pending_update(state_dir: Path, payload: bytes) -> None:
-    """The encoded update frame, written durably before it is first sent; re-sent as-is after a restart."""
-    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=True)
+def save_pending_update(state_dir: Path, payload: bytes, durable: bool = True) -> None:
+    """The encoded update frame, written durably before it is first sent; re-sent as-is after a
+    restart. durable=False only for a caller that syncs the file system before sending (the
+    swarm's group commit)."""
+    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=durable)
 
 
 def load_pending_update(state_dir: Path) -> bytes | None:
@@ -59,8 +61,8 @@ def clear_pending_update(state_dir: Path) -> None:
 
 def recover_pending(state_dir: Path, state: DeviceState) -> int:
     """After a power cut device_state.json (not fsynced) may be older than the pending update
-    file (fsynced): the frame itself says which run, round and nonce it is. Updates and saves
-    `state`; returns the recovered round (0: nothing to recover; an unreadable file is removed)."""
+    file (fsynced): the frame itself says which run, round and nonce it is. Returns the round
+    recovered into `state` (saved), or 0."""
     payload = load_pending_update(state_dir)
     if payload is None or state.pending_round:
         return 0

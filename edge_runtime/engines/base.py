@@ -14,6 +14,7 @@ Optimizer always did.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ class Engine(ABC):
 
     # ---------------------------------------------------------------- shared by every engine
 
-    def train(self, data: Dataset, batch_size: int, epochs: int = 1, max_steps: int | None = None, seed: int = 0, lr: float | None = None) -> TrainResult:
+    def train(self, data: Dataset, batch_size: int, epochs: int = 1, max_steps: int | None = None, seed: int | Sequence[int] = 0,
+              lr: float | None = None) -> TrainResult:
         """Shuffled mini-batch training; returns the sample-weighted mean training loss."""
         self._begin_train(self.default_lr if lr is None else lr)
         rng = np.random.default_rng(seed)

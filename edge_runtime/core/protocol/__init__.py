@@ -13,6 +13,7 @@ unpickled. docs/protocol.md is the prose version of this package.
     metrics   RoundMetrics: the `metrics` message and a line of rounds.jsonl
     encodings tensor body encodings (float32, fp16, int8 blocks, top-k) and error feedback
     parts     PART frames: messages over --max-message-size, and the one chunk assembly
+    lease     Lease and LeaseView: which aggregator run leads the fleet (`leader`)
 
 Import from here (`from fleetlearn.edge_runtime.core.protocol import Update`); a new wire
 message is one type in one of these modules, exported below.
@@ -25,6 +26,7 @@ Topics (per fleet; topics.TOPIC_TREE is the table):
     fleetlearn/<fleet>/ack/<device>        -         JSON acknowledgement of one update (accepted or the reason)
     fleetlearn/<fleet>/status/<device>     retained  JSON device status; the MQTT Last Will sets "offline"
     fleetlearn/<fleet>/metrics             retained  JSON metrics of the last closed round
+    fleetlearn/<fleet>/leader              retained  JSON lease: the aggregator run that leads the fleet
     fleetlearn/<fleet>/bundle              retained  JSON bundle announcement (manifest + chunking)
     fleetlearn/<fleet>/bundle/<hash>/<i>   retained  binary BUNDLE_CHUNK frames of the bundle's files
 
@@ -110,6 +112,7 @@ from fleetlearn.edge_runtime.core.protocol.messages import (
     UpdateHeader,
     invitation_rank,
 )
+from fleetlearn.edge_runtime.core.protocol.lease import LEASE_STATES, Lease, LeaseView, encode_probe, probe_token
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
 from fleetlearn.edge_runtime.core.protocol.parts import PART_META_RESERVE, ChunkAssembly, Part, Reassembler, is_part, part_capacity, split_message
 from fleetlearn.edge_runtime.core.protocol.status import DEVICE_STATES, POWER_SOURCES, Health, Status
@@ -124,5 +127,6 @@ __all__ = [
     "DEFAULT_INT8_BLOCK", "TENSOR_ENCODINGS", "Compression", "decode_tensor", "encode_tensor", "feedback_step", "max_body_bytes",
     "MAX_MAX_MESSAGE_SIZE", "MIN_MAX_MESSAGE_SIZE",
     "PART_META_RESERVE", "ChunkAssembly", "Part", "Reassembler", "is_part", "part_capacity", "split_message",
+    "LEASE_STATES", "Lease", "LeaseView", "encode_probe", "probe_token",
     "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

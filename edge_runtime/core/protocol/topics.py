@@ -49,6 +49,7 @@ TOPIC_TREE: tuple[TopicRule, ...] = (
     _rule("global/part/#", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary PART frames of a global model over --max-message-size, on global/part/<i>"),
     _rule("round", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON round state (open / closed / finished / failed)"),
     _rule("metrics", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON metrics of the last closed round (RoundMetrics)"),
+    _rule("leader", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON lease: the aggregator run that leads the fleet; its Last Will releases it"),
     _rule("bundle", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON bundle announcement (manifest + chunking)"),
     _rule("bundle/#", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary BUNDLE_CHUNK frames on bundle/<hash>/<i>"),
     _rule(f"update/{DEVICE_SEGMENT}", DEVICE, (AGGREGATOR,), False, "binary UPDATE frame: device -> aggregator weight delta"),
@@ -98,6 +99,10 @@ class Topics:
     @property
     def metrics(self) -> str:
         return f"{self.base}/metrics"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.base}/leader"
 
     @property
     def bundle(self) -> str:
