@@ -14,6 +14,7 @@ queue for offline sessions.
 from __future__ import annotations
 
 import logging
+import platform
 import os
 import queue
 import secrets
@@ -121,12 +122,11 @@ class DeviceAgent:
         if state == "ineligible" and not detail and self.status_last[0] == "ineligible":
             detail = self.status_last[2]  # a reconnect re-announces the state: keep its reason
         self.status_state = state
-        if not detail and self.trainer is not None:
-            detail = f"engine {self.trainer.name}"  # which engine trains here (a fleet may mix them)
         self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
         health = self.health.read()
-        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health).encode(), qos=1, retain=True)
+        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health,
+                                 engine=self.trainer.name if self.trainer else None, arch=platform.machine() or None).encode(), qos=1, retain=True)
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
