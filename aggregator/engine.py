@@ -358,6 +358,8 @@ class Aggregator:
                                   **self.strategy.round_summary(), **run.norms.summary()}
         if run.cohort is not None:
             record.update(invited=list(run.cohort.invited), connected=run.cohort.connected)
+        if run.config.proximal_mu:
+            record["proximal_mu"] = run.config.proximal_mu  # the strategy names the aggregation; mu is the devices' side
         acks = self.intake.encode_due_acks(run)  # sent once the commit below has made them durable
         record.update(self.evaluator.evaluate(new_w))
         closed_at = time.time()

@@ -390,7 +390,7 @@ def test_bundle_trains_in_a_process_without_torch(tmp_path):
                  for n in module.input_names()[2:]]  # FedProx's inputs, mu = 0
         assert m.proximal and len(feeds) == 1 + len(m.params)
         for _ in range(5):
-            loss, _obj = module(x, y, *feeds)[::-1]
+            _objective, loss = module(x, y, *feeds)
             opt.step(); module.lazy_reset_grad()
             losses.append(float(loss))
         after = module.get_contiguous_parameters(trainable_only=True).numpy()

@@ -125,6 +125,7 @@ def test_fedprox_end_to_end_one_device_per_engine(mosquitto, tmp_path, boston_bu
         agg.stop()
     rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["devices"] == ["dev-0", "dev-1"] for r in rounds)
+    assert all(r["strategy"] == "fedavg" and r["proximal_mu"] == MU for r in rounds)  # FedAvg's aggregation, devices' mu
     assert "proximal_mu=0.01" in agg.text()
     for i, engine in enumerate(["ort-training", "portable"]):
         text = (tmp_path / f"dev-{i}.log").read_text()
