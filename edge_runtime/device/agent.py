@@ -21,7 +21,6 @@ import secrets
 import signal
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +30,16 @@ from fleetlearn.edge_runtime.core.bundle import Manifest
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
+from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
+from fleetlearn.edge_runtime.device.signer import load_signer
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
-from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError
+from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
-from fleetlearn.edge_runtime.core.errors import UsageError
 from fleetlearn.edge_runtime.engines.base import Engine
 from fleetlearn.edge_runtime.engines.select import open_engine
 
@@ -73,13 +73,14 @@ class DeviceAgent:
         self._data_mtime: float | None = None
         self.assembly: BundleAssembly | None = None
         self.waiting_global: GlobalModel | None = None  # a global model for a bundle we are fetching
-        self.signer = _load_signer(cfg)
+        self.signer = load_signer(cfg)
         self.status_state = "idle"
         self.status_last: tuple[str, int | None, str] = ("idle", None, "")  # (state, round, detail) last published
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
+        self._sat_out: tuple[str, int] = ("", 0)  # the last (run, round) this bundle could not train as asked
         self.link = MqttLink(
             self._link_options(),
             on_message=self._on_message,
@@ -293,20 +294,16 @@ class DeviceAgent:
 
     def _train_and_send(self, g: GlobalModel) -> None:
         assert self.trainer is not None and self.manifest is not None
+        reason = sit_out_reason(self.manifest, g)
+        if reason is not None:  # e.g. FedProx asked of a bundle without the term: say so, sit it out
+            if self._sat_out != (g.run_id, g.round):
+                self._sat_out = (g.run_id, g.round)
+                self._log(logging.WARNING, "sitting_out", g.round, reason=reason)
+                self._status("error", g.round, reason)
+            return
         data = self._ensure_data()
         self._status("training", g.round)
-        t = self.cfg.training
-        c = g.config
-        self.trainer.set_weights(g.weights)
-        result = self.trainer.train(
-            data,
-            batch_size=c.batch_size or t.batch_size,
-            epochs=c.local_epochs or t.local_epochs,
-            max_steps=c.max_steps or t.max_steps,
-            seed=[t.seed, g.round, zlib.crc32(self.cfg.device_id.encode())],
-            lr=c.lr,
-        )
-        delta = self.trainer.get_weights() - g.weights
+        result, delta = train_round(self.trainer, data, self.cfg.training, g, self.cfg.device_id)
         if not (np.isfinite(result.mean_loss) and np.isfinite(delta).all()):
             # Diverged (too high a learning rate, bad data scale): nothing useful to send. Say so
             # and sit this round out; the next global model resets the weights.
@@ -335,7 +332,7 @@ class DeviceAgent:
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
         self.link.publish(self.topics.update(self.cfg.device_id), payload, qos=1)
-        self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
+        self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, mu=g.config.proximal_mu or 0, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
 
     def _on_ack(self, payload: bytes) -> None:
         ack = Ack.decode(payload)
@@ -451,12 +448,3 @@ class DeviceAgent:
         else:
             self._status("idle")
 
-
-def _load_signer(cfg: DeviceConfig):
-    """The update signer / global-model verifier, when the config names keys (issue: security)."""
-    if not (cfg.signing.key_file or cfg.signing.aggregator_public_key):
-        log.info("event=signing device=%s signs_updates=no verifies_globals=no reason='no [signing] keys configured'", cfg.device_id)
-        return None
-    from fleetlearn.edge_runtime.core.signing import DeviceSigner  # needs `cryptography`, only when keys are configured
-
-    return DeviceSigner.from_config(cfg.signing, cfg.device_id)

@@ -85,6 +85,7 @@ from fleetlearn.edge_runtime.core.protocol.frame import (
 from fleetlearn.edge_runtime.core.protocol.messages import (
     MAX_DECODE_PARAMS,
     MAX_MODEL_PARAMS,
+    MAX_PROXIMAL_MU,
     RANK_SPACE,
     ROUND_STATES,
     Ack,
@@ -105,6 +106,6 @@ __all__ = [
     "HEX32_RE", "HEX64_RE", "MAX_JSON_BYTES", "MAX_ROUND", "NAME_RE", "WIRE_VERSION", "decode_json", "encode_json",
     "FLAG_SIGNED", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_META_BYTES", "MAX_SIG_BYTES", "Encoding", "Frame", "FrameHeader", "Kind", "Signer",
     "decode_frame", "encode_frame", "max_frame_bytes", "peek_meta", "read_header", "tensor_from_body", "tensor_to_body",
-    "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "RANK_SPACE", "ROUND_STATES", "Ack", "GlobalModel", "Invitation", "invitation_rank", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
+    "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "MAX_PROXIMAL_MU", "RANK_SPACE", "ROUND_STATES", "Ack", "GlobalModel", "Invitation", "invitation_rank", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
     "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

@@ -19,16 +19,19 @@ from fleetlearn.edge_runtime.core.protocol.frame import Kind, Signer, decode_fra
 
 MAX_MODEL_PARAMS = 1 << 26  # the largest model a device accepts (and broker limits are sized for)
 MAX_DECODE_PARAMS = 1 << 28  # GlobalModel.decode's bound when the caller gives none
+MAX_PROXIMAL_MU = 1000.0  # FedProx's mu: the paper's grid is 0.001 .. 1; far above that only freezes w
 
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """Training settings the aggregator asks of every device this round (None: device's own)."""
+    """Training settings the aggregator asks of every device this round (None: device's own).
+    `proximal_mu`: FedProx's mu (train on loss + mu/2 ||w - w_global||^2); absent means 0."""
 
     local_epochs: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    proximal_mu: float | None = None
 
     def to_meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -37,7 +40,7 @@ class RoundConfig:
     def from_meta(cls, doc: Any) -> "RoundConfig":
         if not isinstance(doc, dict):
             raise ProtocolError("field 'config' must be an object")
-        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr"}
+        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr", "proximal_mu"}
         if unknown:
             raise ProtocolError(f"round config has unknown keys {sorted(unknown)}")
         return cls(
@@ -45,6 +48,7 @@ class RoundConfig:
             max_steps=check_int(doc, "max_steps", 1, 10**9) if "max_steps" in doc else None,
             batch_size=check_int(doc, "batch_size", 1, 1 << 20) if "batch_size" in doc else None,
             lr=check_float(doc, "lr", 0.0, 10.0) if "lr" in doc else None,
+            proximal_mu=check_float(doc, "proximal_mu", 0.0, MAX_PROXIMAL_MU) if "proximal_mu" in doc else None,
         )
 
 
