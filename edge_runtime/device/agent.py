@@ -37,7 +37,7 @@ from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, LeaseView, RoundState, Status, Topics, Update, UpdateHeader
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.base import Engine
@@ -87,7 +87,8 @@ class DeviceAgent:
             on_connect=lambda: self.events.put(Event("connected")),
             will_provider=self._last_will,
         )
-        for topic in (self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
+        self.leader = LeaseView()  # the fleet's leader lease: rounds of any other run are ignored
+        for topic in (self.topics.leader, self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
             self.link.subscribe(topic, qos=1)
 
     # ------------------------------------------------------------------ setup
@@ -217,6 +218,11 @@ class DeviceAgent:
                 self._on_connected()
             elif event.kind == "eligible":
                 self._on_eligible()
+            elif event.topic == self.topics.leader:
+                before = self.leader.current
+                lease = self.leader.observe(event.payload)
+                if lease is not None and (before is None or (before.token, before.state) != (lease.token, lease.state)):  # not each renewal
+                    self._log(logging.INFO, "leader", run_id=lease.run_id[:8], holder=lease.holder, state=lease.state)
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
             elif event.topic == self.topics.ack(self.cfg.device_id):
@@ -251,6 +257,8 @@ class DeviceAgent:
         self._handle_global(GlobalModel.decode(payload, max_params=MAX_MODEL_PARAMS))
 
     def _handle_global(self, g: GlobalModel) -> None:
+        if not self.leader.allows(g.run_id):
+            raise ProtocolError(f"global model of run {g.run_id[:8]}, not the leader's run {self.leader.current.run_id[:8]}")  # type: ignore[union-attr]
         if self.signer and not self.signer.verify_global(g):
             raise ProtocolError("global model signature does not verify with the aggregator's key")
         # Validate everything before any state changes: a bad message must leave state intact.
@@ -349,7 +357,7 @@ class DeviceAgent:
         if not payload:
             return
         rs = RoundState.decode(payload)
-        if rs.run_id != self.state.run_id:
+        if rs.run_id != self.state.run_id or not self.leader.allows(rs.run_id):
             return
         if rs.state in ("closed", "finished", "failed"):
             self.gate.drop_until(rs.round)

@@ -38,7 +38,7 @@ class Health:
         values: dict[str, Any] = {}
         for key, (lo, hi) in cls.BOUNDS.items():
             if d.get(key) is not None:
-                values[key] = check_int(d, key, lo, hi) if isinstance(lo, int) else check_float(d, key, lo, hi)
+                values[key] = check_int(d, key, int(lo), int(hi)) if isinstance(lo, int) else check_float(d, key, lo, hi)
         power = d.get("power_source")
         if power is not None and power not in POWER_SOURCES:
             raise ProtocolError(f"status health power_source {str(power)[:20]!r} not one of {POWER_SOURCES}")
