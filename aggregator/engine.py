@@ -242,8 +242,9 @@ class Aggregator:
         status = self.presence.on_status(topic, payload)  # None: cleared on purpose; ProtocolError: message_ignored
         if self.watch_devices:
             state = status.state if status is not None else "removed"
+            health = status.health.to_json() if status is not None and status.health is not None else {}
             self.events.emit("device_status", status.round if status else None, device=self.topics.device_of(topic, "status"),
-                             level=logging.DEBUG, state=state)
+                             level=logging.DEBUG, state=state, **health)
 
     def _drain_events(self, limit: int = 256) -> None:
         """Handle what is already queued (no waiting), so updates that arrived together are

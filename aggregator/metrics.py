@@ -71,11 +71,23 @@ def rejection_reason(reason: str) -> str:
     return "other"
 
 
+# Status.health readings -> per-device gauge names (edge_runtime/core/protocol/status.py: Health).
+HEALTH_GAUGES = (
+    ("cpu_temp_c", "cpu_temp_celsius", "A device's hottest CPU thermal zone"),
+    ("rss_bytes", "rss_bytes", "Resident memory of a device's agent process"),
+    ("free_disk_bytes", "free_disk_bytes", "Free space on a device's state dir filesystem"),
+    ("uptime_s", "uptime_seconds", "Seconds since a device's agent process started"),
+)
+
+
 class DeviceGauges:
     """fleetlearn_devices{state} (and, per device, fleetlearn_device_state) from statuses.
 
     Shared by the aggregator's exporter and `fleetlearn monitor --metrics-port`: feed it
-    `update(device, state)` for every status seen (`state=None`: the status was cleared)."""
+    `update(device, state, health)` for every status seen (`state=None`: the status was cleared;
+    `health`: the status's Health readings as a dict). Per device (--metrics-per-device only, for
+    cardinality) the health readings become gauges too; a reading the board does not expose is
+    absent from the status, so its series is removed rather than guessed."""
 
     def __init__(self, registry: CollectorRegistry, per_device: bool = False):
         self.per_device = per_device
@@ -88,10 +100,23 @@ class DeviceGauges:
             Gauge(f"{NAMESPACE}_device_state", "1 for the state a device reports now (--metrics-per-device)", ["device", "state"], registry=registry)
             if per_device else None
         )
+        self.health = {
+            key: Gauge(f"{NAMESPACE}_device_{name}", f"{what} (--metrics-per-device)", ["device"], registry=registry)
+            for key, name, what in HEALTH_GAUGES
+        } if per_device else {}
 
-    def update(self, device: str, state: str | None) -> None:
+    def update(self, device: str, state: str | None, health: dict[str, Any] | None = None) -> None:
         state = state if state is None or state in DEVICE_STATE_LABELS else UNKNOWN_STATE
         with self._lock:
+            for key, gauge in self.health.items():
+                value = (health or {}).get(key) if state is not None else None
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    gauge.labels(device=device).set(value)
+                else:
+                    try:
+                        gauge.remove(device)
+                    except KeyError:
+                        pass
             before = self.states.pop(device, None)
             if state is not None:
                 self.states[device] = state
@@ -201,7 +226,8 @@ class MetricsExporter:
         device = f.get("device")
         if device:
             state = f.get("state")
-            self.devices.update(str(device), None if state == "removed" else str(state))
+            health = {key: f[key] for key, _, _ in HEALTH_GAUGES if key in f}
+            self.devices.update(str(device), None if state == "removed" else str(state), health)
 
     # ------------------------------------------------------------ serving
 

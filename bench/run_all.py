@@ -15,6 +15,7 @@ for script, args in [
     ("bench_round.py", ["--broker", "mosquitto"]),
     ("bench_round.py", ["--broker", "amqtt"]),
     ("bench_ingest.py", []),
+    ("bench_swarm.py", []),
     ("bench_emulated.py", []),  # needs root and qemu-user-static; says why when it cannot run
 ]:
     print(f"== {script} {' '.join(args)}", flush=True)

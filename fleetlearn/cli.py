@@ -19,6 +19,7 @@ from fleetlearn.edge_runtime.core.errors import UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fleetlearn.export.cli", "export a PyTorch model to an on-device training bundle"),
     "device": ("fleetlearn.edge_runtime.device.cli", "run the device agent (torch-free)"),
+    "swarm": ("fleetlearn.edge_runtime.device.swarm_cli", "run N real devices in one process (one epoll loop, shared data file)"),
     "aggregator": ("fleetlearn.aggregator.cli", "run the federated aggregator (FedAvg over MQTT)"),
     "broker": ("fleetlearn.aggregator.broker", "run a local MQTT broker: mosquitto if installed, else embedded amqtt"),
     "broker-config": ("fleetlearn.provisioning.broker_config", "write a secured mosquitto config for a fleet"),

@@ -127,7 +127,7 @@ class Monitor:
         from fleetlearn.monitor_messages import DeviceForgotten
 
         if isinstance(msg, Status):
-            self.device_gauges.update(msg.device_id, msg.state)
+            self.device_gauges.update(msg.device_id, msg.state, msg.health.to_json() if msg.health is not None else None)
         elif isinstance(msg, DeviceForgotten):
             self.device_gauges.update(msg.device_id, None)
 

@@ -216,8 +216,28 @@ def test_device_gauges_count_states_and_per_device_series():
     assert value(s, "fleetlearn_devices", state="unknown") == 1 and value(s, "fleetlearn_devices", state="idle") == 0
     assert {(x.labels["device"], x.labels["state"]) for x in s["fleetlearn_device_state"]} == {("b", "offline"), ("c", "unknown")}
     reg2 = CollectorRegistry()
-    DeviceGauges(reg2).update("a", "idle")  # without per_device: no series names a device
-    assert "fleetlearn_device_state" not in served_samples(generate_latest(reg2).decode())
+    DeviceGauges(reg2).update("a", "idle", {"cpu_temp_c": 50.0})  # without per_device: no series names a device
+    assert not [name for name in served_samples(generate_latest(reg2).decode()) if name.startswith("fleetlearn_device_")]
+
+
+def test_device_health_gauges_follow_the_status_and_never_guess():
+    """Per device, the status's health readings become gauges; a reading the board does not
+    expose (absent from Health) has no series, and a cleared status removes them all."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    reg = CollectorRegistry()
+    g = DeviceGauges(reg, per_device=True)
+    g.update("pi", "idle", {"cpu_temp_c": 61.5, "rss_bytes": 70_000_000, "uptime_s": 12.0})
+    g.update("vm", "idle", {"rss_bytes": 80_000_000})  # no thermal zone on this board
+    s = served_samples(generate_latest(reg).decode())
+    assert value(s, "fleetlearn_device_cpu_temp_celsius", device="pi") == 61.5
+    assert {x.labels["device"] for x in s["fleetlearn_device_cpu_temp_celsius"]} == {"pi"}
+    assert value(s, "fleetlearn_device_rss_bytes", device="vm") == 80_000_000
+    g.update("pi", "training", {"rss_bytes": 71_000_000})  # the temperature reading went away
+    g.update("vm", None)  # cleared
+    s = served_samples(generate_latest(reg).decode())
+    assert not s.get("fleetlearn_device_cpu_temp_celsius") and not s.get("fleetlearn_device_uptime_seconds")
+    assert {x.labels["device"] for x in s["fleetlearn_device_rss_bytes"]} == {"pi"}
 
 
 def test_two_exporters_share_no_state():

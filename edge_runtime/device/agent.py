@@ -23,25 +23,30 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
 from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
+from fleetlearn.edge_runtime.device.bundle_ota import BundleOverTheAir
+from fleetlearn.edge_runtime.device.wiring import link_options, load_signer
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
-from fleetlearn.edge_runtime.device.signer import load_signer
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.logs import kv
-from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, LeaseView, RoundState, Status, Topics, Update, UpdateHeader
+from fleetlearn.edge_runtime.core.mqtt import MqttLink
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, GlobalModel, LeaseView, RoundState, Status, Topics, Update
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
-from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
+from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, recover_pending, save_pending_update
 from fleetlearn.edge_runtime.engines.base import Engine
 from fleetlearn.edge_runtime.engines.select import open_engine
+
+if TYPE_CHECKING:
+    from fleetlearn.edge_runtime.device.swarm import GroupCommit
 
 log = logging.getLogger("fleetlearn.device")
 
@@ -50,13 +55,27 @@ HEALTH_REFRESH_S = 60.0  # re-publish the status (fresh health readings) at leas
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "message" | "connected"
+    kind: str  # "message" | "connected" | "eligible"
     topic: str = ""
     payload: bytes = b""
 
 
-class DeviceAgent:
-    def __init__(self, cfg: DeviceConfig, max_rounds: int | None = None):
+class DeviceAgent(BundleOverTheAir):
+    """One device's protocol logic, driven by events, hosted by `run()` (one device: paho's thread
+    queues events, the main thread handles them) or by the swarm (device/swarm.py: many agents,
+    one epoll loop), which chooses the link (`link_factory`), the event sink (`post`), the engine
+    (`engine_factory`) and the group commit: the state machine is the same code for both."""
+
+    def __init__(
+        self,
+        cfg: DeviceConfig,
+        max_rounds: int | None = None,
+        *,
+        link_factory: Callable[..., MqttLink] = MqttLink,
+        post: Callable[[Event], None] | None = None,
+        engine_factory: Callable[..., Engine] = open_engine,
+        group_commit: "GroupCommit | None" = None,
+    ):
         self.cfg = cfg
         self.max_rounds = max_rounds
         self.topics = Topics(cfg.fleet)
@@ -66,6 +85,11 @@ class DeviceAgent:
         self.state = DeviceState.load(self.state_dir)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self.events: queue.Queue[Event] = queue.Queue()
+        self.post = post or self.events.put  # where this device's events go (its host's queue)
+        self._engine_factory = engine_factory
+        # None: each pending update is fsynced before it is sent. A swarm's GroupCommit: written
+        # without fsync, sent after the host's next file-system sync (one for many devices).
+        self.group_commit = group_commit
         self.stopping = threading.Event()
         self.manifest: Manifest | None = None
         self.trainer: Engine | None = None  # the training engine chosen by [training] engine
@@ -81,10 +105,10 @@ class DeviceAgent:
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
         self._sat_out: tuple[str, int] = ("", 0)  # the last (run, round) this bundle could not train as asked
-        self.link = MqttLink(
-            self._link_options(),
+        self.link = link_factory(
+            link_options(cfg),
             on_message=self._on_message,
-            on_connect=lambda: self.events.put(Event("connected")),
+            on_connect=lambda: self.post(Event("connected")),
             will_provider=self._last_will,
         )
         self.leader = LeaseView()  # the fleet's leader lease: rounds of any other run are ignored
@@ -93,29 +117,13 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ setup
 
-    def _link_options(self) -> LinkOptions:
-        c = self.cfg
-        return LinkOptions(
-            url=c.broker,
-            client_id=f"fleetlearn-{c.fleet}-{c.device_id}",
-            username=c.auth.username,
-            password=c.auth.read_password(),
-            ca_file=c.tls.ca_file,
-            cert_file=c.tls.cert_file,
-            key_file=c.tls.key_file,
-            insecure_skip_hostname=c.tls.insecure_skip_hostname,
-            protocol=c.mqtt_protocol,
-            keepalive=c.keepalive,
-            clean_session=False,
-        )
-
     def _last_will(self) -> tuple[str, bytes, int, bool]:
         """The `offline` status the broker publishes for us if we vanish (built per connect)."""
         offline = Status(self.cfg.device_id, "offline", self.state.last_round, "connection lost (last will)", time.time())
         return self.topics.status(self.cfg.device_id), offline.encode(), 1, True
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.events.put(Event("message", topic, bytes(payload)))
+        self.post(Event("message", topic, bytes(payload)))
 
     def _log(self, level: int, event: str, round_: int | None = None, **fields) -> None:
         log.log(level, "%s", kv(event=event, device=self.cfg.device_id, round="-" if round_ is None else round_, **fields))
@@ -137,7 +145,7 @@ class DeviceAgent:
             self._log(logging.WARNING, "bundle_unavailable", reason=reason)
             return False
         try:
-            self.trainer = open_engine(self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads)
+            self.trainer = self._engine_factory(self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads)
         except (UsageError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
             self.manifest, self.trainer = None, None
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -166,43 +174,54 @@ class DeviceAgent:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        """Host this one device: paho's thread queues events, this thread handles them."""
         self._install_signal_handlers()
-        self._load_bundle()
-        self._recover_pending()
-        self._log(logging.INFO, "device_start", broker=self.cfg.broker, fleet=self.cfg.fleet, pending=self.state.pending_round)
-        self.link.start()
+        self.start()
         try:
             while not self.stopping.is_set():
-                self._tick()
+                self.tick()
                 try:
                     event = self.events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                self._dispatch(event)
-                if self.max_rounds is not None and self.rounds_done >= self.max_rounds:
-                    self._log(logging.INFO, "max_rounds_reached", rounds=self.rounds_done)
+                self.handle(event)
+                if self.done:
                     break
         finally:
-            self._status("offline", detail="stopped")
-            self.link.stop()
-            self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
+            self.close()
         return 0
 
+    # The host interface (run() above and the swarm use only these).
+
+    def start(self) -> None:
+        """Load the bundle, recover a pending update, start connecting."""
+        self._load_bundle()
+        self._recover_pending()
+        self._log(logging.INFO, "device_start", broker=self.cfg.broker, fleet=self.cfg.fleet, pending=self.state.pending_round)
+        self.link.start()
+
+    def handle(self, event: Event) -> None:
+        """Handle one event (never raises: a bad message costs one log line)."""
+        before = self.rounds_done
+        self._dispatch(event)
+        if self.done and before < self.rounds_done:
+            self._log(logging.INFO, "max_rounds_reached", rounds=self.rounds_done)
+
+    @property
+    def done(self) -> bool:
+        """True once --max-rounds rounds completed (the host may then close this device)."""
+        return self.max_rounds is not None and self.rounds_done >= self.max_rounds
+
+    def close(self) -> None:
+        """Say `offline` (retained), disconnect cleanly, release the state dir."""
+        self._status("offline", detail="stopped")
+        self.link.stop()
+        self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
+        self.state_lock.release()
+
     def _recover_pending(self) -> None:
-        """After a power cut device_state.json (not fsynced) may be older than the pending
-        update file (fsynced): the frame itself says which run, round and nonce it is."""
-        payload = load_pending_update(self.state_dir)
-        if payload is None or self.state.pending_round:
-            return
-        try:
-            peek = UpdateHeader.peek(payload, verify_body=True).require("run_id", "round", "nonce")
-            run_id, round_, nonce = str(peek.run_id), int(peek.round or 0), str(peek.nonce)
-        except ProtocolError:
-            clear_pending_update(self.state_dir)
-            return
-        if round_ > self.state.last_round:
-            self.state.run_id, self.state.pending_round, self.state.pending_nonce = run_id, round_, nonce
-            self.state.save(self.state_dir)
+        round_ = recover_pending(self.state_dir, self.state)
+        if round_:
             self._log(logging.INFO, "pending_update_recovered", round_)
 
     def _install_signal_handlers(self) -> None:
@@ -249,7 +268,7 @@ class DeviceAgent:
         pending = load_pending_update(self.state_dir) if self.state.pending_round else None
         if pending:
             self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")
-            self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+            self._send_update(pending)
 
     def _on_global(self, payload: bytes) -> None:
         if not payload:
@@ -286,7 +305,7 @@ class DeviceAgent:
             pending = load_pending_update(self.state_dir)
             if pending:  # the aggregator re-announced this round (it restarted): send again
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
-                self.link.publish(self.topics.update(self.cfg.device_id), pending, qos=1)
+                self._send_update(pending)
                 return
         if g.invite is not None and not g.invite.invites(self.cfg.device_id):
             # Client sampling: not asked this round, so no training and no upload (logged once per round).
@@ -335,12 +354,20 @@ class DeviceAgent:
         )
         payload = update.encode(sign=self.signer.sign if self.signer else None)
         # Durable before it is sent: a crash after this line re-sends these exact bytes.
-        save_pending_update(self.state_dir, payload)
+        save_pending_update(self.state_dir, payload, durable=self.group_commit is None)
         self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
-        self.link.publish(self.topics.update(self.cfg.device_id), payload, qos=1)
+        self._send_update(payload)
         self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, mu=g.config.proximal_mu or 0, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
+
+    def _send_update(self, payload: bytes) -> None:
+        """Publish the pending update: at once when fsynced, else after the host's group commit."""
+        topic = self.topics.update(self.cfg.device_id)
+        if self.group_commit is None:
+            self.link.publish(topic, payload, qos=1)
+        else:
+            self.group_commit.after_sync(lambda: None if self.link.publish(topic, payload, qos=1) else None)
 
     def _on_ack(self, payload: bytes) -> None:
         ack = Ack.decode(payload)
@@ -384,7 +411,7 @@ class DeviceAgent:
             self._status("ineligible", g.round, reason)
         return reason is None
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         """Between events: look at the eligibility rules again every check_interval_s (an
         ineligible device resumes when they pass), and re-publish the status with fresh health
         readings at least every HEALTH_REFRESH_S."""
@@ -396,7 +423,7 @@ class DeviceAgent:
             verdict = self.gate.verdict(state, detail)
             if verdict == "eligible":
                 self._log(logging.INFO, "eligible", round_, parked=self.gate.parked.round if self.gate.parked else 0)
-                self.events.put(Event("eligible"))
+                self.post(Event("eligible"))
             elif verdict is not None:
                 if state == "idle":
                     self._log(logging.INFO, "ineligible", round_, reason=verdict)
@@ -413,46 +440,3 @@ class DeviceAgent:
         self._status("idle", g.round if g else None)
         if g is not None:
             self._handle_global(g)  # checks the rules (and everything else) once more
-
-    # ------------------------------------------------------------------ bundle over the air
-
-    def _on_bundle_announcement(self, payload: bytes) -> None:
-        if not payload:
-            return
-        if self.signer and not self.signer.verify_announcement(payload):
-            raise ProtocolError("bundle announcement signature does not verify with the aggregator's key")
-        a = BundleAnnouncement.decode(payload)
-        if self.manifest is not None and a.model_hash == self.manifest.model_hash:
-            return
-        if self.assembly and self.assembly.model_hash == a.model_hash:
-            return
-        if self.assembly:
-            self.link.unsubscribe(self.topics.bundle_chunks(self.assembly.model_hash))
-        self.assembly = BundleAssembly(a)
-        self._status("fetching", detail=f"bundle {a.model_hash[:12]}, {a.total_bytes} bytes")
-        self._log(logging.INFO, "bundle_fetch", model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks)
-        self.link.subscribe(self.topics.bundle_chunks(a.model_hash), qos=1)
-
-    def _on_bundle_chunk(self, payload: bytes) -> None:
-        assembly = self.assembly
-        assert assembly is not None
-        if not payload:
-            return
-        assembly.add(payload)
-        if not assembly.complete:
-            return
-        self.link.unsubscribe(self.topics.bundle_chunks(assembly.model_hash))
-        self.assembly = None
-        try:
-            assembly.install(self.cfg.bundle)
-        except BundleError as exc:
-            self._log(logging.ERROR, "bundle_rejected", reason=str(exc))
-            self._status("error", detail=str(exc))
-            return
-        self._log(logging.INFO, "bundle_installed", model_hash=assembly.model_hash[:12])
-        if self._load_bundle() and self.waiting_global is not None:
-            g, self.waiting_global = self.waiting_global, None
-            self._handle_global(g)  # the global model we had to park
-        else:
-            self._status("idle")
-

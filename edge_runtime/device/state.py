@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.files import atomic_write_bytes, atomic_write_json, read_json
+from fleetlearn.edge_runtime.core.protocol import UpdateHeader
 
 
 @dataclass
@@ -35,9 +37,11 @@ class DeviceState:
         atomic_write_json(state_dir / "device_state.json", asdict(self), durable=False)
 
 
-def save_pending_update(state_dir: Path, payload: bytes) -> None:
-    """The encoded update frame, written durably before it is first sent; re-sent as-is after a restart."""
-    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=True)
+def save_pending_update(state_dir: Path, payload: bytes, durable: bool = True) -> None:
+    """The encoded update frame, written durably before it is first sent; re-sent as-is after a
+    restart. durable=False only for a caller that syncs the file system before sending (the
+    swarm's group commit)."""
+    atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=durable)
 
 
 def load_pending_update(state_dir: Path) -> bytes | None:
@@ -52,3 +56,23 @@ def clear_pending_update(state_dir: Path) -> None:
         (state_dir / "pending_update.bin").unlink()
     except FileNotFoundError:
         pass
+
+
+def recover_pending(state_dir: Path, state: DeviceState) -> int:
+    """After a power cut device_state.json (not fsynced) may be older than the pending update
+    file (fsynced): the frame itself says which run, round and nonce it is. Returns the round
+    recovered into `state` (saved), or 0."""
+    payload = load_pending_update(state_dir)
+    if payload is None or state.pending_round:
+        return 0
+    try:
+        peek = UpdateHeader.peek(payload, verify_body=True).require("run_id", "round", "nonce")
+        run_id, round_, nonce = str(peek.run_id), int(peek.round or 0), str(peek.nonce)
+    except ProtocolError:
+        clear_pending_update(state_dir)
+        return 0
+    if round_ <= state.last_round:
+        return 0
+    state.run_id, state.pending_round, state.pending_nonce = run_id, round_, nonce
+    state.save(state_dir)
+    return round_

@@ -161,6 +161,13 @@ class PortableEngine(Engine):
         loss, out = self._eval.run(None, feed)
         return float(loss), out
 
+    def live_state(self) -> dict[str, np.ndarray]:
+        """The arrays the next step reads (params, optimizer state, buffers), not copies: a host
+        that shares this engine between devices (the swarm) copies each device's state in before
+        it trains and out after; the step reads nothing else, so the result is bit for bit a
+        lone engine's."""
+        return self._sets[self._cur]
+
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Copies of the optimizer state and buffers (for tests and diagnostics)."""
         return {k: v.copy() for k, v in self._sets[self._cur].items() if k != PARAMS}
