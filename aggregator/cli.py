@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr-warmup", type=int, default=0, help="rounds of linear learning-rate warm-up before the schedule (default 0)")
     train.add_argument("--lr-min-factor", type=float, default=0.1, help="final rate as a fraction of --lr for --lr-schedule cosine (default 0.1)")
     train.add_argument("--max-steps", type=int)
+    train.add_argument("--proximal-mu", type=float, metavar="MU", help="FedProx: devices minimise loss + MU/2 ||w - w_global||^2 (any strategy; --strategy fedprox needs MU > 0; the bundle must carry the term)")
 
     sig = parser.add_argument_group("update signing (docs/security-signing.md)")
     sig.add_argument("--device-keys", type=Path, metavar="DIR", help="import DIR/<device_id>.pub (Ed25519) into STATE_DIR/device-keys, where keys are loaded from at start")
@@ -133,6 +134,7 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
         training=TrainingPlan(
             local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
             lr_schedule=args.lr_schedule, lr_min_factor=args.lr_min_factor, lr_warmup=args.lr_warmup,
+            proximal_mu=args.proximal_mu,
         ),
         strategy=StrategyChoice(args.strategy, given),
         sampling=sampling,

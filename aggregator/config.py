@@ -134,7 +134,7 @@ class AggregatorConfig:
         if self.sampling.sample_fraction is not None and self.strategy.options.get("noise_multiplier") is not None:
             raise UsageError("--dp-noise-multiplier needs a fixed round target for its noise denominator: use --sample-size K, not --sample-fraction")
         self.lease.validate()
-        self.strategy.validate(self.round_target)
+        self.strategy.validate(self.round_target, self.training.proximal_mu)
         try:
             Topics(self.fleet)
         except Exception as exc:

@@ -136,6 +136,8 @@ class Aggregator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.bundle_dir = Path(cfg.bundle)
         self.manifest = load_bundle(self.bundle_dir)
+        if cfg.training.proximal_mu and not self.manifest.proximal:  # every device would sit every round out
+            raise UsageError(f"--proximal-mu needs a bundle with FedProx's proximal term; {self.bundle_dir} was exported without it (re-export without --no-proximal)")
         self.plan = plan_bundle(self.bundle_dir, self.manifest, cfg.wire.bundle_chunk_size(cfg.chunk_size))
         self.evaluator = Evaluator(self.bundle_dir, self.manifest, cfg.test_data)
         self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights)
@@ -155,7 +157,7 @@ class Aggregator:
             run_id=self.store.run_id, resumed_after=self.store.round, rounds=cfg.rounds.rounds,
             model=self.manifest.model_name, model_hash=self.manifest.model_hash[:12], params=self.manifest.num_params,
             fleet=cfg.fleet, broker=cfg.link.url, min_devices=cfg.rounds.min_devices, target_devices=cfg.round_target,
-            strategy=self.strategy.name, sampling=cfg.sampling.to_log() if cfg.sampling.enabled else "off",
+            strategy=self.strategy.name, proximal_mu=cfg.training.proximal_mu or 0, sampling=cfg.sampling.to_log() if cfg.sampling.enabled else "off",
         )
 
     def _connect(self) -> None:
@@ -387,6 +389,8 @@ class Aggregator:
                                   **self.strategy.round_summary(), **run.norms.summary()}
         if run.cohort is not None:
             record.update(invited=list(run.cohort.invited), connected=run.cohort.connected)
+        if run.config.proximal_mu:
+            record["proximal_mu"] = run.config.proximal_mu  # the strategy names the aggregation; mu is the devices' side
         acks = self.intake.encode_due_acks(run)  # sent once the commit below has made them durable
         record.update(self.evaluator.evaluate(new_w))
         closed_at = time.time()

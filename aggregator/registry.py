@@ -39,6 +39,7 @@ STRATEGIES: dict[str, str] = {
 ALIASES: dict[str, tuple[str, str]] = {
     "clipped-fedavg": ("fedavg", "clip_norm"),
     "dp-fedavg": ("fedavg", "noise_multiplier"),
+    "fedprox": ("fedavg", "proximal_mu"),  # FedAvg + devices' proximal term (a training-plan option: schedule.py)
 }
 CLIPPING = "fleetlearn.aggregator.clipping:Clipping"
 DP_NOISE = "fleetlearn.aggregator.dp_fedavg:DPNoise"
@@ -87,8 +88,11 @@ class StrategyChoice:
     name: str = "fedavg"
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    def validate(self, target_devices: int) -> None:
-        """UsageError (one line) for an unknown name, an option that does not belong, a bad value."""
+    def validate(self, target_devices: int, proximal_mu: float | None = None) -> None:
+        """UsageError (one line) for an unknown name, an option that does not belong, a bad value.
+        `proximal_mu` is the training plan's (--proximal-mu), which fedprox insists on."""
+        if self.name in ALIASES and ALIASES[self.name][1] == "proximal_mu" and not (proximal_mu is not None and proximal_mu > 0):
+            raise UsageError(f"--strategy {self.name} needs --proximal-mu MU > 0 (FedProx's proximal weight, e.g. 0.01)")
         self.build(target_devices)
 
     def build(self, target_devices: int) -> Strategy:

@@ -1,4 +1,5 @@
-"""Each round's training config: what devices are asked to do (epochs, batch, learning rate).
+"""Each round's training config: what devices are asked to do (epochs, batch, learning rate,
+FedProx's proximal mu).
 
 The engine builds round r's RoundConfig from the TrainingPlan below and sends it in the GLOBAL
 frame; strategies never see it (they only aggregate). A learning rate that decays over the run
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import RoundConfig
+from fleetlearn.edge_runtime.core.protocol import MAX_PROXIMAL_MU, RoundConfig
 
 SCHEDULES = ("constant", "cosine")
 
@@ -50,6 +51,10 @@ class TrainingPlan:
     lr_schedule: str = "constant"  # or "cosine": decay from lr toward lr * lr_min_factor over the rounds
     lr_min_factor: float = 0.1
     lr_warmup: int = 0  # rounds of linear warm-up before the schedule
+    # FedProx (Li et al. 2020): devices minimise loss + mu/2 ||w - w_global||^2. A training-plan
+    # option, not an aggregation rule, so it combines with any strategy (--strategy fedprox is
+    # FedAvg that insists on mu > 0). None or 0: no term (the key is then not sent at all).
+    proximal_mu: float | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -69,6 +74,9 @@ class TrainingPlan:
             raise UsageError(f"--lr-min-factor must be in (0, 1], got {self.lr_min_factor}")
         if not 0 <= self.lr_warmup < rounds:
             raise UsageError(f"--lr-warmup must be in [0, --rounds), got {self.lr_warmup}")
+        mu = self.proximal_mu
+        if mu is not None and not (isinstance(mu, (int, float)) and math.isfinite(mu) and 0 <= mu <= MAX_PROXIMAL_MU):
+            raise UsageError(f"--proximal-mu must be a finite number in [0, {MAX_PROXIMAL_MU:g}], got {mu}")
 
     def round_config(self, rnd: int, total_rounds: int, bundle_lr: float) -> RoundConfig:
         """Round `rnd`'s config. A schedule needs a base rate: --lr, else the bundle's `bundle_lr`."""
@@ -76,4 +84,5 @@ class TrainingPlan:
         lr = base
         if base is not None and self.scheduled:
             lr = scheduled_lr(base, rnd, total_rounds, self.lr_schedule, self.lr_min_factor, self.lr_warmup)
-        return RoundConfig(local_epochs=self.local_epochs, max_steps=self.max_steps, batch_size=self.batch_size, lr=lr)
+        return RoundConfig(local_epochs=self.local_epochs, max_steps=self.max_steps, batch_size=self.batch_size, lr=lr,
+                           proximal_mu=self.proximal_mu or None)

@@ -38,6 +38,7 @@ class BundleRequest:
     force: bool
     seed: int | None
     portable: bool = True  # also write the portable engine's plain-ONNX step/eval graphs
+    proximal: bool = True  # FedProx's mu/2 ||w - w_g||^2 in the training graphs (mu = 0 by default)
 
 
 def make_request(
@@ -57,6 +58,7 @@ def make_request(
     force: bool = False,
     seed: int | None = None,
     portable: bool = True,
+    proximal: bool = True,
 ) -> BundleRequest:
     """Validate build_bundle's arguments without touching torch. Raises UsageError (one line)."""
     if not isinstance(model_name, str) or not _NAME.match(model_name):
@@ -82,6 +84,7 @@ def make_request(
         force=force,
         seed=seed,
         portable=bool(portable),
+        proximal=bool(proximal),
     )
 
 
@@ -122,6 +125,7 @@ def build_bundle(
     force: bool = False,
     seed: int | None = None,
     portable: bool = True,
+    proximal: bool = True,
 ) -> Manifest:
     """Export `model` to an on-device training bundle in `out_dir`; return its verified manifest.
 
@@ -133,7 +137,10 @@ def build_bundle(
     (None records null). The export itself is deterministic: the same weights give byte-identical
     files. `model` and the caller's torch RNG state are not modified. `portable` (default) also
     writes the plain-ONNX step and eval graphs of the portable engine (docs/bundle.md); without it
-    the bundle trains with onnxruntime-training only.
+    the bundle trains with onnxruntime-training only. `proximal` (default) puts FedProx's term
+    mu/2 ||w - w_g||^2 into both engines' training graphs, with w_g and mu as graph inputs (mu
+    comes with each round; mu = 0 trains exactly as without the term); without it the manifest
+    says `"proximal": false` and devices sit out rounds that ask for mu > 0.
 
     The bundle is built beside `out_dir` and renamed into place only when complete and verified,
     so a failure leaves nothing behind. An existing `out_dir` is refused unless `force`, and even
@@ -145,7 +152,7 @@ def build_bundle(
     request = make_request(
         out_dir, model_name=model_name, input_shape=input_shape, loss=loss, optimizer=optimizer, lr=lr,
         weight_decay=weight_decay, betas=betas, eps=eps, momentum=momentum, preprocessing=preprocessing,
-        task=task, force=force, seed=seed, portable=portable,
+        task=task, force=force, seed=seed, portable=portable, proximal=proximal,
     )  # fmt: skip
     return build_from_request(model, request)
 
@@ -173,17 +180,17 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
     labels = label_shape(spec, exported.output_shape)  # refuses a loss that does not fit the output
 
     with staged_directory(request.out_dir, request.force) as stage:
-        generate(exported, spec.name, kernel, stage)
+        generate(exported, spec.name, kernel, stage, proximal=request.proximal)
         onnx.save(exported.inference_graph, stage / MODEL_FILE)
         slots = probe_layout(stage, exported.trainable)
-        smoke_train(stage, exported.input_shape, labels, spec.label_dtype, exported.output_shape, request.optimizer.lr)
+        smoke_train(stage, exported.input_shape, labels, spec.label_dtype, exported.output_shape, request.optimizer.lr, request.proximal)
         files = [*ARTIFACT_FILES, MODEL_FILE]
         portable = None
         if request.portable:
             from fleetlearn.export.portable_files import write_portable
 
             with torch.random.fork_rng(devices=[]):
-                portable = write_portable(model, stage, slots, exported, spec, labels, request.optimizer)
+                portable = write_portable(model, stage, slots, exported, spec, labels, request.optimizer, request.proximal)
             files += portable.pop("_files")
         facts = ManifestFacts(
             model_name=request.model_name,
@@ -204,6 +211,7 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
             opset=exported.opset,
             seed=request.seed,
             portable=portable,
+            proximal=request.proximal,
             versions={
                 "onnxruntime": ort_api.ORT_VERSION,
                 "torch": torch.__version__.split("+")[0],

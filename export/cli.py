@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-portable", action="store_true",
                         help="skip the portable engine's step graph (the bundle then trains with onnxruntime-training "
                              "only, x86_64); for models whose step graph cannot be built")
+    parser.add_argument("--no-proximal", action="store_true",
+                        help="leave FedProx's proximal term out of the training graphs (devices with this bundle "
+                             "then sit out rounds that ask for --proximal-mu > 0)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing bundle at --out (only once the new one is complete)")
 
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     request = make_request(
         args.out, model_name=name, input_shape=shape, loss=loss, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, betas=betas, eps=args.eps, momentum=args.momentum,
-        force=args.force, seed=args.seed, portable=not args.no_portable,
+        force=args.force, seed=args.seed, portable=not args.no_portable, proximal=not args.no_proximal,
     )  # fmt: skip
     if args.standardize_from:
         pre = standardization_from_file(args.standardize_from, request.input_shape)

@@ -42,6 +42,7 @@ class ManifestFacts:
     opset: int
     seed: int | None
     portable: dict[str, Any] | None = None  # the portable engine's section, or None (ORT training only)
+    proximal: bool = False  # FedProx's term is in the training graphs (inputs w_g and mu)
     versions: dict[str, str] = field(default_factory=dict)  # onnxruntime, torch, onnx, fleetlearn
 
 
@@ -85,6 +86,7 @@ def build_manifest(facts: ManifestFacts, bundle_dir: Path, file_names: Sequence[
         "seed": facts.seed,
         "engines": ["ort-training", "portable"] if facts.portable else ["ort-training"],
         **({"portable": facts.portable} if facts.portable else {}),
+        "proximal": bool(facts.proximal),
         "created_at": created_at,
         "files": {
             name: {"sha256": file_sha256(bundle_dir / name), "size": (bundle_dir / name).stat().st_size}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from fleetlearn.export._native_io import quiet_native_output
 from fleetlearn.export._errtext import one_line
 from fleetlearn.export.errors import ExportError
@@ -19,8 +21,11 @@ ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onn
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\S+) for node (\S*)")
 
 
-def generate(exported: ExportedModel, loss: str, kernel: KernelSpec, out_dir: Path) -> None:
-    """Generate the ORT training artifacts for `exported` into `out_dir`. Raises ExportError (one line)."""
+def generate(exported: ExportedModel, loss: str, kernel: KernelSpec, out_dir: Path, proximal: bool = False) -> None:
+    """Generate the ORT training artifacts for `exported` into `out_dir`. Raises ExportError (one line).
+
+    `proximal`: add FedProx's term mu/2 ||w - w_g||^2 to the training loss (export/ort_proximal.py).
+    """
     import onnx
 
     from fleetlearn.export import ort_blocks
@@ -31,13 +36,19 @@ def generate(exported: ExportedModel, loss: str, kernel: KernelSpec, out_dir: Pa
     # model exported twice in one process gives byte-identical files (and the same model_hash).
     if hasattr(_graph_utils, "_GRAPH_TOKEN"):
         _graph_utils._GRAPH_TOKEN = 0
+    loss_arg = ort_blocks.loss_block(loss)
+    if proximal:
+        from fleetlearn.export.ort_proximal import ProximalLoss
+
+        params = [(name, tuple(np.shape(value))) for name, value in exported.trainable.items()]
+        loss_arg = ProximalLoss(ort_blocks.loss_block(loss, as_block=True), params)
     try:
         with quiet_native_output():
             artifacts.generate_artifacts(
                 exported.training_graph,
                 requires_grad=list(exported.trainable),
                 frozen_params=list(exported.frozen),
-                loss=ort_blocks.loss_block(loss),
+                loss=loss_arg,
                 optimizer=ort_blocks.optimizer_block(kernel),
                 artifact_directory=out_dir,
                 additional_output_names=[OUTPUT_NAME],  # eval steps return (loss, output)
@@ -53,7 +64,10 @@ def generate(exported: ExportedModel, loss: str, kernel: KernelSpec, out_dir: Pa
         onnx.save(training_model, train_path)
     eval_path = out_dir / "eval_model.onnx"
     eval_model = onnx.load(eval_path)
-    if _repair_eval_model(eval_model):
+    from fleetlearn.export.ort_proximal import strip_from_eval
+
+    stripped = strip_from_eval(eval_model)  # evaluation reports the data loss, needs no w_g or mu
+    if _repair_eval_model(eval_model) or stripped:
         onnx.save(eval_model, eval_path)
 
 

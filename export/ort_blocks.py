@@ -105,12 +105,13 @@ class StableBCEWithLogits(blocks.Block):
         return loss
 
 
-def loss_block(loss_name: str):
-    """The loss argument for generate_artifacts."""
+def loss_block(loss_name: str, as_block: bool = False):
+    """The loss argument for generate_artifacts (`as_block`: a Block instance, not ORT's enum,
+    for wrapping in another block; the enum maps to these same default-constructed blocks)."""
     if loss_name == "mse":
-        return artifacts.LossType.MSELoss
+        return onnxblock.loss.MSELoss() if as_block else artifacts.LossType.MSELoss
     if loss_name == "cross_entropy":
-        return artifacts.LossType.CrossEntropyLoss
+        return onnxblock.loss.CrossEntropyLoss() if as_block else artifacts.LossType.CrossEntropyLoss
     if loss_name == "bce_with_logits":
         return StableBCEWithLogits()
     raise ValueError(loss_name)

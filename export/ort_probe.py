@@ -101,7 +101,7 @@ def probe_layout(bundle_dir: Path, expected: Mapping[str, np.ndarray]) -> list[P
 
 
 def smoke_train(bundle_dir: Path, input_shape: tuple[int, ...], label_shape: tuple[int, ...], label_dtype: str,
-                output_shape: tuple[int, ...], lr: float) -> None:
+                output_shape: tuple[int, ...], lr: float, proximal: bool = False) -> None:
     """One train step, one optimizer step and one eval step on a dummy batch, as a device would run them.
 
     Catches bundles that export but fail at run time (a kernel missing, a shape mismatch) here,
@@ -116,18 +116,33 @@ def smoke_train(bundle_dir: Path, input_shape: tuple[int, ...], label_shape: tup
         y = rng.random((batch, *label_shape)).astype(np.float32)
     try:
         with quiet_native_output():  # ORT logs errors to the C++ stderr as well as raising them
-            _, module, Optimizer = _load(bundle_dir)
+            state, module, Optimizer = _load(bundle_dir)
             optimizer = Optimizer(bundle_dir / "optimizer_model.onnx", module)
             optimizer.set_learning_rate(lr)
             module.train()
-            train_out = module(x, y)
+            extra = []
+            if proximal:  # FedProx's inputs (export/ort_proximal.py): w_g = the weights, mu = 0.1
+                from fleetlearn.export.ort_proximal import GLOBAL, MU
+
+                for name in module.input_names()[2:]:
+                    if name == MU:
+                        extra.append(np.asarray(0.1, np.float32))
+                    else:
+                        extra.append(np.array(state.parameters[name.removeprefix(GLOBAL)].data, np.float32) + np.float32(0.5))
+            train_out = module(x, y, *extra)
             optimizer.step()
             module.lazy_reset_grad()
             module.eval()
             eval_out = module(x, y)
     except Exception as exc:
         raise ExportError(f"the generated bundle fails a training step in onnxruntime: {one_line(exc)}") from exc
-    if isinstance(train_out, tuple):
+    if proximal:
+        if not isinstance(train_out, tuple) or len(train_out) != 2:
+            raise ExportError("the bundle's proximal training step should return (objective, loss)")
+        if not train_out[0] > train_out[1]:  # w_g is 0.5 away from w: the term is positive
+            raise ExportError("the bundle's proximal term does not add to the training objective")
+        train_out = train_out[1]
+    elif isinstance(train_out, tuple):
         raise ExportError("the bundle's training step should return the loss alone")
     if not isinstance(eval_out, tuple) or len(eval_out) != 2 or eval_out[1].shape != (batch, *output_shape):
         raise ExportError(f"the bundle's eval step does not return (loss, output of shape (batch, *{output_shape}))")

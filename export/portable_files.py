@@ -39,6 +39,7 @@ def write_portable(
     spec: "LossSpec",
     labels: tuple[int, ...],
     optimizer: "OptimizerConfig",
+    proximal: bool = False,
 ) -> dict[str, Any]:
     """Build, write and smoke-run the portable graphs; return the manifest's `portable` section.
 
@@ -52,7 +53,7 @@ def write_portable(
     order = [(s.name, tuple(s.shape), s.offset, s.size) for s in slots]
     graphs = build_portable(
         model, order, spec.name, optimizer, exported.input_shape, labels, spec.label_dtype,
-        INPUT_NAME, spec.label_name, OUTPUT_NAME,
+        INPUT_NAME, spec.label_name, OUTPUT_NAME, proximal,
     )  # fmt: skip
     onnx.save(graphs.step, stage / STEP_FILE)
     onnx.save(graphs.eval, stage / EVAL_FILE)
@@ -70,12 +71,12 @@ def write_portable(
         "dropout": graphs.has_dropout,
         "_files": [STEP_FILE, EVAL_FILE, STATE_FILE],
     }
-    _smoke(stage, section, params, graphs.initial_buffers, exported, spec, labels, optimizer.lr)
+    _smoke(stage, section, params, graphs.initial_buffers, exported, spec, labels, optimizer.lr, proximal)
     return section
 
 
 def _smoke(stage: Path, section: dict, params: np.ndarray, buffers: np.ndarray, exported: "ExportedModel",
-           spec: "LossSpec", labels: tuple[int, ...], lr: float) -> None:
+           spec: "LossSpec", labels: tuple[int, ...], lr: float, proximal: bool = False) -> None:
     """Two steps (batches of 4 and 3) and one eval with onnxruntime's plain InferenceSession."""
     import onnxruntime as ort
 
@@ -94,6 +95,8 @@ def _smoke(stage: Path, section: dict, params: np.ndarray, buffers: np.ndarray, 
                 else:
                     y = rng.random((batch, *labels)).astype(np.float32)
                 feed = {**state, "input": x, spec.label_name: y, "lr": np.asarray(lr, np.float32)}
+                if proximal:  # FedProx's inputs: w_g = the initial weights, mu = 0.1
+                    feed.update(global_params=params, mu=np.asarray(0.1, np.float32))
                 outs = step.run(None, feed)
                 names = [o.name for o in step.get_outputs()]
                 loss = outs[0]

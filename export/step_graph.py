@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 STEP_OPSET = 18
 MAX_IR_VERSION = 10
 PARAMS, BUFFERS, LR, LOSS = "params", "buffers", "lr", "loss"
+GLOBAL_PARAMS, MU = "global_params", "mu"  # FedProx's w_g [P] and mu [] (proximal bundles only)
 STATE_NAMES = {"adamw": ("adam_m", "adam_v", "adam_step"), "sgd_momentum": ("sgd_momentum",), "sgd": ()}
 
 
@@ -102,6 +103,7 @@ def build_portable(
     input_name: str,
     label_name: str,
     output_name: str,
+    proximal: bool = False,
 ) -> PortableGraphs:
     """Build both graphs for `model` (not modified). Raises ExportError with a one-line reason."""
     import torch
@@ -121,7 +123,7 @@ def build_portable(
         with quiet_native_output(), torch.random.fork_rng(devices=[]), _quiet_torch_loggers():
             joint, mutated = _joint_graph(model, loss_fn, x, y)
             buffers = _buffer_slots(mutated, named_buffers)
-            step_module = _step_module(joint, param_order, buffers, state_kind(opt), opt)
+            step_module = _step_module(joint, param_order, buffers, state_kind(opt), opt, proximal)
             eval_module = _eval_module(model, param_order, buffers, loss_fn)
             n_params = sum(s[3] for s in param_order)
             n_buf = sum(b.size for b in buffers)
@@ -131,7 +133,11 @@ def build_portable(
             lr = torch.tensor(opt.lr, dtype=torch.float32)
             step_names = [PARAMS, *STATE_NAMES[state_kind(opt)], BUFFERS, input_name, label_name, LR]
             step_outs = [LOSS, *(f"{n}_out" for n in [PARAMS, *STATE_NAMES[state_kind(opt)], BUFFERS])]
-            step = _to_onnx(step_module, (flat, tuple(states), bufs, x, y, lr), step_names, step_outs, dynamic=(3, 4))
+            step_args: tuple = (flat, tuple(states), bufs, x, y, lr)
+            if proximal:
+                step_names += [GLOBAL_PARAMS, MU]
+                step_args += (torch.zeros(n_params), torch.tensor(0.0))
+            step = _to_onnx(step_module, step_args, step_names, step_outs, dynamic=(3, 4))
             evalg = _to_onnx(eval_module, (flat, bufs, x, y), [PARAMS, BUFFERS, input_name, label_name], [LOSS, output_name], dynamic=(2, 3))
     except ExportError:
         raise
@@ -254,19 +260,26 @@ def _views(flat, slots):
     return [flat[off : off + size].view(shape) for (_, shape, off, size) in slots]
 
 
-def _step_module(joint, param_order, buffers, kind, opt):
-    """The module exported as the step graph (defined here: torch is imported lazily)."""
+def _step_module(joint, param_order, buffers, kind, opt, proximal=False):
+    """The module exported as the step graph (defined here: torch is imported lazily).
+
+    With `proximal` it also takes FedProx's w_g (`global_params`, flat) and `mu`, and steps on
+    the gradient of loss + mu/2 ||w - w_g||^2, i.e. g + mu*(w - w_g) (Li et al. 2020, eq. 2);
+    `loss` stays the data loss. mu = 0 leaves g exactly as it was (g + 0 = g).
+    """
     import torch
 
     buffer_slots = [(b.name, b.shape, b.offset, b.size) for b in buffers]
 
     class Step(torch.nn.Module):
-        def forward(self, params, states, bufs, x, y, lr):
+        def forward(self, params, states, bufs, x, y, lr, global_params=None, mu=None):
             views = dict(zip((s[0] for s in param_order), _views(params, param_order)))
             bviews = dict(zip((b.name for b in buffers), _views(bufs, buffer_slots)))
             new_bufs: dict[str, Any] = {}
             loss, grads = _call_joint(joint, views, bviews, new_bufs, x, y)
             g = torch.cat([grads[name].reshape(-1) for name, *_ in param_order])
+            if proximal:
+                g = g + mu * (params - global_params)
             new_params, new_states = _optimizer_step(kind, opt, params, g, states, lr)
             nb = [new_bufs.get(b.name, bviews[b.name]).reshape(-1) for b in buffers]
             new_buf = torch.cat(nb) if nb else bufs * 1.0  # a fresh output even when there are no buffers

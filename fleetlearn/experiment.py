@@ -44,11 +44,17 @@ def _partition_dir(spec: object) -> str:
 
 
 def _load_data(grid):
-    """The grid's split, checked against the model's input; the run's training targets for partitioning."""
+    """The grid's split, checked against the model's input; the run's training targets for
+    partitioning. With `validation`, the evaluated set is carved from the training split."""
     from fleetlearn.export.models import BUILTIN_MODELS
-    from fleetlearn.local_fleet import load_split
+    from fleetlearn.local_fleet import holdout, load_split
 
     split = load_split(grid.data)
+    if grid.validation > 0:
+        try:
+            split = holdout(split, grid.validation, stratify=grid.task == "classification")
+        except UsageError as exc:
+            raise ConfigError(f"{grid.path}: {exc}") from None
     width = 1
     for d in BUILTIN_MODELS[grid.model].input_shape:
         width *= d
@@ -200,6 +206,9 @@ def _write_results(grid, runs, out: Path) -> None:
     setup = (f"{grid.model} on `{grid.data.name}`, {grid.devices} devices, {grid.rounds} rounds x {grid.local_epochs} local "
              f"epoch(s), batch {grid.batch_size}, {grid.optimizer} lr {grid.lr:g} ({grid.lr_schedule}), seeds "
              f"{', '.join(map(str, grid.seeds))}; grid `{grid.path.name}`.")  # fmt: skip
+    if grid.validation > 0:
+        setup += (f" VALIDATION run: the test_* metrics (and central) are on a {grid.validation:g} hold-out of the "
+                  "training split; the test split was not used.")
     atomic_write_bytes(out / "results.csv", results_csv(runs, grid.metric, grid.target).encode(), durable=False)
     atomic_write_bytes(out / "runs.csv", runs_csv(runs).encode(), durable=False)
     md = results_markdown(runs, title="fleetlearn experiment", setup=setup, metric=grid.metric, target=grid.target,

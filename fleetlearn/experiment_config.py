@@ -15,6 +15,9 @@
     partitions = ["iid", "dirichlet:0.1"]
     metric = "test_accuracy"        # default: the model's headline (test_mse or test_accuracy)
     target = 0.9                    # rounds-to-target: first round with metric >= (accuracy) or <= (mse, loss)
+    validation = 0.2                # optional: hold out this fraction of the TRAINING split (seeded,
+                                    # stratified by label for classification) and report the test_*
+                                    # metrics on it; the test split is not used. For tuning grids.
 
     [[strategies]]                  # aggregator options, passed through verbatim
     name = "fedavg"
@@ -44,7 +47,7 @@ MODEL_DATA = {"boston-mlp": "boston", "digits-mlp": "digits", "digits-cnn": "dig
 # test_accuracy (classification) and test_loss for both.
 METRICS = {"test_mse": False, "test_accuracy": True, "test_loss": False}
 _KEYS = {"model", "data", "devices", "rounds", "local_epochs", "batch_size", "optimizer", "lr", "lr_schedule", "lr_warmup",
-         "lr_min_factor", "deadline", "run_timeout", "seeds", "partitions", "metric", "target", "strategies"}  # fmt: skip
+         "lr_min_factor", "deadline", "run_timeout", "seeds", "partitions", "metric", "target", "strategies", "validation"}  # fmt: skip
 _STRATEGY_KEYS = {"name", "args", "label"}
 # Aggregator destinations the experiment sets itself; a strategy's args may not change them.
 _CONTROLLED = ("bundle", "model", "broker", "fleet", "rounds", "min_devices", "target_devices", "deadline", "state_dir",
@@ -84,6 +87,7 @@ class Grid:
     metric: str
     target: float
     strategies: tuple[Strategy, ...]
+    validation: float = 0.0  # > 0: evaluate on this fraction of the training split, never on the test split
 
     @property
     def higher_is_better(self) -> bool:
@@ -239,7 +243,7 @@ def _build(path: Path, doc: dict[str, Any], models: Any, datasets: dict[str, Pat
         lr_min_factor=_float(doc, "lr_min_factor", 0.1, 0, 1), deadline=deadline,
         run_timeout=_float(doc, "run_timeout", 120 + 4 * rounds * deadline, 0, 10**7),
         seeds=tuple(seeds), partitions=tuple(partitions), metric=metric, target=float(target),
-        strategies=_strategies(doc.get("strategies")),
+        strategies=_strategies(doc.get("strategies")), validation=_float(doc, "validation", 0.0, 0, 0.5, lo_open=False),
     )  # fmt: skip
 
 

@@ -61,6 +61,23 @@ def load_split(path: str | Path) -> Split:
     return Split(x.astype(np.float64), y, xt.astype(np.float64), yt)
 
 
+def holdout(split: Split, fraction: float, *, stratify: bool, seed: int = 0) -> Split:
+    """A validation split carved from the TRAINING split: round(fraction * n) training rows
+    (per label when `stratify`, so every class keeps its share) become the evaluated set and the
+    rest the training set; the original test split is dropped, so settings tuned on the result
+    never saw it. Seeded and deterministic (the same rows for every experiment seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = len(split.y_train)
+    groups = [np.flatnonzero(split.y_train == c) for c in np.unique(split.y_train)] if stratify else [np.arange(n)]
+    held = np.sort(np.concatenate([rng.permutation(g)[: int(round(fraction * len(g)))] for g in groups]))
+    keep = np.setdiff1d(np.arange(n), held)
+    if len(held) == 0 or len(keep) == 0:
+        raise UsageError(f"validation {fraction:g} of {n} training rows leaves an empty split")
+    return Split(split.x_train[keep], split.y_train[keep], split.x_train[held], split.y_train[held])
+
+
 def export_builtin(model: str, x_train: Any, out: Path, *, optimizer: str, lr: float, seed: int) -> Path:
     """Export a built-in model (export/models.py) to `out`, standardised with the training
     split's statistics (recorded in the bundle, so every device applies the same ones)."""

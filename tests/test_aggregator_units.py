@@ -106,7 +106,7 @@ def test_fedavg_state_dict_round_trip_is_bit_identical(store):
 def test_unknown_strategy_is_a_usage_error():
     with pytest.raises(UsageError, match="fedavg") as exc:
         make_strategy("krum")
-    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg"
+    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg, fedprox"
     assert type(make_strategy("fedavg")) is FedAvg
 
 

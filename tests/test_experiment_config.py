@@ -82,6 +82,8 @@ BAD = [
     ('model = "boston-mlp"', 'model = "boston-mlp"\ndata = "digits"', "has 64 features per sample, boston-mlp takes 13"),
     ("rounds = 3", "rounds = 3\nlr_warmup = 3", "lr_warmup must be below rounds"),
     ("rounds = 3", "rounds = [", "not valid TOML"),
+    ("rounds = 3", "rounds = 3\nvalidation = 0.6", "validation must be a number in [0, 0.5]"),
+    ("rounds = 3", 'rounds = 3\nvalidation = "yes"', "validation must be a number"),
 ]
 
 
@@ -143,3 +145,29 @@ def test_the_digits_split_is_scikit_learns_digits_split_as_documented():
         assert f["x_train"].dtype == np.uint8 and f["y_train"].dtype == np.int64
         assert np.array_equal(f["x_train"], d.data[tr]) and np.array_equal(f["y_train"], d.target[tr])
         assert np.array_equal(f["x_test"], d.data[te]) and np.array_equal(f["y_test"], d.target[te])
+
+
+def test_a_validation_grid_evaluates_on_held_out_training_rows_and_never_reads_the_test_split(tmp_path):
+    """Tuning grids (validation = F) must not see the test split: the evaluated rows are a
+    seeded, label-stratified F of the training rows, disjoint from the rows the devices train on."""
+    from fleetlearn.experiment import _load_data
+    from fleetlearn.experiment_config import load_grid
+
+    config = tmp_path / "grid.toml"
+    config.write_text(GOOD.replace('model = "boston-mlp"', 'model = "digits-mlp"').replace("target = 40.0", "target = 0.9\nvalidation = 0.2"))
+    grid = load_grid(config)
+    assert grid.validation == 0.2
+    with np.load(DATA / "digits_split.npz") as d:
+        x, y, x_test = d["x_train"].astype(np.float64), d["y_train"], d["x_test"].astype(np.float64)
+    split = _load_data(grid)
+    assert len(split.y_train) + len(split.y_test) == len(y)
+    rows = {r.tobytes(): i for i, r in enumerate(x)}
+    train_rows = {rows[r.tobytes()] for r in split.x_train}
+    val_rows = {rows[r.tobytes()] for r in split.x_test}
+    assert not train_rows & val_rows and len(train_rows | val_rows) == len(y), "every training row lands in exactly one side"
+    assert not {r.tobytes() for r in x_test} & {r.tobytes() for r in split.x_test}, "a test row leaked into the validation set"
+    for c in range(10):  # stratified: every class keeps ~20% of its rows
+        n_c = int((y == c).sum())
+        assert int((split.y_test == c).sum()) == round(0.2 * n_c)
+    assert np.array_equal(_load_data(grid).x_test, split.x_test), "the hold-out is deterministic"
+    assert np.array_equal(y[sorted(val_rows)], split.y_test), "labels travel with their rows"

@@ -75,6 +75,15 @@ def _batches(x, y, steps, batch, seed=0):
 # helpers
 
 
+def proximal_feeds(module, state) -> list[np.ndarray]:
+    """FedProx's inputs of a proximal bundle's training graph with mu = 0 (export/ort_proximal.py):
+    mu = 0 makes the step exactly the step without the term, so parity is unchanged by it."""
+    feeds = []
+    for name in module.input_names()[2:]:
+        feeds.append(np.zeros((), np.float32) if name == "mu" else np.array(state.parameters[name.removeprefix("global.")].data, np.float32))
+    return feeds
+
+
 @dataclass
 class Ort:
     """A bundle opened the way a device opens it."""
@@ -93,14 +102,15 @@ class Ort:
 
     def step(self, x, y) -> float:
         self.module.train()
-        out = self.module(x, y)  # our bundles return the loss alone; stock artifacts (loss, output)
+        # our bundles return the loss alone, or (objective, loss) with the proximal term; stock artifacts (loss, output)
+        out = self.module(x, y, *proximal_feeds(self.module, self.state))
         loss = out[0] if isinstance(out, tuple) else out
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(loss)
 
     def evaluate(self, x, y):
-        self.module.eval()
+        self.module.eval()  # the eval graph has no proximal inputs
         loss, out = self.module(x, y)
         return float(loss), out
 
@@ -375,8 +385,12 @@ def test_bundle_trains_in_a_process_without_torch(tmp_path):
         y = rng.standard_normal((16, *m.output_shape)).astype(np.float32)
         before = module.get_contiguous_parameters(trainable_only=True).numpy().copy()
         losses = []
+        module.train()
+        feeds = [np.zeros((), np.float32) if n == "mu" else np.array(state.parameters[n.removeprefix("global.")].data)
+                 for n in module.input_names()[2:]]  # FedProx's inputs, mu = 0
+        assert m.proximal and len(feeds) == 1 + len(m.params)
         for _ in range(5):
-            loss = module(x, y)
+            _objective, loss = module(x, y, *feeds)
             opt.step(); module.lazy_reset_grad()
             losses.append(float(loss))
         after = module.get_contiguous_parameters(trainable_only=True).numpy()

@@ -355,10 +355,10 @@ def test_broker_config_signing_keys_layout_matches_what_flash_and_the_aggregator
 def test_a_keyless_device_never_imports_cryptography(tmp_path):
     probe = (
         "import sys\n"
-        "from fleetlearn.edge_runtime.device.agent import _load_signer\n"
+        "from fleetlearn.edge_runtime.device.wiring import load_signer\n"
         "from fleetlearn.edge_runtime.device.config import parse_device_config\n"
         "cfg = parse_device_config({'device_id': 'd', 'fleet': 'f', 'broker': 'mqtt://h:1', 'bundle': 'b', 'data': 'x', 'state_dir': 's'})\n"
-        "assert _load_signer(cfg) is None\n"
+        "assert load_signer(cfg) is None\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cryptography', 'torch')))\n"
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)

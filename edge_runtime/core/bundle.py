@@ -95,6 +95,7 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     engines: tuple[str, ...] = ("ort-training",)
     portable: PortableSpec | None = None
+    proximal: bool = False  # FedProx's term is in the training graphs (docs/bundle.md, "The proximal term")
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -186,6 +187,9 @@ def parse_manifest(doc: dict[str, Any]) -> Manifest:
             raise BundleError(f"manifest: unsafe file name {name!r}")
     optimizer = _need(doc, "optimizer", dict)
     portable = _portable(doc, files, optimizer, num_params) if "portable" in engines else None
+    proximal = doc.get("proximal", False)  # absent in bundles older than FedProx: no term
+    if not isinstance(proximal, bool):
+        raise BundleError("manifest: proximal must be true or false")
     return Manifest(
         model_name=_need(doc, "model_name", str),
         model_hash=model_hash,
@@ -202,6 +206,7 @@ def parse_manifest(doc: dict[str, Any]) -> Manifest:
         files=files,
         engines=engines,
         portable=portable,
+        proximal=proximal,
         raw=doc,
     )
 

@@ -1,6 +1,6 @@
 """Ed25519 on the device: sign updates, verify the aggregator's global models and bundle announcements.
 
-Imported only when the device config has a [signing] table (fleetlearn.edge_runtime.device.agent._load_signer), since
+Imported only when the device config has a [signing] table (fleetlearn.edge_runtime.device.wiring.load_signer), since
 it needs `cryptography` (the `signing` extra): a keyless device stays cryptography-free.
 
     signer = DeviceSigner.from_config(cfg.signing)

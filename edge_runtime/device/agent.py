@@ -21,7 +21,6 @@ import secrets
 import signal
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +33,7 @@ from fleetlearn.edge_runtime.device.bundle_ota import BundleOverTheAir
 from fleetlearn.edge_runtime.device.wiring import link_options, load_signer
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
+from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
@@ -106,6 +106,7 @@ class DeviceAgent(BundleOverTheAir):
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
+        self._sat_out: tuple[str, int] = ("", 0)  # the last (run, round) this bundle could not train as asked
         self.link = link_factory(
             link_options(cfg),
             on_message=self._on_message,
@@ -326,20 +327,16 @@ class DeviceAgent(BundleOverTheAir):
 
     def _train_and_send(self, g: GlobalModel) -> None:
         assert self.trainer is not None and self.manifest is not None
+        reason = sit_out_reason(self.manifest, g)
+        if reason is not None:  # e.g. FedProx asked of a bundle without the term: say so, sit it out
+            if self._sat_out != (g.run_id, g.round):
+                self._sat_out = (g.run_id, g.round)
+                self._log(logging.WARNING, "sitting_out", g.round, reason=reason)
+                self._status("error", g.round, reason)
+            return
         data = self._ensure_data()
         self._status("training", g.round)
-        t = self.cfg.training
-        c = g.config
-        self.trainer.set_weights(g.weights)
-        result = self.trainer.train(
-            data,
-            batch_size=c.batch_size or t.batch_size,
-            epochs=c.local_epochs or t.local_epochs,
-            max_steps=c.max_steps or t.max_steps,
-            seed=[t.seed, g.round, zlib.crc32(self.cfg.device_id.encode())],
-            lr=c.lr,
-        )
-        delta = self.trainer.get_weights() - g.weights
+        result, delta = train_round(self.trainer, data, self.cfg.training, g, self.cfg.device_id)
         if not (np.isfinite(result.mean_loss) and np.isfinite(delta).all()):
             # Diverged (too high a learning rate, bad data scale): nothing useful to send. Say so
             # and sit this round out; the next global model resets the weights.
@@ -359,7 +356,7 @@ class DeviceAgent(BundleOverTheAir):
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
         self._send_update(payload)
-        self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
+        self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, mu=g.config.proximal_mu or 0, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
 
     def _send_update(self, payload: bytes) -> None:
         """Publish the pending update: at once when fsynced, else after the host's group commit."""

@@ -6,6 +6,11 @@ implement it (`ort_training`, `portable`); `select.open_engine` picks one. The b
 metrics live here, so both engines see the same batches in the same order and report the same
 numbers: on one bundle they agree to float32 rounding (tests/test_engines.py).
 
+FedProx (Li et al. 2020): `train(..., mu=μ)` minimises loss + μ/2 ‖w − w_g‖², where w_g is the
+weights when `train` is called (a device has just loaded the round's global model). The term is in
+the bundle's training graphs (manifest `proximal`); μ = 0 trains exactly as a bundle without it,
+and μ > 0 on a bundle without it is refused (BundleError) before any step.
+
 Optimizer state (AdamW's moments and step count, SGD's momentum) persists across `train` calls
 and is not reset by `set_weights`: a device keeps it from round to round, as onnxruntime-training's
 Optimizer always did.
@@ -13,6 +18,7 @@ Optimizer always did.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from abc import ABC, abstractmethod
@@ -23,6 +29,7 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
 from fleetlearn.edge_runtime.core.data import Dataset
+from fleetlearn.edge_runtime.core.errors import BundleError
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,9 @@ class Engine(ABC):
         """Load a flat parameter vector; optimizer state and buffers are kept."""
 
     @abstractmethod
-    def _begin_train(self, lr: float) -> None:
-        """Switch to training mode with this learning rate."""
+    def _begin_train(self, lr: float, mu: float) -> None:
+        """Switch to training mode with this learning rate; on a proximal bundle, anchor the
+        proximal term at the current weights with this μ (ignored otherwise: μ is 0 there)."""
 
     @abstractmethod
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
@@ -83,9 +91,14 @@ class Engine(ABC):
     # ---------------------------------------------------------------- shared by every engine
 
     def train(self, data: Dataset, batch_size: int, epochs: int = 1, max_steps: int | None = None, seed: int | Sequence[int] = 0,
-              lr: float | None = None) -> TrainResult:
-        """Shuffled mini-batch training; returns the sample-weighted mean training loss."""
-        self._begin_train(self.default_lr if lr is None else lr)
+              lr: float | None = None, mu: float = 0.0) -> TrainResult:
+        """Shuffled mini-batch training; returns the sample-weighted mean training (data) loss.
+        `mu`: FedProx's proximal weight, anchored at the weights this call starts from."""
+        if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"proximal mu must be a finite number >= 0, got {mu!r}")
+        if mu > 0 and not self.manifest.proximal:
+            raise BundleError(f"bundle {self.manifest.model_name} has no proximal term (exported without FedProx); cannot train with mu {mu:g}")
+        self._begin_train(self.default_lr if lr is None else lr, float(mu))
         rng = np.random.default_rng(seed)
         n = len(data)
         steps, loss_sum, seen = 0, 0.0, 0

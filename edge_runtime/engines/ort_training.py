@@ -37,6 +37,7 @@ class OrtTrainingEngine(Engine):
         if size != manifest.num_params:
             raise BundleError(f"bundle's training graph has {size} parameters, its manifest says {manifest.num_params}")
         self.threads = threads
+        self._prox_feeds: list[np.ndarray] = []  # FedProx's extra inputs, in the training graph's order
 
     def get_weights(self) -> np.ndarray:
         # trainable_only must be explicit: get_contiguous_parameters() defaults to all parameters
@@ -50,13 +51,25 @@ class OrtTrainingEngine(Engine):
         # copy_buffer_to_parameters wants the internal C OrtValue of the public wrapper.
         self._module.copy_buffer_to_parameters(buf._ortvalue, trainable_only=True)
 
-    def _begin_train(self, lr: float) -> None:
+    def _begin_train(self, lr: float, mu: float) -> None:
         self._optimizer.set_learning_rate(lr)
         self._module.train()
+        if self.manifest.proximal:
+            # The training graph's inputs after (input, label): `mu` and one `global.<param>` per
+            # trainable tensor (export/ort_proximal.py); w_g = the weights now, split by the manifest.
+            anchor = self.get_weights()
+            views = {"global." + p.name: anchor[p.offset : p.offset + p.size].reshape(p.shape) for p in self.manifest.params}
+            views["mu"] = np.asarray(mu, np.float32)
+            names = self._module.input_names()[2:]
+            missing = [n for n in names if n not in views]
+            if missing or len(names) != len(views):
+                raise BundleError(f"training graph's proximal inputs {names[:4]} do not match the manifest's parameters")
+            self._prox_feeds = [views[n] for n in names]
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        out = self._module(x, y)
-        loss = out[0] if isinstance(out, (tuple, list)) else out
+        out = self._module(x, y, *self._prox_feeds)
+        # A proximal graph returns (objective, data loss): report the data loss.
+        loss = (out[1] if self._prox_feeds else out[0]) if isinstance(out, (tuple, list)) else out
         self._optimizer.step()
         self._module.lazy_reset_grad()
         return float(loss)

@@ -27,6 +27,7 @@ from fleetlearn.edge_runtime.core.onnx_wire import read_onnx_facts
 from fleetlearn.edge_runtime.engines.base import Engine
 
 PARAMS, BUFFERS, LR, LOSS = "params", "buffers", "lr", "loss"
+GLOBAL_PARAMS, MU = "global_params", "mu"  # FedProx's inputs, in proximal bundles (docs/bundle.md)
 
 
 def _ort():
@@ -73,6 +74,8 @@ class PortableEngine(Engine):
         label_shape = tuple(d for d in label.get("shape", []) if d != "batch") if isinstance(label.get("shape"), list) else None
         batch = {manifest.input_name: ("tensor(float)", (None, *manifest.input_shape)), self._label_name: (label_type, None if label_shape is None else (None, *label_shape))}
         step_inputs = {n: ("tensor(float)", s) for n, s in self._state_shapes().items()}
+        if manifest.proximal:
+            step_inputs.update({GLOBAL_PARAMS: ("tensor(float)", (manifest.num_params,)), MU: ("tensor(float)", ())})
         _check_signature(self._step, {**step_inputs, **batch, LR: ("tensor(float)", ())}, [LOSS, *(f"{n}_out" for n in self._state_names)], "step graph")
         eval_inputs = {PARAMS: ("tensor(float)", (manifest.num_params,)), BUFFERS: ("tensor(float)", (spec.num_buffers,)), **batch}
         _check_signature(self._eval, eval_inputs, [LOSS, manifest.output_name], "eval graph")
@@ -84,6 +87,8 @@ class PortableEngine(Engine):
         cur[BUFFERS][:] = buffers
         self._cur = 0
         self._lr = np.zeros((), np.float32)
+        self._anchor = np.zeros(manifest.num_params if manifest.proximal else 0, np.float32)  # w_g
+        self._mu = np.zeros((), np.float32)
         self._loss = np.zeros((), np.float32)
         # One binding per direction (A -> B, B -> A); per step only x and y are rebound.
         self._bindings = [self._bind(self._sets[i], self._sets[1 - i]) for i in (0, 1)]
@@ -110,6 +115,9 @@ class PortableEngine(Engine):
             io.bind_input(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
             io.bind_output(f"{name}_out", "cpu", 0, np.float32, list(b.shape), b.ctypes.data)
         io.bind_input(LR, "cpu", 0, np.float32, [], self._lr.ctypes.data)
+        if self.manifest.proximal:
+            io.bind_input(GLOBAL_PARAMS, "cpu", 0, np.float32, list(self._anchor.shape), self._anchor.ctypes.data)
+            io.bind_input(MU, "cpu", 0, np.float32, [], self._mu.ctypes.data)
         io.bind_output(LOSS, "cpu", 0, np.float32, [], self._loss.ctypes.data)
         return io
 
@@ -123,8 +131,11 @@ class PortableEngine(Engine):
 
     # ---------------------------------------------------------------- steps
 
-    def _begin_train(self, lr: float) -> None:
+    def _begin_train(self, lr: float, mu: float) -> None:
         self._lr[...] = lr
+        if self.manifest.proximal:  # both bindings read these buffers: fill them in place
+            np.copyto(self._anchor, self._sets[self._cur][PARAMS])
+            self._mu[...] = mu
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         # The batch goes into buffers bound once per batch shape (both bindings read the same

@@ -24,11 +24,13 @@ MAX_DECODE_PARAMS = 1 << 28  # GlobalModel.decode's bound when the caller gives 
 # meta must fit in one message; AWS IoT Core's 128 KB and Azure IoT Hub's 256 KB are above it.
 MIN_MAX_MESSAGE_SIZE = 64 * 1024 + HEADER_SIZE + MAX_META_BYTES
 MAX_MAX_MESSAGE_SIZE = 256 << 20  # MQTT's own limit
+MAX_PROXIMAL_MU = 1000.0  # FedProx's mu: the paper's grid is 0.001 .. 1; far above that only freezes w
 
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """Training settings the aggregator asks of every device this round (None: device's own)."""
+    """Training settings the aggregator asks of every device this round (None: device's own).
+    `proximal_mu`: FedProx's mu (train on loss + mu/2 ||w - w_global||^2); absent means 0."""
 
     local_epochs: int | None = None
     max_steps: int | None = None
@@ -36,6 +38,7 @@ class RoundConfig:
     lr: float | None = None
     compression: str | None = None  # encodings.Compression's text form; None: float32
     max_message_size: int | None = None  # bytes; larger messages travel in parts (protocol/parts.py)
+    proximal_mu: float | None = None
 
     def to_meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -48,7 +51,7 @@ class RoundConfig:
     def from_meta(cls, doc: Any) -> "RoundConfig":
         if not isinstance(doc, dict):
             raise ProtocolError("field 'config' must be an object")
-        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr", "compression", "max_message_size"}
+        unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr", "compression", "max_message_size", "proximal_mu"}
         if unknown:
             raise ProtocolError(f"round config has unknown keys {sorted(unknown)}")
         return cls(
@@ -58,6 +61,7 @@ class RoundConfig:
             lr=check_float(doc, "lr", 0.0, 10.0) if "lr" in doc else None,
             compression=str(Compression.parse(doc["compression"])) if "compression" in doc else None,
             max_message_size=check_int(doc, "max_message_size", MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE) if "max_message_size" in doc else None,
+            proximal_mu=check_float(doc, "proximal_mu", 0.0, MAX_PROXIMAL_MU) if "proximal_mu" in doc else None,
         )
 
 

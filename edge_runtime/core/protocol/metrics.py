@@ -107,6 +107,7 @@ class RoundMetrics:
     rejected_devices: tuple[str, ...] = _f("names", ())
     closed_by: str | None = _f("text")
     strategy: str | None = _f("text")
+    proximal_mu: float | None = _f("number")  # FedProx's mu the devices trained with (absent: 0)
     opened_at: float | None = _f("number")
     closed_at: float | None = _f("number")
     clip_norm: float | None = _f("number")
