@@ -28,11 +28,15 @@ $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 demo: $(VENV)/.server-installed
 	$(VENV)/bin/fleetlearn demo --devices $(DEVICES) --rounds $(ROUNDS)
 
-# Debian's mosquitto is the real broker the integration tests also run against.
+# Debian's mosquitto is the real broker the integration tests also run against; Debian's
+# prometheus scrapes a real aggregator in tests/test_metrics.py.
 mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; }
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
 # The apt packages an arm64 Debian root needs on this x86_64 machine (the root itself is built
 # by tests/arm64_root.py on first use and cached under /var/cache/fleetlearn).

@@ -36,7 +36,7 @@ run given the same updates (tests/test_server_optimizers.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import numpy as np
 
@@ -91,7 +91,7 @@ class AdaptiveServerOpt(FedAvg):
 
     A subclass names its rule, its Options and its `second_moment` (a staticmethod)."""
 
-    second_moment: ClassVar[SecondMoment]
+    second_moment: SecondMoment  # a staticmethod in each subclass (a callable attribute, not a method)
 
     def __init__(self, options: Any = None, uniform: bool = False):
         super().__init__(options, uniform)

@@ -47,7 +47,7 @@ def fixed_broker_class() -> type:
         if not callable(getattr(Broker, name, None)):
             raise RuntimeError(f"amqtt.broker.Broker has no {name}(): the retained-message fix does not apply")
 
-    class RetainedOnSubscribeBroker(Broker):  # type: ignore[misc, valid-type]
+    class RetainedOnSubscribeBroker(Broker):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             # (client_id, filter) pairs subscribed and not yet answered with retained messages.

@@ -2,8 +2,9 @@
 export on start (the CLI exports; the engine is given a bundle dir). Runs rounds until --rounds
 have closed.
 
-Exit codes: 0 every round closed (final model in STATE_DIR/model.onnx); 2 bad input or the
-broker unreachable at start; 3 a round failed (too few devices after every extension);
+Exit codes: 0 every round closed (final model in STATE_DIR/model.onnx); 2 bad input, the
+broker unreachable at start, or the fleet led by another aggregator (at start, or taken over
+while running: docs/operations-service.md); 3 a round failed (too few devices after every extension);
 130/143 stopped by SIGINT/SIGTERM (restart with the same --state-dir to resume).
 """
 
@@ -88,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--require-signatures", dest="require_signatures", action="store_const", const=True, default=None, help="reject unsigned updates (the default when device keys are registered)")
     req.add_argument("--allow-unsigned", dest="require_signatures", action="store_const", const=False, help="accept unsigned updates even though device keys are registered (signed ones are still verified)")
 
+    from fleetlearn.aggregator.service_args import add_service_arguments
+
+    add_service_arguments(parser)  # --takeover, --lease-ttl, --metrics-port/-host/-per-device
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text (key=value) or json (one object per line, for journald and log shippers)")
 
@@ -95,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
     """The AggregatorConfig the flags describe; `bundle` overrides --bundle (the --model export's dir)."""
     from fleetlearn.aggregator.config import AggregatorConfig, RoundPolicy, SigningConfig, link_options
+    from fleetlearn.aggregator.service_args import lease_policy
     from fleetlearn.aggregator.registry import StrategyChoice, all_option_classes
     from fleetlearn.aggregator.schedule import TrainingPlan
 
@@ -133,6 +138,7 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
         test_data=args.test_data,
         chunk_size=args.chunk_size,
         connect_timeout=args.connect_timeout,
+        lease=lease_policy(args),
     )
 
 
@@ -178,7 +184,8 @@ def export_on_start(args: argparse.Namespace, out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleetlearn.aggregator.engine import EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
+    from fleetlearn.aggregator.engine import EXIT_FLEET_LOST, EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
+    from fleetlearn.aggregator.service_args import start_metrics
     from fleetlearn.aggregator.logs import setup_logging
     from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 
@@ -195,7 +202,12 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: agg.stop(EXIT_SIGTERM))
         signal.signal(signal.SIGINT, lambda *_: agg.stop(EXIT_SIGINT))
-    code = agg.run()
-    if code == EXIT_ROUND_FAILED:
+    metrics = start_metrics(args, agg)  # None without --metrics-port
+    try:
+        code = agg.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if code in (EXIT_ROUND_FAILED, EXIT_FLEET_LOST) and agg.exit_reason:
         print(f"fleetlearn aggregator: error: {agg.exit_reason}", file=sys.stderr)
     return code

@@ -17,6 +17,7 @@ directory: exporting a model on start (`--model`) is the CLI's job.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from fleetlearn.edge_runtime.core.mqtt import BrokerURL, LinkOptions
 from fleetlearn.edge_runtime.core.protocol import Topics
 
 from fleetlearn.aggregator.distribution import DEFAULT_CHUNK_SIZE, check_chunk_size
+from fleetlearn.aggregator.leader import LeasePolicy
 from fleetlearn.aggregator.registry import StrategyChoice
 from fleetlearn.aggregator.sampling import SamplingOptions
 from fleetlearn.aggregator.schedule import TrainingPlan
@@ -70,7 +72,16 @@ class SigningConfig:
 
 
 def default_client_id(fleet: str) -> str:
+    """The default's prefix: the engine appends the run id's first 8 hex digits once the state dir
+    is open (aggregator_client_id), so aggregators of two runs never share a client id."""
     return f"fleetlearn-aggregator-{fleet}"
+
+
+def aggregator_client_id(link: LinkOptions, fleet: str, run_id: str) -> LinkOptions:
+    """`link` with the default client id made specific to the run (an explicit --client-id is kept)."""
+    if link.client_id != default_client_id(fleet):
+        return link
+    return dataclasses.replace(link, client_id=f"{link.client_id}-{run_id[:8]}")
 
 
 def link_options(url: str, fleet: str, **kw) -> LinkOptions:
@@ -90,6 +101,7 @@ class AggregatorConfig:
     strategy: StrategyChoice = field(default_factory=StrategyChoice)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)  # client sampling (aggregator/sampling.py)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    lease: LeasePolicy = field(default_factory=LeasePolicy)  # the fleet's leader lease (aggregator/leader.py)
     fleet: str = "default"
     test_data: Path | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -118,6 +130,7 @@ class AggregatorConfig:
         self.sampling.validate(self.rounds.min_devices, self.rounds.target_devices)
         if self.sampling.sample_fraction is not None and self.strategy.options.get("noise_multiplier") is not None:
             raise UsageError("--dp-noise-multiplier needs a fixed round target for its noise denominator: use --sample-size K, not --sample-fraction")
+        self.lease.validate()
         self.strategy.validate(self.round_target, self.training.proximal_mu)
         try:
             Topics(self.fleet)

@@ -42,6 +42,7 @@ from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.sampling import Cohort, draw_cohort
 
 EXIT_OK = 0
+EXIT_FLEET_LOST = 2  # another aggregator took the fleet over while this one ran
 EXIT_ROUND_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -63,7 +64,8 @@ class Aggregator:
 
     `on_event(name, fields)`, when given, is called from run()'s thread for the events in
     events.NOTIFIED: round_open, update_accepted, update_rejected, round_extended,
-    round_closed (fields: the round's record), round_failed, finished.
+    round_closed (fields: the round's record), round_failed, finished (and device_status when
+    `watch_devices` is set).
     """
 
     def __init__(self, config: AggregatorConfig, on_event: EventCallback | None = None):
@@ -76,8 +78,12 @@ class Aggregator:
         self._connects = 0
         self._cohorts_drawn = 0
         self.link: Any = None
+        self.leader: Any = None  # the LeaseKeeper (aggregator/leader.py) once the fleet is claimed
         self.store: Any = None
         self.current: RoundRun | None = None
+        # Subscribe to the devices' retained statuses and emit `device_status` events (for a
+        # metrics exporter, aggregator/metrics.py); off by default: a large fleet's statuses cost bandwidth.
+        self.watch_devices = False
 
     # ------------------------------------------------------------------ public
 
@@ -110,6 +116,8 @@ class Aggregator:
             return self._stopped()
         finally:
             self._flush(5.0)
+            if self.leader is not None:
+                self.leader.release()
             if self.link is not None:
                 self.link.stop()
 
@@ -155,15 +163,21 @@ class Aggregator:
     def _connect(self) -> None:
         from fleetlearn.edge_runtime.core.mqtt import MqttLink
 
+        from fleetlearn.aggregator.config import aggregator_client_id
+        from fleetlearn.aggregator.leader import LeaseKeeper
         from fleetlearn.aggregator.presence import Presence
         from fleetlearn.aggregator.publisher import Publisher
 
         cfg = self.config
         self.presence = Presence(self.topics)
-        self.link = MqttLink(cfg.link, on_message=self._on_message, on_connect=self._on_connect)
+        link = aggregator_client_id(cfg.link, cfg.fleet, self.store.run_id)
+        # One writer per fleet: claim it before publishing anything (LeaderError, exit 2, if another leads).
+        self.leader = LeaseKeeper(link, self.topics, self.store.run_id, cfg.lease, self.events, self._fleet_lost, cfg.connect_timeout)
+        self.leader.claim()
+        self.link = MqttLink(link, on_message=self._on_message, on_connect=self._on_connect)
         self.link.subscribe(self.topics.all_updates, qos=1)
         self.link.subscribe(self.topics.bundle, qos=1)
-        if cfg.sampling.enabled:
+        if cfg.sampling.enabled or self.watch_devices:
             self.link.subscribe(self.topics.all_status, qos=1)  # who is connected (retained statuses first)
         self.publisher = Publisher(self.link, self.topics, self.signing, self.events)
         self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.round_target)
@@ -176,6 +190,10 @@ class Aggregator:
                 raise UsageError(f"cannot reach the broker at {cfg.link.url} within {cfg.connect_timeout:.0f}s: {self.link.last_error or 'no answer'}")
 
     # ------------------------------------------------------------------ MQTT plumbing
+
+    def _fleet_lost(self, reason: str) -> None:  # the lease keeper's thread
+        self.exit_reason = reason
+        self.stop(EXIT_FLEET_LOST)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # network thread
         self._queue.put(("message", topic, bytes(payload)))
@@ -206,9 +224,11 @@ class Aggregator:
                 if topic == self.topics.bundle:
                     self.publisher.on_bundle_announcement(self.plan, payload)
                 elif self.presence.is_status(topic):
-                    self.presence.on_status(topic, payload)
-                elif self.current is not None:
-                    self.intake.on_update(self.current, topic, payload)
+                    self._on_status(topic, payload)
+                elif topic.startswith(self.topics.base + "/update/"):
+                    if self.current is not None:
+                        self.intake.on_update(self.current, topic, payload)
+                # else: a topic we never subscribed to (amqtt 0.12.1 delivers other clients' retained messages)
         except (RoundFailed, _Stopped):
             raise
         except ProtocolError as exc:  # a malformed status message: one line, nothing changes
@@ -216,9 +236,19 @@ class Aggregator:
         except Exception as exc:  # a bug must cost one message, not the run
             log.exception("%s", kv(event="handler_failed", round=self.current.round if self.current else "-", topic=topic, error=f"{type(exc).__name__}: {exc}"))
 
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        """A device's retained status: who may be invited (client sampling), and, when the engine
+        watches devices (metrics), told to the listeners (logged at debug: it is no round event)."""
+        status = self.presence.on_status(topic, payload)  # None: cleared on purpose; ProtocolError: message_ignored
+        if self.watch_devices:
+            state = status.state if status is not None else "removed"
+            self.events.emit("device_status", status.round if status else None, device=self.topics.device_of(topic, "status"),
+                             level=logging.DEBUG, state=state)
+
     def _drain_events(self, limit: int = 256) -> None:
         """Handle what is already queued (no waiting), so updates that arrived together are
         made durable together."""
+        assert self.current is not None  # only called while a round is open
         for _ in range(limit):
             if self._queue.empty() or len(self.current.accepted) >= self.current.target:
                 return
@@ -391,7 +421,8 @@ class Aggregator:
 
     def _stopped(self) -> int:
         run = self.current
-        self.events.log("aggregator_stopped", run.round if run else None, reason="signal", accepted=len(run.accepted) if run else 0)
+        reason = "fleet_lost" if self._stop_code == EXIT_FLEET_LOST else "signal"
+        self.events.log("aggregator_stopped", run.round if run else None, reason=reason, accepted=len(run.accepted) if run else 0)
         return self._stop_code
 
 

@@ -23,7 +23,8 @@ from fleetlearn.aggregator.logs import kv
 log = logging.getLogger("fleetlearn.aggregator")
 
 # Events the callback receives (the others are log lines only).
-NOTIFIED = ("round_open", "update_accepted", "update_rejected", "round_extended", "round_closed", "round_failed", "finished")
+# `device_status` only when the engine watches device statuses (Aggregator.watch_devices).
+NOTIFIED = ("round_open", "update_accepted", "update_rejected", "round_extended", "round_closed", "round_failed", "finished", "device_status")
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 

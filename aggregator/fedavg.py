@@ -60,7 +60,7 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def __init__(self, options: Any = None, uniform: bool = False):
-        self.options = options if options is not None else self.Options()
+        super().__init__(options)
         self.uniform = uniform  # DP-FedAvg's weighting: every device weighs 1
         self._acc: np.ndarray | None = None
         self._total = 0  # sum of n_i (the record's samples)

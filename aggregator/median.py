@@ -47,7 +47,7 @@ class CoordinateWise(Strategy):
     """Shared by the coordinate-wise rules: keep every delta (float32), combine at the close."""
 
     def __init__(self, options: Any = None):
-        self.options = options if options is not None else self.Options()
+        super().__init__(options)
         self._size: int | None = None
         self._deltas: list[np.ndarray] = []
         self._samples: list[int] = []

@@ -76,18 +76,18 @@ class Options:
     def add_arguments(cls, group: Any, seen: set[str]) -> None:
         """Add this component's flags to an argparse group (a flag already in `seen` is skipped)."""
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        for name, f in cls.flags().items():
-            if f.flag in seen:
+        for name, flag in cls.flags().items():
+            if flag.flag in seen:
                 continue
-            seen.add(f.flag)
+            seen.add(flag.flag)
             default = defaults[name]
             shown = "" if default is None else f" (default {default})"
-            kwargs: dict[str, Any] = {"dest": name, "type": f.type, "default": argparse.SUPPRESS, "help": f.help + shown}
-            if f.metavar:
-                kwargs["metavar"] = f.metavar
-            if f.choices:
-                kwargs["choices"] = list(f.choices)
-            group.add_argument(f.flag, **kwargs)
+            kwargs: dict[str, Any] = {"dest": name, "type": flag.type, "default": argparse.SUPPRESS, "help": flag.help + shown}
+            if flag.metavar:
+                kwargs["metavar"] = flag.metavar
+            if flag.choices:
+                kwargs["choices"] = list(flag.choices)
+            group.add_argument(flag.flag, **kwargs)
 
 
 def add_arguments_for(group: Any, classes: Iterable[type[Options]], owners: Mapping[type[Options], str] | None = None) -> None:
@@ -102,11 +102,11 @@ def add_arguments_for(group: Any, classes: Iterable[type[Options]], owners: Mapp
     seen: set[str] = set()
     for cls in classes:
         own = {f.name: f.default for f in dataclasses.fields(cls)}
-        for name, f in cls.flags().items():
-            if f.flag in seen:
+        for name, flag in cls.flags().items():
+            if flag.flag in seen:
                 continue
-            seen.add(f.flag)
-            values = defaults[f.flag]
+            seen.add(flag.flag)
+            values = defaults[flag.flag]
             if len({repr(d) for d, _ in values}) > 1:
                 by_default: dict[str, list[str]] = {}
                 for d, who in values:
@@ -114,12 +114,12 @@ def add_arguments_for(group: Any, classes: Iterable[type[Options]], owners: Mapp
                 shown = " (default " + "; ".join(f"{'/'.join(w)}: {d}" for d, w in by_default.items()) + ")"
             else:
                 shown = "" if own[name] is None else f" (default {own[name]})"
-            kwargs: dict[str, Any] = {"dest": name, "type": f.type, "default": argparse.SUPPRESS, "help": f.help + shown}
-            if f.metavar:
-                kwargs["metavar"] = f.metavar
-            if f.choices:
-                kwargs["choices"] = list(f.choices)
-            group.add_argument(f.flag, **kwargs)
+            kwargs: dict[str, Any] = {"dest": name, "type": flag.type, "default": argparse.SUPPRESS, "help": flag.help + shown}
+            if flag.metavar:
+                kwargs["metavar"] = flag.metavar
+            if flag.choices:
+                kwargs["choices"] = list(flag.choices)
+            group.add_argument(flag.flag, **kwargs)
 
 
 def flag_names(option_classes: Iterable[type[Options]], names: Iterable[str] | None = None) -> list[str]:

@@ -33,17 +33,18 @@ class Presence:
     def is_status(self, topic: str) -> bool:
         return topic.startswith(f"{self.topics.base}/status/")
 
-    def on_status(self, topic: str, payload: bytes) -> None:
+    def on_status(self, topic: str, payload: bytes) -> Status | None:
+        """Take one status message; returns it decoded (None for a cleared one)."""
         device = self.topics.device_of(topic, "status")
         if not payload:
             self.states.pop(device, None)
-            return
+            return None
         st = Status.decode(payload)
         if st.device_id != device:
             raise ProtocolError(f"status on {topic} names device {st.device_id!r}")
-        if device not in self.states and len(self.states) >= self.max_devices:
-            return
-        self.states[device] = st.state
+        if device in self.states or len(self.states) < self.max_devices:
+            self.states[device] = st.state
+        return st
 
     def connected(self) -> list[str]:
         return sorted(d for d, s in self.states.items() if s not in UNAVAILABLE)

@@ -83,6 +83,10 @@ class Strategy(ABC):
 
     name: ClassVar[str] = "abstract"
     Options: ClassVar[type[Options]] = NoOptions
+    options: Any  # an instance of the class's own Options (its fields are the subclass's)
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
 
     # ------------------------------------------------------------ within a round
 

@@ -154,7 +154,7 @@ def _export(model: "torch.nn.Module", input_shape: tuple[int, ...], opset: int, 
             torch.onnx.export(
                 model,
                 (_dummy(2, input_shape),),
-                buf,
+                buf,  # type: ignore[arg-type]  # a file-like object works with dynamo=False (torch's own docs)
                 dynamo=False,
                 training=mode,
                 do_constant_folding=False,  # keeps every parameter as a named initializer

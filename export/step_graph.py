@@ -325,6 +325,7 @@ def _optimizer_step(kind, opt: OptimizerConfig, w, g, states, lr):
 
     if kind == "adamw":
         m, v, t = states
+        assert opt.betas is not None and opt.eps is not None  # OptimizerConfig gives AdamW both
         b1, b2 = opt.betas
         t1 = t + 1.0
         w = w * (1.0 - lr * opt.weight_decay)
@@ -376,7 +377,9 @@ def _to_onnx(module, args, input_names, output_names, dynamic) -> "onnx.ModelPro
     ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
     ep = ep.run_decompositions(_decompositions())
     prog = torch.onnx.export(ep, args, dynamo=True, optimize=False, opset_version=STEP_OPSET, input_names=input_names, output_names=output_names, verbose=False)
-    proto = onnx.load_from_string(prog.model_proto.SerializeToString()) if hasattr(prog, "model_proto") else prog
+    if prog is None or prog.model_proto is None:
+        raise ExportError("torch.onnx.export returned no model")
+    proto = onnx.load_from_string(prog.model_proto.SerializeToString())
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     _name_batch_dim(proto, input_names)

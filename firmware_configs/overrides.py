@@ -78,7 +78,7 @@ def known_keys() -> list[str]:
     keys: list[str] = []
     for name, annotation in field_types(DeviceConfig).items():
         base = field_types_base(annotation)
-        if dataclasses.is_dataclass(base):
+        if isinstance(base, type) and dataclasses.is_dataclass(base):
             keys += [f"{name}.{sub}" for sub in field_types(base)]
         else:
             keys.append(name)

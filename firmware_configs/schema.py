@@ -38,7 +38,7 @@ def type_name(annotation: Any) -> str:
 def check_value(annotation: Any, value: Any, name: str, error: type[FlashError] = FlashError) -> Any:
     """Return `value` if it fits `annotation` (int, bool, str, float or a dataclass table), else raise."""
     base, _ = base_type(annotation)
-    if dataclasses.is_dataclass(base):
+    if isinstance(base, type) and dataclasses.is_dataclass(base):
         if not isinstance(value, Mapping):
             raise error(f"key {name!r} must be a table")
         return from_table(base, value, f"{name}.", error)

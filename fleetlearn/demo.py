@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with LocalFleet(fleet_spec, broker_url, write_shards(work, x, y, parts)) as fleet:
             say(f"started the aggregator and {args.devices} device processes (logs in {fleet_spec.logs})")
+            assert fleet.aggregator is not None  # started by entering the fleet
             rc = _follow_rounds(fleet.aggregator, state / ROUND_LOG, args.rounds, args.quiet)
             tail = fleet.aggregator_tail()
     finally:

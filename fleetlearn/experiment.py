@@ -155,7 +155,9 @@ def _run_one(grid, split, strategy, partition: str, seed: int, parts, prepared, 
         spec.logs.mkdir(parents=True)
         if broker is None:
             handle = BrokerProcess(spec.logs / "broker.log").start()
-        url = broker or handle.url
+            url = handle.url
+        else:
+            url = broker
         shards = write_shards(work, split.x_train, split.y_train, parts)
         with LocalFleet(spec, url, shards) as local:
             code = local.wait(grid.run_timeout)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
 
 from fleetlearn.edge_runtime.core.errors import UsageError
 
@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate to verify an mqtts:// broker")
     parser.add_argument("--rounds", type=int, default=10, help="rounds shown in the live table (default 10)")
     parser.add_argument("--no-updates", action="store_true", help="do not subscribe to device updates (saves their bandwidth; uploads are then seen through acks)")
+    from fleetlearn.aggregator.service_args import add_metrics_arguments
+
+    add_metrics_arguments(parser.add_argument_group("Prometheus metrics: the device gauges, for hosts without an aggregator (docs/operations-service.md)"))
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)")
 
 
@@ -77,13 +80,15 @@ class Monitor:
     thread and a slow terminal never stalls the MQTT socket.
     """
 
-    def __init__(self, fleet: str, link_options: LinkOptions, subscribe_updates: bool = True, clock: Callable[[], float] = time.time):
+    def __init__(self, fleet: str, link_options: LinkOptions, subscribe_updates: bool = True, clock: Callable[[], float] = time.time,
+                 device_gauges: Any = None):
         from fleetlearn.edge_runtime.core.mqtt import MqttLink
         from fleetlearn.edge_runtime.core.protocol import Topics
         from fleetlearn.monitor_state import FleetState
 
         self.topics = Topics(fleet)
         self.state = FleetState(fleet)
+        self.device_gauges = device_gauges  # fleetlearn.aggregator.metrics.DeviceGauges with --metrics-port
         self.clock = clock
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.link = MqttLink(
@@ -113,7 +118,18 @@ class Monitor:
         except ProtocolError as exc:
             log.warning("event=message_ignored topic=%s reason=%r", item.topic, exc.reason)
             return self.state.invalid(item.topic, exc.reason, now)
+        if self.device_gauges is not None:
+            self._export(msg)
         return self.state.apply(msg, now)
+
+    def _export(self, msg: object) -> None:
+        from fleetlearn.edge_runtime.core.protocol import Status
+        from fleetlearn.monitor_messages import DeviceForgotten
+
+        if isinstance(msg, Status):
+            self.device_gauges.update(msg.device_id, msg.state)
+        elif isinstance(msg, DeviceForgotten):
+            self.device_gauges.update(msg.device_id, None)
 
     def run(self, sink: Sink, stop: threading.Event, tick: float = 0.25) -> None:
         self.link.start()
@@ -221,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
         keepalive=15,
         backoff_max=5.0,  # one operator client, no herd to spread: come back quickly
     )
-    monitor = Monitor(args.fleet, opts, subscribe_updates=not args.no_updates)
+    gauges, server = _metrics(args)
+    monitor = Monitor(args.fleet, opts, subscribe_updates=not args.no_updates, device_gauges=gauges)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -239,4 +256,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.close()
     return 0
+
+
+def _metrics(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--metrics-port: the aggregator's device gauges (one code for both), served; else (None, None)."""
+    if args.metrics_port is None:
+        return None, None
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from fleetlearn.aggregator.metrics import DeviceGauges, MetricsServer
+    except ImportError as exc:
+        raise UsageError(f"--metrics-port needs prometheus-client (the server extra): {exc}") from None
+    registry = CollectorRegistry()
+    gauges = DeviceGauges(registry, per_device=args.metrics_per_device)
+    return gauges, MetricsServer.start(registry, args.metrics_host, args.metrics_port)

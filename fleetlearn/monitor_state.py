@@ -342,4 +342,4 @@ class FleetState:
         if not records:
             return None, []
         name = records[-1].test_metric
-        return name, [r.test_value for r in records if r.test_metric == name][-MAX_TREND:]  # type: ignore[misc]
+        return name, [r.test_value for r in records if r.test_metric == name and r.test_value is not None][-MAX_TREND:]

@@ -17,6 +17,8 @@ DIR afterwards holds:
     aggregator/signing.key|.pub    with --signing-keys: the aggregator's key pair (signs global models)
     aggregator/device-keys/<id>.pub  with --signing-keys: every device's public key (`aggregator --device-keys`)
     data/                          the broker's persistence directory
+    systemd/fleetlearn-mosquitto-<fleet>.service, systemd/fleetlearn-aggregator-<fleet>.service
+                                   hardened units for the broker and the aggregator (provisioning/systemd_units.py)
     README.md                      which file goes where
 
 The password file is written in pure Python (the `$7$` format mosquitto 2.0's own
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker-dir", type=Path, help="where the broker host keeps these files, for the paths in mosquitto.conf (default: --out)")
     parser.add_argument("--run-as", help="mosquitto's `user` option: the account it drops to when started as root (default: mosquitto's own, `mosquitto`)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out (every password and, with --tls, the CA change)")
+    parser.add_argument("--service-port", type=int, help="listener for the aggregator and the monitor, whose client ids are their own (default --port + 1)")
+    parser.add_argument("--service-bind", default="127.0.0.1", help="address of the service listener (default 127.0.0.1: the aggregator runs on the broker host)")
+    parser.add_argument("--fleetlearn-command", help="what systemd/fleetlearn-aggregator-FLEET.service runs (default: this Python with -m fleetlearn.cli)")
     parser.add_argument("--signing-keys", action="store_true", help="also make Ed25519 update-signing key pairs for every device and the aggregator (docs/security-signing.md)")
 
 
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {spec.out}: {len(spec.devices)} devices, user {spec.aggregator_user}"
         + (f", user {MONITOR_USER}" if spec.monitor else "")
         + (", TLS" if spec.tls else ", plain TCP")
-        + f", port {spec.port}, message_size_limit {limits.message_size_limit}"
+        + f", port {spec.port} (service port {spec.service_listener_port} on {spec.service_bind})"
+        + f", message_size_limit {limits.message_size_limit}"
     )
     if spec.tls:
         print(f"keep {spec.layout.ca_key} with the operator: never copy it to a broker or a device")

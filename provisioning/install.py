@@ -19,6 +19,7 @@ from fleetlearn.provisioning.passwords import make_credentials, password_file_te
 from fleetlearn.provisioning.pki import make_tls_files, write_fleet_signing_keys
 from fleetlearn.provisioning.readme import readme_text
 from fleetlearn.provisioning.spec import FleetSpec
+from fleetlearn.provisioning.systemd_units import systemd_units
 
 
 def write_file(path: Path, data: str | bytes, mode: int) -> None:
@@ -57,6 +58,8 @@ def write_tree(root: Path, spec: FleetSpec, limits: Limits, size: ModelSize) -> 
     if spec.signing_keys:
         write_fleet_signing_keys(layout, spec.devices, write_file)
     layout.data.mkdir(mode=0o700)
+    for path, text in systemd_units(spec, layout).items():
+        write_file(path, text, 0o644)
     write_file(layout.readme, readme_text(spec, limits, size), 0o644)
 
 

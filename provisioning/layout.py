@@ -8,6 +8,7 @@ device's files out of it, and the aggregator's operator points `--password-file`
     DIR/ca.crt, server.crt, server.key       with --tls: the fleet's CA and the broker's certificate
     DIR/ca.key                               with --tls: the CA's private key; stays with the operator
     DIR/README.md                            which file goes where
+    DIR/systemd/*.service                    hardened units for mosquitto and the aggregator
     DIR/aggregator/mqtt-password             the aggregator's MQTT password
     DIR/aggregator/signing.key|.pub          with --signing-keys: the aggregator's Ed25519 key pair
     DIR/aggregator/device-keys/<id>.pub      with --signing-keys: every device's public key
@@ -56,6 +57,16 @@ class CredentialsLayout:
     @property
     def data(self) -> Path:
         return self.root / "data"
+
+    @property
+    def systemd_dir(self) -> Path:
+        return self.root / "systemd"
+
+    def mosquitto_unit(self, fleet: str) -> Path:
+        return self.systemd_dir / f"fleetlearn-mosquitto-{fleet}.service"
+
+    def aggregator_unit(self, fleet: str) -> Path:
+        return self.systemd_dir / f"fleetlearn-aggregator-{fleet}.service"
 
     @property
     def readme(self) -> Path:

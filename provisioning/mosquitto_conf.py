@@ -62,13 +62,32 @@ def conf_text(spec: FleetSpec, limits: Limits) -> str:
         "# by connecting with its client id.",
         "use_username_as_clientid true",
     ]
-    if spec.tls:
-        lines += [
-            f"cafile {d.ca_cert}",
-            f"certfile {d.server_cert}",
-            f"keyfile {d.server_key}",
-            "# Clients authenticate with user name and password; TLS authenticates the broker.",
-            "require_certificate false",
-            "tls_version tlsv1.2",
-        ]
+    lines += _tls(spec)
+    lines += [
+        "",
+        "# ---- the service listener: the aggregator and the monitor (loopback unless --service-bind)",
+        "# Client ids are the clients' own here: an aggregator holds two connections (the fleet's",
+        "# leader lease has its own, with a Last Will) and two aggregators of one fleet must never",
+        "# share an id, or each would disconnect the other. Devices connect to the listener above.",
+        f"listener {spec.service_listener_port} {spec.service_bind}",
+        f"max_connections {SERVICE_MAX_CONNECTIONS}",
+    ]
+    lines += _tls(spec)
     return "\n".join(lines) + "\n"
+
+
+SERVICE_MAX_CONNECTIONS = 64  # aggregators (3 connections each while claiming), monitors, operators' tools
+
+
+def _tls(spec: FleetSpec) -> list[str]:
+    if not spec.tls:
+        return []
+    d = spec.broker_layout
+    return [
+        f"cafile {d.ca_cert}",
+        f"certfile {d.server_cert}",
+        f"keyfile {d.server_key}",
+        "# Clients authenticate with user name and password; TLS authenticates the broker.",
+        "require_certificate false",
+        "tls_version tlsv1.2",
+    ]

@@ -12,6 +12,7 @@ def readme_text(spec: FleetSpec, limits: Limits, size: ModelSize) -> str:
     any_device = "<id>"
     scheme = "mqtts" if spec.tls else "mqtt"
     url = f"{scheme}://{spec.hosts[0]}:{spec.port}"
+    service_url = f"{scheme}://{'127.0.0.1' if spec.service_bind in ('127.0.0.1', '0.0.0.0', '::') else spec.service_bind}:{spec.service_listener_port}"
     broker_files = [rel(out.mosquitto_conf), rel(out.passwd), rel(out.acl), rel(out.data) + "/"]
     broker_files += [rel(out.ca_cert), rel(out.server_cert), rel(out.server_key)] if spec.tls else []
     first = spec.devices[0]
@@ -64,10 +65,17 @@ def readme_text(spec: FleetSpec, limits: Limits, size: ModelSize) -> str:
         "",
         "```",
         f"mosquitto -c {d.mosquitto_conf}",
-        f"fleetlearn aggregator --broker {url} --fleet {spec.fleet} --username {spec.aggregator_user} \\",
+        f"fleetlearn aggregator --broker {service_url} --fleet {spec.fleet} --username {spec.aggregator_user} \\",
         f"    --password-file {out.aggregator_password}" + (f" --ca-file {out.ca_cert}" if spec.tls else "") + " \\",
         "    --bundle BUNDLE --rounds R --min-devices N --state-dir STATE",
         "```",
+        "",
+        f"Devices use port {spec.port}. The aggregator and the monitor use the service listener on",
+        f"{spec.service_bind}:{spec.service_listener_port}, where client ids are the clients' own (the aggregator holds a",
+        "second connection for the fleet's leader lease; docs/operations-service.md).",
+        "",
+        "As services: `systemd/` holds hardened units for mosquitto and the aggregator; copy them",
+        "to /etc/systemd/system/, `systemctl daemon-reload`, `systemctl enable --now` both.",
         "",
         f"Device config (`{first}`):",
         "",

@@ -34,6 +34,16 @@ class FleetSpec:
     run_as: str | None
     force: bool
     signing_keys: bool = False  # also Ed25519 key pairs for update signing
+    # The service listener (aggregator, monitor): client ids are the clients' own there, since an
+    # aggregator holds two connections (its fleet lease) and two aggregators must not share one.
+    service_port: int = 0  # 0: --port + 1
+    service_bind: str = "127.0.0.1"
+    fleetlearn_command: str = ""  # what the aggregator's systemd unit runs ("" : this Python's -m fleetlearn.cli)
+    mosquitto_binary: str = "/usr/sbin/mosquitto"
+
+    @property
+    def service_listener_port(self) -> int:
+        return self.service_port or self.port + 1
 
     @property
     def layout(self) -> CredentialsLayout:
@@ -116,6 +126,15 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
             raise BrokerConfigError(f"{option} {str(path)!r} contains a control character (newline, tab...)")
     if args.bind is not None and not (is_ip(args.bind) or DNS_RE.fullmatch(args.bind)):
         raise BrokerConfigError(f"--bind {args.bind!r} is neither an IP address nor a host name")
+    service_port = getattr(args, "service_port", None) or port + 1
+    if not 1 <= service_port <= 65535 or service_port == port:
+        raise BrokerConfigError(f"--service-port {service_port} must be a TCP port (1-65535) other than --port {port}")
+    service_bind = getattr(args, "service_bind", None) or "127.0.0.1"
+    if not (is_ip(service_bind) or DNS_RE.fullmatch(service_bind)):
+        raise BrokerConfigError(f"--service-bind {service_bind!r} is neither an IP address nor a host name")
+    command = getattr(args, "fleetlearn_command", None) or ""
+    if re.search(r"[\x00-\x1f\x7f%$\\]", command) or (command and not command.startswith("/")):
+        raise BrokerConfigError(f"--fleetlearn-command {command!r} must start with an absolute path and hold no control characters, '%', '$' or '\\'")
     if args.run_as is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", args.run_as):
         raise BrokerConfigError(f"--run-as {args.run_as!r} is not a user name")
     return FleetSpec(
@@ -132,4 +151,14 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
         run_as=args.run_as,
         force=args.force,
         signing_keys=getattr(args, "signing_keys", False),
+        service_port=service_port,
+        service_bind=service_bind,
+        fleetlearn_command=command,
+        mosquitto_binary=_mosquitto_binary(),
     )
+
+
+def _mosquitto_binary() -> str:
+    import shutil
+
+    return shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -153,13 +153,12 @@ def test_pi4_image_installs_and_trains_in_emulated_arm64_beside_x86(arm64, proje
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1)), logs()
     assert all(r["devices"] == sorted([PI_DEVICE, X86_DEVICE]) and r["rejected"] == 0 for r in rounds), (rounds, logs())
     assert rounds[-1]["test_mse"] < rounds[0]["test_mse"], rounds
-    # The device says which engine trains there (Status.detail, retained on status/<device>);
-    # the architecture comes from the device's own Python inside the root (checked after install)
-    # and from the process above: Status has no architecture field.
+    # Each device says which engine trains there and on what CPU (Status.engine / Status.arch,
+    # retained on status/<device>): the Pi image's portable engine on aarch64 under emulation,
+    # beside this checkout's venv, where "auto" picks onnxruntime-training on x86_64.
     statuses = _statuses(peer)
-    assert any(s.get("detail") == "engine portable" for s in statuses.get(PI_DEVICE, [])), (statuses, logs())
-    # A mixed fleet: this checkout's venv has onnxruntime-training, so "auto" picks it on x86_64.
-    assert any(s.get("detail") == "engine ort-training" for s in statuses.get(X86_DEVICE, [])), (statuses, logs())
+    assert any(s.get("engine") == "portable" and s.get("arch") == "aarch64" for s in statuses.get(PI_DEVICE, [])), (statuses, logs())
+    assert any(s.get("engine") == "ort-training" and s.get("arch") == "x86_64" for s in statuses.get(X86_DEVICE, [])), (statuses, logs())
     assert "engine=portable" in (tmp_path / "pi.log").read_text(), logs()
 
 

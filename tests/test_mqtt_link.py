@@ -58,3 +58,26 @@ def test_republish_retained_puts_back_what_a_restarted_broker_lost(mosquitto):
             rec.close()
     finally:
         link.stop()
+
+
+def test_a_clean_stop_disconnects_without_the_last_will_and_delivers_what_was_queued(mosquitto):
+    """Publishes from other threads only queue (the network thread alone writes the socket, which
+    TLS needs); stop() must still deliver them and say DISCONNECT, so no Last Will fires."""
+    import threading
+
+    rec = Recorder(mosquitto.url, ["t/will/#"])
+    link = MqttLink(LinkOptions(url=mosquitto.url, client_id=f"link-will-{uuid.uuid4().hex[:6]}", will=("t/will/gone", b"will", 1, False)),
+                    on_message=lambda t, p: None)
+    link.start()
+    assert link.wait_connected(10)
+    sent = [threading.Thread(target=link.publish, args=("t/will/msg", f"m{i}".encode())) for i in range(20)]
+    for t in sent:
+        t.start()
+    for t in sent:
+        t.join()
+    link.stop()
+    time.sleep(1.0)
+    with rec.cond:
+        payloads = sorted(p for topic, p, _ in rec.msgs)
+    rec.close()
+    assert b"will" not in payloads and payloads == sorted(f"m{i}".encode() for i in range(20))

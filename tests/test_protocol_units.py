@@ -252,3 +252,16 @@ def test_a_large_cohort_is_cut_from_the_metrics_message_not_from_the_log_record(
     assert len(payload) <= 64 * 1024 and back.invited_truncated and 0 < len(back.invited) < 3000
     assert back.devices == invited[:5] and not back.devices_truncated and back.connected == 5000
     assert RoundMetrics.from_doc(json.loads(json.dumps(m.to_doc()))).invited == invited  # rounds.jsonl keeps all
+
+
+def test_status_engine_and_arch_round_trip_and_hostile_values_are_refused():
+    from fleetlearn.edge_runtime.core.protocol import Status
+
+    s = Status("pi-01", "training", 3, engine="portable", arch="aarch64")
+    assert Status.decode(s.encode()) == s
+    assert Status.decode(Status("pi-01", "idle").encode()).engine is None  # before a bundle is loaded
+    for field, value in (("engine", "cuda-magic"), ("engine", 7), ("arch", "arm/../x"), ("arch", "a" * 33), ("arch", 64)):
+        doc = json.loads(s.encode())
+        doc[field] = value
+        with pytest.raises(ProtocolError, match=field):
+            Status.decode(json.dumps(doc).encode())

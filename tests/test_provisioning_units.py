@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,7 +147,8 @@ def test_the_credentials_layout_is_what_broker_config_writes_and_flash_reads(tmp
     assert fleetlearn_main(["broker-config", "--fleet", "f", "--devices", "dev-0,dev-1", "--out", str(out), "--max-model-params", "100", "--monitor", "--tls", "--signing-keys"]) == 0
     layout = CredentialsLayout(out)
     named = [layout.mosquitto_conf, layout.passwd, layout.acl, layout.readme, layout.ca_cert, layout.ca_key, layout.server_cert, layout.server_key,
-             layout.aggregator_password, layout.monitor_password, layout.aggregator_signing_key, layout.aggregator_signing_pub]
+             layout.aggregator_password, layout.monitor_password, layout.aggregator_signing_key, layout.aggregator_signing_pub,
+             layout.mosquitto_unit("f"), layout.aggregator_unit("f")]
     for d in ("dev-0", "dev-1"):
         named += [layout.device_password(d), layout.device_signing_key(d), layout.device_signing_pub(d), layout.device_key_registration(d)]
     written = {p for p in out.rglob("*") if p.is_file()}
@@ -179,3 +182,40 @@ def test_broker_config_is_one_subcommand_module(flag):
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
     assert flag in parser.format_help() and module.__name__ == "fleetlearn.provisioning.broker_config"
+
+
+# ---------------------------------------------------------------- systemd units
+
+
+def _systemd_verify(units: list[Path]) -> subprocess.CompletedProcess:
+    return subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60, cwd=units[0].parent)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (no systemd on this machine)")
+@pytest.mark.parametrize("tls", [False, True])
+def test_broker_config_writes_hardened_units_that_systemd_analyze_verifies(tmp_path, tls):
+    from fleetlearn.cli import main as fleetlearn_main
+
+    out = tmp_path / "fleet"
+    args = ["broker-config", "--fleet", "f", "--devices", "dev-0", "--out", str(out), "--max-model-params", "100", "--service-port", "9999"]
+    assert fleetlearn_main(args + (["--tls"] if tls else [])) == 0
+    layout = CredentialsLayout(out)
+    units = [layout.mosquitto_unit("f"), layout.aggregator_unit("f")]
+    # The check itself is live: a unit with an unknown key and a missing binary is reported.
+    broken = tmp_path / "broken.service"
+    broken.write_text("[Service]\nExecStart=/nonexistent/fleetlearn\nProtectSystm=strict\n")
+    bad = _systemd_verify([broken])
+    assert "ProtectSystm" in bad.stderr and "/nonexistent/fleetlearn" in bad.stderr, bad.stderr
+    r = _systemd_verify(units)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    for unit in units:
+        text = unit.read_text()
+        for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=", "PrivateTmp=yes"):
+            assert f"\n{line}\n" in text, (unit.name, line)
+    agg = units[1].read_text()
+    assert "\nStateDirectory=fleetlearn/f\n" in agg and "--state-dir ${STATE_DIRECTORY}" in agg
+    assert f"LoadCredential=mqtt-password:{layout.aggregator_password}" in agg and "--password-file ${CREDENTIALS_DIRECTORY}/mqtt-password" in agg
+    assert ("mqtts" if tls else "mqtt") + "://127.0.0.1:9999 " in agg  # the service listener
+    assert ("--ca-file ${CREDENTIALS_DIRECTORY}/ca.crt" in agg) == tls
+    mosq = units[0].read_text()
+    assert f"-c {layout.mosquitto_conf}" in mosq and f"\nReadWritePaths={layout.data}\n" in mosq

@@ -133,6 +133,12 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        # Only the network thread touches the socket. Without a register-write hook, paho writes a
+        # publish() made on another thread (the owner's) straight to the socket while the network
+        # thread may be reading it: an SSL object used by two threads at once corrupts the TLS
+        # stream ("bad record mac", seen with the aggregator's lease connection). With the hook,
+        # publish() only queues and wakes the loop's select() through paho's socket pair.
+        client.on_socket_register_write = lambda *_: None
         return client
 
     def _connect_kwargs(self) -> dict:
@@ -268,12 +274,15 @@ class MqttLink:
         while self.connected.is_set() and self.client.want_write() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stop.set()
-        try:
-            self.client.disconnect()
-        except Exception:  # already gone: nothing to flush
-            pass
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        try:
+            # The network thread has ended: write the DISCONNECT from here (publish and disconnect
+            # only queue, see _make_client), so the broker does not publish our Last Will.
+            self.client.disconnect()
+            self.client.loop_write()
+        except Exception:  # already gone: nothing to flush
+            pass
 
     # ------------------------------------------------------------ network thread
 
@@ -291,7 +300,7 @@ class MqttLink:
                     self.client.reconnect()
                 first = False
                 sock = self.client.socket()
-                if isinstance(sock, socket.socket) or hasattr(sock, "setsockopt"):
+                if sock is not None and (isinstance(sock, socket.socket) or hasattr(sock, "setsockopt")):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 first = first and isinstance(exc, ValueError)

@@ -42,6 +42,7 @@ def _fields(buf: bytes):
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
@@ -67,14 +68,14 @@ def read_onnx_facts(path: Path) -> OnnxFacts:
     try:
         for field, wire, value in _fields(data):
             if field == 1 and wire == 0:
-                ir = int(value)  # type: ignore[arg-type]
+                ir = value if isinstance(value, int) else 0
             elif field == 8 and wire == 2:
                 domain, version = "", 0
-                for f, w, v in _fields(bytes(value)):  # type: ignore[arg-type]
+                for f, w, v in _fields(value if isinstance(value, bytes) else b""):
                     if f == 1 and w == 2:
-                        domain = bytes(v).decode("utf-8")  # type: ignore[arg-type]
+                        domain = v.decode("utf-8") if isinstance(v, bytes) else ""
                     elif f == 2 and w == 0:
-                        version = int(v)  # type: ignore[arg-type]
+                        version = v if isinstance(v, int) else 0
                 opsets[domain] = version
             elif field == 25 and wire == 2:
                 functions += 1

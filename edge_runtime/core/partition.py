@@ -192,6 +192,7 @@ def partition(spec: PartitionSpec | str, y: np.ndarray, devices: int, seed: int,
     n = len(y)
     if spec.scheme == "iid":
         return iid(n, devices, seed)
+    assert spec.param is not None  # parse_partition gives every other scheme its parameter
     if spec.scheme == "quantity":
         return quantity(n, devices, float(spec.param), seed)
     labels = labels_for(y, task)

@@ -14,6 +14,7 @@ queue for offline sessions.
 from __future__ import annotations
 
 import logging
+import platform
 import os
 import queue
 import secrets
@@ -31,12 +32,12 @@ from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
 from fleetlearn.edge_runtime.device.signer import load_signer
-from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.edge_runtime.device.config import DeviceConfig, link_options
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.logs import kv
-from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, RoundState, Status, Topics, Update, UpdateHeader
+from fleetlearn.edge_runtime.core.mqtt import MqttLink
+from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, BundleAnnouncement, GlobalModel, LeaseView, RoundState, Status, Topics, Update, UpdateHeader
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, save_pending_update
 from fleetlearn.edge_runtime.engines.base import Engine
@@ -81,31 +82,16 @@ class DeviceAgent:
         self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
         self._sat_out: tuple[str, int] = ("", 0)  # the last (run, round) this bundle could not train as asked
         self.link = MqttLink(
-            self._link_options(),
+            link_options(cfg),
             on_message=self._on_message,
             on_connect=lambda: self.events.put(Event("connected")),
             will_provider=self._last_will,
         )
-        for topic in (self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
+        self.leader = LeaseView()  # the fleet's leader lease: rounds of any other run are ignored
+        for topic in (self.topics.leader, self.topics.global_model, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
             self.link.subscribe(topic, qos=1)
 
     # ------------------------------------------------------------------ setup
-
-    def _link_options(self) -> LinkOptions:
-        c = self.cfg
-        return LinkOptions(
-            url=c.broker,
-            client_id=f"fleetlearn-{c.fleet}-{c.device_id}",
-            username=c.auth.username,
-            password=c.auth.read_password(),
-            ca_file=c.tls.ca_file,
-            cert_file=c.tls.cert_file,
-            key_file=c.tls.key_file,
-            insecure_skip_hostname=c.tls.insecure_skip_hostname,
-            protocol=c.mqtt_protocol,
-            keepalive=c.keepalive,
-            clean_session=False,
-        )
 
     def _last_will(self) -> tuple[str, bytes, int, bool]:
         """The `offline` status the broker publishes for us if we vanish (built per connect)."""
@@ -122,12 +108,11 @@ class DeviceAgent:
         if state == "ineligible" and not detail and self.status_last[0] == "ineligible":
             detail = self.status_last[2]  # a reconnect re-announces the state: keep its reason
         self.status_state = state
-        if not detail and self.trainer is not None:
-            detail = f"engine {self.trainer.name}"  # which engine trains here (a fleet may mix them)
         self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
         health = self.health.read()
-        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health).encode(), qos=1, retain=True)
+        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health,
+                                 engine=self.trainer.name if self.trainer else None, arch=platform.machine() or None).encode(), qos=1, retain=True)
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
@@ -217,6 +202,11 @@ class DeviceAgent:
                 self._on_connected()
             elif event.kind == "eligible":
                 self._on_eligible()
+            elif event.topic == self.topics.leader:
+                before = self.leader.current
+                lease = self.leader.observe(event.payload)
+                if lease is not None and (before is None or (before.token, before.state) != (lease.token, lease.state)):  # not each renewal
+                    self._log(logging.INFO, "leader", run_id=lease.run_id[:8], holder=lease.holder, state=lease.state)
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
             elif event.topic == self.topics.ack(self.cfg.device_id):
@@ -251,6 +241,8 @@ class DeviceAgent:
         self._handle_global(GlobalModel.decode(payload, max_params=MAX_MODEL_PARAMS))
 
     def _handle_global(self, g: GlobalModel) -> None:
+        if not self.leader.allows(g.run_id):
+            raise ProtocolError(f"global model of run {g.run_id[:8]}, not the leader's run {self.leader.current.run_id[:8]}")  # type: ignore[union-attr]
         if self.signer and not self.signer.verify_global(g):
             raise ProtocolError("global model signature does not verify with the aggregator's key")
         # Validate everything before any state changes: a bad message must leave state intact.
@@ -349,7 +341,7 @@ class DeviceAgent:
         if not payload:
             return
         rs = RoundState.decode(payload)
-        if rs.run_id != self.state.run_id:
+        if rs.run_id != self.state.run_id or not self.leader.allows(rs.run_id):
             return
         if rs.state in ("closed", "finished", "failed"):
             self.gate.drop_until(rs.round)

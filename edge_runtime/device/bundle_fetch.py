@@ -34,7 +34,7 @@ class BundleAssembly:
         if set(announcement.order) != set(manifest.files):
             raise ProtocolError("bundle announcement's file order does not list exactly the manifest's files")
         sizes = [manifest.files[name].get("size") for name in announcement.order]
-        if not all(isinstance(s, int) and s >= 0 for s in sizes) or sum(sizes) != announcement.total_bytes:
+        if not all(isinstance(s, int) and s >= 0 for s in sizes) or sum(s for s in sizes if isinstance(s, int)) != announcement.total_bytes:
             raise ProtocolError("bundle announcement's total_bytes disagrees with the manifest's file sizes")
         self.announcement = announcement
         self.manifest = manifest

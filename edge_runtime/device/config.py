@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from fleetlearn.edge_runtime.core.errors import ConfigError
 from fleetlearn.edge_runtime.core.files import read_toml
+from fleetlearn.edge_runtime.core.mqtt import LinkOptions
 from fleetlearn.edge_runtime.core.names import check_name
 from fleetlearn.edge_runtime.device.eligibility import EligibilityConfig, parse_eligibility
 
@@ -164,3 +165,20 @@ def load_device_config(path: str | Path) -> DeviceConfig:
         return parse_device_config(doc, base_dir=path.parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def link_options(c: DeviceConfig) -> LinkOptions:
+    """The device's MQTT link: a persistent session under a client id fixed by fleet and device."""
+    return LinkOptions(
+        url=c.broker,
+        client_id=f"fleetlearn-{c.fleet}-{c.device_id}",
+        username=c.auth.username,
+        password=c.auth.read_password(),
+        ca_file=c.tls.ca_file,
+        cert_file=c.tls.cert_file,
+        key_file=c.tls.key_file,
+        insecure_skip_hostname=c.tls.insecure_skip_hostname,
+        protocol=c.mqtt_protocol,
+        keepalive=c.keepalive,
+        clean_session=False,
+    )

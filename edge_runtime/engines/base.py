@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ class Engine(ABC):
 
     # ---------------------------------------------------------------- shared by every engine
 
-    def train(self, data: Dataset, batch_size: int, epochs: int = 1, max_steps: int | None = None, seed: int = 0,
+    def train(self, data: Dataset, batch_size: int, epochs: int = 1, max_steps: int | None = None, seed: int | Sequence[int] = 0,
               lr: float | None = None, mu: float = 0.0) -> TrainResult:
         """Shuffled mini-batch training; returns the sample-weighted mean training (data) loss.
         `mu`: FedProx's proximal weight, anchored at the weights this call starts from."""

@@ -37,7 +37,7 @@ def _install_training_stub() -> None:
     sys.modules["onnxruntime.training"] = stub
     # A None entry makes `import onnxruntime.training.ortmodule` raise ImportError at once,
     # which onnxruntime's build-info probe already treats as "no ORTModule".
-    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)  # type: ignore[arg-type]  # None is the documented "not importable" marker
 
 
 _install_training_stub()

@@ -11,6 +11,7 @@ unpickled. docs/protocol.md is the prose version of this package.
     status    Status (+ Health), a device's retained state
     bundle    BundleAnnouncement and BUNDLE_CHUNK frames, chunk-size bounds
     metrics   RoundMetrics: the `metrics` message and a line of rounds.jsonl
+    lease     Lease and LeaseView: which aggregator run leads the fleet (`leader`)
 
 Import from here (`from fleetlearn.edge_runtime.core.protocol import Update`); a new wire
 message is one type in one of these modules, exported below.
@@ -22,6 +23,7 @@ Topics (per fleet; topics.TOPIC_TREE is the table):
     fleetlearn/<fleet>/ack/<device>        -         JSON acknowledgement of one update (accepted or the reason)
     fleetlearn/<fleet>/status/<device>     retained  JSON device status; the MQTT Last Will sets "offline"
     fleetlearn/<fleet>/metrics             retained  JSON metrics of the last closed round
+    fleetlearn/<fleet>/leader              retained  JSON lease: the aggregator run that leads the fleet
     fleetlearn/<fleet>/bundle              retained  JSON bundle announcement (manifest + chunking)
     fleetlearn/<fleet>/bundle/<hash>/<i>   retained  binary BUNDLE_CHUNK frames of the bundle's files
 
@@ -97,6 +99,7 @@ from fleetlearn.edge_runtime.core.protocol.messages import (
     UpdateHeader,
     invitation_rank,
 )
+from fleetlearn.edge_runtime.core.protocol.lease import LEASE_STATES, Lease, LeaseView, encode_probe, probe_token
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
 from fleetlearn.edge_runtime.core.protocol.status import DEVICE_STATES, POWER_SOURCES, Health, Status
 from fleetlearn.edge_runtime.core.protocol.topics import TOPIC_TREE, Grant, TopicRule, Topics
@@ -107,5 +110,6 @@ __all__ = [
     "FLAG_SIGNED", "HEADER", "HEADER_SIZE", "MAGIC", "MAX_META_BYTES", "MAX_SIG_BYTES", "Encoding", "Frame", "FrameHeader", "Kind", "Signer",
     "decode_frame", "encode_frame", "max_frame_bytes", "peek_meta", "read_header", "tensor_from_body", "tensor_to_body",
     "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "MAX_PROXIMAL_MU", "RANK_SPACE", "ROUND_STATES", "Ack", "GlobalModel", "Invitation", "invitation_rank", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
+    "LEASE_STATES", "Lease", "LeaseView", "encode_probe", "probe_token",
     "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol.fields import MAX_ROUND, NAME_RE, check_float, check_int, check_str, decode_json, encode_json
 
+ENGINES = ("ort-training", "portable")  # the device's training engines (edge_runtime/engines)
+ARCH_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")  # platform.machine(): x86_64, aarch64, armv7l...
 DEVICE_STATES = ("idle", "fetching", "training", "uploading", "error", "offline", "ineligible")
 POWER_SOURCES = ("ac", "battery")
 
@@ -35,7 +38,7 @@ class Health:
         values: dict[str, Any] = {}
         for key, (lo, hi) in cls.BOUNDS.items():
             if d.get(key) is not None:
-                values[key] = check_int(d, key, lo, hi) if isinstance(lo, int) else check_float(d, key, lo, hi)
+                values[key] = check_int(d, key, int(lo), int(hi)) if isinstance(lo, int) else check_float(d, key, lo, hi)
         power = d.get("power_source")
         if power is not None and power not in POWER_SOURCES:
             raise ProtocolError(f"status health power_source {str(power)[:20]!r} not one of {POWER_SOURCES}")
@@ -45,7 +48,9 @@ class Health:
 @dataclass(frozen=True)
 class Status:
     """Retained on `status/<device>`; the broker publishes the `offline` Last Will for us.
-    `ineligible`: the device's [eligibility] rules say no training now, `detail` says why."""
+    `ineligible`: the device's [eligibility] rules say no training now, `detail` says why.
+    `engine` (which training engine the device runs, once its bundle is loaded) and `arch` (its
+    CPU architecture) tell an operator what runs where in a mixed fleet."""
 
     device_id: str
     state: str
@@ -53,11 +58,14 @@ class Status:
     detail: str = ""
     ts: float = 0.0
     health: Health | None = None
+    engine: str | None = None
+    arch: str | None = None
 
     def encode(self) -> bytes:
-        doc = {"device_id": self.device_id, "state": self.state, "round": self.round, "detail": self.detail[:300], "ts": self.ts}
+        doc: dict[str, Any] = {"device_id": self.device_id, "state": self.state, "round": self.round, "detail": self.detail[:300], "ts": self.ts}
         if self.health is not None:
             doc["health"] = self.health.to_json()
+        doc.update({k: v for k, v in (("engine", self.engine), ("arch", self.arch)) if v is not None})
         return encode_json(doc)
 
     @classmethod
@@ -66,4 +74,9 @@ class Status:
         if d.get("state") not in DEVICE_STATES:
             raise ProtocolError(f"status state {d.get('state')!r} not one of {DEVICE_STATES}")
         health = Health.from_json(d["health"]) if d.get("health") is not None else None
-        return cls(check_str(d, "device_id", NAME_RE), d["state"], check_int(d, "round", 0, MAX_ROUND), str(d.get("detail", ""))[:300], check_float(d, "ts", 0.0), health)
+        engine = d.get("engine")
+        if engine is not None and engine not in ENGINES:
+            raise ProtocolError(f"status engine {str(engine)[:40]!r} not one of {ENGINES}")
+        arch = check_str(d, "arch", ARCH_RE) if d.get("arch") is not None else None
+        return cls(check_str(d, "device_id", NAME_RE), d["state"], check_int(d, "round", 0, MAX_ROUND), str(d.get("detail", ""))[:300],
+                   check_float(d, "ts", 0.0), health, engine, arch)

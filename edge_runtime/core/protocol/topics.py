@@ -48,6 +48,7 @@ TOPIC_TREE: tuple[TopicRule, ...] = (
     _rule("global", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary GLOBAL frame: round, model hash, flat weights, round config"),
     _rule("round", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON round state (open / closed / finished / failed)"),
     _rule("metrics", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON metrics of the last closed round (RoundMetrics)"),
+    _rule("leader", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON lease: the aggregator run that leads the fleet; its Last Will releases it"),
     _rule("bundle", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON bundle announcement (manifest + chunking)"),
     _rule("bundle/#", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary BUNDLE_CHUNK frames on bundle/<hash>/<i>"),
     _rule(f"update/{DEVICE_SEGMENT}", DEVICE, (AGGREGATOR,), False, "binary UPDATE frame: device -> aggregator weight delta"),
@@ -90,6 +91,10 @@ class Topics:
     @property
     def metrics(self) -> str:
         return f"{self.base}/metrics"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.base}/leader"
 
     @property
     def bundle(self) -> str:
