@@ -23,13 +23,14 @@ inputs and the objective output again, so evaluation is (loss, output) as before
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-import fleetlearn.edge_runtime.engines.ort_api  # noqa: F401  (the onnxruntime.training stub)
+# The stub first: it keeps `import onnxruntime.training` from importing torch's ORTModule probe.
+import fleetlearn.edge_runtime.engines.ort_api  # noqa: F401, I001
 from onnxruntime.training.onnxblock import blocks
 
 PREFIX = "proximal."  # every node, value and initializer the term adds
