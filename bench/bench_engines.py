@@ -49,7 +49,7 @@ from fleetlearn.edge_runtime.engines.select import open_engine
 bundle, steps, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 e = open_engine(bundle, load_bundle(bundle), "portable", threads=1)
 d = np.load(sys.argv[4]); xs, ys = d["x"], d["y"]
-e._begin_train(1e-3)
+e._begin_train(1e-3, 0.0)
 for i in range(50): e._train_step(xs[i], ys[i])
 for r in range(reps):
     t = time.perf_counter()
@@ -98,7 +98,7 @@ def time_engines(bundle: Path, data, reps: int, portable_py: Path, work: Path) -
     manifest = load_bundle(bundle)
     engines = {name: open_engine(bundle, manifest, name, threads=1) for name in ("ort-training", "portable")}
     for e in engines.values():
-        e._begin_train(1e-3)
+        e._begin_train(1e-3, 0.0)
         for xb, yb in data[:50]:
             e._train_step(xb, yb)
     torch.set_num_threads(1)

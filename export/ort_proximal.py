@@ -21,15 +21,16 @@ The eval model is derived from the same forward graph; `strip_from_eval` removes
 inputs and the objective output again, so evaluation is (loss, output) as before.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (the ort_api stub must precede onnxruntime.training)
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-import fleetlearn.edge_runtime.engines.ort_api  # noqa: F401  (the onnxruntime.training stub)
+# The stub first: it keeps `import onnxruntime.training` from importing torch's ORTModule probe.
+import fleetlearn.edge_runtime.engines.ort_api  # noqa: F401
 from onnxruntime.training.onnxblock import blocks
 
 PREFIX = "proximal."  # every node, value and initializer the term adds

@@ -127,7 +127,7 @@ def full_metrics() -> RoundMetrics:
         round=4, run_id=RUN, devices=("dev-0", "dev-1"), devices_truncated=False, accepted=2, invited=("dev-0", "dev-1", "dev-2"), invited_truncated=False,
         connected=5, update_norm=0.6, samples=40, train_loss=0.5, test_mse=3.25, test_accuracy=0.5, test_loss=3.25, eval_s=0.01,
         wall_s=1.5, bytes_in=1000, bytes_out=2000, deadline_extensions=1, rejected=1, rejected_devices=("dev-9",), closed_by="target",
-        strategy="dp-fedavg", opened_at=1.0, closed_at=2.5, clip_norm=0.5, clipped=1, update_norm_median=0.4, update_norm_max=0.9,
+        strategy="dp-fedavg", proximal_mu=0.01, opened_at=1.0, closed_at=2.5, clip_norm=0.5, clipped=1, update_norm_median=0.4, update_norm_max=0.9,
         trim_fraction=0.1, trimmed=0, epsilon=1.2, delta=1e-5, noise_multiplier=1.0, dp_sampling_rate=1.0, dp_expected_participants=2.0,
         dp_accountant="rdp", extra={"model_hash": MODEL, "test_mae": 1.0},
     )
