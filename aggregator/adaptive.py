@@ -36,7 +36,8 @@ run given the same updates (tests/test_server_optimizers.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +56,17 @@ def first_moment(m: np.ndarray, delta: np.ndarray, beta1: float) -> np.ndarray:
     return beta1 * np.asarray(m, dtype=np.float64) + (1.0 - beta1) * np.asarray(delta, dtype=np.float64)
 
 
-def adaptive_step(weights: np.ndarray, m: np.ndarray, v: np.ndarray, delta: np.ndarray, second_moment: SecondMoment,
-                  server_lr: float, beta1: float, beta2: float, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def adaptive_step(
+    weights: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    delta: np.ndarray,
+    second_moment: SecondMoment,
+    server_lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x_{t+1} float32, m_t, v_t float64) from x_t, m_{t-1}, v_{t-1} and Delta_t; inputs untouched."""
     d = np.asarray(delta, dtype=np.float64)
     m_t = first_moment(m, d, beta1)
@@ -67,23 +77,51 @@ def adaptive_step(weights: np.ndarray, m: np.ndarray, v: np.ndarray, delta: np.n
 
 # The options every adaptive optimizer declares (one flag each, shared by field name with fedavgm's --server-lr).
 def server_lr_option() -> Any:
-    return option(DEFAULT_SERVER_LR, "--server-lr", float, "server optimizers: server learning rate eta", metavar="ETA",
-                  check=lambda v: 0 < v <= 10, bound="in (0, 10]")
+    return option(
+        DEFAULT_SERVER_LR,
+        "--server-lr",
+        float,
+        "server optimizers: server learning rate eta",
+        metavar="ETA",
+        check=lambda v: 0 < v <= 10,
+        bound="in (0, 10]",
+    )
 
 
 def beta1_option() -> Any:
-    return option(0.9, "--beta1", float, "fedadam/fedyogi/fedadagrad: first-moment decay beta1", metavar="B1",
-                  check=lambda b: 0 <= b < 1, bound="in [0, 1)")
+    return option(
+        0.9,
+        "--beta1",
+        float,
+        "fedadam/fedyogi/fedadagrad: first-moment decay beta1",
+        metavar="B1",
+        check=lambda b: 0 <= b < 1,
+        bound="in [0, 1)",
+    )
 
 
 def beta2_option() -> Any:
-    return option(0.99, "--beta2", float, "fedadam/fedyogi: second-moment decay beta2", metavar="B2",
-                  check=lambda b: 0 <= b < 1, bound="in [0, 1)")
+    return option(
+        0.99,
+        "--beta2",
+        float,
+        "fedadam/fedyogi: second-moment decay beta2",
+        metavar="B2",
+        check=lambda b: 0 <= b < 1,
+        bound="in [0, 1)",
+    )
 
 
 def tau_option() -> Any:
-    return option(1e-3, "--tau", float, "fedadam/fedyogi/fedadagrad: adaptivity tau (a coordinate moves at most eta |m| / tau)", metavar="TAU",
-                  check=lambda t: 0 < t <= 1, bound="in (0, 1]")
+    return option(
+        1e-3,
+        "--tau",
+        float,
+        "fedadam/fedyogi/fedadagrad: adaptivity tau (a coordinate moves at most eta |m| / tau)",
+        metavar="TAU",
+        check=lambda t: 0 < t <= 1,
+        bound="in (0, 1]",
+    )
 
 
 class AdaptiveServerOpt(FedAvg):
@@ -109,8 +147,17 @@ class AdaptiveServerOpt(FedAvg):
         v = self._v if self._v is not None else np.full(size, tau * tau, np.float64)
         if m.shape != (size,) or v.shape != (size,):
             raise ValueError(f"saved moments have {m.size}/{v.size} values, the model {size}")
-        new_w, self._m, self._v = adaptive_step(weights, m, v, agg.delta(), type(self).second_moment,
-                                                float(self.options.server_lr), float(self.options.beta1), self.beta2, tau)
+        new_w, self._m, self._v = adaptive_step(
+            weights,
+            m,
+            v,
+            agg.delta(),
+            type(self).second_moment,
+            float(self.options.server_lr),
+            float(self.options.beta1),
+            self.beta2,
+            tau,
+        )
         return new_w
 
     def state_dict(self) -> dict[str, Any]:

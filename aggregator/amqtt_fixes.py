@@ -35,7 +35,9 @@ def check_amqtt() -> None:
 
     found = version("amqtt")
     if found != AMQTT_VERSION:
-        raise RuntimeError(f"the embedded broker's retained-message fix is written for amqtt {AMQTT_VERSION}, found {found}; reinstall fleetlearn's pinned dependencies")
+        raise RuntimeError(
+            f"the embedded broker's retained-message fix is written for amqtt {AMQTT_VERSION}, found {found}; reinstall fleetlearn's pinned dependencies"
+        )
 
 
 def fixed_broker_class() -> type:

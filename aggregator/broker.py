@@ -113,7 +113,7 @@ class EmbeddedBroker:
 
         return f"embedded amqtt {AMQTT_VERSION} (in this process)"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         if self._thread is not None:
             raise RuntimeError("broker already started")
         self._thread = threading.Thread(target=self._thread_main, name="amqtt-broker", daemon=True)
@@ -138,7 +138,7 @@ class EmbeddedBroker:
         thread.join(timeout)
         self._thread = None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -189,7 +189,7 @@ async def stop_broker(broker: Any, timeout: float = 3.0) -> None:
     try:
         await asyncio.wait_for(broker.shutdown(), timeout)
         return
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("event=broker_shutdown_forced reason=%r", f"amqtt shutdown did not finish in {timeout:g}s")
     except Exception as exc:
         log.warning("event=broker_shutdown_forced reason=%r", f"{type(exc).__name__}: {exc}"[:200])
@@ -243,9 +243,8 @@ async def _serve_until_signal(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fleetlearn.edge_runtime.core.errors import UsageError
-
     from fleetlearn.aggregator.logs import setup_logging
+    from fleetlearn.edge_runtime.core.errors import UsageError
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a TCP port")
@@ -274,7 +273,13 @@ def _run_mosquitto(host: str, port: int) -> int:
         broker = MosquittoBroker(host, port).start()
     except RuntimeError as exc:
         raise UsageError(f"cannot run the broker on {host}:{port}: {exc} (mosquitto)") from None
-    log.info("event=broker_started broker=mosquitto version=%s host=%s port=%d binary=%s", broker.version, host, broker.port, broker.binary)
+    log.info(
+        "event=broker_started broker=mosquitto version=%s host=%s port=%d binary=%s",
+        broker.version,
+        host,
+        broker.port,
+        broker.binary,
+    )
     try:
         while not stop.wait(0.5):
             if broker.returncode() is not None:

@@ -89,7 +89,7 @@ class MosquittoBroker:
     def describe(self) -> str:
         return f"mosquitto {self.version or '(unknown version)'} ({self.binary})"
 
-    def start(self, timeout: float = 15.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 15.0) -> MosquittoBroker:
         if self.binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), use the embedded broker")
         if self.proc is not None:
@@ -99,12 +99,18 @@ class MosquittoBroker:
         self._dir = tempfile.TemporaryDirectory(prefix="fleetlearn-mosquitto-")
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(mosquitto_conf(self.host, self.port))
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         self._reader = threading.Thread(target=self._read_log, name="mosquitto-log", daemon=True)
         self._reader.start()
         self._running.wait(timeout)
         if not self._ready or self.proc.poll() is not None:
-            errors = [ln for ln in self._lines if ln.lower().startswith("error")] or self._lines[-1:] or [f"not running after {timeout:g}s"]
+            errors = (
+                [ln for ln in self._lines if ln.lower().startswith("error")]
+                or self._lines[-1:]
+                or [f"not running after {timeout:g}s"]
+            )
             self.stop()
             raise RuntimeError(errors[-1][:300])
         return self
@@ -144,7 +150,7 @@ class MosquittoBroker:
             self._dir.cleanup()
             self._dir = None
 
-    def __enter__(self) -> "MosquittoBroker":
+    def __enter__(self) -> MosquittoBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import UsageError
-
 from fleetlearn.edge_runtime.core.protocol import DEFAULT_CHUNK_SIZE
 
 
@@ -51,11 +50,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
     net.add_argument("--mqtt-protocol", choices=["3.1.1", "5"], default="3.1.1")
     net.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker at start (default 30)")
-    net.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"bundle chunk size in bytes (default {DEFAULT_CHUNK_SIZE})")
+    net.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"bundle chunk size in bytes (default {DEFAULT_CHUNK_SIZE})"
+    )
 
     wire = parser.add_argument_group("wire (docs/protocol.md: encodings, message parts)")
-    wire.add_argument("--compression", default="none", metavar="none|fp16|int8[:BLOCK]|topk:F", help="how devices encode their deltas: fp16, int8 with one scale per BLOCK values (default 512), or the top fraction F of values with error feedback (default none: float32)")
-    wire.add_argument("--max-message-size", type=int, metavar="BYTES", help="the broker's message limit: larger global models, updates and bundle chunks travel in parts under it (e.g. 131072 for AWS IoT Core)")
+    wire.add_argument(
+        "--compression",
+        default="none",
+        metavar="none|fp16|int8[:BLOCK]|topk:F",
+        help="how devices encode their deltas: fp16, int8 with one scale per BLOCK values (default 512), or the top fraction F of values with error feedback (default none: float32)",
+    )
+    wire.add_argument(
+        "--max-message-size",
+        type=int,
+        metavar="BYTES",
+        help="the broker's message limit: larger global models, updates and bundle chunks travel in parts under it (e.g. 131072 for AWS IoT Core)",
+    )
 
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, required=True, help="number of rounds")
@@ -65,11 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--max-extensions", type=int, default=3, help="deadline extensions before a round fails (default 3)")
     rounds.add_argument("--state-dir", type=Path, required=True, help="checkpoints, round log, final model; reuse it to resume")
     rounds.add_argument("--test-data", type=Path, help="NPZ (x, y) or CSV to evaluate each new global model on")
-    rounds.add_argument("--round-interval", type=float, default=0.0, help="open rounds at most this often, in seconds, so a person can watch (default 0)")
+    rounds.add_argument(
+        "--round-interval",
+        type=float,
+        default=0.0,
+        help="open rounds at most this often, in seconds, so a person can watch (default 0)",
+    )
     from fleetlearn.aggregator.options import add_arguments_for
     from fleetlearn.aggregator.registry import all_option_classes, option_owners, strategy_names
 
-    rounds.add_argument("--strategy", default="fedavg", help=f"one of {', '.join(strategy_names())} (default fedavg; docs/aggregator.md)")
+    rounds.add_argument(
+        "--strategy", default="fedavg", help=f"one of {', '.join(strategy_names())} (default fedavg; docs/aggregator.md)"
+    )
     robust = parser.add_argument_group("strategy options: each applies to the strategies that declare it (docs/aggregator.md)")
     add_arguments_for(robust, all_option_classes(), option_owners())
     from fleetlearn.aggregator.sampling import SamplingOptions
@@ -80,32 +98,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--local-epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="learning rate (default: the bundle's)")
-    train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="cosine: decay the rate from --lr toward --lr-min-factor x --lr over the rounds")
-    train.add_argument("--lr-warmup", type=int, default=0, help="rounds of linear learning-rate warm-up before the schedule (default 0)")
-    train.add_argument("--lr-min-factor", type=float, default=0.1, help="final rate as a fraction of --lr for --lr-schedule cosine (default 0.1)")
+    train.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="cosine: decay the rate from --lr toward --lr-min-factor x --lr over the rounds",
+    )
+    train.add_argument(
+        "--lr-warmup", type=int, default=0, help="rounds of linear learning-rate warm-up before the schedule (default 0)"
+    )
+    train.add_argument(
+        "--lr-min-factor", type=float, default=0.1, help="final rate as a fraction of --lr for --lr-schedule cosine (default 0.1)"
+    )
     train.add_argument("--max-steps", type=int)
-    train.add_argument("--proximal-mu", type=float, metavar="MU", help="FedProx: devices minimise loss + MU/2 ||w - w_global||^2 (any strategy; --strategy fedprox needs MU > 0; the bundle must carry the term)")
+    train.add_argument(
+        "--proximal-mu",
+        type=float,
+        metavar="MU",
+        help="FedProx: devices minimise loss + MU/2 ||w - w_global||^2 (any strategy; --strategy fedprox needs MU > 0; the bundle must carry the term)",
+    )
 
     sig = parser.add_argument_group("update signing (docs/security-signing.md)")
-    sig.add_argument("--device-keys", type=Path, metavar="DIR", help="import DIR/<device_id>.pub (Ed25519) into STATE_DIR/device-keys, where keys are loaded from at start")
-    sig.add_argument("--signing-key", type=Path, metavar="FILE", help="the aggregator's Ed25519 key that signs global models (default STATE_DIR/aggregator-signing.key, made when keys are in use)")
+    sig.add_argument(
+        "--device-keys",
+        type=Path,
+        metavar="DIR",
+        help="import DIR/<device_id>.pub (Ed25519) into STATE_DIR/device-keys, where keys are loaded from at start",
+    )
+    sig.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE",
+        help="the aggregator's Ed25519 key that signs global models (default STATE_DIR/aggregator-signing.key, made when keys are in use)",
+    )
     req = sig.add_mutually_exclusive_group()
-    req.add_argument("--require-signatures", dest="require_signatures", action="store_const", const=True, default=None, help="reject unsigned updates (the default when device keys are registered)")
-    req.add_argument("--allow-unsigned", dest="require_signatures", action="store_const", const=False, help="accept unsigned updates even though device keys are registered (signed ones are still verified)")
+    req.add_argument(
+        "--require-signatures",
+        dest="require_signatures",
+        action="store_const",
+        const=True,
+        default=None,
+        help="reject unsigned updates (the default when device keys are registered)",
+    )
+    req.add_argument(
+        "--allow-unsigned",
+        dest="require_signatures",
+        action="store_const",
+        const=False,
+        help="accept unsigned updates even though device keys are registered (signed ones are still verified)",
+    )
 
     from fleetlearn.aggregator.service_args import add_service_arguments
 
     add_service_arguments(parser)  # --takeover, --lease-ttl, --metrics-port/-host/-per-device
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="text (key=value) or json (one object per line, for journald and log shippers)")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text (key=value) or json (one object per line, for journald and log shippers)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
     """The AggregatorConfig the flags describe; `bundle` overrides --bundle (the --model export's dir)."""
     from fleetlearn.aggregator.config import AggregatorConfig, RoundPolicy, SigningConfig, link_options
-    from fleetlearn.aggregator.service_args import lease_policy
     from fleetlearn.aggregator.registry import StrategyChoice, all_option_classes
     from fleetlearn.aggregator.schedule import TrainingPlan
+    from fleetlearn.aggregator.service_args import lease_policy
     from fleetlearn.aggregator.wire import WirePolicy
 
     password = None
@@ -115,9 +175,15 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
         except OSError as exc:
             raise UsageError(f"--password-file {args.password_file}: {exc.strerror or exc}") from None
     link = link_options(
-        args.broker, args.fleet, client_id=args.client_id, username=args.username, password=password,
-        ca_file=str(args.ca_file) if args.ca_file else None, cert_file=str(args.cert_file) if args.cert_file else None,
-        key_file=str(args.key_file) if args.key_file else None, protocol=args.mqtt_protocol,
+        args.broker,
+        args.fleet,
+        client_id=args.client_id,
+        username=args.username,
+        password=password,
+        ca_file=str(args.ca_file) if args.ca_file else None,
+        cert_file=str(args.cert_file) if args.cert_file else None,
+        key_file=str(args.key_file) if args.key_file else None,
+        protocol=args.mqtt_protocol,
     )
     from fleetlearn.aggregator.sampling import SamplingOptions
 
@@ -128,17 +194,28 @@ def config_from_args(args: argparse.Namespace, bundle: Path | None = None):
         state_dir=args.state_dir,
         bundle=bundle if bundle is not None else args.bundle,
         rounds=RoundPolicy(
-            rounds=args.rounds, min_devices=args.min_devices, target_devices=args.target_devices, deadline=args.deadline,
-            max_extensions=args.max_extensions, round_interval=args.round_interval,
+            rounds=args.rounds,
+            min_devices=args.min_devices,
+            target_devices=args.target_devices,
+            deadline=args.deadline,
+            max_extensions=args.max_extensions,
+            round_interval=args.round_interval,
         ),
         training=TrainingPlan(
-            local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-            lr_schedule=args.lr_schedule, lr_min_factor=args.lr_min_factor, lr_warmup=args.lr_warmup,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            max_steps=args.max_steps,
+            lr_schedule=args.lr_schedule,
+            lr_min_factor=args.lr_min_factor,
+            lr_warmup=args.lr_warmup,
             proximal_mu=args.proximal_mu,
         ),
         strategy=StrategyChoice(args.strategy, given),
         sampling=sampling,
-        signing=SigningConfig(signing_key=args.signing_key, device_keys=args.device_keys, require_signatures=args.require_signatures),
+        signing=SigningConfig(
+            signing_key=args.signing_key, device_keys=args.device_keys, require_signatures=args.require_signatures
+        ),
         fleet=args.fleet,
         test_data=args.test_data,
         chunk_size=args.chunk_size,
@@ -157,10 +234,9 @@ def check_model_source(args: argparse.Namespace) -> None:
 
 def export_on_start(args: argparse.Namespace, out: Path) -> Path:
     """--model: export into STATE_DIR/bundle once; a restart reuses the bundle it wrote."""
+    from fleetlearn.aggregator.events import Events
     from fleetlearn.edge_runtime.core.bundle import load_manifest
     from fleetlearn.edge_runtime.core.errors import BundleError
-
-    from fleetlearn.aggregator.events import Events
 
     events = Events()
     try:
@@ -180,7 +256,11 @@ def export_on_start(args: argparse.Namespace, out: Path) -> Path:
     loss = args.loss or getattr(defaults, "loss", None)
     if loss is None:
         raise UsageError(f"model {args.model!r} has no default loss; give --loss (mse, cross_entropy or bce_with_logits)")
-    kwargs: dict[str, Any] = {"model_name": getattr(defaults, "name", None) or args.model, "input_shape": tuple(input_shape), "loss": loss}
+    kwargs: dict[str, Any] = {
+        "model_name": getattr(defaults, "name", None) or args.model,
+        "input_shape": tuple(input_shape),
+        "loss": loss,
+    }
     if args.optimizer:
         kwargs["optimizer"] = args.optimizer
     events.log("bundle_export", None, model=args.model, path=str(out))
@@ -191,8 +271,8 @@ def export_on_start(args: argparse.Namespace, out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from fleetlearn.aggregator.engine import EXIT_FLEET_LOST, EXIT_ROUND_FAILED, EXIT_SIGINT, EXIT_SIGTERM, Aggregator
-    from fleetlearn.aggregator.service_args import start_metrics
     from fleetlearn.aggregator.logs import setup_logging
+    from fleetlearn.aggregator.service_args import start_metrics
     from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
 
     setup_logging(args.log_level, args.log_format)

@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.protocol import Update
-
 from fleetlearn.aggregator.options import Options, finite_positive, option
 from fleetlearn.aggregator.strategy import Strategy, Wrapper
+from fleetlearn.edge_runtime.core.protocol import Update
 
 
 def l2_norm(delta: np.ndarray) -> float:
@@ -60,8 +59,15 @@ def clip_delta(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
 
 @dataclass(frozen=True)
 class ClippingOptions(Options):
-    clip_norm: float | None = option(None, "--clip-norm", float, "clip every update to L2 norm C before aggregating (any strategy)",
-                                     metavar="C", check=finite_positive, bound="a finite number > 0")
+    clip_norm: float | None = option(
+        None,
+        "--clip-norm",
+        float,
+        "clip every update to L2 norm C before aggregating (any strategy)",
+        metavar="C",
+        check=finite_positive,
+        bound="a finite number > 0",
+    )
 
 
 class Clipping(Wrapper):

@@ -21,16 +21,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.mqtt import BrokerURL, LinkOptions
-from fleetlearn.edge_runtime.core.protocol import Topics
-
 from fleetlearn.aggregator.distribution import DEFAULT_CHUNK_SIZE, check_chunk_size
 from fleetlearn.aggregator.leader import LeasePolicy
 from fleetlearn.aggregator.registry import StrategyChoice
 from fleetlearn.aggregator.sampling import SamplingOptions
 from fleetlearn.aggregator.schedule import TrainingPlan
 from fleetlearn.aggregator.wire import WirePolicy
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.mqtt import BrokerURL, LinkOptions
+from fleetlearn.edge_runtime.core.protocol import Topics
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,9 @@ class AggregatorConfig:
         self.wire.validate()
         self.sampling.validate(self.rounds.min_devices, self.rounds.target_devices)
         if self.sampling.sample_fraction is not None and self.strategy.options.get("noise_multiplier") is not None:
-            raise UsageError("--dp-noise-multiplier needs a fixed round target for its noise denominator: use --sample-size K, not --sample-fraction")
+            raise UsageError(
+                "--dp-noise-multiplier needs a fixed round target for its noise denominator: use --sample-size K, not --sample-fraction"
+            )
         self.lease.validate()
         self.strategy.validate(self.round_target, self.training.proximal_mu)
         try:
@@ -146,5 +147,3 @@ class AggregatorConfig:
         BrokerURL.parse(self.link.url)  # ConfigError (a UsageError) with the reason
         if not self.connect_timeout > 0:
             raise UsageError(f"--connect-timeout must be > 0 seconds, got {self.connect_timeout}")
-
-

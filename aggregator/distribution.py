@@ -14,9 +14,9 @@ finds at start and clears the old chunks (empty retained payloads), best effort.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from fleetlearn.edge_runtime.core.bundle import Manifest, check_chunk_size, plan_announcement
 from fleetlearn.edge_runtime.core.errors import BundleError

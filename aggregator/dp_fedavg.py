@@ -89,16 +89,31 @@ def dp_round_event(noise_multiplier: float, sampling_rate: float):
     return dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
 
 
-def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float, accountant: str = "rdp", orders: list[float] | None = None) -> float:
+def dp_epsilon(
+    noise_multiplier: float,
+    sampling_rate: float,
+    rounds: int,
+    delta: float,
+    accountant: str = "rdp",
+    orders: list[float] | None = None,
+) -> float:
     """epsilon at `delta` after `rounds` compositions of dp_round_event(...), from dp-accounting's
     RDP (default) or PLD accountant. inf when sigma = 0; 0 after 0 rounds."""
     if rounds < 0:
         raise ValueError(f"bad accounting input: rounds={rounds}")
-    return dp_epsilon_rates(noise_multiplier, [sampling_rate] * rounds if rounds else [], delta, accountant, orders, check_rate=sampling_rate)
+    return dp_epsilon_rates(
+        noise_multiplier, [sampling_rate] * rounds if rounds else [], delta, accountant, orders, check_rate=sampling_rate
+    )
 
 
-def dp_epsilon_rates(noise_multiplier: float, rates: list[float], delta: float, accountant: str = "rdp", orders: list[float] | None = None,
-                     check_rate: float | None = None) -> float:
+def dp_epsilon_rates(
+    noise_multiplier: float,
+    rates: list[float],
+    delta: float,
+    accountant: str = "rdp",
+    orders: list[float] | None = None,
+    check_rate: float | None = None,
+) -> float:
     """epsilon at `delta` after one dp_round_event(sigma, q) per entry of `rates` (rounds with
     equal rates are self-composed, so a long run costs one event per distinct rate)."""
     import dp_accounting
@@ -106,7 +121,9 @@ def dp_epsilon_rates(noise_multiplier: float, rates: list[float], delta: float, 
 
     bad_rate = [q for q in (*rates, *([check_rate] if check_rate is not None else [])) if not 0 < q <= 1]
     if bad_rate or not 0 < delta < 1 or noise_multiplier < 0:
-        raise ValueError(f"bad accounting input: rounds={len(rates)}, q={bad_rate[:1] or rates[:1]}, delta={delta}, sigma={noise_multiplier}")
+        raise ValueError(
+            f"bad accounting input: rounds={len(rates)}, q={bad_rate[:1] or rates[:1]}, delta={delta}, sigma={noise_multiplier}"
+        )
     if not rates:
         return 0.0
     if noise_multiplier == 0:
@@ -134,9 +151,18 @@ def dp_epsilon_rates(noise_multiplier: float, rates: list[float], delta: float, 
 
 @dataclass(frozen=True)
 class DPOptions(Options):
-    noise_multiplier: float | None = option(None, "--dp-noise-multiplier", float, "DP-FedAvg: add N(0, (SIGMA*C)^2) to the sum of clipped updates (needs --clip-norm)",
-                                            metavar="SIGMA", check=lambda s: 0 < s < float("inf"), bound="a finite number > 0")
-    delta: float = option(1e-5, "--dp-delta", float, "delta at which epsilon is reported", check=lambda d: 0 < d < 1, bound="in (0, 1)")
+    noise_multiplier: float | None = option(
+        None,
+        "--dp-noise-multiplier",
+        float,
+        "DP-FedAvg: add N(0, (SIGMA*C)^2) to the sum of clipped updates (needs --clip-norm)",
+        metavar="SIGMA",
+        check=lambda s: 0 < s < float("inf"),
+        bound="a finite number > 0",
+    )
+    delta: float = option(
+        1e-5, "--dp-delta", float, "delta at which epsilon is reported", check=lambda d: 0 < d < 1, bound="in (0, 1)"
+    )
     accountant: str = option("rdp", "--dp-accountant", str, "privacy accountant of dp-accounting", choices=ACCOUNTANTS)
 
 

@@ -32,14 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
-from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
-
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.events import EventCallback, Events, log
 from fleetlearn.aggregator.intake import Intake, NormStats, RoundRun
 from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.sampling import Cohort, draw_cohort
+from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
+from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
 
 EXIT_OK = 0
 EXIT_FLEET_LOST = 2  # another aggregator took the fleet over while this one ran
@@ -124,12 +123,11 @@ class Aggregator:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
-        from fleetlearn.edge_runtime.core.bundle import load_bundle
-
         from fleetlearn.aggregator.distribution import plan_bundle
         from fleetlearn.aggregator.evaluation import Evaluator
         from fleetlearn.aggregator.model_store import ModelStore, StateError
         from fleetlearn.aggregator.signing import open_signing
+        from fleetlearn.edge_runtime.core.bundle import load_bundle
 
         cfg = self.config
         self.state_dir = Path(cfg.state_dir)
@@ -137,14 +135,22 @@ class Aggregator:
         self.bundle_dir = Path(cfg.bundle)
         self.manifest = load_bundle(self.bundle_dir)
         if cfg.training.proximal_mu and not self.manifest.proximal:  # every device would sit every round out
-            raise UsageError(f"--proximal-mu needs a bundle with FedProx's proximal term; {self.bundle_dir} was exported without it (re-export without --no-proximal)")
+            raise UsageError(
+                f"--proximal-mu needs a bundle with FedProx's proximal term; {self.bundle_dir} was exported without it (re-export without --no-proximal)"
+            )
         self.plan = plan_bundle(self.bundle_dir, self.manifest, cfg.wire.bundle_chunk_size(cfg.chunk_size))
         self.evaluator = Evaluator(self.bundle_dir, self.manifest, cfg.test_data)
-        self.store = ModelStore.open(self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights)
+        self.store = ModelStore.open(
+            self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights
+        )
         s = cfg.signing
         self.signing = open_signing(
-            self.state_dir, self.store.run_id, self.store.open_round,
-            signing_key=s.signing_key, device_keys=s.device_keys, require=s.require_signatures,
+            self.state_dir,
+            self.store.run_id,
+            self.store.open_round,
+            signing_key=s.signing_key,
+            device_keys=s.device_keys,
+            require=s.require_signatures,
         )
         self.strategy = cfg.strategy.build(cfg.round_target)
         try:
@@ -153,26 +159,37 @@ class Aggregator:
             raise StateError(f"{self.state_dir}: {exc}; use the run's --strategy or a fresh --state-dir") from None
         self.bundle_lr = float(self.manifest.optimizer.get("lr", 1e-3))
         self.events.log(
-            "aggregator_start", None,
-            run_id=self.store.run_id, resumed_after=self.store.round, rounds=cfg.rounds.rounds,
-            model=self.manifest.model_name, model_hash=self.manifest.model_hash[:12], params=self.manifest.num_params,
-            fleet=cfg.fleet, broker=cfg.link.url, min_devices=cfg.rounds.min_devices, target_devices=cfg.round_target,
-            strategy=self.strategy.name, proximal_mu=cfg.training.proximal_mu or 0, sampling=cfg.sampling.to_log() if cfg.sampling.enabled else "off",
+            "aggregator_start",
+            None,
+            run_id=self.store.run_id,
+            resumed_after=self.store.round,
+            rounds=cfg.rounds.rounds,
+            model=self.manifest.model_name,
+            model_hash=self.manifest.model_hash[:12],
+            params=self.manifest.num_params,
+            fleet=cfg.fleet,
+            broker=cfg.link.url,
+            min_devices=cfg.rounds.min_devices,
+            target_devices=cfg.round_target,
+            strategy=self.strategy.name,
+            proximal_mu=cfg.training.proximal_mu or 0,
+            sampling=cfg.sampling.to_log() if cfg.sampling.enabled else "off",
         )
 
     def _connect(self) -> None:
-        from fleetlearn.edge_runtime.core.mqtt import MqttLink
-
         from fleetlearn.aggregator.config import aggregator_client_id
         from fleetlearn.aggregator.leader import LeaseKeeper
         from fleetlearn.aggregator.presence import Presence
         from fleetlearn.aggregator.publisher import Publisher
+        from fleetlearn.edge_runtime.core.mqtt import MqttLink
 
         cfg = self.config
         self.presence = Presence(self.topics)
         link = aggregator_client_id(cfg.link, cfg.fleet, self.store.run_id)
         # One writer per fleet: claim it before publishing anything (LeaderError, exit 2, if another leads).
-        self.leader = LeaseKeeper(link, self.topics, self.store.run_id, cfg.lease, self.events, self._fleet_lost, cfg.connect_timeout)
+        self.leader = LeaseKeeper(
+            link, self.topics, self.store.run_id, cfg.lease, self.events, self._fleet_lost, cfg.connect_timeout
+        )
         self.leader.claim()
         self.link = MqttLink(link, on_message=self._on_message, on_connect=self._on_connect)
         self.link.subscribe(self.topics.all_updates, qos=1)
@@ -180,14 +197,25 @@ class Aggregator:
         if cfg.sampling.enabled or self.watch_devices:
             self.link.subscribe(self.topics.all_status, qos=1)  # who is connected (retained statuses first)
         self.publisher = Publisher(self.link, self.topics, self.signing, self.events, max_message_size=cfg.wire.max_message_size)
-        self.intake = Intake(self.topics, self.manifest.num_params, self.store, self.signing, self.strategy, self.publisher, self.events, cfg.round_target)
+        self.intake = Intake(
+            self.topics,
+            self.manifest.num_params,
+            self.store,
+            self.signing,
+            self.strategy,
+            self.publisher,
+            self.events,
+            cfg.round_target,
+        )
         self.link.start()
         deadline = time.monotonic() + cfg.connect_timeout
         while not self.link.wait_connected(0.2):
             if self._stop.is_set():
                 raise _Stopped()
             if time.monotonic() > deadline:
-                raise UsageError(f"cannot reach the broker at {cfg.link.url} within {cfg.connect_timeout:.0f}s: {self.link.last_error or 'no answer'}")
+                raise UsageError(
+                    f"cannot reach the broker at {cfg.link.url} within {cfg.connect_timeout:.0f}s: {self.link.last_error or 'no answer'}"
+                )
 
     # ------------------------------------------------------------------ MQTT plumbing
 
@@ -232,9 +260,23 @@ class Aggregator:
         except (RoundFailed, _Stopped):
             raise
         except ProtocolError as exc:  # a malformed status message: one line, nothing changes
-            self.events.log("message_ignored", self.current.round if self.current else None, level=logging.WARNING, topic=topic, reason=exc.reason)
+            self.events.log(
+                "message_ignored",
+                self.current.round if self.current else None,
+                level=logging.WARNING,
+                topic=topic,
+                reason=exc.reason,
+            )
         except Exception as exc:  # a bug must cost one message, not the run
-            log.exception("%s", kv(event="handler_failed", round=self.current.round if self.current else "-", topic=topic, error=f"{type(exc).__name__}: {exc}"))
+            log.exception(
+                "%s",
+                kv(
+                    event="handler_failed",
+                    round=self.current.round if self.current else "-",
+                    topic=topic,
+                    error=f"{type(exc).__name__}: {exc}",
+                ),
+            )
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         """A device's retained status: who may be invited (client sampling), and, when the engine
@@ -243,8 +285,14 @@ class Aggregator:
         if self.watch_devices:
             state = status.state if status is not None else "removed"
             health = status.health.to_json() if status is not None and status.health is not None else {}
-            self.events.emit("device_status", status.round if status else None, device=self.topics.device_of(topic, "status"),
-                             level=logging.DEBUG, state=state, **health)
+            self.events.emit(
+                "device_status",
+                status.round if status else None,
+                device=self.topics.device_of(topic, "status"),
+                level=logging.DEBUG,
+                state=state,
+                **health,
+            )
 
     def _drain_events(self, limit: int = 256) -> None:
         """Handle what is already queued (no waiting), so updates that arrived together are
@@ -261,12 +309,19 @@ class Aggregator:
         pol = self.config.rounds
         run = self.current
         r = rnd if rnd is not None else (run.round if run else self.store.open_round)
-        self.publisher.round_state(RoundState(
-            run_id=self.store.run_id, round=r, state=state, total_rounds=pol.rounds,
-            deadline=run.deadline if run and state == "open" else 0.0,
-            min_devices=pol.min_devices, target_devices=run.target if run else self.config.round_target,
-            accepted=len(run.accepted) if run and rnd is None else 0, reason=reason,
-        ))
+        self.publisher.round_state(
+            RoundState(
+                run_id=self.store.run_id,
+                round=r,
+                state=state,
+                total_rounds=pol.rounds,
+                deadline=run.deadline if run and state == "open" else 0.0,
+                min_devices=pol.min_devices,
+                target_devices=run.target if run else self.config.round_target,
+                accepted=len(run.accepted) if run and rnd is None else 0,
+                reason=reason,
+            )
+        )
 
     def _run_round(self, rnd: int) -> None:
         cfg = self.config
@@ -275,14 +330,24 @@ class Aggregator:
         w = store.weights
         self.strategy.begin_round(rnd, w)
         now = time.time()
-        run = RoundRun(round=rnd, opened_at=now, deadline=now + pol.deadline, config=cfg.wire.apply(cfg.training.round_config(rnd, pol.rounds, self.bundle_lr)),
-                       target=cfg.round_target)
+        run = RoundRun(
+            round=rnd,
+            opened_at=now,
+            deadline=now + pol.deadline,
+            config=cfg.wire.apply(cfg.training.round_config(rnd, pol.rounds, self.bundle_lr)),
+            target=cfg.round_target,
+        )
         partial = store.load_partial(rnd)
         if partial is not None:
             self.strategy.load_partial_state(partial.strategy)
             run.accepted = dict(partial.accepted)
             run.opened_at = partial.opened_at or now
-            run.bytes_in, run.bytes_out, run.rejected, run.extensions = partial.bytes_in, partial.bytes_out, partial.rejected, partial.extensions
+            run.bytes_in, run.bytes_out, run.rejected, run.extensions = (
+                partial.bytes_in,
+                partial.bytes_out,
+                partial.rejected,
+                partial.extensions,
+            )
             run.norms = NormStats.from_doc(partial.norms)
             run.cohort = Cohort.from_doc(partial.cohort) if partial.cohort else None
             self.events.log("round_resumed", rnd, accepted=len(run.accepted), devices=sorted(run.accepted))
@@ -292,16 +357,39 @@ class Aggregator:
                 run.deadline = time.time() + pol.deadline  # the deadline counts from the invitations
             run.target = run.cohort.target
             self.strategy.set_sampling_rate(run.cohort.sampling_rate)
-            self.events.log("round_cohort", rnd, invited=len(run.cohort.invited), connected=run.cohort.connected, target=run.target,
-                            sampling_rate=round(run.cohort.sampling_rate, 6))
+            self.events.log(
+                "round_cohort",
+                rnd,
+                invited=len(run.cohort.invited),
+                connected=run.cohort.connected,
+                target=run.target,
+                sampling_rate=round(run.cohort.sampling_rate, 6),
+            )
         self.intake.target = run.target
         self.current = run
-        g = GlobalModel(store.run_id, rnd, self.manifest.model_hash, w, train=True, total_rounds=pol.rounds, deadline=run.deadline, config=run.config,
-                        invite=run.cohort.invitation if run.cohort is not None else None)
+        g = GlobalModel(
+            store.run_id,
+            rnd,
+            self.manifest.model_hash,
+            w,
+            train=True,
+            total_rounds=pol.rounds,
+            deadline=run.deadline,
+            config=run.config,
+            invite=run.cohort.invitation if run.cohort is not None else None,
+        )
         run.bytes_out += self.publisher.global_model(g)
         self._round_state("open")
-        self.events.emit("round_open", rnd, deadline_s=pol.deadline, min_devices=pol.min_devices, target_devices=run.target,
-                         config=run.config.to_meta() or "-", deadline=run.deadline, accepted=len(run.accepted))
+        self.events.emit(
+            "round_open",
+            rnd,
+            deadline_s=pol.deadline,
+            min_devices=pol.min_devices,
+            target_devices=run.target,
+            config=run.config.to_meta() or "-",
+            deadline=run.deadline,
+            accepted=len(run.accepted),
+        )
         while True:
             if len(run.accepted) >= run.target:
                 self._close_round(run, "target")
@@ -336,8 +424,12 @@ class Aggregator:
             if full or (n >= need and time.monotonic() - started >= SAMPLING_SETTLE_S):
                 break
             if time.time() >= give_up:
-                self._fail(run, f"round {run.round} failed: {n} devices are connected and a sample needs {need}, after {pol.deadline * (pol.max_extensions + 1):g}s",
-                           connected=n, need=need)
+                self._fail(
+                    run,
+                    f"round {run.round} failed: {n} devices are connected and a sample needs {need}, after {pol.deadline * (pol.max_extensions + 1):g}s",
+                    connected=n,
+                    need=need,
+                )
             if not waiting_logged and n < need:
                 self.events.log("waiting_for_devices", run.round, connected=n, need=need)
                 waiting_logged = True
@@ -373,9 +465,15 @@ class Aggregator:
         self.intake.send_due_acks(run)
         self._round_state("open")
         self.events.emit(
-            "round_extended", run.round, level=logging.WARNING,
-            accepted=k, min_devices=pol.min_devices, extension=run.extensions, max_extensions=pol.max_extensions,
-            deadline=run.deadline, reason=f"only {k} of {pol.min_devices} required devices answered by the deadline",
+            "round_extended",
+            run.round,
+            level=logging.WARNING,
+            accepted=k,
+            min_devices=pol.min_devices,
+            extension=run.extensions,
+            max_extensions=pol.max_extensions,
+            deadline=run.deadline,
+            reason=f"only {k} of {pol.min_devices} required devices answered by the deadline",
         )
 
     def _close_round(self, run: RoundRun, closed_by: str) -> None:
@@ -385,8 +483,14 @@ class Aggregator:
         if not np.isfinite(new_w).all():
             # Finite deltas can still overflow float32 when summed; never publish such a model.
             self._fail(run, f"round {run.round} failed: the aggregated model holds NaN/Inf values", accepted=k)
-        record: dict[str, Any] = {"round": run.round, "run_id": self.store.run_id, "devices": sorted(run.accepted), "accepted": k,
-                                  **self.strategy.round_summary(), **run.norms.summary()}
+        record: dict[str, Any] = {
+            "round": run.round,
+            "run_id": self.store.run_id,
+            "devices": sorted(run.accepted),
+            "accepted": k,
+            **self.strategy.round_summary(),
+            **run.norms.summary(),
+        }
         if run.cohort is not None:
             record.update(invited=list(run.cohort.invited), connected=run.cohort.connected)
         if run.config.proximal_mu:
@@ -395,9 +499,15 @@ class Aggregator:
         record.update(self.evaluator.evaluate(new_w))
         closed_at = time.time()
         record.update(
-            wall_s=round(closed_at - run.opened_at, 4), bytes_in=run.bytes_in, bytes_out=run.bytes_out,
-            deadline_extensions=run.extensions, rejected=run.rejected, closed_by=closed_by,
-            strategy=self.strategy.name, opened_at=run.opened_at, closed_at=closed_at,
+            wall_s=round(closed_at - run.opened_at, 4),
+            bytes_in=run.bytes_in,
+            bytes_out=run.bytes_out,
+            deadline_extensions=run.extensions,
+            rejected=run.rejected,
+            closed_by=closed_by,
+            strategy=self.strategy.name,
+            opened_at=run.opened_at,
+            closed_at=closed_at,
         )
         record = _finite(record)
         # Weights and the strategy's cross-round state become current in one commit.
@@ -405,15 +515,29 @@ class Aggregator:
         self.intake.publish_acks(acks)  # the commit made every accepted update of the round durable
         self.publisher.metrics(record)
         metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
-        self.events.emit("round_closed", run.round, notify=record, closed_by=closed_by, accepted=k, devices=record["devices"],
-                         samples=record.get("samples"), train_loss=record.get("train_loss"), wall_s=record["wall_s"], **metric)
+        self.events.emit(
+            "round_closed",
+            run.round,
+            notify=record,
+            closed_by=closed_by,
+            accepted=k,
+            devices=record["devices"],
+            samples=record.get("samples"),
+            train_loss=record.get("train_loss"),
+            wall_s=record["wall_s"],
+            **metric,
+        )
         self.current = None
 
     def _finish(self) -> None:
         pol = self.config.rounds
         store = self.store
         final = store.weights
-        self.publisher.global_model(GlobalModel(store.run_id, store.round + 1, self.manifest.model_hash, final, train=False, total_rounds=pol.rounds, deadline=0.0))
+        self.publisher.global_model(
+            GlobalModel(
+                store.run_id, store.round + 1, self.manifest.model_hash, final, train=False, total_rounds=pol.rounds, deadline=0.0
+            )
+        )
         self._round_state("finished", rnd=store.round + 1)
         out = self.state_dir / "model.onnx"
         self.evaluator.export_final(final, out)

@@ -16,7 +16,8 @@ record for round_closed).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fleetlearn.aggregator.logs import kv
 
@@ -24,7 +25,16 @@ log = logging.getLogger("fleetlearn.aggregator")
 
 # Events the callback receives (the others are log lines only).
 # `device_status` only when the engine watches device statuses (Aggregator.watch_devices).
-NOTIFIED = ("round_open", "update_accepted", "update_rejected", "round_extended", "round_closed", "round_failed", "finished", "device_status")
+NOTIFIED = (
+    "round_open",
+    "update_accepted",
+    "update_rejected",
+    "round_extended",
+    "round_closed",
+    "round_failed",
+    "finished",
+    "device_status",
+)
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -41,12 +51,24 @@ class Events:
         """One line: `event=... [device=...] round=... key=value...`."""
         log.log(level, "%s", kv(event=event, device=device, round=rnd if rnd is not None else "-", **fields))
 
-    def emit(self, event: str, rnd: int | None, device: str | None = None, level: int = logging.INFO, notify: dict[str, Any] | None = None, **fields: Any) -> None:
+    def emit(
+        self,
+        event: str,
+        rnd: int | None,
+        device: str | None = None,
+        level: int = logging.INFO,
+        notify: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
         """Log the event and hand it to the callback."""
         self.log(event, rnd, device, level, **fields)
         if not self.listeners:
             return
-        payload = dict(notify) if notify is not None else {**({"round": rnd} if rnd is not None else {}), **({"device": device} if device is not None else {}), **fields}
+        payload = (
+            dict(notify)
+            if notify is not None
+            else {**({"round": rnd} if rnd is not None else {}), **({"device": device} if device is not None else {}), **fields}
+        )
         for listener in self.listeners:
             try:
                 listener(event, dict(payload))

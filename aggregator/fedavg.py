@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.protocol import Update
-
 from fleetlearn.aggregator.strategy import Aggregate, Strategy
+from fleetlearn.edge_runtime.core.protocol import Update
 
 
 def new_accumulator(num_params: int) -> np.ndarray:
@@ -98,7 +97,13 @@ class FedAvg(Strategy):
         if acc.shape != self._acc.shape:
             raise ValueError(f"saved accumulator has shape {acc.shape}, the model has {self._acc.shape}")
         total, loss_sum, count = state["total_samples"], state["loss_sum"], state["accepted"]
-        if not isinstance(total, int) or total < 0 or not isinstance(count, int) or count < 0 or not isinstance(loss_sum, (int, float)):
+        if (
+            not isinstance(total, int)
+            or total < 0
+            or not isinstance(count, int)
+            or count < 0
+            or not isinstance(loss_sum, (int, float))
+        ):
             raise ValueError("saved accumulator has a bad sample count, update count or loss sum")
         self._acc = acc.copy()
         self._total, self._count, self._loss_sum = total, count, float(loss_sum)

@@ -36,7 +36,9 @@ from fleetlearn.aggregator.options import Options, option
 from fleetlearn.aggregator.strategy import Aggregate
 
 
-def momentum_step(weights: np.ndarray, velocity: np.ndarray, delta: np.ndarray, server_lr: float, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+def momentum_step(
+    weights: np.ndarray, velocity: np.ndarray, delta: np.ndarray, server_lr: float, momentum: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(x + eta * v', v') with v' = beta * v + Delta; v' float64, x' float32 (new arrays)."""
     v = momentum * np.asarray(velocity, dtype=np.float64) + np.asarray(delta, dtype=np.float64)
     return (np.asarray(weights, dtype=np.float64) + server_lr * v).astype(np.float32), v
@@ -44,10 +46,24 @@ def momentum_step(weights: np.ndarray, velocity: np.ndarray, delta: np.ndarray, 
 
 @dataclass(frozen=True)
 class FedAvgMOptions(Options):
-    server_lr: float = option(1.0, "--server-lr", float, "server optimizers: server learning rate eta", metavar="ETA",
-                              check=lambda v: 0 < v <= 10, bound="in (0, 10]")
-    server_momentum: float = option(0.9, "--server-momentum", float, "fedavgm: server momentum beta", metavar="BETA",
-                                    check=lambda v: 0 <= v < 1, bound="in [0, 1)")
+    server_lr: float = option(
+        1.0,
+        "--server-lr",
+        float,
+        "server optimizers: server learning rate eta",
+        metavar="ETA",
+        check=lambda v: 0 < v <= 10,
+        bound="in (0, 10]",
+    )
+    server_momentum: float = option(
+        0.9,
+        "--server-momentum",
+        float,
+        "fedavgm: server momentum beta",
+        metavar="BETA",
+        check=lambda v: 0 <= v < 1,
+        bound="in [0, 1)",
+    )
 
 
 class FedAvgM(FedAvg):

@@ -15,9 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Ack, Reassembler, RoundConfig, Topics, Update, is_part
-
 from fleetlearn.aggregator.clipping import l2_norm
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
@@ -25,6 +22,8 @@ from fleetlearn.aggregator.publisher import Publisher
 from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.aggregator.strategy import Strategy
 from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, max_update_bytes, validate_update
+from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol import Ack, Reassembler, RoundConfig, Topics, Update, is_part
 
 PART_TIMEOUT_S = 600.0  # a partial update not completed in this long is dropped (the device re-sends)
 
@@ -42,7 +41,7 @@ class RoundRun:
     bytes_out: int = 0
     rejected: int = 0
     extensions: int = 0
-    norms: "NormStats" = field(default_factory=lambda: NormStats())
+    norms: NormStats = field(default_factory=lambda: NormStats())
     target: int = 0  # accepted updates that close the round
     cohort: Cohort | None = None  # with client sampling: who was invited (persisted with the round)
 
@@ -73,7 +72,7 @@ class NormStats:
         return {"weighted_sum": self.weighted_sum, "samples": self.samples, "max": self.max}
 
     @classmethod
-    def from_doc(cls, doc: Any) -> "NormStats":
+    def from_doc(cls, doc: Any) -> NormStats:
         if not doc:
             return cls()
         return cls(float(doc["weighted_sum"]), int(doc["samples"]), float(doc["max"]))
@@ -89,7 +88,17 @@ class DueAck:
 
 
 class Intake:
-    def __init__(self, topics: Topics, num_params: int, store: ModelStore, signing: Any, strategy: Strategy, publisher: Publisher, events: Events, target: int):
+    def __init__(
+        self,
+        topics: Topics,
+        num_params: int,
+        store: ModelStore,
+        signing: Any,
+        strategy: Strategy,
+        publisher: Publisher,
+        events: Events,
+        target: int,
+    ):
         self.topics = topics
         self.num_params = num_params
         self.store = store
@@ -112,8 +121,14 @@ class Intake:
             payload = whole
         try:
             verdict = validate_update(
-                topic, payload, topics=self.topics, num_params=self.num_params, version=self.store,
-                accepted=run.accepted, previous_accepted=self.store.last_accepted, authenticate=self.signing.authenticate,
+                topic,
+                payload,
+                topics=self.topics,
+                num_params=self.num_params,
+                version=self.store,
+                accepted=run.accepted,
+                previous_accepted=self.store.last_accepted,
+                authenticate=self.signing.authenticate,
                 invited=run.cohort.invitation.invites if run.cohort is not None else None,
             )
         except Rejection as rej:
@@ -155,16 +170,28 @@ class Intake:
         rnd = rej.round if rej.round is not None else run.round
         self.events.emit("update_rejected", rnd, device=rej.device or "?", level=logging.WARNING, reason=rej.reason)
         if rej.device is not None:
-            run.bytes_out += self.publisher.ack(Ack(self.store.run_id, rnd, rej.device, rej.nonce or UNKNOWN_NONCE, False, rej.reason))
+            run.bytes_out += self.publisher.ack(
+                Ack(self.store.run_id, rnd, rej.device, rej.nonce or UNKNOWN_NONCE, False, rej.reason)
+            )
 
     # ------------------------------------------------------------ durability, then acks
 
     def save_partial(self, run: RoundRun) -> None:
-        self.store.save_partial(PartialRound(
-            run_id=self.store.run_id, round=run.round, accepted=dict(run.accepted), strategy=self.strategy.partial_state(),
-            opened_at=run.opened_at, bytes_in=run.bytes_in, bytes_out=run.bytes_out, rejected=run.rejected, extensions=run.extensions,
-            norms=run.norms.to_doc(), cohort=run.cohort.to_doc() if run.cohort is not None else {},
-        ))
+        self.store.save_partial(
+            PartialRound(
+                run_id=self.store.run_id,
+                round=run.round,
+                accepted=dict(run.accepted),
+                strategy=self.strategy.partial_state(),
+                opened_at=run.opened_at,
+                bytes_in=run.bytes_in,
+                bytes_out=run.bytes_out,
+                rejected=run.rejected,
+                extensions=run.extensions,
+                norms=run.norms.to_doc(),
+                cohort=run.cohort.to_doc() if run.cohort is not None else {},
+            )
+        )
 
     def commit_acks(self, run: RoundRun) -> None:
         """Persist the round's partial state once, then ack every update it now holds."""
@@ -189,5 +216,14 @@ class Intake:
         for due, ack in acks:
             u = due.update
             self.publisher.ack(ack)
-            self.events.emit("update_accepted", u.round, device=u.device_id, samples=u.samples, train_loss=u.train_loss, train_s=u.train_s,
-                             accepted=due.accepted, target=self.target, bytes=due.payload_bytes)  # engine sets target per round
+            self.events.emit(
+                "update_accepted",
+                u.round,
+                device=u.device_id,
+                samples=u.samples,
+                train_loss=u.train_loss,
+                train_s=u.train_s,
+                accepted=due.accepted,
+                target=self.target,
+                bytes=due.payload_bytes,
+            )  # engine sets target per round

@@ -34,14 +34,13 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+from fleetlearn.aggregator.events import Events
 from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
 from fleetlearn.edge_runtime.core.protocol import Lease, LeaseView, Topics, encode_probe, probe_token
-
-from fleetlearn.aggregator.events import Events
 
 
 class LeaderError(UsageError):
@@ -66,8 +65,16 @@ def holder_name() -> str:
 
 
 class LeaseKeeper:
-    def __init__(self, opts: LinkOptions, topics: Topics, run_id: str, policy: LeasePolicy, events: Events,
-                 on_lost: Callable[[str], None], connect_timeout: float = 30.0):
+    def __init__(
+        self,
+        opts: LinkOptions,
+        topics: Topics,
+        run_id: str,
+        policy: LeasePolicy,
+        events: Events,
+        on_lost: Callable[[str], None],
+        connect_timeout: float = 30.0,
+    ):
         self.opts = opts
         self.topics = topics
         self.run_id = run_id
@@ -107,8 +114,15 @@ class LeaseKeeper:
                     f"fleet {fleet}: the lease of {current.describe()} expired {now - current.expires:.0f}s ago "
                     "without a release; make sure it is stopped, then start with --takeover"
                 )
-            self.events.log("fleet_takeover", None, level=logging.WARNING, previous=current.holder, previous_run=current.run_id[:8],
-                            expired_s=round(now - current.expires, 1), reason="--takeover" if self.policy.takeover else "this run's own lease (restart)")
+            self.events.log(
+                "fleet_takeover",
+                None,
+                level=logging.WARNING,
+                previous=current.holder,
+                previous_run=current.run_id[:8],
+                expired_s=round(now - current.expires, 1),
+                reason="--takeover" if self.policy.takeover else "this run's own lease (restart)",
+            )
         self._open_holder_link()
         self.claimed_at = time.time()
         self._publish("held")
@@ -123,7 +137,9 @@ class LeaseKeeper:
             self._close(release=False)
             raise LeaderError(self.lost)
         self._held = True
-        self.events.log("fleet_claimed", None, holder=self.holder, run_id=self.run_id, ttl_s=self.policy.ttl, token=self.token[:8])
+        self.events.log(
+            "fleet_claimed", None, holder=self.holder, run_id=self.run_id, ttl_s=self.policy.ttl, token=self.token[:8]
+        )
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
         self._thread.start()
 
@@ -144,7 +160,9 @@ class LeaseKeeper:
         link.start()
         try:
             if not link.wait_connected(self.connect_timeout):
-                raise UsageError(f"cannot reach the broker at {self.opts.url} within {self.connect_timeout:.0f}s: {link.last_error or 'no answer'}")
+                raise UsageError(
+                    f"cannot reach the broker at {self.opts.url} within {self.connect_timeout:.0f}s: {link.last_error or 'no answer'}"
+                )
             deadline = time.monotonic() + self.policy.barrier_timeout
             while not back.is_set():
                 link.publish(self.topics.leader, encode_probe(probe), qos=1)
@@ -166,12 +184,25 @@ class LeaseKeeper:
 
     def _options(self, suffix: str, will: tuple[str, bytes, int, bool] | None) -> LinkOptions:
         # Our own client ids (never the main link's): a second aggregator's read must not kick anyone off.
-        return dataclasses.replace(self.opts, client_id=f"{self.opts.client_id}-{suffix}{self.token[:8]}"[:128], clean_session=True,
-                                   will=will, backoff_max=2.0)
+        return dataclasses.replace(
+            self.opts,
+            client_id=f"{self.opts.client_id}-{suffix}{self.token[:8]}"[:128],
+            clean_session=True,
+            will=will,
+            backoff_max=2.0,
+        )
 
     def _lease(self, state: str) -> Lease:
         now = time.time()
-        return Lease(state, self.run_id, self.token, self.holder, self.claimed_at or now, now, now + (self.policy.ttl if state == "held" else 0.0))
+        return Lease(
+            state,
+            self.run_id,
+            self.token,
+            self.holder,
+            self.claimed_at or now,
+            now,
+            now + (self.policy.ttl if state == "held" else 0.0),
+        )
 
     def _open_holder_link(self) -> None:
         will = (self.topics.leader, self._lease("released").encode(), 1, True)

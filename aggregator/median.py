@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.protocol import Update
-
 from fleetlearn.aggregator.clipping import l2_norm, norm_summary
 from fleetlearn.aggregator.fedavg import weighted_mean
 from fleetlearn.aggregator.strategy import Aggregate, Strategy
+from fleetlearn.edge_runtime.core.protocol import Update
 
 
 def coordinate_median(deltas: np.ndarray) -> np.ndarray:
@@ -93,7 +92,11 @@ class CoordinateWise(Strategy):
     def round_summary(self) -> dict[str, Any]:
         total = sum(self._samples)
         loss_sum = sum(float(n) * v for n, v in zip(self._samples, self._losses))
-        return {"samples": total, "train_loss": weighted_mean(loss_sum, total), **norm_summary(None, 0, [l2_norm(d) for d in self._deltas])}
+        return {
+            "samples": total,
+            "train_loss": weighted_mean(loss_sum, total),
+            **norm_summary(None, 0, [l2_norm(d) for d in self._deltas]),
+        }
 
 
 class Median(CoordinateWise):

@@ -57,7 +57,25 @@ REJECTION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wrong_model", ("is not the current model", "parameters, the model has")),
     ("identity", ("does not match the topic", "invalid device id", "is not a update topic")),
     ("too_large", ("-byte bound", "exceeds the")),
-    ("malformed", ("empty payload", "field ", "crc", "magic", "frame", "header", "meta", "not finite", "nan", "truncated", "wire version", "kind", "encoding", "body")),
+    (
+        "malformed",
+        (
+            "empty payload",
+            "field ",
+            "crc",
+            "magic",
+            "frame",
+            "header",
+            "meta",
+            "not finite",
+            "nan",
+            "truncated",
+            "wire version",
+            "kind",
+            "encoding",
+            "body",
+        ),
+    ),
 )
 REJECTION_REASONS = tuple(name for name, _ in REJECTION_RULES) + ("other",)
 
@@ -93,17 +111,29 @@ class DeviceGauges:
         self.per_device = per_device
         self.states: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.devices = Gauge(f"{NAMESPACE}_devices", "Devices by the state of their retained status", ["state"], registry=registry)
+        self.devices = Gauge(
+            f"{NAMESPACE}_devices", "Devices by the state of their retained status", ["state"], registry=registry
+        )
         for s in DEVICE_STATE_LABELS:
             self.devices.labels(state=s).set(0)
         self.device_state = (
-            Gauge(f"{NAMESPACE}_device_state", "1 for the state a device reports now (--metrics-per-device)", ["device", "state"], registry=registry)
-            if per_device else None
+            Gauge(
+                f"{NAMESPACE}_device_state",
+                "1 for the state a device reports now (--metrics-per-device)",
+                ["device", "state"],
+                registry=registry,
+            )
+            if per_device
+            else None
         )
-        self.health = {
-            key: Gauge(f"{NAMESPACE}_device_{name}", f"{what} (--metrics-per-device)", ["device"], registry=registry)
-            for key, name, what in HEALTH_GAUGES
-        } if per_device else {}
+        self.health = (
+            {
+                key: Gauge(f"{NAMESPACE}_device_{name}", f"{what} (--metrics-per-device)", ["device"], registry=registry)
+                for key, name, what in HEALTH_GAUGES
+            }
+            if per_device
+            else {}
+        )
 
     def update(self, device: str, state: str | None, health: dict[str, Any] | None = None) -> None:
         state = state if state is None or state in DEVICE_STATE_LABELS else UNKNOWN_STATE
@@ -143,20 +173,39 @@ class MetricsExporter:
         self._last_round = 0
         self.open_round = Gauge(f"{NAMESPACE}_open_round", "The round open now (0 when none is)", registry=r)
         self.rounds = Counter(f"{NAMESPACE}_rounds", "Rounds that ended, by outcome", ["outcome"], registry=r)
-        self.duration = Histogram(f"{NAMESPACE}_round_duration_seconds", "Wall time of a round, open to close", registry=r,
-                                  buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
-        self.accepted_round = Gauge(f"{NAMESPACE}_round_accepted_updates", "Accepted updates of the last closed round", registry=r)
+        self.duration = Histogram(
+            f"{NAMESPACE}_round_duration_seconds",
+            "Wall time of a round, open to close",
+            registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+        )
+        self.accepted_round = Gauge(
+            f"{NAMESPACE}_round_accepted_updates", "Accepted updates of the last closed round", registry=r
+        )
         self.target = Gauge(f"{NAMESPACE}_round_target_devices", "Accepted updates a round closes at (its target)", registry=r)
-        self.updates = Counter(f"{NAMESPACE}_updates", "Updates answered, by result and (for rejections) a fixed reason", ["result", "reason"], registry=r)
+        self.updates = Counter(
+            f"{NAMESPACE}_updates",
+            "Updates answered, by result and (for rejections) a fixed reason",
+            ["result", "reason"],
+            registry=r,
+        )
         self.test_metric = Gauge(f"{NAMESPACE}_test_metric", "The last closed round's test metric", ["name"], registry=r)
         self.train_loss = Gauge(f"{NAMESPACE}_train_loss", "The last closed round's sample-weighted training loss", registry=r)
-        self.bytes = Counter(f"{NAMESPACE}_bytes", "Round payload bytes: updates in, global models and acks out", ["direction"], registry=r)
+        self.bytes = Counter(
+            f"{NAMESPACE}_bytes", "Round payload bytes: updates in, global models and acks out", ["direction"], registry=r
+        )
         self.extensions = Counter(f"{NAMESPACE}_deadline_extensions", "Round deadlines extended for lack of devices", registry=r)
         self.epsilon: Gauge | None = None  # created at the first round that reports epsilon (DP on)
         self.devices = DeviceGauges(r, per_device)
         self.device_updates = (
-            Counter(f"{NAMESPACE}_device_updates", "Updates answered per device (--metrics-per-device)", ["device", "result"], registry=r)
-            if per_device else None
+            Counter(
+                f"{NAMESPACE}_device_updates",
+                "Updates answered per device (--metrics-per-device)",
+                ["device", "result"],
+                registry=r,
+            )
+            if per_device
+            else None
         )
         # Every fixed label combination exists from the start, so rate() and dashboards see 0, not "no data".
         self.updates.labels(result="accepted", reason="none")
@@ -212,7 +261,9 @@ class MetricsExporter:
         self.bytes.labels(direction="out").inc(max(0, rec.bytes_out or 0))
         if rec.epsilon is not None:
             if self.epsilon is None:
-                self.epsilon = Gauge(f"{NAMESPACE}_dp_epsilon", "(epsilon, delta)-DP spent so far (DP runs only)", registry=self.registry)
+                self.epsilon = Gauge(
+                    f"{NAMESPACE}_dp_epsilon", "(epsilon, delta)-DP spent so far (DP runs only)", registry=self.registry
+                )
             self.epsilon.set(rec.epsilon)
 
     def _on_round_failed(self, f: dict[str, Any]) -> None:
@@ -231,7 +282,7 @@ class MetricsExporter:
 
     # ------------------------------------------------------------ serving
 
-    def serve(self, host: str, port: int) -> "MetricsServer":
+    def serve(self, host: str, port: int) -> MetricsServer:
         return MetricsServer.start(self.registry, host, port)
 
 
@@ -246,7 +297,7 @@ class MetricsServer:
         return int(self.server.server_address[1])
 
     @classmethod
-    def start(cls, registry: CollectorRegistry, host: str, port: int) -> "MetricsServer":
+    def start(cls, registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
         if not 0 <= port <= 65535:
             raise UsageError(f"--metrics-port must be in [0, 65535], got {port}")
         try:

@@ -46,17 +46,17 @@ import secrets
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
-from fleetlearn.edge_runtime.core.protocol import HEX32_RE, RoundMetrics
-from fleetlearn.edge_runtime.core.files import atomic_write_bytes, atomic_write_json, read_json
-
 from fleetlearn.aggregator.round_log import ROUND_LOG, append_round_record, read_round_log_or_empty
+from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
+from fleetlearn.edge_runtime.core.files import atomic_write_bytes, atomic_write_json, read_json
+from fleetlearn.edge_runtime.core.protocol import HEX32_RE, RoundMetrics
 
 STATE_FORMAT = "fleetlearn-aggregator-state"
 STATE_VERSION = 1
@@ -193,8 +193,17 @@ def decode_server_state(raw: bytes) -> tuple[str, int, dict[str, Any]]:
 class ModelStore:
     """Versioned global model of one run. Not thread-safe: the round engine's thread owns it."""
 
-    def __init__(self, state_dir: Path, run_id: str, model_hash: str, num_params: int, round_: int, weights: np.ndarray, doc: dict[str, Any],
-                 server_state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        state_dir: Path,
+        run_id: str,
+        model_hash: str,
+        num_params: int,
+        round_: int,
+        weights: np.ndarray,
+        doc: dict[str, Any],
+        server_state: dict[str, Any] | None = None,
+    ):
         self.state_dir = state_dir
         self.run_id = run_id
         self.model_hash = model_hash
@@ -236,7 +245,9 @@ class ModelStore:
     # ------------------------------------------------------------ open
 
     @classmethod
-    def open(cls, state_dir: str | Path, model_hash: str, num_params: int, initial_weights: Callable[[], np.ndarray]) -> "ModelStore":
+    def open(
+        cls, state_dir: str | Path, model_hash: str, num_params: int, initial_weights: Callable[[], np.ndarray]
+    ) -> ModelStore:
         """Resume the run in `state_dir`, or start a new run there (fresh run_id, w_0 saved)."""
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +280,7 @@ class ModelStore:
         return store
 
     @classmethod
-    def _create(cls, state_dir: Path, model_hash: str, num_params: int, weights: np.ndarray) -> "ModelStore":
+    def _create(cls, state_dir: Path, model_hash: str, num_params: int, weights: np.ndarray) -> ModelStore:
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         if weights.shape != (num_params,) or not np.isfinite(weights).all():
             raise StateError(f"initial weights have shape {weights.shape} (expected ({num_params},)) or are not finite")
@@ -286,7 +297,9 @@ class ModelStore:
                 record = RoundMetrics.from_doc(rec)
             except ProtocolError as exc:
                 raise StateError(f"{self.state_path}: the last round's record is malformed ({exc.reason})") from None
-            if not any(r.round == self.round and r.run_id == record.run_id for r in read_round_log_or_empty(self.rounds_log).records):
+            if not any(
+                r.round == self.round and r.run_id == record.run_id for r in read_round_log_or_empty(self.rounds_log).records
+            ):
                 append_round_record(self.rounds_log, record)
         p = self.load_partial(None)
         if p is not None and (p.run_id != self.run_id or p.round <= self.round):
@@ -326,7 +339,14 @@ class ModelStore:
         atomic_write_bytes(path, raw)
         return {"file": str(path.relative_to(self.state_dir)), "sha256": _sha256(raw)}
 
-    def _write_state(self, rnd: int, weights: np.ndarray, record: dict[str, Any] | None, accepted: dict[str, str], server: dict[str, Any] | None = None) -> None:
+    def _write_state(
+        self,
+        rnd: int,
+        weights: np.ndarray,
+        record: dict[str, Any] | None,
+        accepted: dict[str, str],
+        server: dict[str, Any] | None = None,
+    ) -> None:
         raw = np.ascontiguousarray(weights, dtype="<f4").tobytes()
         doc = {
             "format": STATE_FORMAT,
@@ -346,8 +366,14 @@ class ModelStore:
         atomic_write_json(self.state_path, doc)
         self._doc = doc
 
-    def commit(self, rnd: int, weights: np.ndarray, record: RoundMetrics | dict[str, Any], accepted: dict[str, str],
-               server_state: dict[str, Any] | None = None) -> None:
+    def commit(
+        self,
+        rnd: int,
+        weights: np.ndarray,
+        record: RoundMetrics | dict[str, Any],
+        accepted: dict[str, str],
+        server_state: dict[str, Any] | None = None,
+    ) -> None:
         """Round `rnd` closed with `weights` (and the strategy's cross-round `server_state` after
         it): make them durable together (see the module docstring for the order).
 

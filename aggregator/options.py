@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import UsageError
 
@@ -37,8 +38,17 @@ class Flag:
     choices: tuple[str, ...] | None = None
 
 
-def option(default: Any, flag: str, type: Callable[[str], Any], help: str, *, metavar: str | None = None,
-           check: Callable[[Any], bool] | None = None, bound: str = "", choices: tuple[str, ...] | None = None) -> Any:
+def option(
+    default: Any,
+    flag: str,
+    type: Callable[[str], Any],
+    help: str,
+    *,
+    metavar: str | None = None,
+    check: Callable[[Any], bool] | None = None,
+    bound: str = "",
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A dataclass field that is also a command-line flag."""
     return field(default=default, metadata={"flag": Flag(flag, type, help, metavar, check, bound, choices)})
 

@@ -16,12 +16,19 @@ import logging
 import time
 from typing import Any
 
-from fleetlearn.edge_runtime.core.mqtt import MqttLink
-from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, RoundMetrics, RoundState, Topics, split_message
-
 from fleetlearn.aggregator.distribution import BundlePlan, chunk_messages, clear_messages
 from fleetlearn.aggregator.events import Events
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.mqtt import MqttLink
+from fleetlearn.edge_runtime.core.protocol import (
+    Ack,
+    BundleAnnouncement,
+    GlobalModel,
+    RoundMetrics,
+    RoundState,
+    Topics,
+    split_message,
+)
 
 
 class Publisher:
@@ -73,12 +80,22 @@ class Publisher:
         t0 = time.monotonic()
         announcement = self.signing.sign_announcement(a.encode())
         if self.max_message_size is not None and len(announcement) > self.max_message_size:
-            raise UsageError(f"the bundle announcement is {len(announcement)} bytes, over --max-message-size {self.max_message_size}")
+            raise UsageError(
+                f"the bundle announcement is {len(announcement)} bytes, over --max-message-size {self.max_message_size}"
+            )
         for topic, payload in chunk_messages(plan, self.topics):
             self.publish(topic, payload, retain=True)
         # The announcement goes last: a device that sees it finds every chunk already there.
         self.publish(self.topics.bundle, announcement, retain=True)
-        self.events.log("bundle_published", None, model_hash=a.model_hash[:12], bytes=a.total_bytes, chunks=a.chunks, chunk_size=a.chunk_size, s=time.monotonic() - t0)
+        self.events.log(
+            "bundle_published",
+            None,
+            model_hash=a.model_hash[:12],
+            bytes=a.total_bytes,
+            chunks=a.chunks,
+            chunk_size=a.chunk_size,
+            s=time.monotonic() - t0,
+        )
 
     def on_bundle_announcement(self, plan: BundlePlan, payload: bytes) -> None:
         """A retained announcement on our fleet: another model's (an older run) is replaced by
@@ -98,4 +115,3 @@ class Publisher:
             self.publish(topic, empty, retain=True)
         self.publish(self.topics.bundle, self.signing.sign_announcement(plan.announcement.encode()), retain=True)
         self.events.log("old_bundle_cleared", None, model_hash=old.model_hash[:12], chunks=old.chunks)
-

@@ -17,13 +17,13 @@ denominator here, client sampling in sampling.py and config.py).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
-
-from fleetlearn.edge_runtime.core.errors import UsageError
+from typing import Any
 
 from fleetlearn.aggregator.options import Options, flag_names
 from fleetlearn.aggregator.strategy import Strategy
+from fleetlearn.edge_runtime.core.errors import UsageError
 
 # name -> "module:Class": an aggregation rule or a server optimizer, one file each.
 STRATEGIES: dict[str, str] = {
@@ -109,7 +109,9 @@ class StrategyChoice:
         if foreign:
             known = {n: f.flag for cls in all_option_classes() for n, f in cls.flags().items()}
             flags = ", ".join(known.get(k, k) for k in foreign)
-            raise UsageError(f"{flags} does not apply to --strategy {name}; its options: {', '.join(flag_names([rule_cls.Options, Clipping.Options, DPNoise.Options]))}")
+            raise UsageError(
+                f"{flags} does not apply to --strategy {name}; its options: {', '.join(flag_names([rule_cls.Options, Clipping.Options, DPNoise.Options]))}"
+            )
         if name in ALIASES:
             needs = ALIASES[name][1]
             if needs == "clip_norm" and given.get("clip_norm") is None:
@@ -128,7 +130,9 @@ class StrategyChoice:
             return Clipping(strategy, clip) if clip.clip_norm is not None else strategy
         if not issubclass(rule_cls, FedAvg):
             mean_based = [n for n in STRATEGIES if issubclass(strategy_class(n), FedAvg)]
-            raise UsageError(f"--dp-noise-multiplier works with --strategy {' / '.join(mean_based)}, not {name}: the median and trimmed mean have no noise calibration here")
+            raise UsageError(
+                f"--dp-noise-multiplier works with --strategy {' / '.join(mean_based)}, not {name}: the median and trimmed mean have no noise calibration here"
+            )
         if clip.clip_norm is None:
             raise UsageError("--dp-noise-multiplier needs --clip-norm (the sensitivity the noise is scaled to)")
         return DPNoise(Clipping(rule_cls(rule_opts, uniform=True), clip), dp, expected_participants=target_devices)

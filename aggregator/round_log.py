@@ -49,9 +49,13 @@ class RoundLog:
             out.append(f"{self.path}: the last line is torn (cut short mid-write) and was ignored")
         if self.bad_lines:
             shown = ", ".join(f"{n} ({why})" for n, why in zip(self.bad_lines[:5], self.bad_reasons))
-            out.append(f"{self.path}: skipped {len(self.bad_lines)} unreadable line(s): {shown}{' ...' if len(self.bad_lines) > 5 else ''}")
+            out.append(
+                f"{self.path}: skipped {len(self.bad_lines)} unreadable line(s): {shown}{' ...' if len(self.bad_lines) > 5 else ''}"
+            )
         if self.other_runs:
-            out.append(f"{self.path}: holds {self.other_runs} earlier run(s); only the latest (run {self.run_id[:8]}) is reported")
+            out.append(
+                f"{self.path}: holds {self.other_runs} earlier run(s); only the latest (run {self.run_id[:8]}) is reported"
+            )
         return out
 
 
@@ -91,7 +95,16 @@ def parse_round_log(data: bytes, path: Path = Path(ROUND_LOG)) -> RoundLog:
         if not latest or not r.run_id or r.run_id == latest:
             by_round[r.round] = r
     rounds = tuple(by_round[k] for k in sorted(by_round))
-    return RoundLog(path, tuple(records), rounds, latest, torn, tuple(n for n, _ in bad), tuple(why for _, why in bad), len(set(run_ids) - {latest}))
+    return RoundLog(
+        path,
+        tuple(records),
+        rounds,
+        latest,
+        torn,
+        tuple(n for n, _ in bad),
+        tuple(why for _, why in bad),
+        len(set(run_ids) - {latest}),
+    )
 
 
 def read_round_log(path: str | Path) -> RoundLog:

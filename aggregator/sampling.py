@@ -26,27 +26,55 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import Invitation, invitation_rank
+from typing import Any
 
 from fleetlearn.aggregator.options import Options, option
+from fleetlearn.edge_runtime.core.errors import UsageError
+from fleetlearn.edge_runtime.core.protocol import Invitation, invitation_rank
 
 DEFAULT_OVER_SELECTION = 1.3
 
 
 @dataclass(frozen=True)
 class SamplingOptions(Options):
-    sample_size: int | None = option(None, "--sample-size", int, "invite a sample of the connected devices each round and close at K accepted updates",
-                                     metavar="K", check=lambda k: 1 <= k <= 1_000_000, bound="in [1, 1000000]")
-    sample_fraction: float | None = option(None, "--sample-fraction", float, "as --sample-size with K = max(--min-devices, ceil(F x connected devices))",
-                                           metavar="F", check=lambda f: 0 < f <= 1, bound="in (0, 1]")
-    over_selection: float | None = option(None, "--over-selection", float, f"invite ceil(X x the round's target) devices (default {DEFAULT_OVER_SELECTION})",
-                                          metavar="X", check=lambda x: 1 <= x <= 10, bound="in [1, 10]")
-    sample_seed: int | None = option(None, "--sample-seed", int, "seed of the invitations (default: the run id)", metavar="S",
-                                     check=lambda s: 0 <= s < 2**63, bound="in [0, 2^63)")
+    sample_size: int | None = option(
+        None,
+        "--sample-size",
+        int,
+        "invite a sample of the connected devices each round and close at K accepted updates",
+        metavar="K",
+        check=lambda k: 1 <= k <= 1_000_000,
+        bound="in [1, 1000000]",
+    )
+    sample_fraction: float | None = option(
+        None,
+        "--sample-fraction",
+        float,
+        "as --sample-size with K = max(--min-devices, ceil(F x connected devices))",
+        metavar="F",
+        check=lambda f: 0 < f <= 1,
+        bound="in (0, 1]",
+    )
+    over_selection: float | None = option(
+        None,
+        "--over-selection",
+        float,
+        f"invite ceil(X x the round's target) devices (default {DEFAULT_OVER_SELECTION})",
+        metavar="X",
+        check=lambda x: 1 <= x <= 10,
+        bound="in [1, 10]",
+    )
+    sample_seed: int | None = option(
+        None,
+        "--sample-seed",
+        int,
+        "seed of the invitations (default: the run id)",
+        metavar="S",
+        check=lambda s: 0 <= s < 2**63,
+        bound="in [0, 2^63)",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -65,14 +93,20 @@ class SamplingOptions(Options):
         if self.sample_size is not None and self.sample_fraction is not None:
             raise UsageError("give one of --sample-size K or --sample-fraction F, not both")
         if not self.enabled:
-            stray = [f for f, v in (("--over-selection", self.over_selection), ("--sample-seed", self.sample_seed)) if v is not None]
+            stray = [
+                f for f, v in (("--over-selection", self.over_selection), ("--sample-seed", self.sample_seed)) if v is not None
+            ]
             if stray:
                 raise UsageError(f"{', '.join(stray)} applies with --sample-size or --sample-fraction only")
             return
         if target_devices is not None:
-            raise UsageError("--target-devices does not apply with --sample-size/--sample-fraction: the sample sets each round's target")
+            raise UsageError(
+                "--target-devices does not apply with --sample-size/--sample-fraction: the sample sets each round's target"
+            )
         if self.sample_size is not None and self.sample_size < min_devices:
-            raise UsageError(f"--sample-size {self.sample_size} is below --min-devices {min_devices}: a round would close before it has its minimum")
+            raise UsageError(
+                f"--sample-size {self.sample_size} is below --min-devices {min_devices}: a round would close before it has its minimum"
+            )
 
     def need(self, min_devices: int) -> int:
         """Connected devices a round needs before it can draw its cohort."""
@@ -117,11 +151,22 @@ class Cohort:
         return len(self.invited) / self.connected if self.connected else 0.0
 
     def to_doc(self) -> dict[str, Any]:
-        return {"salt": self.invitation.salt, "below": self.invitation.below, "invited": list(self.invited), "connected": self.connected, "target": self.target}
+        return {
+            "salt": self.invitation.salt,
+            "below": self.invitation.below,
+            "invited": list(self.invited),
+            "connected": self.connected,
+            "target": self.target,
+        }
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> "Cohort":
-        return cls(Invitation.from_meta({"salt": doc["salt"], "below": doc["below"]}), tuple(str(d) for d in doc["invited"]), int(doc["connected"]), int(doc["target"]))
+    def from_doc(cls, doc: dict[str, Any]) -> Cohort:
+        return cls(
+            Invitation.from_meta({"salt": doc["salt"], "below": doc["below"]}),
+            tuple(str(d) for d in doc["invited"]),
+            int(doc["connected"]),
+            int(doc["target"]),
+        )
 
 
 def draw_cohort(connected: Sequence[str], rnd: int, seed: str | int, options: SamplingOptions, min_devices: int) -> Cohort:

@@ -18,7 +18,9 @@ from fleetlearn.edge_runtime.core.protocol import MAX_PROXIMAL_MU, RoundConfig
 SCHEDULES = ("constant", "cosine")
 
 
-def scheduled_lr(base: float, rnd: int, total: int, schedule: str = "constant", min_factor: float = 0.1, warmup: int = 0) -> float:
+def scheduled_lr(
+    base: float, rnd: int, total: int, schedule: str = "constant", min_factor: float = 0.1, warmup: int = 0
+) -> float:
     """The learning rate of round `rnd` (1-based) of `total`.
 
     warmup:   for r <= W (W = warmup rounds), lr_r = base * r / W: small first steps while the
@@ -84,5 +86,10 @@ class TrainingPlan:
         lr = base
         if base is not None and self.scheduled:
             lr = scheduled_lr(base, rnd, total_rounds, self.lr_schedule, self.lr_min_factor, self.lr_warmup)
-        return RoundConfig(local_epochs=self.local_epochs, max_steps=self.max_steps, batch_size=self.batch_size, lr=lr,
-                           proximal_mu=self.proximal_mu or None)
+        return RoundConfig(
+            local_epochs=self.local_epochs,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            lr=lr,
+            proximal_mu=self.proximal_mu or None,
+        )

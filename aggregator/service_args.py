@@ -10,8 +10,12 @@ from typing import Any
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     lease = parser.add_argument_group("one writer per fleet (docs/operations-service.md)")
-    lease.add_argument("--takeover", action="store_true", help="take the fleet over when its leader's lease has expired (planned failover)")
-    lease.add_argument("--lease-ttl", type=float, default=30.0, help="seconds the fleet lease lasts without a renewal (default 30)")
+    lease.add_argument(
+        "--takeover", action="store_true", help="take the fleet over when its leader's lease has expired (planned failover)"
+    )
+    lease.add_argument(
+        "--lease-ttl", type=float, default=30.0, help="seconds the fleet lease lasts without a renewal (default 30)"
+    )
     met = parser.add_argument_group("Prometheus metrics (docs/operations-service.md)")
     add_metrics_arguments(met)
 
@@ -20,7 +24,9 @@ def add_metrics_arguments(group: Any) -> None:
     """--metrics-port/--metrics-host/--metrics-per-device (the aggregator's and the monitor's)."""
     group.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://HOST:PORT/metrics")
     group.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint listens on (default 127.0.0.1)")
-    group.add_argument("--metrics-per-device", action="store_true", help="also export one series per device (cardinality grows with the fleet)")
+    group.add_argument(
+        "--metrics-per-device", action="store_true", help="also export one series per device (cardinality grows with the fleet)"
+    )
 
 
 def lease_policy(args: argparse.Namespace):

@@ -39,18 +39,17 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
-from fleetlearn.edge_runtime.core.protocol import HEX32_RE, NAME_RE, Update
-from fleetlearn.edge_runtime.core.files import atomic_write_bytes
-
-from fleetlearn.provisioning.layout import PUB_SUFFIX, CredentialsLayout
+from typing import Any
 
 from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.validation import Rejection, VersionSource
+from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
+from fleetlearn.edge_runtime.core.files import atomic_write_bytes
+from fleetlearn.edge_runtime.core.protocol import HEX32_RE, NAME_RE, Update
+from fleetlearn.provisioning.layout import PUB_SUFFIX, CredentialsLayout
 
 log = logging.getLogger("fleetlearn.aggregator")
 
@@ -108,7 +107,9 @@ def import_device_keys(source: Path, state_dir: Path) -> list[tuple[str, str]]:
         raise UsageError(f"--device-keys {source}: not a directory")
     keys = read_device_keys(source)
     if not keys:
-        raise UsageError(f"--device-keys {source}: no <device_id>.pub files (broker-config --signing-keys writes them to {_FLEET_DIR.device_keys_dir})")
+        raise UsageError(
+            f"--device-keys {source}: no <device_id>.pub files (broker-config --signing-keys writes them to {_FLEET_DIR.device_keys_dir})"
+        )
     signing = _crypto()
     target = Path(state_dir) / DEVICE_KEYS_DIR
     target.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,9 @@ class NonceLedger:
     One JSON line per entry after a header line naming the run; a torn last line (a crash mid-
     append) is skipped on load. Not thread-safe: the round engine's thread owns it."""
 
-    def __init__(self, path: Path, run_id: str, open_round: int, keep_rounds: int = KEEP_ROUNDS, per_device: int = MAX_PER_DEVICE):
+    def __init__(
+        self, path: Path, run_id: str, open_round: int, keep_rounds: int = KEEP_ROUNDS, per_device: int = MAX_PER_DEVICE
+    ):
         self.path = Path(path)
         self.run_id = run_id
         self.keep_rounds = keep_rounds
@@ -174,7 +177,14 @@ class NonceLedger:
                 device, nonce, rnd, digest = json.loads(line)
             except (ValueError, TypeError):
                 continue
-            if isinstance(device, str) and NAME_RE.fullmatch(device) and isinstance(nonce, str) and HEX32_RE.fullmatch(nonce) and isinstance(rnd, int) and isinstance(digest, str):
+            if (
+                isinstance(device, str)
+                and NAME_RE.fullmatch(device)
+                and isinstance(nonce, str)
+                and HEX32_RE.fullmatch(nonce)
+                and isinstance(rnd, int)
+                and isinstance(digest, str)
+            ):
                 self.seen.setdefault(device, {})[nonce] = (rnd, digest)
 
     def _prune(self, open_round: int) -> None:
@@ -259,15 +269,33 @@ class AggregatorSigning:
         if update.signature and key is not None:
             if not _crypto().verify(key, update.signature, update.signed_part):
                 why = f"{len(update.signature)}-byte signature, Ed25519 has 64" if len(update.signature) != 64 else "signature"
-                raise Rejection(f"bad {why}: the update does not verify with device {device}'s registered key", device, update.round, update.nonce)
+                raise Rejection(
+                    f"bad {why}: the update does not verify with device {device}'s registered key",
+                    device,
+                    update.round,
+                    update.nonce,
+                )
         elif self.require:
             if key is None:
-                raise Rejection(f"no signing key is registered for device {device}; this aggregator requires signed updates", device, update.round, update.nonce)
+                raise Rejection(
+                    f"no signing key is registered for device {device}; this aggregator requires signed updates",
+                    device,
+                    update.round,
+                    update.nonce,
+                )
             raise Rejection("unsigned update; this aggregator requires signed updates", device, update.round, update.nonce)
         elif device not in self._unverified_logged:
             self._unverified_logged.add(device)
             what = "unsigned" if not update.signature else "signed, but no key is registered for the device"
-            log.warning("%s", kv(event="update_unverified", device=device, round=update.round, reason=f"{what}; taken unverified (signatures not required), logged once per device"))
+            log.warning(
+                "%s",
+                kv(
+                    event="update_unverified",
+                    device=device,
+                    round=update.round,
+                    reason=f"{what}; taken unverified (signatures not required), logged once per device",
+                ),
+            )
         if update.run_id == version.run_id:
             reason = self.ledger.check(device, update.nonce, update.round, update_digest(update), version.open_round)
             if reason is not None:
@@ -322,7 +350,15 @@ def open_signing(
             atomic_write_bytes(pub_path, pub)
             os.chmod(pub_path, 0o644)
         if signing.loose_permissions(signing_key or own):
-            log.warning("%s", kv(event="signing_key_exposed", round="-", key_file=str(signing_key or own), reason="group or others may read the aggregator's private key: chmod 600 it"))
+            log.warning(
+                "%s",
+                kv(
+                    event="signing_key_exposed",
+                    round="-",
+                    key_file=str(signing_key or own),
+                    reason="group or others may read the aggregator's private key: chmod 600 it",
+                ),
+            )
     ledger = NonceLedger(state_dir / LEDGER, run_id, open_round)
     log.info(
         "%s",

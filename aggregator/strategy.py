@@ -46,9 +46,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fleetlearn.edge_runtime.core.protocol import Update
-
 from fleetlearn.aggregator.options import Options
+from fleetlearn.edge_runtime.core.protocol import Update
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class Strategy(ABC):
         """Extra per-round fields for rounds.jsonl (e.g. samples, train_loss)."""
         return {}
 
-    def set_sampling_rate(self, q: float) -> None:
+    def set_sampling_rate(self, q: float) -> None:  # noqa: B027  (an optional hook: most strategies ignore it)
         """This round's client-sampling rate q = invited / connected (aggregator/sampling.py),
         told by the engine after begin_round when it samples devices. Only DP accounting uses it."""
 
@@ -131,10 +130,12 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned at the last commit ({} for a fresh run)."""
         if state:
-            raise ValueError(f"the state dir holds server-optimizer state ({', '.join(sorted(state))}) that --strategy {self.name} does not keep")
+            raise ValueError(
+                f"the state dir holds server-optimizer state ({', '.join(sorted(state))}) that --strategy {self.name} does not keep"
+            )
 
     @property
-    def rule(self) -> "Strategy":
+    def rule(self) -> Strategy:
         """The aggregation rule at the core (wrappers return their inner strategy's)."""
         return self
 

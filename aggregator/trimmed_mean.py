@@ -53,8 +53,15 @@ def coordinate_trimmed_mean(deltas: np.ndarray, beta: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TrimmedMeanOptions(Options):
-    trim_fraction: float = option(0.1, "--trim-fraction", float, "trimmed-mean: drop floor(BETA*k) largest and smallest values per coordinate",
-                                  metavar="BETA", check=lambda b: 0 <= b < 0.5, bound="in [0, 0.5)")
+    trim_fraction: float = option(
+        0.1,
+        "--trim-fraction",
+        float,
+        "trimmed-mean: drop floor(BETA*k) largest and smallest values per coordinate",
+        metavar="BETA",
+        check=lambda b: 0 <= b < 0.5,
+        bound="in [0, 0.5)",
+    )
 
 
 class TrimmedMean(CoordinateWise):
@@ -71,4 +78,8 @@ class TrimmedMean(CoordinateWise):
         return coordinate_trimmed_mean(deltas, self.trim_fraction)
 
     def round_summary(self) -> dict[str, Any]:
-        return {**super().round_summary(), "trim_fraction": self.trim_fraction, "trimmed": trim_count(len(self._samples), self.trim_fraction)}
+        return {
+            **super().round_summary(),
+            "trim_fraction": self.trim_fraction,
+            "trimmed": trim_count(len(self._samples), self.trim_fraction),
+        }

@@ -21,8 +21,9 @@ at the close does not log a refusal for an update that did count.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol import Topics, Update, UpdateHeader, max_body_bytes, max_frame_bytes
@@ -107,7 +108,9 @@ def validate_update(
         rnd, nonce = peek_meta(payload)
         raise Rejection(exc.reason, device, rnd, nonce) from None
     if update.device_id != device:
-        raise Rejection(f"device_id {update.device_id!r} does not match the topic's device {device!r}", device, update.round, update.nonce)
+        raise Rejection(
+            f"device_id {update.device_id!r} does not match the topic's device {device!r}", device, update.round, update.nonce
+        )
     if authenticate is not None:
         authenticate(device, update, version)  # raises Rejection: bad/missing signature, replay
     open_round = version.open_round

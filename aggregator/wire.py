@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
-from fleetlearn.edge_runtime.core.protocol import MAX_MAX_MESSAGE_SIZE, MIN_MAX_MESSAGE_SIZE, Compression, RoundConfig, part_capacity
+from fleetlearn.edge_runtime.core.protocol import (
+    MAX_MAX_MESSAGE_SIZE,
+    MIN_MAX_MESSAGE_SIZE,
+    Compression,
+    RoundConfig,
+    part_capacity,
+)
 
 
 @dataclass(frozen=True)
@@ -26,12 +32,14 @@ class WirePolicy:
 
     def validate(self) -> None:
         try:
-            self.spec
+            Compression.parse(self.compression)
         except ProtocolError as exc:
             raise UsageError(f"--compression: {exc.reason}") from None
         m = self.max_message_size
         if m is not None and not MIN_MAX_MESSAGE_SIZE <= m <= MAX_MAX_MESSAGE_SIZE:
-            raise UsageError(f"--max-message-size must be in [{MIN_MAX_MESSAGE_SIZE}, {MAX_MAX_MESSAGE_SIZE}] bytes (JSON control messages are up to 64 KiB), got {m}")
+            raise UsageError(
+                f"--max-message-size must be in [{MIN_MAX_MESSAGE_SIZE}, {MAX_MAX_MESSAGE_SIZE}] bytes (JSON control messages are up to 64 KiB), got {m}"
+            )
 
     def apply(self, config: RoundConfig) -> RoundConfig:
         """Round config with the wire settings devices must follow (left out when default)."""

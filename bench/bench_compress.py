@@ -47,8 +47,17 @@ def export(dataset: str, out: Path) -> Path:
         x = d["x_train"].astype(np.float64)
     model, _ = resolve_model(name, seed=0)
     spec = BUILTIN_MODELS[name]
-    build_bundle(model, out, model_name=name, input_shape=spec.input_shape, loss=spec.loss, optimizer=optimizer, lr=lr,
-                 preprocessing=standardization(x), seed=0)
+    build_bundle(
+        model,
+        out,
+        model_name=name,
+        input_shape=spec.input_shape,
+        loss=spec.loss,
+        optimizer=optimizer,
+        lr=lr,
+        preprocessing=standardization(x),
+        seed=0,
+    )
     return out
 
 
@@ -56,19 +65,51 @@ def run(work: Path, bundle: Path, url: str, compression: str, rounds: int, devic
     *_, extra, batch = DATASETS[dataset]
     state = work / f"agg-{compression.replace(':', '_')}"
     agg = subprocess.Popen(
-        [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", url, "--fleet", "bench",
-         "--rounds", str(rounds), "--min-devices", str(devices), "--deadline", "60", "--state-dir", str(state),
-         "--test-data", str(work / "test.npz"), "--compression", compression, "--log-level", "warning", *extra],
-        cwd=ROOT, stderr=open(work / "agg.log", "wb"),
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn.cli",
+            "aggregator",
+            "--bundle",
+            str(bundle),
+            "--broker",
+            url,
+            "--fleet",
+            "bench",
+            "--rounds",
+            str(rounds),
+            "--min-devices",
+            str(devices),
+            "--deadline",
+            "60",
+            "--state-dir",
+            str(state),
+            "--test-data",
+            str(work / "test.npz"),
+            "--compression",
+            compression,
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=ROOT,
+        stderr=open(work / "agg.log", "wb"),
     )
     procs = []
     try:
         for i in range(devices):
             cfg = work / f"dev{i}.toml"
-            cfg.write_text(f'device_id = "dev-{i}"\nfleet = "bench"\nbroker = "{url}"\nbundle = "{bundle}"\n'
-                           f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{state}-dev{i}"\n[training]\nbatch_size = {batch}\n')
-            procs.append(subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", str(rounds)],
-                                          cwd=ROOT, stderr=open(work / f"dev{i}.log", "wb")))
+            cfg.write_text(
+                f'device_id = "dev-{i}"\nfleet = "bench"\nbroker = "{url}"\nbundle = "{bundle}"\n'
+                f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{state}-dev{i}"\n[training]\nbatch_size = {batch}\n'
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", str(rounds)],
+                    cwd=ROOT,
+                    stderr=open(work / f"dev{i}.log", "wb"),
+                )
+            )
         assert agg.wait(900) == 0, (work / "agg.log").read_text()[-2000:]
         for proc in procs:
             proc.wait(60)
@@ -112,17 +153,30 @@ def main() -> int:
     overhead = base_up - raw  # header + meta of a frame, the same for every encoding
     metric = DATASETS[args.dataset][4]
     base_metric = base[-1][metric]
-    print(f"{DATASETS[args.dataset][1]} ({n} parameters, raw {raw} bytes), {args.devices} devices, {args.rounds} rounds, mosquitto; load {os.getloadavg()[0]:.2f}")
-    print(f"| encoding | update bytes / device / round | vs raw float32 | vs float32 frame | body vs raw | final {metric} | vs float32 |")
+    print(
+        f"{DATASETS[args.dataset][1]} ({n} parameters, raw {raw} bytes), {args.devices} devices, {args.rounds} rounds, mosquitto; load {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"| encoding | update bytes / device / round | vs raw float32 | vs float32 frame | body vs raw | final {metric} | vs float32 |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     out = []
     for c, rounds in results.items():
         up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in rounds)
         value = rounds[-1][metric]
-        row = {"encoding": c, "update_bytes": up, "vs_raw": up / raw, "vs_f32_frame": up / base_up, "body_vs_raw": (up - overhead) / raw,
-               f"final_{metric}": value, "metric_vs_f32": value / base_metric - 1}
+        row = {
+            "encoding": c,
+            "update_bytes": up,
+            "vs_raw": up / raw,
+            "vs_f32_frame": up / base_up,
+            "body_vs_raw": (up - overhead) / raw,
+            f"final_{metric}": value,
+            "metric_vs_f32": value / base_metric - 1,
+        }
         out.append(row)
-        print(f"| {c} | {up:,.0f} | {row['vs_raw']:.3f}x | {row['vs_f32_frame']:.3f}x | {row['body_vs_raw']:.3f}x | {value:.4f} | {100 * row['metric_vs_f32']:+.1f}% |")
+        print(
+            f"| {c} | {up:,.0f} | {row['vs_raw']:.3f}x | {row['vs_f32_frame']:.3f}x | {row['body_vs_raw']:.3f}x | {value:.4f} | {100 * row['metric_vs_f32']:+.1f}% |"
+        )
     print(json.dumps(out))
     if not args.no_large_model:
         print()

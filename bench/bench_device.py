@@ -41,26 +41,37 @@ def export_bundle(out: Path) -> Path:
     with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
         x = d["x_train"]
     model, _ = resolve_model("boston-mlp", seed=0)
-    build_bundle(model, out, model_name="boston-mlp", input_shape=(13,), loss="mse", optimizer="adamw", lr=1e-3,
-                 preprocessing={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}, seed=0)
+    build_bundle(
+        model,
+        out,
+        model_name="boston-mlp",
+        input_shape=(13,),
+        loss="mse",
+        optimizer="adamw",
+        lr=1e-3,
+        preprocessing={"mean": x.mean(0).tolist(), "std": x.std(0).tolist()},
+        seed=0,
+    )
     return out
 
 
 def bench_rss(bundle: Path, work: Path) -> float:
     """Peak RSS (MB) of a real device process that joins a round on mosquitto and delivers its update."""
-    from tests.conftest import Broker
-    from tests.peers import Peer
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Topics, Update
     from fleetlearn.edge_runtime.engines.trainer import Trainer
+    from tests.conftest import Broker
+    from tests.peers import Peer
 
     with np.load(ROOT / "data" / "boston_housing_split.npz") as d:
         np.savez(work / "shard.npz", x=d["x_train"][:202], y=d["y_train"][:202])
     broker = Broker("mosquitto", work).start()
     t = Topics("bench")
     cfg = work / "device.toml"
-    cfg.write_text(f'device_id = "dev-0"\nfleet = "bench"\nbroker = "{broker.url}"\nbundle = "{bundle}"\n'
-                   f'data = "{work / "shard.npz"}"\nstate_dir = "{work / "state"}"\n[training]\nbatch_size = 8\n')
+    cfg.write_text(
+        f'device_id = "dev-0"\nfleet = "bench"\nbroker = "{broker.url}"\nbundle = "{bundle}"\n'
+        f'data = "{work / "shard.npz"}"\nstate_dir = "{work / "state"}"\n[training]\nbatch_size = 8\n'
+    )
     manifest = load_bundle(bundle)
     peer = Peer(broker.url, [t.all_updates])
     run_id = secrets.token_hex(16)
@@ -98,10 +109,14 @@ def bench_ort(bundle: Path, data) -> float:
     trainer._begin_train(trainer.default_lr, 0.0)  # module.train(), and FedProx's inputs (mu = 0) when the bundle has them
     prox = trainer._prox_feeds
     for xb, yb in data[:50]:
-        module(xb, yb, *prox); opt.step(); module.lazy_reset_grad()
+        module(xb, yb, *prox)
+        opt.step()
+        module.lazy_reset_grad()
     start = time.perf_counter()
     for xb, yb in data:
-        module(xb, yb, *prox); opt.step(); module.lazy_reset_grad()
+        module(xb, yb, *prox)
+        opt.step()
+        module.lazy_reset_grad()
     return len(data) * 8 / (time.perf_counter() - start)
 
 
@@ -129,10 +144,14 @@ def bench_torch(data) -> float:
     loss_fn = torch.nn.MSELoss()
     tdata = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in data]
     for xb, yb in tdata[:50]:
-        opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()
     start = time.perf_counter()
     for xb, yb in tdata:
-        opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()
     return len(tdata) * 8 / (time.perf_counter() - start)
 
 

@@ -35,11 +35,21 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_device import batches, export_bundle  # noqa: E402
 from bench_engines import PORTABLE_LOOP, make_venv  # noqa: E402
+
 from tests import arm64_root  # noqa: E402
 
 
 def flash(*args: str | Path) -> None:
-    cmd = [sys.executable, "-m", "fleetlearn.cli", "flash", "--broker", "mqtt://127.0.0.1:1883", "--device-id=bench-0", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fleetlearn.cli",
+        "flash",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--device-id=bench-0",
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"flash failed: {proc.stderr[-2000:]}")
@@ -52,7 +62,9 @@ def du_mb(path: Path) -> float:
 
 
 def native_install(image: Path, prefix: Path) -> float:
-    python = "python3.11" if subprocess.run(["sh", "-c", "command -v python3.11"], capture_output=True).returncode == 0 else "python3"
+    python = (
+        "python3.11" if subprocess.run(["sh", "-c", "command -v python3.11"], capture_output=True).returncode == 0 else "python3"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     proc = subprocess.run(["sh", str(image / "install.sh"), "--prefix", str(prefix), "--no-systemd", "--python", python],
                           capture_output=True, text=True, env=env, cwd=image.parent)  # fmt: skip
@@ -62,7 +74,9 @@ def native_install(image: Path, prefix: Path) -> float:
 
 
 def loop_us(python: list[str], bundle: str, npz: str, steps: int, reps: int, cwd: str = "/") -> list[float]:
-    out = subprocess.run([*python, "-c", PORTABLE_LOOP, bundle, str(steps), str(reps), npz], capture_output=True, text=True, cwd=cwd)
+    out = subprocess.run(
+        [*python, "-c", PORTABLE_LOOP, bundle, str(steps), str(reps), npz], capture_output=True, text=True, cwd=cwd
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("US")]
@@ -84,7 +98,11 @@ def main() -> int:
     result: dict = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
     t0 = time.monotonic()
     tarball, built = arm64_root.ensure_tarball()
-    result["arm64_root"] = {"cache": "cold (built now)" if built else "warm", "tarball_s": round(time.monotonic() - t0, 1), "tarball_mb": round(tarball.stat().st_size / 1e6, 1)}
+    result["arm64_root"] = {
+        "cache": "cold (built now)" if built else "warm",
+        "tarball_s": round(time.monotonic() - t0, 1),
+        "tarball_mb": round(tarball.stat().st_size / 1e6, 1),
+    }
     with tempfile.TemporaryDirectory(prefix="fleetlearn-bench-emu-") as tmp:
         work = Path(tmp)
         bundle = export_bundle(work / "bundle")
@@ -95,9 +113,24 @@ def main() -> int:
 
         # Native references in the same run: the x86_64 images, and the portable loop on plain onnxruntime.
         sizes = {}
-        for name, extra in (("generic-x86_64 (ort-training)", []), ("generic-x86_64 (portable)", ["--set", "training.engine=portable"])):
+        for name, extra in (
+            ("generic-x86_64 (ort-training)", []),
+            ("generic-x86_64 (portable)", ["--set", "training.engine=portable"]),
+        ):
             image = work / f"img-{len(sizes)}"
-            flash("--profile", "generic-x86_64", "--bundle", bundle, "--wheel", wheel, "--out", image, "--set", "state_dir=/opt/fleetlearn/state", *extra)
+            flash(
+                "--profile",
+                "generic-x86_64",
+                "--bundle",
+                bundle,
+                "--wheel",
+                wheel,
+                "--out",
+                image,
+                "--set",
+                "state_dir=/opt/fleetlearn/state",
+                *extra,
+            )
             sizes[name] = native_install(image, work / f"opt-{len(sizes)}")
         plain_py = make_venv(Path(args.venvs) / "edge-portable", "edge-portable")
         native = loop_us([str(plain_py)], str(bundle), str(npz), args.steps, args.reps, cwd=str(work))
@@ -119,12 +152,23 @@ def main() -> int:
                 (root.path / "tmp" / "batches.npz").write_bytes(npz.read_bytes())
                 t3 = time.monotonic()
                 probe = root.run("/opt/fleetlearn/venv/bin/python", "-c", "import onnxruntime, numpy")
-                result["import_onnxruntime_numpy_emulated_s"] = round(time.monotonic() - t3, 1) if probe.returncode == 0 else probe.stderr[-300:]
-                emulated = loop_us(root.command("/opt/fleetlearn/venv/bin/python"), "/opt/fleetlearn/bundle/current", "/tmp/batches.npz", args.steps, args.reps)
+                result["import_onnxruntime_numpy_emulated_s"] = (
+                    round(time.monotonic() - t3, 1) if probe.returncode == 0 else probe.stderr[-300:]
+                )
+                emulated = loop_us(
+                    root.command("/opt/fleetlearn/venv/bin/python"),
+                    "/opt/fleetlearn/bundle/current",
+                    "/tmp/batches.npz",
+                    args.steps,
+                    args.reps,
+                )
         finally:
             arm64_root.remove_unmounted(emu_work)
     result["installed_prefix_du_mb"] = sizes
-    result["portable_us_per_step"] = {"native x86_64 (plain onnxruntime)": round(statistics.median(native), 1), "emulated aarch64 (qemu-user)": round(statistics.median(emulated), 1)}
+    result["portable_us_per_step"] = {
+        "native x86_64 (plain onnxruntime)": round(statistics.median(native), 1),
+        "emulated aarch64 (qemu-user)": round(statistics.median(emulated), 1),
+    }
     result["emulated_vs_native"] = round(statistics.median(emulated) / statistics.median(native), 1)
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))

@@ -61,7 +61,10 @@ for r in range(reps):
 def make_venv(where: Path, extra: str) -> Path:
     py = where / "bin" / "python"
     if py.exists() and (where / ".installed").exists():  # reuse it, with this checkout's fleetlearn
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall", str(ROOT)], check=True)
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall", str(ROOT)],
+            check=True,
+        )
         return py
     venv.EnvBuilder(with_pip=True, clear=True).create(where)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extra}]"], check=True)
@@ -192,12 +195,22 @@ def main() -> int:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "us_per_step_fastest_rep": {k: round(v, 1) for k, v in best.items()},
         "us_per_step_median": {k: round(statistics.median(v), 1) for k, v in us.items()},
-        "portable_vs_ort_training": {"fastest": round(best["portable"] / best["ort-training"], 2), "median_paired": paired("portable", "ort-training")},
-        "portable_plain_ort_vs_ort_training": {"fastest": round(best["portable-plain-ort"] / best["ort-training"], 2),
-                                               "median_paired": paired("portable-plain-ort", "ort-training")},
-        "torch_vs_portable": {"fastest": round(best["torch"] / best["portable"], 1), "median_paired": paired("torch", "portable")},
-        "torch_vs_portable_plain_ort": {"fastest": round(best["torch"] / best["portable-plain-ort"], 1),
-                                        "median_paired": paired("torch", "portable-plain-ort")},
+        "portable_vs_ort_training": {
+            "fastest": round(best["portable"] / best["ort-training"], 2),
+            "median_paired": paired("portable", "ort-training"),
+        },
+        "portable_plain_ort_vs_ort_training": {
+            "fastest": round(best["portable-plain-ort"] / best["ort-training"], 2),
+            "median_paired": paired("portable-plain-ort", "ort-training"),
+        },
+        "torch_vs_portable": {
+            "fastest": round(best["torch"] / best["portable"], 1),
+            "median_paired": paired("torch", "portable"),
+        },
+        "torch_vs_portable_plain_ort": {
+            "fastest": round(best["torch"] / best["portable-plain-ort"], 1),
+            "median_paired": paired("torch", "portable-plain-ort"),
+        },
         "device_peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "installed_site_packages_mb": {
             "edge (onnxruntime-training)": round(site_packages_mb(venvs / "edge"), 1),

@@ -46,17 +46,50 @@ def run_once(k: int, work: Path, bundle: Path, broker_url: str) -> dict:
     t = Topics(fleet)
     state = work / f"agg-{k}"
     agg = subprocess.Popen(
-        [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", broker_url, "--fleet", fleet,
-         "--rounds", "1", "--min-devices", str(k), "--deadline", "600", "--state-dir", str(state), "--log-level", "warning"],
-        cwd=ROOT, stderr=open(work / f"agg-{k}.log", "wb"),
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn.cli",
+            "aggregator",
+            "--bundle",
+            str(bundle),
+            "--broker",
+            broker_url,
+            "--fleet",
+            fleet,
+            "--rounds",
+            "1",
+            "--min-devices",
+            str(k),
+            "--deadline",
+            "600",
+            "--state-dir",
+            str(state),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stderr=open(work / f"agg-{k}.log", "wb"),
     )
     peer = Peer(broker_url, [t.global_model])
     _, payload = peer.wait_for(lambda topic, p: topic == t.global_model and len(p) > 0, timeout=60)
     g = GlobalModel.decode(payload, m.num_params)
     rng = np.random.default_rng(0)
     frames = [
-        (t.update(f"dev-{i}"), Update(g.run_id, g.round, f"dev-{i}", m.model_hash, 100, 1.0, 0.01, secrets.token_hex(16),
-                                      rng.normal(0, 1e-3, m.num_params).astype(np.float32)).encode())
+        (
+            t.update(f"dev-{i}"),
+            Update(
+                g.run_id,
+                g.round,
+                f"dev-{i}",
+                m.model_hash,
+                100,
+                1.0,
+                0.01,
+                secrets.token_hex(16),
+                rng.normal(0, 1e-3, m.num_params).astype(np.float32),
+            ).encode(),
+        )
         for i in range(k)
     ]
     peak = 0.0
@@ -73,7 +106,12 @@ def run_once(k: int, work: Path, bundle: Path, broker_url: str) -> dict:
     peer.close()
     record = json.loads(log.read_text().splitlines()[0])
     assert len(record["devices"]) == k, record
-    return {"devices": k, "seconds": round(elapsed, 3), "updates_per_s": round(k / elapsed, 1), "aggregator_peak_rss_mb": round(peak, 1)}
+    return {
+        "devices": k,
+        "seconds": round(elapsed, 3),
+        "updates_per_s": round(k / elapsed, 1),
+        "aggregator_peak_rss_mb": round(peak, 1),
+    }
 
 
 def main() -> int:
@@ -81,6 +119,7 @@ def main() -> int:
     p.add_argument("--devices", type=int, nargs="+", default=[100, 400])
     args = p.parse_args()
     from bench_device import export_bundle
+
     from tests.conftest import Broker
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--broker", choices=["mosquitto", "amqtt"], default="mosquitto")
     args = p.parse_args()
     from bench_device import export_bundle
+
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from tests.conftest import Broker
 
@@ -46,20 +47,58 @@ def main() -> int:
         procs, logs = [], []
         try:
             agg = subprocess.Popen(
-                [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", broker.url,
-                 "--fleet", "bench", "--rounds", str(args.rounds), "--min-devices", "2", "--deadline", "60",
-                 "--state-dir", str(work / "agg"), "--test-data", str(work / "test.npz"), "--log-level", "warning"],
-                cwd=ROOT, stderr=open(work / "agg.log", "wb"),
+                [
+                    sys.executable,
+                    "-m",
+                    "fleetlearn.cli",
+                    "aggregator",
+                    "--bundle",
+                    str(bundle),
+                    "--broker",
+                    broker.url,
+                    "--fleet",
+                    "bench",
+                    "--rounds",
+                    str(args.rounds),
+                    "--min-devices",
+                    "2",
+                    "--deadline",
+                    "60",
+                    "--state-dir",
+                    str(work / "agg"),
+                    "--test-data",
+                    str(work / "test.npz"),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                stderr=open(work / "agg.log", "wb"),
             )
             for i, idx in enumerate(np.array_split(np.arange(len(x)), 2)):
                 np.savez(work / f"shard{i}.npz", x=x[idx], y=y[idx])
                 cfg = work / f"dev{i}.toml"
-                cfg.write_text(f'device_id = "dev-{i}"\nfleet = "bench"\nbroker = "{broker.url}"\nbundle = "{bundle}"\n'
-                               f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{work / f"state{i}"}"\n[training]\nbatch_size = 8\n')
+                cfg.write_text(
+                    f'device_id = "dev-{i}"\nfleet = "bench"\nbroker = "{broker.url}"\nbundle = "{bundle}"\n'
+                    f'data = "{work / f"shard{i}.npz"}"\nstate_dir = "{work / f"state{i}"}"\n[training]\nbatch_size = 8\n'
+                )
                 log = work / f"dev{i}.log"
                 logs.append(log)
-                procs.append(subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg),
-                                               "--max-rounds", str(args.rounds)], cwd=ROOT, stderr=open(log, "wb")))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "fleetlearn.cli",
+                            "device",
+                            "--config",
+                            str(cfg),
+                            "--max-rounds",
+                            str(args.rounds),
+                        ],
+                        cwd=ROOT,
+                        stderr=open(log, "wb"),
+                    )
+                )
             assert agg.wait(600) == 0, (work / "agg.log").read_text()[-2000:]
             for proc in procs:
                 proc.wait(60)

@@ -19,9 +19,9 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 # "2026-01-01 10:00:00.123 [I:onnxruntime:Default, graph_transformer.cc:15 Apply] ...", possibly
 # wrapped in ANSI colour codes.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fleetlearn.edge_runtime.core.bundle import Manifest, load_bundle
-
 from fleetlearn.export.errors import UsageError
 from fleetlearn.export.losses import label_shape, loss_spec, task_for
 from fleetlearn.export.optimizers import OptimizerConfig
@@ -108,7 +108,7 @@ def parse_shape(value: str | Iterable[int]) -> tuple[int, ...]:
 
 
 def build_bundle(
-    model: "nn.Module",
+    model: nn.Module,
     out_dir: str | Path,
     *,
     model_name: str,
@@ -157,7 +157,7 @@ def build_bundle(
     return build_from_request(model, request)
 
 
-def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
+def build_from_request(model: nn.Module, request: BundleRequest) -> Manifest:
     import onnx
     import torch
 
@@ -183,7 +183,9 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
         generate(exported, spec.name, kernel, stage, proximal=request.proximal)
         onnx.save(exported.inference_graph, stage / MODEL_FILE)
         slots = probe_layout(stage, exported.trainable)
-        smoke_train(stage, exported.input_shape, labels, spec.label_dtype, exported.output_shape, request.optimizer.lr, request.proximal)
+        smoke_train(
+            stage, exported.input_shape, labels, spec.label_dtype, exported.output_shape, request.optimizer.lr, request.proximal
+        )
         files = [*ARTIFACT_FILES, MODEL_FILE]
         portable = None
         if request.portable:
@@ -219,7 +221,7 @@ def build_from_request(model: "nn.Module", request: BundleRequest) -> Manifest:
                 "fleetlearn": fleetlearn_version,
             },
         )
-        created_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        created_at = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
         doc = build_manifest(facts, stage, files, created_at)
         write_manifest(stage, doc)
         load_bundle(stage)  # the reader devices use must accept what we wrote

@@ -21,52 +21,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  fleetlearn export --model mypkg.nets:build --input-shape 1,28,28 --loss cross_entropy --out bundles/mine\n"
         "\nexit status: 0 on success, 2 on bad input (one-line reason on stderr; no partial bundle is left)."
     )
-    parser.add_argument("--model", required=True, metavar="NAME_OR_IMPORT_PATH",
-                        help=f"a built-in model: {_BUILTINS}; or 'package.module:factory', a callable "
-                             "returning a torch.nn.Module (the current directory is importable)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="bundle directory to create; must not exist unless --force")
-    parser.add_argument("--input-shape", metavar="SHAPE",
-                        help="per-sample input shape without the batch dimension, e.g. 13 or 1,8,8 "
-                             "(built-in models know theirs; required for import paths)")
-    parser.add_argument("--loss", choices=("mse", "cross_entropy", "bce_with_logits"),
-                        help="training loss: mse (regression, float target shaped like the output), "
-                             "cross_entropy (classification, logits (batch, C), int64 class index), "
-                             "bce_with_logits (binary, float target in [0, 1] shaped like the output). "
-                             "Default: the built-in model's; required for import paths")
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                        help="adamw = torch.optim.AdamW exactly; sgd = torch.optim.SGD exactly, optionally with "
-                             "--momentum, but without weight decay (no ORT kernel does torch's L2 step). Default: adamw")
-    parser.add_argument("--lr", type=float, metavar="LR",
-                        help="learning rate, recorded in the manifest; devices set it at run time (default 1e-3)")
-    parser.add_argument("--weight-decay", type=float, metavar="WD",
-                        help="adamw: decoupled weight decay (default 0.01); sgd: must be 0 (refused otherwise, see docs/bundle.md)")
-    parser.add_argument("--betas", metavar="B1,B2",
-                        help="adamw only: moment decay rates, default 0.9,0.999")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME_OR_IMPORT_PATH",
+        help=f"a built-in model: {_BUILTINS}; or 'package.module:factory', a callable "
+        "returning a torch.nn.Module (the current directory is importable)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create; must not exist unless --force")
+    parser.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="per-sample input shape without the batch dimension, e.g. 13 or 1,8,8 "
+        "(built-in models know theirs; required for import paths)",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("mse", "cross_entropy", "bce_with_logits"),
+        help="training loss: mse (regression, float target shaped like the output), "
+        "cross_entropy (classification, logits (batch, C), int64 class index), "
+        "bce_with_logits (binary, float target in [0, 1] shaped like the output). "
+        "Default: the built-in model's; required for import paths",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="adamw = torch.optim.AdamW exactly; sgd = torch.optim.SGD exactly, optionally with "
+        "--momentum, but without weight decay (no ORT kernel does torch's L2 step). Default: adamw",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        metavar="LR",
+        help="learning rate, recorded in the manifest; devices set it at run time (default 1e-3)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="WD",
+        help="adamw: decoupled weight decay (default 0.01); sgd: must be 0 (refused otherwise, see docs/bundle.md)",
+    )
+    parser.add_argument("--betas", metavar="B1,B2", help="adamw only: moment decay rates, default 0.9,0.999")
     parser.add_argument("--eps", type=float, metavar="EPS", help="adamw only: denominator epsilon, default 1e-8")
-    parser.add_argument("--momentum", type=float, metavar="M",
-                        help="sgd only: momentum (dampening 0, not Nesterov), default 0")
-    parser.add_argument("--standardize-from", metavar="FILE",
-                        help="compute per-feature mean/std from the x of a TRAINING data file and record them "
-                             "as the bundle's preprocessing: .npz with arrays x,y or x_train,y_train, or .csv "
-                             "with a header line whose last column is the target")
-    parser.add_argument("--name", metavar="NAME",
-                        help="model_name in the manifest (default: the built-in name or the factory's name)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="torch seed for the initial weights; the same seed gives the same model_hash (default 0)")
-    parser.add_argument("--no-portable", action="store_true",
-                        help="skip the portable engine's step graph (the bundle then trains with onnxruntime-training "
-                             "only, x86_64); for models whose step graph cannot be built")
-    parser.add_argument("--no-proximal", action="store_true",
-                        help="leave FedProx's proximal term out of the training graphs (devices with this bundle "
-                             "then sit out rounds that ask for --proximal-mu > 0)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an existing bundle at --out (only once the new one is complete)")
+    parser.add_argument("--momentum", type=float, metavar="M", help="sgd only: momentum (dampening 0, not Nesterov), default 0")
+    parser.add_argument(
+        "--standardize-from",
+        metavar="FILE",
+        help="compute per-feature mean/std from the x of a TRAINING data file and record them "
+        "as the bundle's preprocessing: .npz with arrays x,y or x_train,y_train, or .csv "
+        "with a header line whose last column is the target",
+    )
+    parser.add_argument(
+        "--name", metavar="NAME", help="model_name in the manifest (default: the built-in name or the factory's name)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch seed for the initial weights; the same seed gives the same model_hash (default 0)",
+    )
+    parser.add_argument(
+        "--no-portable",
+        action="store_true",
+        help="skip the portable engine's step graph (the bundle then trains with onnxruntime-training "
+        "only, x86_64); for models whose step graph cannot be built",
+    )
+    parser.add_argument(
+        "--no-proximal",
+        action="store_true",
+        help="leave FedProx's proximal term out of the training graphs (devices with this bundle "
+        "then sit out rounds that ask for --proximal-mu > 0)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing bundle at --out (only once the new one is complete)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the model, export it, print a one-line summary. Errors raise UsageError (exit 2)."""
-    from fleetlearn.export.build import make_request, build_from_request
+    from fleetlearn.export.build import build_from_request, make_request
     from fleetlearn.export.errors import UsageError
     from fleetlearn.export.preprocessing import standardization_from_file, validate_preprocessing
     from fleetlearn.export.resolve import check_model_spec, default_name

@@ -6,9 +6,9 @@ The ONNX side of each loss is in `fleetlearn.export.ort_blocks`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from fleetlearn.export.errors import UsageError
 

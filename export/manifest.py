@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fleetlearn.edge_runtime.core.bundle import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
-
 from fleetlearn.export.ort_probe import ParamSlot
 
 # Fields left out of model_hash: the hash itself, the per-file hashes (covered separately, by
@@ -55,7 +55,7 @@ def compute_model_hash(doc: dict[str, Any]) -> str:
     """
     h = hashlib.sha256()
     for name in sorted(doc["files"]):
-        h.update(f"{name}\t{doc['files'][name]['sha256']}\n".encode("utf-8"))
+        h.update(f"{name}\t{doc['files'][name]['sha256']}\n".encode())
     rest = {k: v for k, v in doc.items() if k not in HASH_EXCLUDED}
     h.update(json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii"))
     return h.hexdigest()

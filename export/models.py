@@ -7,9 +7,10 @@ factories: `fleetlearn export --help` must not pay for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
@@ -20,14 +21,14 @@ class BuiltinModel:
     """One entry of the registry."""
 
     name: str
-    factory: Callable[[], "nn.Module"]
+    factory: Callable[[], nn.Module]
     input_shape: tuple[int, ...]  # per sample, without the batch dimension
     task: str  # "regression" | "classification" | "binary"
     loss: str  # default loss for the task
     description: str
 
 
-def boston_mlp() -> "nn.Module":
+def boston_mlp() -> nn.Module:
     """The reference tutorial's Boston housing regressor: 13-32-24-16-1 with ReLU (1657 parameters)."""
     from torch import nn
 
@@ -39,7 +40,7 @@ def boston_mlp() -> "nn.Module":
     )  # fmt: skip
 
 
-def digits_mlp() -> "nn.Module":
+def digits_mlp() -> nn.Module:
     """A classifier for scikit-learn's 8x8 digits, flattened to 64 inputs: 64-64-32-10 with ReLU."""
     from torch import nn
 
@@ -50,7 +51,7 @@ def digits_mlp() -> "nn.Module":
     )  # fmt: skip
 
 
-def digits_cnn() -> "nn.Module":
+def digits_cnn() -> nn.Module:
     """A small CNN for the 8x8 digits as images (1, 8, 8).
 
     It exists to prove that more than MLPs export and train on device: a convolution, batch

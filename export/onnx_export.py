@@ -32,8 +32,8 @@ MAX_IR_VERSION = 10  # what onnxruntime-training 1.19.2 reads
 
 @dataclass(frozen=True)
 class ExportedModel:
-    training_graph: "onnx.ModelProto"  # forward graph, dropout/batch norm in training mode
-    inference_graph: "onnx.ModelProto"  # forward graph in eval mode: written as model.onnx
+    training_graph: onnx.ModelProto  # forward graph, dropout/batch norm in training mode
+    inference_graph: onnx.ModelProto  # forward graph in eval mode: written as model.onnx
     input_shape: tuple[int, ...]  # per sample
     output_shape: tuple[int, ...]  # per sample
     trainable: dict[str, np.ndarray]  # name -> initial value (float32), torch's named_parameters order
@@ -43,7 +43,7 @@ class ExportedModel:
     ir_version: int
 
 
-def export_model(model: "torch.nn.Module", input_shape: tuple[int, ...], *, opset: int = OPSET) -> ExportedModel:
+def export_model(model: torch.nn.Module, input_shape: tuple[int, ...], *, opset: int = OPSET) -> ExportedModel:
     """Export `model` for per-sample inputs of `input_shape`. Raises ExportError (one line) on failure.
 
     The caller's module is not modified: we export a deep copy, and restore its state after the
@@ -101,7 +101,7 @@ def export_model(model: "torch.nn.Module", input_shape: tuple[int, ...], *, opse
     )
 
 
-def _dummy(batch: int, input_shape: tuple[int, ...]) -> "torch.Tensor":
+def _dummy(batch: int, input_shape: tuple[int, ...]) -> torch.Tensor:
     import torch
 
     # A private generator: the dummy batch never disturbs (or depends on) the global RNG state.
@@ -109,7 +109,7 @@ def _dummy(batch: int, input_shape: tuple[int, ...]) -> "torch.Tensor":
     return torch.randn((batch, *input_shape), generator=gen, dtype=torch.float32)
 
 
-def _probe_output_shape(model: "torch.nn.Module", input_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _probe_output_shape(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Run the model (eval mode, no grad) on batches of 2 and 3 to learn its per-sample output shape."""
     import torch
 
@@ -133,8 +133,7 @@ def _probe_output_shape(model: "torch.nn.Module", input_shape: tuple[int, ...]) 
                 raise ExportError(f"the model's output is {out.dtype}; losses need a float32 output")
             if out.dim() == 0 or out.shape[0] != batch:
                 raise ExportError(
-                    f"the model's output {tuple(out.shape)} for a batch of {batch} does not keep the batch as its "
-                    "first dimension"
+                    f"the model's output {tuple(out.shape)} for a batch of {batch} does not keep the batch as its first dimension"
                 )
             shapes.append(tuple(out.shape[1:]))
     finally:
@@ -144,7 +143,7 @@ def _probe_output_shape(model: "torch.nn.Module", input_shape: tuple[int, ...]) 
     return shapes[0]
 
 
-def _export(model: "torch.nn.Module", input_shape: tuple[int, ...], opset: int, mode) -> "onnx.ModelProto":
+def _export(model: torch.nn.Module, input_shape: tuple[int, ...], opset: int, mode) -> onnx.ModelProto:
     import onnx
     import torch
 
@@ -169,7 +168,7 @@ def _export(model: "torch.nn.Module", input_shape: tuple[int, ...], opset: int, 
     return onnx.load_from_string(buf.getvalue())
 
 
-def _name_layer_norm_statistics(graph: "onnx.ModelProto") -> None:
+def _name_layer_norm_statistics(graph: onnx.ModelProto) -> None:
     """Give LayerNormalization nodes their optional Mean and InvStdDev outputs.
 
     ORT's gradient builder for LayerNormalization reads those two outputs, which torch's exporter
@@ -187,7 +186,7 @@ def _name_layer_norm_statistics(graph: "onnx.ModelProto") -> None:
                 taken.update(extra)
 
 
-def _restore_initializers(graph: "onnx.ModelProto", snapshot: dict) -> None:
+def _restore_initializers(graph: onnx.ModelProto, snapshot: dict) -> None:
     """Put the module's pre-export values back into initializers named after state_dict entries.
 
     The training-mode trace runs batch norm in training mode, which updates running_mean/var before

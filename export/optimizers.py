@@ -27,8 +27,9 @@ beta2 = 1. So it is refused; use adamw (decoupled decay) instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from fleetlearn.export.errors import UsageError
 
@@ -73,7 +74,7 @@ class OptimizerConfig:
         betas: Iterable[float] | None = None,
         eps: float | None = None,
         momentum: float | None = None,
-    ) -> "OptimizerConfig":
+    ) -> OptimizerConfig:
         """Fill torch's defaults for what is not given and validate. Raises UsageError (one line)."""
         if name not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {name!r}; one of: {', '.join(OPTIMIZERS)}")
@@ -131,7 +132,7 @@ class OptimizerConfig:
         doc["ort_op"] = kernel.op_type
         return doc
 
-    def torch_optimizer(self, params: Iterable["torch.nn.Parameter"]) -> "torch.optim.Optimizer":
+    def torch_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """The PyTorch optimizer this config reproduces (what the parity tests compare against)."""
         import torch
 

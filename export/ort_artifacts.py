@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetlearn.export._native_io import quiet_native_output
 from fleetlearn.export._errtext import one_line
+from fleetlearn.export._native_io import quiet_native_output
 from fleetlearn.export.errors import ExportError
 from fleetlearn.export.onnx_export import OUTPUT_NAME, ExportedModel
 from fleetlearn.export.optimizers import KernelSpec
@@ -27,10 +27,10 @@ def generate(exported: ExportedModel, loss: str, kernel: KernelSpec, out_dir: Pa
     `proximal`: add FedProx's term mu/2 ||w - w_g||^2 to the training loss (export/ort_proximal.py).
     """
     import onnx
-
-    from fleetlearn.export import ort_blocks
     from onnxruntime.training import artifacts
     from onnxruntime.training.onnxblock import _graph_utils
+
+    from fleetlearn.export import ort_blocks
 
     # onnxblock names every node it adds from a process-wide counter. Reset it so that the same
     # model exported twice in one process gives byte-identical files (and the same model_hash).

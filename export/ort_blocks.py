@@ -11,7 +11,7 @@
 Importing this module imports onnx and onnxruntime's onnxblock: only the export path does.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (the ort_api stub must precede onnxruntime.training)
 
 import copy
 

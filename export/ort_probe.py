@@ -7,9 +7,9 @@ assume it: we load the generated artifacts with the same training API a device u
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -57,9 +57,7 @@ def probe_layout(bundle_dir: Path, expected: Mapping[str, np.ndarray]) -> list[P
         raise ExportError(f"the generated bundle does not load in onnxruntime: {one_line(exc)}") from exc
     trainable = {name for name, p in state.parameters if p.requires_grad}
     if trainable != set(expected):
-        raise ExportError(
-            f"the checkpoint's trainable parameters {sorted(trainable)} differ from the model's {sorted(expected)}"
-        )
+        raise ExportError(f"the checkpoint's trainable parameters {sorted(trainable)} differ from the model's {sorted(expected)}")
     for name, value in expected.items():
         got = np.array(state.parameters[name].data, copy=True)
         if got.shape != value.shape or not np.array_equal(got, value):
@@ -100,8 +98,15 @@ def probe_layout(bundle_dir: Path, expected: Mapping[str, np.ndarray]) -> list[P
     return slots
 
 
-def smoke_train(bundle_dir: Path, input_shape: tuple[int, ...], label_shape: tuple[int, ...], label_dtype: str,
-                output_shape: tuple[int, ...], lr: float, proximal: bool = False) -> None:
+def smoke_train(
+    bundle_dir: Path,
+    input_shape: tuple[int, ...],
+    label_shape: tuple[int, ...],
+    label_dtype: str,
+    output_shape: tuple[int, ...],
+    lr: float,
+    proximal: bool = False,
+) -> None:
     """One train step, one optimizer step and one eval step on a dummy batch, as a device would run them.
 
     Catches bundles that export but fail at run time (a kernel missing, a shape mismatch) here,

@@ -9,8 +9,9 @@ cannot run is caught now.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,13 +33,13 @@ STATE_FILE = "initial_state.f32"
 
 
 def write_portable(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     stage: Path,
-    slots: "Sequence[ParamSlot]",
-    exported: "ExportedModel",
-    spec: "LossSpec",
+    slots: Sequence[ParamSlot],
+    exported: ExportedModel,
+    spec: LossSpec,
     labels: tuple[int, ...],
-    optimizer: "OptimizerConfig",
+    optimizer: OptimizerConfig,
     proximal: bool = False,
 ) -> dict[str, Any]:
     """Build, write and smoke-run the portable graphs; return the manifest's `portable` section.
@@ -75,8 +76,17 @@ def write_portable(
     return section
 
 
-def _smoke(stage: Path, section: dict, params: np.ndarray, buffers: np.ndarray, exported: "ExportedModel",
-           spec: "LossSpec", labels: tuple[int, ...], lr: float, proximal: bool = False) -> None:
+def _smoke(
+    stage: Path,
+    section: dict,
+    params: np.ndarray,
+    buffers: np.ndarray,
+    exported: ExportedModel,
+    spec: LossSpec,
+    labels: tuple[int, ...],
+    lr: float,
+    proximal: bool = False,
+) -> None:
     """Two steps (batches of 4 and 3) and one eval with onnxruntime's plain InferenceSession."""
     import onnxruntime as ort
 
@@ -102,12 +112,16 @@ def _smoke(stage: Path, section: dict, params: np.ndarray, buffers: np.ndarray, 
                 loss = outs[0]
                 for name, value in zip(names[1:], outs[1:]):
                     state[name.removesuffix("_out")] = value
-            eval_loss, out = evaluate.run(None, {"params": state["params"], "buffers": state["buffers"], "input": x, spec.label_name: y})
+            eval_loss, out = evaluate.run(
+                None, {"params": state["params"], "buffers": state["buffers"], "input": x, spec.label_name: y}
+            )
     except Exception as exc:
         raise ExportError(f"the portable step graph fails in onnxruntime: {one_line(exc)}") from exc
     if np.shape(loss) != () or not np.isfinite(loss) or not np.isfinite(eval_loss):
         raise ExportError("the portable step graph gives a non-finite or non-scalar loss on a dummy batch")
     if out.shape != (x.shape[0], *exported.output_shape):
-        raise ExportError(f"the portable eval graph's output has shape {out.shape}, expected {(x.shape[0], *exported.output_shape)}")
+        raise ExportError(
+            f"the portable eval graph's output has shape {out.shape}, expected {(x.shape[0], *exported.output_shape)}"
+        )
     if state["params"].shape != params.shape or not np.isfinite(state["params"]).all():
         raise ExportError("the portable step graph does not return finite parameters of the manifest's size")

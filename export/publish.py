@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from fleetlearn.edge_runtime.core.bundle import MANIFEST
-
 from fleetlearn.export.errors import UsageError
 
 

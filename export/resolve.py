@@ -30,7 +30,7 @@ class ModelDefaults:
     builtin: bool = False
 
 
-def resolve_model(name_or_import_path: str, *, seed: int | None = None) -> "tuple[nn.Module, ModelDefaults]":
+def resolve_model(name_or_import_path: str, *, seed: int | None = None) -> tuple[nn.Module, ModelDefaults]:
     """Build the model named by a built-in name (`boston-mlp`) or an import path (`pkg.mod:factory`).
 
     `seed`, when given, seeds torch's RNG right before the factory runs, so the initial weights
@@ -45,8 +45,9 @@ def resolve_model(name_or_import_path: str, *, seed: int | None = None) -> "tupl
     spec = name_or_import_path.strip()
     builtin = check_model_spec(spec)
     if builtin is not None:
-        factory, defaults = builtin.factory, ModelDefaults(
-            builtin.name, builtin.input_shape, builtin.task, builtin.loss, builtin=True
+        factory, defaults = (
+            builtin.factory,
+            ModelDefaults(builtin.name, builtin.input_shape, builtin.task, builtin.loss, builtin=True),
         )
     else:
         factory = _import_factory(spec)

@@ -41,8 +41,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -72,8 +73,8 @@ class BufferSlot:
 
 @dataclass(frozen=True)
 class PortableGraphs:
-    step: "onnx.ModelProto"
-    eval: "onnx.ModelProto"
+    step: onnx.ModelProto
+    eval: onnx.ModelProto
     buffers: tuple[BufferSlot, ...]
     initial_buffers: np.ndarray  # float32, concatenated in `buffers` order
     state_names: tuple[str, ...]  # optimizer state inputs, in graph order
@@ -93,7 +94,7 @@ def torch_loss(name: str):
 
 
 def build_portable(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     param_order: Sequence[tuple[str, tuple[int, ...], int, int]],  # (name, shape, offset, size), flat order
     loss: str,
     opt: OptimizerConfig,
@@ -138,12 +139,18 @@ def build_portable(
                 step_names += [GLOBAL_PARAMS, MU]
                 step_args += (torch.zeros(n_params), torch.tensor(0.0))
             step = _to_onnx(step_module, step_args, step_names, step_outs, dynamic=(3, 4))
-            evalg = _to_onnx(eval_module, (flat, bufs, x, y), [PARAMS, BUFFERS, input_name, label_name], [LOSS, output_name], dynamic=(2, 3))
+            evalg = _to_onnx(
+                eval_module, (flat, bufs, x, y), [PARAMS, BUFFERS, input_name, label_name], [LOSS, output_name], dynamic=(2, 3)
+            )
     except ExportError:
         raise
     except Exception as exc:
         raise ExportError(f"cannot build the portable step graph: {type(exc).__name__}: {one_line(exc)}") from exc
-    init = np.concatenate([named_buffers[b.name].detach().numpy().astype(np.float32).ravel() for b in buffers]) if buffers else np.zeros(0, np.float32)
+    init = (
+        np.concatenate([named_buffers[b.name].detach().numpy().astype(np.float32).ravel() for b in buffers])
+        if buffers
+        else np.zeros(0, np.float32)
+    )
     return PortableGraphs(step, evalg, tuple(buffers), init, STATE_NAMES[state_kind(opt)], has_dropout)
 
 
@@ -195,7 +202,17 @@ def _decompositions() -> dict:
 
     aten = torch.ops.aten
     table = torch.export.default_decompositions()
-    table.update(get_decompositions([aten._native_batch_norm_legit_functional, aten.native_batch_norm, aten._native_batch_norm_legit, aten._native_batch_norm_legit_no_training, aten.native_batch_norm_backward]))
+    table.update(
+        get_decompositions(
+            [
+                aten._native_batch_norm_legit_functional,
+                aten.native_batch_norm,
+                aten._native_batch_norm_legit,
+                aten._native_batch_norm_legit_no_training,
+                aten.native_batch_norm_backward,
+            ]
+        )
+    )
     table[aten.convolution_backward.default] = _conv_backward
     return table
 
@@ -290,7 +307,6 @@ def _step_module(joint, param_order, buffers, kind, opt, proximal=False):
 
 def _call_joint(joint, views, bviews, new_bufs, x, y):
     """Run the joint graph with parameters/buffers replaced by slices of the flat inputs."""
-    import torch
 
     sig = joint.graph_signature
     args = []
@@ -299,7 +315,11 @@ def _call_joint(joint, views, bviews, new_bufs, x, y):
         if spec.kind.name == "PARAMETER":
             args.append(views[target] if target in views else joint.state_dict[spec.target])
         elif spec.kind.name == "BUFFER":
-            args.append(bviews[target] if target in bviews else (joint.state_dict.get(spec.target) if spec.target in joint.state_dict else joint.constants[spec.target]))
+            args.append(
+                bviews[target]
+                if target in bviews
+                else (joint.state_dict.get(spec.target) if spec.target in joint.state_dict else joint.constants[spec.target])
+            )
         elif spec.kind.name in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
             args.append(joint.constants[spec.target])
         else:  # USER_INPUT, in order x, y
@@ -368,15 +388,26 @@ def _eval_module(model, param_order, buffers, loss_fn):
     return Eval()
 
 
-def _to_onnx(module, args, input_names, output_names, dynamic) -> "onnx.ModelProto":
+def _to_onnx(module, args, input_names, output_names, dynamic) -> onnx.ModelProto:
     import onnx
     import torch
 
     batch = torch.export.Dim("batch", min=1)
-    dyn = tuple({0: batch} if i in dynamic else (tuple(None for _ in a) if isinstance(a, tuple) else None) for i, a in enumerate(args))
+    dyn = tuple(
+        {0: batch} if i in dynamic else (tuple(None for _ in a) if isinstance(a, tuple) else None) for i, a in enumerate(args)
+    )
     ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
     ep = ep.run_decompositions(_decompositions())
-    prog = torch.onnx.export(ep, args, dynamo=True, optimize=False, opset_version=STEP_OPSET, input_names=input_names, output_names=output_names, verbose=False)
+    prog = torch.onnx.export(
+        ep,
+        args,
+        dynamo=True,
+        optimize=False,
+        opset_version=STEP_OPSET,
+        input_names=input_names,
+        output_names=output_names,
+        verbose=False,
+    )
     if prog is None or prog.model_proto is None:
         raise ExportError("torch.onnx.export returned no model")
     proto = onnx.load_from_string(prog.model_proto.SerializeToString())
@@ -407,6 +438,8 @@ def check_standard(proto) -> None:
     """Plain onnxruntime must run it: default ONNX domain only, opset 18, IR <= 10, no local functions."""
     domains = {o.domain for o in proto.opset_import}
     if domains - {"", "ai.onnx"} or proto.functions or any(n.domain not in ("", "ai.onnx") for n in proto.graph.node):
-        raise ExportError(f"the portable graph uses a non-standard ONNX domain ({sorted(domains)}); plain onnxruntime could not run it")
+        raise ExportError(
+            f"the portable graph uses a non-standard ONNX domain ({sorted(domains)}); plain onnxruntime could not run it"
+        )
     if proto.ir_version > MAX_IR_VERSION:
         raise ExportError(f"the portable graph has IR version {proto.ir_version} > {MAX_IR_VERSION}")

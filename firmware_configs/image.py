@@ -30,9 +30,9 @@ from pathlib import Path
 from fleetlearn.edge_runtime.core.bundle import MANIFEST, load_bundle
 from fleetlearn.edge_runtime.core.errors import BundleError
 from fleetlearn.firmware_configs import render, wheels
-from fleetlearn.provisioning.credentials import AGGREGATOR_PUB, SIGNING_KEY
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.spec import SERVICE_NAME, ImageSpec
+from fleetlearn.provisioning.credentials import AGGREGATOR_PUB, SIGNING_KEY
 
 IMAGE_FORMAT = "fleetlearn-device-image"
 IMAGE_FORMAT_VERSION = 1
@@ -190,14 +190,35 @@ def build_image(spec: ImageSpec, out: Path, options: WheelOptions) -> ImageResul
         _write(root / SERVICE_NAME, render.systemd_unit(spec))
         _write(
             root / "install.sh",
-            render.install_script(spec, fleetlearn_wheel=project_wheel.name, engine=engine, needs_ort_wheel=needs_ort_wheel, deps_in_image=options.deps),
+            render.install_script(
+                spec,
+                fleetlearn_wheel=project_wheel.name,
+                engine=engine,
+                needs_ort_wheel=needs_ort_wheel,
+                deps_in_image=options.deps,
+            ),
             0o755,
         )
         _write(
             root / "README.md",
-            render.readme(spec, fleetlearn_wheel=project_wheel.name, engine=engine, needs_ort_wheel=needs_ort_wheel, deps_in_image=options.deps, extra_files=extra_files),
+            render.readme(
+                spec,
+                fleetlearn_wheel=project_wheel.name,
+                engine=engine,
+                needs_ort_wheel=needs_ort_wheel,
+                deps_in_image=options.deps,
+                extra_files=extra_files,
+            ),
         )
-        _write(root / "image.json", json.dumps(_image_info(spec, project_wheel.name, requirements, downloaded, engine, ort_in_image, options), indent=1, sort_keys=True) + "\n")
+        _write(
+            root / "image.json",
+            json.dumps(
+                _image_info(spec, project_wheel.name, requirements, downloaded, engine, ort_in_image, options),
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n",
+        )
 
         # 3. Checksums over everything else, then fixed metadata, then into place.
         files = _normalise(root)
@@ -215,7 +236,15 @@ def build_image(spec: ImageSpec, out: Path, options: WheelOptions) -> ImageResul
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _image_info(spec: ImageSpec, project_wheel: str, requirements: list[str], downloaded: list[str], engine: str, ort_in_image: bool, options: WheelOptions) -> dict:
+def _image_info(
+    spec: ImageSpec,
+    project_wheel: str,
+    requirements: list[str],
+    downloaded: list[str],
+    engine: str,
+    ort_in_image: bool,
+    options: WheelOptions,
+) -> dict:
     """What the image was made from. No timestamps and nothing secret: the file must be reproducible."""
     p = spec.profile
     if engine == "portable":
@@ -225,7 +254,9 @@ def _image_info(spec: ImageSpec, project_wheel: str, requirements: list[str], do
     elif p.ort_from_pypi:
         ort_note = "not in the image: install.sh installs it from PyPI"
     else:
-        ort_note = "not in the image and not on PyPI for this board: build it with build_ort_aarch64.sh (UNTESTED) and pass --ort-wheel"
+        ort_note = (
+            "not in the image and not on PyPI for this board: build it with build_ort_aarch64.sh (UNTESTED) and pass --ort-wheel"
+        )
     return {
         "format": IMAGE_FORMAT,
         "format_version": IMAGE_FORMAT_VERSION,

@@ -14,10 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlearn.edge_runtime.core.names import check_name
-
-from fleetlearn.edge_runtime.core.files import read_toml
 from fleetlearn.edge_runtime.core.errors import ConfigError
+from fleetlearn.edge_runtime.core.files import read_toml
+from fleetlearn.edge_runtime.core.names import check_name
 from fleetlearn.edge_runtime.device.config import ENGINE_CHOICES
 from fleetlearn.firmware_configs.errors import FlashError, ProfileError
 from fleetlearn.firmware_configs.schema import from_table
@@ -145,22 +144,25 @@ def check_profile(p: Profile, where: str = "profile") -> Profile:
     if not _SAFE_PATH_RE.fullmatch(p.state_dir) or "/../" in p.state_dir + "/":
         raise bad("state_dir", f"must be an absolute path of letters, digits, '.', '_', '-', '/', got {p.state_dir!r}")
     if not re.fullmatch(r"2\.\d+", p.glibc) or int(p.glibc.split(".")[1]) < _MIN_GLIBC_MINOR.get(p.arch, 17):
-        raise bad("glibc", f"must look like \"2.28\" and be at least 2.{_MIN_GLIBC_MINOR.get(p.arch, 17)} on {p.arch}")
+        raise bad("glibc", f'must look like "2.28" and be at least 2.{_MIN_GLIBC_MINOR.get(p.arch, 17)} on {p.arch}')
     if not re.fullmatch(r"3\.\d+", p.python):
-        raise bad("python", f"must look like \"3.11\", got {p.python!r}")
+        raise bad("python", f'must look like "3.11", got {p.python!r}')
     if p.training.engine not in ENGINES:
         raise bad("training.engine", f"must be one of {', '.join(ENGINES)}, got {p.training.engine!r}")
     if p.ort_training.status not in ORT_STATUSES:
         raise bad("ort_training.status", f"must be one of {', '.join(ORT_STATUSES)}, got {p.ort_training.status!r}")
     if p.ort_training.status == "pypi" and p.arch != "x86_64":
         # A fact about PyPI, not a preference: onnxruntime-training 1.19.2 has Linux wheels for x86_64 only.
-        raise bad("ort_training.status", "cannot be \"pypi\" off x86_64: onnxruntime-training 1.19.2 has no such wheel on PyPI")
+        raise bad("ort_training.status", 'cannot be "pypi" off x86_64: onnxruntime-training 1.19.2 has no such wheel on PyPI')
     if p.verified not in VERIFICATIONS:
         raise bad("verified", f"must be one of {', '.join(VERIFICATIONS)}, got {p.verified!r}")
     if p.verified != "untested" and not p.evidence.strip():
         raise bad("evidence", f"must say what ran where (which test) when verified = {p.verified!r}")
     if (p.verified == "hardware") != p.hardware_tested:
-        raise bad("verified", f"is {p.verified!r} but hardware_tested is {str(p.hardware_tested).lower()}: \"hardware\" and hardware_tested = true go together")
+        raise bad(
+            "verified",
+            f'is {p.verified!r} but hardware_tested is {str(p.hardware_tested).lower()}: "hardware" and hardware_tested = true go together',
+        )
     check_limits(p.systemd, p.cores, p.memory_budget_mb, where)
     return p
 
@@ -177,7 +179,7 @@ def check_limits(s: SystemdLimits, cores: int, memory_budget_mb: int, where: str
         try:
             sizes[key] = size_bytes(value)
         except ValueError:
-            raise bad(key, f"must be a systemd size like \"512M\", \"2G\" or \"infinity\", got {value!r}") from None
+            raise bad(key, f'must be a systemd size like "512M", "2G" or "infinity", got {value!r}') from None
     mem_max = sizes["memory_max"]
     if mem_max is not None and mem_max < memory_budget_mb * 1024 * 1024:
         raise bad("memory_max", f"({s.memory_max}) is below memory_budget_mb ({memory_budget_mb}M): the agent would be killed")

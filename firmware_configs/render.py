@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fleetlearn.edge_runtime.device.config import DeviceConfig, TrainingConfig, parse_device_config
 from fleetlearn.edge_runtime.core.errors import ConfigError
-from fleetlearn.provisioning.credentials import AGGREGATOR_PUB, CA_CERT, MQTT_PASSWORD, SIGNING_KEY
+from fleetlearn.edge_runtime.device.config import DeviceConfig, TrainingConfig, parse_device_config
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.spec import ImageSpec, check_device_path
+from fleetlearn.provisioning.credentials import AGGREGATOR_PUB, CA_CERT, MQTT_PASSWORD, SIGNING_KEY
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 _PLACEHOLDER_RE = re.compile(r"@@([a-z_]+)@@")
@@ -164,23 +164,41 @@ VERIFIED_SUMMARY = {
 }
 
 
-def readme(spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_wheel: bool, deps_in_image: bool, extra_files: list[str]) -> str:
+def readme(
+    spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_wheel: bool, deps_in_image: bool, extra_files: list[str]
+) -> str:
     p = spec.profile
     _, cfg = checked_config(spec)
     if engine == "portable":
-        runtime = "plain onnxruntime, included in `wheels/`" if deps_in_image else "plain onnxruntime, installed from PyPI by install.sh"
+        runtime = (
+            "plain onnxruntime, included in `wheels/`"
+            if deps_in_image
+            else "plain onnxruntime, installed from PyPI by install.sh"
+        )
     elif needs_ort_wheel:
         runtime = f"onnxruntime-training 1.19.2, **not on PyPI for {p.arch}**: build it with `build_ort_aarch64.sh` (UNTESTED), then `./install.sh --ort-wheel FILE`"
     elif deps_in_image:
         runtime = "onnxruntime-training 1.19.2, included in `wheels/`"
     else:
-        runtime = "onnxruntime-training 1.19.2, installed from PyPI by install.sh (this image was flashed without dependency wheels)"
+        runtime = (
+            "onnxruntime-training 1.19.2, installed from PyPI by install.sh (this image was flashed without dependency wheels)"
+        )
     if deps_in_image and needs_ort_wheel:
-        wheels_note = ", and every dependency except onnxruntime-training, so the install needs no network once you have that wheel."
+        wheels_note = (
+            ", and every dependency except onnxruntime-training, so the install needs no network once you have that wheel."
+        )
     elif deps_in_image:
-        wheels_note = ", and every dependency for Python " + p.python + " on " + p.arch + " (`requirements.txt`): the install needs no network."
+        wheels_note = (
+            ", and every dependency for Python "
+            + p.python
+            + " on "
+            + p.arch
+            + " (`requirements.txt`): the install needs no network."
+        )
     else:
-        wheels_note = ". Its dependencies (`requirements.txt`) are not included: install.sh downloads them from the package index."
+        wheels_note = (
+            ". Its dependencies (`requirements.txt`) are not included: install.sh downloads them from the package index."
+        )
     secrets = sorted(spec.secrets.files)
     secrets_note = (
         "this device's own credentials only (" + ", ".join(f"`{n}`" for n in secrets) + "), mode 0600. Keep them secret."
@@ -208,7 +226,8 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_whe
             "os": p.os,
             "python": p.python,
             "prefix": spec.prefix,
-            "engine_summary": ENGINE_SUMMARY[engine] + (f" (device.toml says `engine = \"{spec.engine}\"`)" if spec.engine != engine else ""),
+            "engine_summary": ENGINE_SUMMARY[engine]
+            + (f' (device.toml says `engine = "{spec.engine}"`)' if spec.engine != engine else ""),
             "runtime_summary": runtime,
             "hardware_tested": tested,
             "ort_detail": detail,
@@ -219,7 +238,9 @@ def readme(spec: ImageSpec, *, fleetlearn_wheel: str, engine: str, needs_ort_whe
             "secrets_note": secrets_note,
             "extra_files": extra,
             "data": cfg.data,
-            "install_args": " --ort-wheel onnxruntime_training-1.19.2+cpu-cp311-cp311-linux_aarch64.whl" if needs_ort_wheel else "",
+            "install_args": " --ort-wheel onnxruntime_training-1.19.2+cpu-cp311-cp311-linux_aarch64.whl"
+            if needs_ort_wheel
+            else "",
             "state_dir": cfg.state_dir,
         },
     )

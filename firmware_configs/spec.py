@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
-from fleetlearn.provisioning.credentials import DeviceSecrets
 from fleetlearn.firmware_configs.errors import FlashError
 from fleetlearn.firmware_configs.profiles import Profile
+from fleetlearn.provisioning.credentials import DeviceSecrets
 
 DEFAULT_PREFIX = "/opt/fleetlearn"
 SERVICE_NAME = "fleetlearn-device.service"

@@ -30,7 +30,17 @@ SOURCE_DATE_EPOCH = 315532800
 ORT_REQUIREMENT = "onnxruntime-training==1.19.2"
 # onnxruntime-training 1.19.2's own Requires-Dist (read from its x86_64 wheel's METADATA). On
 # aarch64 its wheel comes from a local build, but these can still be carried for an offline install.
-ORT_TRAINING_REQUIRES = ("cerberus", "flatbuffers", "h5py", "numpy>=1.16.6", "onnx", "packaging", "protobuf", "sympy", "setuptools>=61.0.0")
+ORT_TRAINING_REQUIRES = (
+    "cerberus",
+    "flatbuffers",
+    "h5py",
+    "numpy>=1.16.6",
+    "onnx",
+    "packaging",
+    "protobuf",
+    "sympy",
+    "setuptools>=61.0.0",
+)
 EDGE, EDGE_PORTABLE = "edge", "edge-portable"
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "*.egg-info", "build", "dist", ".*")
 
@@ -72,7 +82,17 @@ def build_project_wheel(root: Path, out_dir: Path) -> Path:
         env = dict(os.environ, SOURCE_DATE_EPOCH=str(SOURCE_DATE_EPOCH), PYTHONHASHSEED="0")
         # --no-isolation: use this environment's setuptools rather than downloading one, so
         # flashing works on an operator machine without network access.
-        cmd = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--skip-dependency-check", "--outdir", str(out_dir), str(src)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--skip-dependency-check",
+            "--outdir",
+            str(out_dir),
+            str(src),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
             raise FlashError(f"building the agent's wheel failed: {_last_error_line(proc.stdout + proc.stderr)}")
@@ -179,7 +199,9 @@ def dependency_requirements(wheel: Path, profile: Profile, engine: str, extra: l
         if not profile.ort_from_pypi:
             out = [r for r in out if not is_ort(r)] + list(ORT_TRAINING_REQUIRES)
     elif engine == "portable" and any(is_ort(r) for r in out):  # a packaging bug, not user input
-        raise FlashError(f"{wheel.name}: its `{EDGE_PORTABLE}` extra lists onnxruntime-training; the portable engine must not need it")
+        raise FlashError(
+            f"{wheel.name}: its `{EDGE_PORTABLE}` extra lists onnxruntime-training; the portable engine must not need it"
+        )
     return out + extra
 
 

@@ -39,14 +39,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=100, help="federated rounds (default 100, as the tutorial)")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round on each device (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="local batch size (default 8)")
-    p.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=["sgd", "adamw"], help=f"on-device optimizer (default {DEFAULT_OPTIMIZER})")
+    p.add_argument(
+        "--optimizer",
+        default=DEFAULT_OPTIMIZER,
+        choices=["sgd", "adamw"],
+        help=f"on-device optimizer (default {DEFAULT_OPTIMIZER})",
+    )
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate of round 1 (default {DEFAULT_LR})")
-    p.add_argument("--lr-schedule", default=DEFAULT_SCHEDULE, choices=["cosine", "constant"], help=f"learning rate over the rounds (default {DEFAULT_SCHEDULE}, to {LR_MIN_FACTOR}x)")
+    p.add_argument(
+        "--lr-schedule",
+        default=DEFAULT_SCHEDULE,
+        choices=["cosine", "constant"],
+        help=f"learning rate over the rounds (default {DEFAULT_SCHEDULE}, to {LR_MIN_FACTOR}x)",
+    )
     p.add_argument("--broker", default=None, help="use this MQTT broker URL instead of starting a local one")
     p.add_argument("--embedded", action="store_true", help="start the embedded amqtt broker even when mosquitto is installed")
     p.add_argument("--fleet", default="demo", help="fleet name (topic prefix fleetlearn/<fleet>/...)")
-    p.add_argument("--partition", default=None, metavar="SPEC", help="how the training split is spread over the devices: iid (default), dirichlet:ALPHA, shards:K or quantity:ALPHA (docs/learning.md)")
-    p.add_argument("--non-iid", action="store_true", help="deprecated: the same as --partition shards:1 (each device sees one price band)")
+    p.add_argument(
+        "--partition",
+        default=None,
+        metavar="SPEC",
+        help="how the training split is spread over the devices: iid (default), dirichlet:ALPHA, shards:K or quantity:ALPHA (docs/learning.md)",
+    )
+    p.add_argument(
+        "--non-iid", action="store_true", help="deprecated: the same as --partition shards:1 (each device sees one price band)"
+    )
     p.add_argument("--state-dir", default=None, help="keep the aggregator's state and round log here (default: a temp dir)")
     p.add_argument("--deadline", type=float, default=60.0, help="per-round deadline in seconds (default 60)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the sharding (default 0)")
@@ -54,7 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the centrally trained comparison")
     p.add_argument("--report", default=None, help="write plots and a summary here (default: STATE_DIR/report)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, one line per round")
-    p.add_argument("--pace", type=float, default=0.0, help="at most one round per this many seconds, to watch with `fleetlearn monitor` (default 0: full speed)")
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="at most one round per this many seconds, to watch with `fleetlearn monitor` (default 0: full speed)",
+    )
     from fleetlearn.demo_dp import add_dp_arguments
 
     add_dp_arguments(p)  # --dp, --dp-noise-multiplier, --clip-norm
@@ -76,7 +98,15 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fleetlearn.edge_runtime.core.partition import partition
-    from fleetlearn.local_fleet import FleetSpec, LocalFleet, central_baseline, export_builtin, load_split, start_broker, write_shards
+    from fleetlearn.local_fleet import (
+        FleetSpec,
+        LocalFleet,
+        central_baseline,
+        export_builtin,
+        load_split,
+        start_broker,
+        write_shards,
+    )
 
     if args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
@@ -133,8 +163,17 @@ def run(args: argparse.Namespace) -> int:
     }
     if not args.no_baseline:
         _, summary["central_test_mse"] = central_baseline(
-            bundle, train_path, test_path, rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
-            lr=args.lr, schedule=args.lr_schedule, min_factor=LR_MIN_FACTOR, warmup=warmup, seed=args.seed,
+            bundle,
+            train_path,
+            test_path,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            schedule=args.lr_schedule,
+            min_factor=LR_MIN_FACTOR,
+            warmup=warmup,
+            seed=args.seed,
         )
         summary["federated_vs_central"] = summary["final_test_mse"] / summary["central_test_mse"]
     if dp_args:
@@ -179,7 +218,13 @@ def _follow_rounds(aggregator: subprocess.Popen, log_path: Path, total: int, qui
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn()) as progress:
+    with Progress(
+        TextColumn("[bold]federated rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ) as progress:
         task = progress.add_task("rounds", total=total, info="waiting for devices...")
         while True:
             done = aggregator.poll() is not None

@@ -31,7 +31,11 @@ from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the grid file (TOML; see experiments/*.toml and docs/learning.md)")
     p.add_argument("--out", required=True, type=Path, help="results and per-run state go here (must be empty or not exist)")
-    p.add_argument("--broker", default=None, help="use this MQTT broker URL instead of a fresh local broker per run (mosquitto when installed, else embedded amqtt)")
+    p.add_argument(
+        "--broker",
+        default=None,
+        help="use this MQTT broker URL instead of a fresh local broker per run (mosquitto when installed, else embedded amqtt)",
+    )
     p.add_argument("--check", action="store_true", help="validate the grid (and its strategies, partitions, data) and exit")
 
 
@@ -59,7 +63,9 @@ def _load_data(grid):
     for d in BUILTIN_MODELS[grid.model].input_shape:
         width *= d
     if split.x_train[0].size != width or split.x_test[0].size != width:
-        raise ConfigError(f"{grid.path}: data {grid.data} has {split.x_train[0].size} features per sample, {grid.model} takes {width}")
+        raise ConfigError(
+            f"{grid.path}: data {grid.data} has {split.x_train[0].size} features per sample, {grid.model} takes {width}"
+        )
     return split
 
 
@@ -86,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(grid, split)
     total = len(grid.strategies) * len(grid.partitions) * len(grid.seeds)
     if args.check:
-        _say(f"{args.config}: ok ({total} runs: {len(grid.strategies)} strategies x {len(grid.partitions)} partitions x {len(grid.seeds)} seeds)")
+        _say(
+            f"{args.config}: ok ({total} runs: {len(grid.strategies)} strategies x {len(grid.partitions)} partitions x {len(grid.seeds)} seeds)"
+        )
         return 0
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -126,7 +134,9 @@ def _prepare_seeds(grid, split, out: Path) -> dict:
     np.savez(test, x=split.x_test, y=split.y_test)
     seeds = {}
     for seed in grid.seeds:
-        bundle = export_builtin(grid.model, split.x_train, out / "bundles" / f"seed-{seed}", optimizer=grid.optimizer, lr=grid.lr, seed=seed)
+        bundle = export_builtin(
+            grid.model, split.x_train, out / "bundles" / f"seed-{seed}", optimizer=grid.optimizer, lr=grid.lr, seed=seed
+        )
         t0 = time.perf_counter()
         try:
             name, value = central_baseline(bundle, train, test, rounds=grid.rounds, local_epochs=grid.local_epochs,
@@ -139,7 +149,9 @@ def _prepare_seeds(grid, split, out: Path) -> dict:
             central = None
             _say(f"central baseline for seed {seed} failed: {str(exc)[:200]}")
         else:
-            _say(f"seed {seed}: exported {grid.model}; central baseline {grid.metric} {central} ({time.perf_counter() - t0:.1f}s)")
+            _say(
+                f"seed {seed}: exported {grid.model}; central baseline {grid.metric} {central} ({time.perf_counter() - t0:.1f}s)"
+            )
         seeds[seed] = (bundle, train, test, central)
     return seeds
 
@@ -207,8 +219,10 @@ def _write_results(grid, runs, out: Path) -> None:
              f"epoch(s), batch {grid.batch_size}, {grid.optimizer} lr {grid.lr:g} ({grid.lr_schedule}), seeds "
              f"{', '.join(map(str, grid.seeds))}; grid `{grid.path.name}`.")  # fmt: skip
     if grid.validation > 0:
-        setup += (f" VALIDATION run: the test_* metrics (and central) are on a {grid.validation:g} hold-out of the "
-                  "training split; the test split was not used.")
+        setup += (
+            f" VALIDATION run: the test_* metrics (and central) are on a {grid.validation:g} hold-out of the "
+            "training split; the test split was not used."
+        )
     atomic_write_bytes(out / "results.csv", results_csv(runs, grid.metric, grid.target).encode(), durable=False)
     atomic_write_bytes(out / "runs.csv", runs_csv(runs).encode(), durable=False)
     md = results_markdown(runs, title="fleetlearn experiment", setup=setup, metric=grid.metric, target=grid.target,

@@ -111,7 +111,13 @@ def _float(doc: dict[str, Any], key: str, default: float | None, lo: float, hi: 
     v = doc.get(key, default)
     if v is None:
         raise ConfigError(f"{key} is required (a number in {'(' if lo_open else '['}{lo:g}, {hi:g}])")
-    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi
+    ok = (
+        not isinstance(v, bool)
+        and isinstance(v, (int, float))
+        and math.isfinite(v)
+        and (lo < v if lo_open else lo <= v)
+        and v <= hi
+    )
     if not ok:
         raise ConfigError(f"{key} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r:.40}")
     return float(v)
@@ -142,9 +148,9 @@ def _strategies(raw: Any) -> tuple[Strategy, ...]:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; one of {', '.join(sorted(_STRATEGY_KEYS))}")
         name, args = t.get("name"), t.get("args", [])
         if not isinstance(name, str) or not name.strip() or name.startswith("-"):
-            raise ConfigError(f"{where}: name must be a strategy name such as \"fedavg\", got {name!r:.40}")
+            raise ConfigError(f'{where}: name must be a strategy name such as "fedavg", got {name!r:.40}')
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise ConfigError(f"{where}: args must be a list of strings (aggregator options), e.g. [\"--clip-norm\", \"1.0\"]")
+            raise ConfigError(f'{where}: args must be a list of strings (aggregator options), e.g. ["--clip-norm", "1.0"]')
         label = t.get("label", name)
         if not isinstance(label, str) or not label or len(label) > 40 or not all(c.isalnum() or c in "-_." for c in label):
             raise ConfigError(f"{where}: label must be 1-40 letters, digits, '-', '_' or '.', got {label!r:.40}")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 # Two-sided 95% critical values t(0.975, df) for df = 1..30 (the Student t quantile, as
 # scipy.stats.t.ppf(0.975, df) gives; tests compare when scipy is installed).
@@ -163,7 +163,19 @@ def results_csv(runs: Sequence[RunResult], metric: str, target: float) -> str:
     return buf.getvalue()
 
 
-RUNS_COLUMNS = ("strategy", "partition", "seed", "status", "rounds", "final", "rounds_to_target", "central", "wall_s", "dir", "reason")
+RUNS_COLUMNS = (
+    "strategy",
+    "partition",
+    "seed",
+    "status",
+    "rounds",
+    "final",
+    "rounds_to_target",
+    "central",
+    "wall_s",
+    "dir",
+    "reason",
+)
 
 
 def runs_csv(runs: Sequence[RunResult]) -> str:
@@ -189,7 +201,9 @@ def _interval(i: Interval, digits: int) -> str:
     return f"{i.mean:.{digits}f} [{i.low:.{digits}f}, {i.high:.{digits}f}]"
 
 
-def results_markdown(runs: Sequence[RunResult], *, title: str, setup: str, metric: str, target: float, higher_is_better: bool) -> str:
+def results_markdown(
+    runs: Sequence[RunResult], *, title: str, setup: str, metric: str, target: float, higher_is_better: bool
+) -> str:
     """The tables of results.md: one row per cell, then the failures (if any)."""
     digits = 4 if metric == "test_accuracy" else 3
     cmp = "≥" if higher_is_better else "≤"
@@ -202,12 +216,18 @@ def results_markdown(runs: Sequence[RunResult], *, title: str, setup: str, metri
     failures = []
     for c in cells(runs):
         f, cen = c.final(), c.central()
-        per_seed = ", ".join("failed" if r.status != "ok" else ("—" if r.rounds_to_target is None else str(r.rounds_to_target)) for r in c.runs)
+        per_seed = ", ".join(
+            "failed" if r.status != "ok" else ("—" if r.rounds_to_target is None else str(r.rounds_to_target)) for r in c.runs
+        )
         rtt = c.rtt_mean()
         mean_rtt = "—" if rtt is None else f"{rtt:.1f} ({c.reached()}/{len(c.ok)})"
         ratio = _fmt(f.mean / cen.mean, 3) if f.mean is not None and cen.mean else "—"
-        lines.append(f"| {c.strategy} | {c.partition} | {_interval(f, digits)} | {per_seed} | {mean_rtt} | {_interval(cen, digits)} | {ratio} |")
-        failures += [f"- {r.strategy} / {r.partition} / seed {r.seed}: {r.reason} (logs: `{r.dir}`)" for r in c.runs if r.status != "ok"]
+        lines.append(
+            f"| {c.strategy} | {c.partition} | {_interval(f, digits)} | {per_seed} | {mean_rtt} | {_interval(cen, digits)} | {ratio} |"
+        )
+        failures += [
+            f"- {r.strategy} / {r.partition} / seed {r.seed}: {r.reason} (logs: `{r.dir}`)" for r in c.runs if r.status != "ok"
+        ]
     if failures:
         lines += ["", "## Failed runs", "", *failures]
     return "\n".join(lines) + "\n"

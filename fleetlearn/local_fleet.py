@@ -19,9 +19,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 from fleetlearn.edge_runtime.core.errors import UsageError
 
@@ -92,7 +93,9 @@ def export_builtin(model: str, x_train: Any, out: Path, *, optimizer: str, lr: f
     return out
 
 
-def start_broker(url: str | None, say: Callable[[str], None] = print, port: int = 1883, embedded: bool = False) -> tuple[str, Any]:
+def start_broker(
+    url: str | None, say: Callable[[str], None] = print, port: int = 1883, embedded: bool = False
+) -> tuple[str, Any]:
     """(url, handle): `url` itself and None when given; else a local broker on 127.0.0.1
     (mosquitto when installed, amqtt when not or when `embedded`), on `port` when it is free
     (MQTT's usual 1883, so `fleetlearn monitor` needs no guessing) and on any free port
@@ -119,7 +122,7 @@ class BrokerProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self, timeout: float = 20.0) -> "BrokerProcess":
+    def start(self, timeout: float = 20.0) -> BrokerProcess:
         import socket
 
         for _ in range(3):  # a free port can be taken between the probe and the bind: retry
@@ -217,7 +220,7 @@ class LocalFleet:
         self._logs.append(log)
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
 
-    def start(self) -> "LocalFleet":
+    def start(self) -> LocalFleet:
         spec = self.spec
         spec.logs.mkdir(parents=True, exist_ok=True)
         self.aggregator = self._spawn(spec.aggregator_command(self.broker_url, len(self.shards)), "aggregator.log")
@@ -272,7 +275,7 @@ class LocalFleet:
             log.close()
         self._logs.clear()
 
-    def __enter__(self) -> "LocalFleet":
+    def __enter__(self) -> LocalFleet:
         try:
             return self.start()
         except BaseException:

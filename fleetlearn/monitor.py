@@ -15,9 +15,10 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from fleetlearn.edge_runtime.core.errors import UsageError
 
@@ -36,11 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-file", help="file holding the MQTT password")
     parser.add_argument("--ca-file", help="CA certificate to verify an mqtts:// broker")
     parser.add_argument("--rounds", type=int, default=10, help="rounds shown in the live table (default 10)")
-    parser.add_argument("--no-updates", action="store_true", help="do not subscribe to device updates (saves their bandwidth; uploads are then seen through acks)")
+    parser.add_argument(
+        "--no-updates",
+        action="store_true",
+        help="do not subscribe to device updates (saves their bandwidth; uploads are then seen through acks)",
+    )
     from fleetlearn.aggregator.service_args import add_metrics_arguments
 
-    add_metrics_arguments(parser.add_argument_group("Prometheus metrics: the device gauges, for hosts without an aggregator (docs/operations-service.md)"))
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)")
+    add_metrics_arguments(
+        parser.add_argument_group(
+            "Prometheus metrics: the device gauges, for hosts without an aggregator (docs/operations-service.md)"
+        )
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)"
+    )
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -80,8 +91,14 @@ class Monitor:
     thread and a slow terminal never stalls the MQTT socket.
     """
 
-    def __init__(self, fleet: str, link_options: LinkOptions, subscribe_updates: bool = True, clock: Callable[[], float] = time.time,
-                 device_gauges: Any = None):
+    def __init__(
+        self,
+        fleet: str,
+        link_options: LinkOptions,
+        subscribe_updates: bool = True,
+        clock: Callable[[], float] = time.time,
+        device_gauges: Any = None,
+    ):
         from fleetlearn.edge_runtime.core.mqtt import MqttLink
         from fleetlearn.edge_runtime.core.protocol import Topics
         from fleetlearn.monitor_state import FleetState

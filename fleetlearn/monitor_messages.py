@@ -10,7 +10,6 @@ global model's header.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundMetrics, RoundState, Status, Topics, UpdateHeader
@@ -45,7 +44,7 @@ class DeviceForgotten:
     device_id: str
 
 
-Message = Union[RoundState, Status, Ack, RoundMetrics, UploadSeen, GlobalSeen, DeviceForgotten, None]
+Message = RoundState | Status | Ack | RoundMetrics | UploadSeen | GlobalSeen | DeviceForgotten | None
 
 
 def decode_message(topics: Topics, topic: str, payload: bytes) -> Message:

@@ -39,11 +39,23 @@ class MonitorEvent:
 
 def metrics_fields(rec: RoundMetrics) -> dict[str, Any]:
     """A round's metrics as flat `monitor --json` fields: the headline test metric under its own name."""
-    out: dict[str, Any] = {"round": rec.round, "run_id": rec.run_id, "devices": list(rec.devices), "samples": rec.samples, "train_loss": rec.train_loss}
+    out: dict[str, Any] = {
+        "round": rec.round,
+        "run_id": rec.run_id,
+        "devices": list(rec.devices),
+        "samples": rec.samples,
+        "train_loss": rec.train_loss,
+    }
     if rec.test_metric:
         out[rec.test_metric] = rec.test_value
     out["test_metric"] = rec.test_metric
-    out.update(wall_s=rec.wall_s, bytes_in=rec.bytes_in, bytes_out=rec.bytes_out, rejected=rec.rejected, deadline_extensions=rec.deadline_extensions)
+    out.update(
+        wall_s=rec.wall_s,
+        bytes_in=rec.bytes_in,
+        bytes_out=rec.bytes_out,
+        rejected=rec.rejected,
+        deadline_extensions=rec.deadline_extensions,
+    )
     if rec.epsilon is not None:
         out.update(epsilon=rec.epsilon, delta=rec.delta)
     return out
@@ -187,8 +199,21 @@ class FleetState:
         before = (view.state, view.deadline, view.accepted, view.min_devices, view.target_devices, view.reason, view.total_rounds)
         was_closed = view.closed and view.closed_at is not None
         view.state, view.deadline, view.accepted = rs.state, rs.deadline, rs.accepted
-        view.min_devices, view.target_devices, view.reason, view.total_rounds = rs.min_devices, rs.target_devices, rs.reason, rs.total_rounds
-        changed = before != (view.state, view.deadline, view.accepted, view.min_devices, view.target_devices, view.reason, view.total_rounds)
+        view.min_devices, view.target_devices, view.reason, view.total_rounds = (
+            rs.min_devices,
+            rs.target_devices,
+            rs.reason,
+            rs.total_rounds,
+        )
+        changed = before != (
+            view.state,
+            view.deadline,
+            view.accepted,
+            view.min_devices,
+            view.target_devices,
+            view.reason,
+            view.total_rounds,
+        )
         if rs.state == "open":
             if not view.seen_open:
                 view.seen_open, view.opened_at = True, now
@@ -196,11 +221,23 @@ class FleetState:
         elif not was_closed:
             view.closed_at = now
         if changed or events:
-            events.append(MonitorEvent("round", now, {
-                "run_id": rs.run_id, "round": rs.round, "state": rs.state, "deadline": rs.deadline,
-                "total_rounds": rs.total_rounds, "min_devices": rs.min_devices, "target_devices": rs.target_devices,
-                "accepted": rs.accepted, "reason": rs.reason,
-            }))
+            events.append(
+                MonitorEvent(
+                    "round",
+                    now,
+                    {
+                        "run_id": rs.run_id,
+                        "round": rs.round,
+                        "state": rs.state,
+                        "deadline": rs.deadline,
+                        "total_rounds": rs.total_rounds,
+                        "min_devices": rs.min_devices,
+                        "target_devices": rs.target_devices,
+                        "accepted": rs.accepted,
+                        "reason": rs.reason,
+                    },
+                )
+            )
         if view.closed and view.seen_open and not was_closed:
             events += self._judge_late(view, now)
         return events
@@ -211,7 +248,18 @@ class FleetState:
             if dev.online and dev.device_id not in view.uploaded and dev.device_id not in view.late:
                 view.late.add(dev.device_id)
                 dev.late_rounds += 1
-                events.append(MonitorEvent("late", now, {"round": view.round, "device_id": dev.device_id, "late": True, "reason": "no upload before the round closed"}))
+                events.append(
+                    MonitorEvent(
+                        "late",
+                        now,
+                        {
+                            "round": view.round,
+                            "device_id": dev.device_id,
+                            "late": True,
+                            "reason": "no upload before the round closed",
+                        },
+                    )
+                )
         self.late_round = max(self.late_round or 0, view.round)
         return events
 
@@ -237,7 +285,13 @@ class FleetState:
     def forget_device(self, device_id: str, now: float) -> list[MonitorEvent]:
         if self.devices.pop(device_id, None) is None:
             return []
-        return [MonitorEvent("device", now, {"device_id": device_id, "state": "removed", "previous": "", "round": 0, "detail": "retained status cleared"})]
+        return [
+            MonitorEvent(
+                "device",
+                now,
+                {"device_id": device_id, "state": "removed", "previous": "", "round": 0, "detail": "retained status cleared"},
+            )
+        ]
 
     def apply_upload(self, up: UploadSeen, now: float) -> list[MonitorEvent]:
         if self.run_id and up.run_id != self.run_id:
@@ -246,7 +300,9 @@ class FleetState:
         view = self._round(up.round)
         if up.device_id in view.uploaded:
             return []  # a re-send of the same update (after a reconnect)
-        events = [MonitorEvent("upload", now, {"device_id": up.device_id, "round": up.round, "bytes": up.bytes, "late": view.closed})]
+        events = [
+            MonitorEvent("upload", now, {"device_id": up.device_id, "round": up.round, "bytes": up.bytes, "late": view.closed})
+        ]
         return events + self._mark_uploaded(view, up.device_id, now, "upload arrived after the round closed")
 
     def apply_ack(self, ack: Ack, now: float) -> list[MonitorEvent]:
@@ -256,7 +312,11 @@ class FleetState:
         if view.acks.get(ack.device_id) == ack.accepted:
             return []
         view.acks[ack.device_id] = ack.accepted
-        events = [MonitorEvent("ack", now, {"device_id": ack.device_id, "round": ack.round, "accepted": ack.accepted, "reason": ack.reason})]
+        events = [
+            MonitorEvent(
+                "ack", now, {"device_id": ack.device_id, "round": ack.round, "accepted": ack.accepted, "reason": ack.reason}
+            )
+        ]
         # An ack proves the aggregator got an upload, even one this monitor did not see
         # (--no-updates). The aggregator acks before it announces the close, so an ack that
         # follows the close answers a late update.
@@ -293,7 +353,13 @@ class FleetState:
                 view.late.discard(device)
                 if device in self.devices:
                     self.devices[device].late_rounds -= 1
-                events.append(MonitorEvent("late", now, {"round": rec.round, "device_id": device, "late": False, "reason": "counted by the aggregator after all"}))
+                events.append(
+                    MonitorEvent(
+                        "late",
+                        now,
+                        {"round": rec.round, "device_id": device, "late": False, "reason": "counted by the aggregator after all"},
+                    )
+                )
         events.append(MonitorEvent("metrics", now, metrics_fields(rec)))
         return events
 
@@ -305,7 +371,20 @@ class FleetState:
         self._global_key = key
         self.model_hash = g.model_hash
         self.total_rounds = g.total_rounds or self.total_rounds
-        events.append(MonitorEvent("global", now, {"run_id": g.run_id, "round": g.round, "model_hash": g.model_hash, "train": g.train, "total_rounds": g.total_rounds, "deadline": g.deadline}))
+        events.append(
+            MonitorEvent(
+                "global",
+                now,
+                {
+                    "run_id": g.run_id,
+                    "round": g.round,
+                    "model_hash": g.model_hash,
+                    "train": g.train,
+                    "total_rounds": g.total_rounds,
+                    "deadline": g.deadline,
+                },
+            )
+        )
         return events
 
     # ------------------------------------------------------------------ queries

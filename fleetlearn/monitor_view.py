@@ -7,7 +7,7 @@ render to a string console. Nothing here reads the network or the clock.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from rich.console import Group, RenderableType
 from rich.layout import Layout
@@ -19,7 +19,16 @@ from fleetlearn.edge_runtime.core.protocol import Health
 from fleetlearn.monitor_state import DeviceView, FleetState, RoundView
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-DEVICE_STYLE = {"idle": "green", "fetching": "cyan", "training": "yellow", "uploading": "blue", "error": "bold red", "offline": "dim red", "ineligible": "dark_orange", "unknown": "dim"}
+DEVICE_STYLE = {
+    "idle": "green",
+    "fetching": "cyan",
+    "training": "yellow",
+    "uploading": "blue",
+    "error": "bold red",
+    "offline": "dim red",
+    "ineligible": "dark_orange",
+    "unknown": "dim",
+}
 ROUND_STYLE = {"open": "bold yellow", "closed": "green", "finished": "bold green", "failed": "bold red"}
 
 
@@ -104,7 +113,10 @@ def header(state: FleetState, now: float, broker: str) -> Text:
     t.append(current.state, style=ROUND_STYLE.get(current.state, ""))
     left = current.seconds_left(now)
     if left is not None:
-        t.append(f"  closes in {left:.0f}s" if left >= 0 else f"  deadline passed {-left:.0f}s ago", style="yellow" if left >= 0 else "red")
+        t.append(
+            f"  closes in {left:.0f}s" if left >= 0 else f"  deadline passed {-left:.0f}s ago",
+            style="yellow" if left >= 0 else "red",
+        )
     t.append(f"  accepted {current.accepted}")
     if current.target_devices or current.min_devices:
         t.append(f" (min {current.min_devices}, target {current.target_devices})")
@@ -174,8 +186,25 @@ def devices_table(state: FleetState, now: float, limit: int = 20) -> Table:
 def rounds_table(state: FleetState, n: int) -> Table:
     name, _ = state.trend()
     table = Table(title=f"last {n} rounds", expand=True, title_justify="left")
-    for col in ("round", "state", "devices", "participants", "samples", "train loss", name or "test", "wall s", "bytes in", "bytes out", "late"):
-        table.add_column(col, no_wrap=col != "participants", justify="right" if col not in ("state", "participants") else "left", overflow="ellipsis")
+    for col in (
+        "round",
+        "state",
+        "devices",
+        "participants",
+        "samples",
+        "train loss",
+        name or "test",
+        "wall s",
+        "bytes in",
+        "bytes out",
+        "late",
+    ):
+        table.add_column(
+            col,
+            no_wrap=col != "participants",
+            justify="right" if col not in ("state", "participants") else "left",
+            overflow="ellipsis",
+        )
     for view in reversed(state.recent_rounds(n)):
         m = view.metrics
         participants = list(m.devices) if m and m.devices else sorted(view.uploaded)
@@ -210,7 +239,11 @@ def render(state: FleetState, now: float, broker: str, rounds: int = 10) -> Rend
     """The whole screen as a Layout: fixed-height header and trend, tables in between."""
     layout = Layout()
     layout.split_column(
-        Layout(Panel(Group(header(state, now, broker), summary(state)), title="fleetlearn monitor", border_style="blue"), name="head", size=5),
+        Layout(
+            Panel(Group(header(state, now, broker), summary(state)), title="fleetlearn monitor", border_style="blue"),
+            name="head",
+            size=5,
+        ),
         Layout(devices_table(state, now), name="devices", ratio=1),
         Layout(rounds_table(state, rounds), name="rounds", ratio=1),
         Layout(Panel(trend(state), title="test metric trend"), name="trend", size=3),

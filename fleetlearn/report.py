@@ -36,7 +36,9 @@ def _write(state_dir: str | Path, out_dir: str | Path) -> tuple[Path, list[str]]
     try:
         log = read_round_log(log_path)
     except FileNotFoundError:
-        raise UsageError(f"{log_path}: no round log (is {state_dir} an aggregator state dir, and has a round closed yet?)") from None
+        raise UsageError(
+            f"{log_path}: no round log (is {state_dir} an aggregator state dir, and has a round closed yet?)"
+        ) from None
     except OSError as exc:
         raise UsageError(f"{log_path}: unreadable ({exc.strerror or exc})") from None
     if not log.rounds:

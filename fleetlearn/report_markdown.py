@@ -36,7 +36,9 @@ def _headline(log: RoundLog) -> list[str]:
         first, last = scored[0], scored[-1]
         pick = max if _better_is_higher(metric) else min
         best = pick(scored, key=lambda r: r.test_value)  # type: ignore[arg-type, return-value]
-        lines.append(f"- **{metric}**: {first.test_value:.4g} after round {first.round} -> {last.test_value:.4g} after round {last.round}; best {best.test_value:.4g} (round {best.round})")
+        lines.append(
+            f"- **{metric}**: {first.test_value:.4g} after round {first.round} -> {last.test_value:.4g} after round {last.round}; best {best.test_value:.4g} (round {best.round})"
+        )
     losses = [r for r in rounds if r.train_loss is not None]
     if losses:
         lines.append(f"- **train loss**: {losses[0].train_loss:.4g} -> {losses[-1].train_loss:.4g}")
@@ -46,18 +48,25 @@ def _headline(log: RoundLog) -> list[str]:
         lines.append(f"- **devices**: {len(devices)} took part; {mean:.1f} counted per round on average")
     walls = [r.wall_s for r in rounds if r.wall_s is not None]
     if walls:
-        lines.append(f"- **wall time**: {sum(walls):.1f} s in total, {sorted(walls)[len(walls) // 2]:.3g} s median per round, {max(walls):.3g} s slowest")
+        lines.append(
+            f"- **wall time**: {sum(walls):.1f} s in total, {sorted(walls)[len(walls) // 2]:.3g} s median per round, {max(walls):.3g} s slowest"
+        )
     b_in = [r.bytes_in for r in rounds if r.bytes_in is not None]
     b_out = [r.bytes_out for r in rounds if r.bytes_out is not None]
     if b_in or b_out:
-        lines.append(f"- **traffic at the aggregator**: {_bytes(sum(b_in)) if b_in else '-'} in, {_bytes(sum(b_out)) if b_out else '-'} out")
+        lines.append(
+            f"- **traffic at the aggregator**: {_bytes(sum(b_in)) if b_in else '-'} in, {_bytes(sum(b_out)) if b_out else '-'} out"
+        )
     rejected = sum(r.rejected or 0 for r in rounds)
     extended = sum(1 for r in rounds if r.deadline_extensions)
     if rejected or extended:
         lines.append(f"- **trouble**: {rejected} update(s) rejected; {extended} round(s) needed a deadline extension")
     dp = [r for r in rounds if r.epsilon is not None]
     if dp:
-        lines.append(f"- **differential privacy**: epsilon {dp[-1].epsilon:.4g} spent by round {dp[-1].round}" + (f" (delta {dp[-1].delta:.3g})" if dp[-1].delta is not None else ""))
+        lines.append(
+            f"- **differential privacy**: epsilon {dp[-1].epsilon:.4g} spent by round {dp[-1].round}"
+            + (f" (delta {dp[-1].delta:.3g})" if dp[-1].delta is not None else "")
+        )
     return lines
 
 
@@ -87,7 +96,9 @@ def render_markdown(log: RoundLog, images: dict[str, str]) -> str:
     out = [
         "# fleetlearn report",
         "",
-        f"Round log `{log.path}`" + (f", run `{log.run_id}`" if log.run_id else "") + f": {len(rounds)} rounds ({rounds[0].round} to {rounds[-1].round}).",
+        f"Round log `{log.path}`"
+        + (f", run `{log.run_id}`" if log.run_id else "")
+        + f": {len(rounds)} rounds ({rounds[0].round} to {rounds[-1].round}).",
         "",
     ]
     for warning in log.warnings():
@@ -103,10 +114,27 @@ def render_markdown(log: RoundLog, images: dict[str, str]) -> str:
         f"![wall time per round]({images['wall_time']})",
         "",
     ]
-    header = ["round", "devices", "participants", "samples", "train loss", metric or "test metric", "wall s", "bytes in", "bytes out", "rejected", "deadline ext."]
+    header = [
+        "round",
+        "devices",
+        "participants",
+        "samples",
+        "train loss",
+        metric or "test metric",
+        "wall s",
+        "bytes in",
+        "bytes out",
+        "rejected",
+        "deadline ext.",
+    ]
     if with_dp:
         header.append("epsilon")
-    out += ["## Rounds", "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" if h not in ("participants",) else "---" for h in header) + "|"]
+    out += [
+        "## Rounds",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if h not in ("participants",) else "---" for h in header) + "|",
+    ]
     out += [_round_row(r, metric, with_dp) for r in rounds]
     devices = sorted({d for r in rounds for d in r.devices})
     if devices:

@@ -7,8 +7,8 @@ touch the caller's plotting. Returning the Figure lets tests inspect the data be
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,7 +51,9 @@ def plot_metrics(rounds: Sequence[RoundMetrics], test_metric: str | None) -> Fig
     top.set_title(f"{test_metric or 'test metric'} of the global model after each round")
     if ys:
         best = int(np.argmax(ys) if test_metric and "accuracy" in test_metric else np.argmin(ys))
-        top.annotate(f"best {ys[best]:.4g}", (xs[best], ys[best]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        top.annotate(
+            f"best {ys[best]:.4g}", (xs[best], ys[best]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8
+        )
         _log_scale_if_wide(top, ys)
     top.grid(alpha=0.3)
     xs, ys = _series(rounds, "train_loss")
@@ -89,7 +91,9 @@ def plot_participation(rounds: Sequence[RoundMetrics]) -> Figure:
     fig = _figure(max(6.0, 0.25 * len(rounds) + 3), max(2.5, 0.3 * len(devices) + 1.5))
     ax = fig.subplots()
     cmap = ListedColormap(["#eeeeee", "#f4a261", "#2a9d8f"])  # absent, rejected, counted
-    ax.imshow(m if m.size else np.zeros((1, max(1, len(rounds)))), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1)
+    ax.imshow(
+        m if m.size else np.zeros((1, max(1, len(rounds)))), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1
+    )
     ax.set_yticks(range(len(devices)), devices, fontsize=8)
     step = max(1, len(rounds) // 20)  # keep round labels readable on long runs
     ticks = list(range(0, len(rounds), step))

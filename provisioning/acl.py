@@ -33,7 +33,10 @@ def acl_text(spec: FleetSpec) -> str:
         *_block(spec.aggregator_user, topics.grants(AGGREGATOR)),
     ]
     if spec.monitor:
-        lines += ["# Read-only view of every topic of the fleet for `fleetlearn monitor`.", *_block(MONITOR_USER, topics.grants(MONITOR))]
+        lines += [
+            "# Read-only view of every topic of the fleet for `fleetlearn monitor`.",
+            *_block(MONITOR_USER, topics.grants(MONITOR)),
+        ]
     lines.append("# Each device publishes only its own update and status, and reads the fleet's shared state and its own acks.")
     for device in spec.devices:
         lines += _block(device, topics.grants(DEVICE, device))

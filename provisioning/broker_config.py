@@ -44,20 +44,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--bundle", type=Path, help="exported bundle: size the limits from its manifest and files")
     size.add_argument("--max-model-params", type=int, help="size the limits for a model of up to N parameters")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"the aggregator's --chunk-size (default {DEFAULT_CHUNK_SIZE})")
+    parser.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"the aggregator's --chunk-size (default {DEFAULT_CHUNK_SIZE})"
+    )
     parser.add_argument("--tls", action="store_true", help="TLS listener with a CA made for this fleet")
-    parser.add_argument("--host", default="localhost", help="name(s) clients use for the broker, comma-separated, in the server certificate (default localhost; 127.0.0.1 is always added)")
+    parser.add_argument(
+        "--host",
+        default="localhost",
+        help="name(s) clients use for the broker, comma-separated, in the server certificate (default localhost; 127.0.0.1 is always added)",
+    )
     parser.add_argument("--port", type=int, help="listener port (default 8883 with --tls, else 1883)")
     parser.add_argument("--bind", help="listen on this address only (default: every interface)")
     parser.add_argument("--aggregator-user", default="aggregator", help="the aggregator's MQTT user name (default aggregator)")
     parser.add_argument("--monitor", action="store_true", help=f"also a read-only user {MONITOR_USER!r} for `fleetlearn monitor`")
-    parser.add_argument("--broker-dir", type=Path, help="where the broker host keeps these files, for the paths in mosquitto.conf (default: --out)")
-    parser.add_argument("--run-as", help="mosquitto's `user` option: the account it drops to when started as root (default: mosquitto's own, `mosquitto`)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out (every password and, with --tls, the CA change)")
-    parser.add_argument("--service-port", type=int, help="listener for the aggregator and the monitor, whose client ids are their own (default --port + 1)")
-    parser.add_argument("--service-bind", default="127.0.0.1", help="address of the service listener (default 127.0.0.1: the aggregator runs on the broker host)")
-    parser.add_argument("--fleetlearn-command", help="what systemd/fleetlearn-aggregator-FLEET.service runs (default: this Python with -m fleetlearn.cli)")
-    parser.add_argument("--signing-keys", action="store_true", help="also make Ed25519 update-signing key pairs for every device and the aggregator (docs/security-signing.md)")
+    parser.add_argument(
+        "--broker-dir",
+        type=Path,
+        help="where the broker host keeps these files, for the paths in mosquitto.conf (default: --out)",
+    )
+    parser.add_argument(
+        "--run-as",
+        help="mosquitto's `user` option: the account it drops to when started as root (default: mosquitto's own, `mosquitto`)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out (every password and, with --tls, the CA change)"
+    )
+    parser.add_argument(
+        "--service-port",
+        type=int,
+        help="listener for the aggregator and the monitor, whose client ids are their own (default --port + 1)",
+    )
+    parser.add_argument(
+        "--service-bind",
+        default="127.0.0.1",
+        help="address of the service listener (default 127.0.0.1: the aggregator runs on the broker host)",
+    )
+    parser.add_argument(
+        "--fleetlearn-command",
+        help="what systemd/fleetlearn-aggregator-FLEET.service runs (default: this Python with -m fleetlearn.cli)",
+    )
+    parser.add_argument(
+        "--signing-keys",
+        action="store_true",
+        help="also make Ed25519 update-signing key pairs for every device and the aggregator (docs/security-signing.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     check_chunk_size(args.chunk_size)
-    size = size_from_bundle(args.bundle, args.chunk_size) if args.bundle is not None else size_from_params(args.max_model_params, args.chunk_size)
+    size = (
+        size_from_bundle(args.bundle, args.chunk_size)
+        if args.bundle is not None
+        else size_from_params(args.max_model_params, args.chunk_size)
+    )
     limits = compute_limits(size, len(spec.devices))
     build(spec, limits, size)
     print(

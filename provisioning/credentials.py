@@ -65,7 +65,11 @@ def collect(credentials_dir: Path | None, device_id: str) -> dict[str, bytes]:
             "add the device with `fleetlearn broker-config` first)"
         )
     files = {MQTT_PASSWORD: _read(layout.device_password(device_id), "--credentials")}
-    optional = {CA_CERT: layout.ca_cert, SIGNING_KEY: layout.device_signing_key(device_id), AGGREGATOR_PUB: layout.aggregator_signing_pub}
+    optional = {
+        CA_CERT: layout.ca_cert,
+        SIGNING_KEY: layout.device_signing_key(device_id),
+        AGGREGATOR_PUB: layout.aggregator_signing_pub,
+    }
     for name, path in optional.items():
         if path.exists():
             files[name] = _read(path, "--credentials")
@@ -77,7 +81,9 @@ def device_secrets(credentials_dir: Path | None, device_id: str, fresh_signing_k
     if not fresh_signing_key:
         return DeviceSecrets(files)
     if SIGNING_KEY in files:
-        raise CredentialsError(f"--new-signing-key: {CredentialsLayout(Path(str(credentials_dir))).device_signing_key(device_id)} already exists; use it or remove it")
+        raise CredentialsError(
+            f"--new-signing-key: {CredentialsLayout(Path(str(credentials_dir))).device_signing_key(device_id)} already exists; use it or remove it"
+        )
     # Made on the operator's machine at flash time so the public half can be registered with
     # the aggregator before the device ever connects.
     private, public = new_signing_key_pair("--new-signing-key")

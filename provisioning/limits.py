@@ -96,7 +96,9 @@ def compute_limits(size: ModelSize, n_devices: int) -> Limits:
     largest = max(frame, chunk, size.announcement_bytes, MAX_JSON_BYTES)
     message_limit = _round_up(largest + HEADROOM_BYTES, 4096)
     if message_limit > MQTT_MAX_PAYLOAD:
-        raise BrokerConfigError(f"a {size.num_params}-parameter model needs {message_limit}-byte messages, over MQTT's limit; use a smaller model")
+        raise BrokerConfigError(
+            f"a {size.num_params}-parameter model needs {message_limit}-byte messages, over MQTT's limit; use a smaller model"
+        )
     chunks = math.ceil(size.bundle_bytes / size.chunk_size)
     # Monitor: an update, a status and an ack per device per round; device: every chunk.
     queued_messages = max(3 * n_devices, chunks + 4) + CONTROL_MESSAGES

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from fleetlearn.provisioning.layout import CredentialsLayout
 from fleetlearn.provisioning.spec import MONITOR_USER, FleetSpec

@@ -9,8 +9,8 @@ Ed25519 key pairs come from the one generator, fleetlearn.edge_runtime.core.sign
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from fleetlearn.provisioning.errors import BrokerConfigError
 from fleetlearn.provisioning.layout import CredentialsLayout
@@ -81,7 +81,7 @@ def make_tls_files(fleet: str, hosts: tuple[str, ...]) -> TlsFiles:
 def _validity(days: int):
     import datetime as dt
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now - dt.timedelta(days=CLOCK_SKEW_DAYS), now + dt.timedelta(days=days)
 
 
@@ -90,7 +90,12 @@ def _ca_certificate(key, fleet: str):
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetlearn"), x509.NameAttribute(NameOID.COMMON_NAME, f"fleetlearn {fleet} CA")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetlearn"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"fleetlearn {fleet} CA"),
+        ]
+    )
     start, end = _validity(CA_DAYS)
     return (
         x509.CertificateBuilder()

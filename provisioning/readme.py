@@ -48,7 +48,8 @@ def readme_text(spec: FleetSpec, limits: Limits, size: ModelSize) -> str:
         "  right after reading `mosquitto.conf`, so that user must be able to read the other files",
         "  and write `data/` (which will hold retained global models: keep it private).",
         f"* aggregator: `{rel(out.aggregator_password)}`" + (f" and `{rel(out.ca_cert)}`." if spec.tls else "."),
-        f"* each device: its own `{rel(out.device_password(any_device))}`" + (f" and `{rel(out.ca_cert)}`" if spec.tls else "")
+        f"* each device: its own `{rel(out.device_password(any_device))}`"
+        + (f" and `{rel(out.ca_cert)}`" if spec.tls else "")
         + "; `fleetlearn flash --credentials DIR` copies exactly those, never another device's.",
     ]
     if spec.monitor:

@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from fleetlearn.provisioning.errors import BrokerConfigError
 from fleetlearn.provisioning.layout import CredentialsLayout
 
 MONITOR_USER = "monitor"
-DNS_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+DNS_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ class FleetSpec:
 
 
 def _check_name(value: str, what: str) -> str:
-    from fleetlearn.edge_runtime.core.names import check_name
     from fleetlearn.edge_runtime.core.errors import ConfigError
+    from fleetlearn.edge_runtime.core.names import check_name
 
     try:
         return check_name(value, what)
@@ -81,7 +83,9 @@ def parse_devices(text: str, reserved: Iterable[str]) -> tuple[str, ...]:
         if device in seen:
             raise BrokerConfigError(f"device id {device!r} is listed twice in --devices")
         if device in reserved:
-            raise BrokerConfigError(f"device id {device!r} is the name of a service user ({', '.join(sorted(reserved))}); rename the device")
+            raise BrokerConfigError(
+                f"device id {device!r} is the name of a service user ({', '.join(sorted(reserved))}); rename the device"
+            )
         seen.add(device)
     return ids
 
@@ -118,7 +122,9 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
     if out.exists() and not out.is_dir():
         raise BrokerConfigError(f"--out {out} exists and is not a directory")
     if out.exists() and not args.force:
-        raise BrokerConfigError(f"--out {out} already exists; pass --force to replace it (new passwords, and a new CA with --tls)")
+        raise BrokerConfigError(
+            f"--out {out} already exists; pass --force to replace it (new passwords, and a new CA with --tls)"
+        )
     broker_dir = Path(args.broker_dir).absolute() if args.broker_dir else out
     for option, path in (("--out", out), ("--broker-dir", broker_dir)):
         if re.search(r"[\x00-\x1f\x7f]", str(path)):
@@ -134,7 +140,9 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
         raise BrokerConfigError(f"--service-bind {service_bind!r} is neither an IP address nor a host name")
     command = getattr(args, "fleetlearn_command", None) or ""
     if re.search(r"[\x00-\x1f\x7f%$\\]", command) or (command and not command.startswith("/")):
-        raise BrokerConfigError(f"--fleetlearn-command {command!r} must start with an absolute path and hold no control characters, '%', '$' or '\\'")
+        raise BrokerConfigError(
+            f"--fleetlearn-command {command!r} must start with an absolute path and hold no control characters, '%', '$' or '\\'"
+        )
     if args.run_as is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", args.run_as):
         raise BrokerConfigError(f"--run-as {args.run_as!r} is not a user name")
     return FleetSpec(

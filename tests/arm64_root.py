@@ -52,7 +52,12 @@ RECIPE_VERSION = 1
 # Docs, man pages and translations are dead weight in a test root (and slow to unpack).
 DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
 APT_DIR = Path("/etc/apt")
-TOOLS = {"mmdebstrap": "mmdebstrap", "zstd": "zstd", "update-binfmts": "binfmt-support", "qemu-aarch64-static": "qemu-user-static"}
+TOOLS = {
+    "mmdebstrap": "mmdebstrap",
+    "zstd": "zstd",
+    "update-binfmts": "binfmt-support",
+    "qemu-aarch64-static": "qemu-user-static",
+}
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_ENTRY = "qemu-aarch64"
 
@@ -115,7 +120,9 @@ def debian_sources(apt_dir: Path = APT_DIR, suite: str = SUITE) -> list[str]:
                 for s in e.get("suites", "").split():
                     if wanted(s):
                         lines.append(f"deb {opts}{uri} {s} {e.get('components', 'main')}")
-    lists = [apt_dir / "sources.list"] + (sorted((apt_dir / "sources.list.d").glob("*.list")) if (apt_dir / "sources.list.d").is_dir() else [])
+    lists = [apt_dir / "sources.list"] + (
+        sorted((apt_dir / "sources.list.d").glob("*.list")) if (apt_dir / "sources.list.d").is_dir() else []
+    )
     for path in lists:
         if not path.is_file():
             continue
@@ -125,7 +132,9 @@ def debian_sources(apt_dir: Path = APT_DIR, suite: str = SUITE) -> list[str]:
                 lines.append(f"deb {m.group(1) or ''}{m.group(2)} {m.group(3)} {m.group(4)}")
     out = list(dict.fromkeys(lines))
     if not any(re.search(rf"\s{re.escape(suite)}\s", line) for line in out):
-        raise Unavailable(f"no apt source for Debian {suite} in {apt_dir} (sources.list or sources.list.d/*.sources): cannot build the arm64 root")
+        raise Unavailable(
+            f"no apt source for Debian {suite} in {apt_dir} (sources.list or sources.list.d/*.sources): cannot build the arm64 root"
+        )
     return out
 
 
@@ -133,7 +142,11 @@ def debian_sources(apt_dir: Path = APT_DIR, suite: str = SUITE) -> list[str]:
 
 
 def missing_tools() -> list[str]:
-    return sorted(pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists() and not Path(f"/usr/sbin/{tool}").exists())
+    return sorted(
+        pkg
+        for tool, pkg in TOOLS.items()
+        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists() and not Path(f"/usr/sbin/{tool}").exists()
+    )
 
 
 def ensure_binfmt() -> None:
@@ -142,11 +155,15 @@ def ensure_binfmt() -> None:
         raise Unavailable("the emulated arm64 root needs root (mount, chroot, binfmt_misc); run the tests as root, as CI does")
     missing = missing_tools()
     if missing:
-        raise Unavailable(f"missing Debian packages for the arm64 root: {' '.join(missing)} (make test installs them with apt-get)")
+        raise Unavailable(
+            f"missing Debian packages for the arm64 root: {' '.join(missing)} (make test installs them with apt-get)"
+        )
     if not (BINFMT_DIR / "status").exists():
         proc = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise Unavailable(f"cannot mount binfmt_misc at {BINFMT_DIR}: {proc.stderr.strip() or proc.returncode} (a container without that privilege cannot emulate arm64)")
+            raise Unavailable(
+                f"cannot mount binfmt_misc at {BINFMT_DIR}: {proc.stderr.strip() or proc.returncode} (a container without that privilege cannot emulate arm64)"
+            )
     entry = BINFMT_DIR / BINFMT_ENTRY
     if not entry.exists() or not entry.read_text().startswith("enabled"):
         proc = subprocess.run(["update-binfmts", "--enable", BINFMT_ENTRY], capture_output=True, text=True)
@@ -175,7 +192,7 @@ def build_tarball(log=print) -> Path:
         cmd = ["mmdebstrap", "--quiet", "--mode=root", f"--variant={VARIANT}", f"--architectures={ARCH}", "--format=directory"]
         cmd += [f"--include={','.join(PACKAGES)}"]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES]
-        cmd += ["--aptopt=Acquire::Languages \"none\"", SUITE, str(root)] + sources
+        cmd += ['--aptopt=Acquire::Languages "none"', SUITE, str(root)] + sources
         log(f"arm64-root: building {out.name} with mmdebstrap ({len(sources)} apt sources from {APT_DIR}); takes minutes")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -187,7 +204,9 @@ def build_tarball(log=print) -> Path:
         shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
         (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
         tmp = scratch / "root.tar.zst"
-        subprocess.run(["tar", "--numeric-owner", "--xattrs", "-I", "zstd -T0 -3", "-C", str(root), "-cf", str(tmp), "."], check=True)
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "-I", "zstd -T0 -3", "-C", str(root), "-cf", str(tmp), "."], check=True
+        )
         os.replace(tmp, out)
         return out
     finally:
@@ -281,7 +300,7 @@ class Arm64Root:
         self.tarball = tarball
         self._mounted: list[Path] = []
 
-    def __enter__(self) -> "Arm64Root":
+    def __enter__(self) -> Arm64Root:
         try:
             self.path.mkdir(parents=True)
             subprocess.run(["tar", "--numeric-owner", "-I", "zstd", "-C", str(self.path), "-xf", str(self.tarball)], check=True)
@@ -313,7 +332,12 @@ class Arm64Root:
         self.close()
 
     def env(self, **extra: str) -> dict[str, str]:
-        base = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+        base = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+        }
         return {**base, **extra}
 
     def command(self, *argv: str) -> list[str]:
@@ -340,14 +364,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         tarball, built = ensure_tarball()
         t1 = time.monotonic()
-        print(f"arm64-root: {'built' if built else 'cached'} {tarball} ({tarball.stat().st_size / 1e6:.0f} MB) in {t1 - t0:.1f} s")
+        print(
+            f"arm64-root: {'built' if built else 'cached'} {tarball} ({tarball.stat().st_size / 1e6:.0f} MB) in {t1 - t0:.1f} s"
+        )
         if args.action == "check":
             work = Path(tempfile.mkdtemp(prefix="arm64-root-", dir="/var/tmp"))
             try:
                 with Arm64Root(work, tarball) as root:
                     t2 = time.monotonic()
                     proc = root.run("python3", "-c", "import platform, sys; print(platform.machine(), sys.version.split()[0])")
-                    print(f"arm64-root: unpacked and mounted in {t2 - t1:.1f} s; inside: {proc.stdout.strip() or proc.stderr.strip()} ({time.monotonic() - t2:.1f} s)")
+                    print(
+                        f"arm64-root: unpacked and mounted in {t2 - t1:.1f} s; inside: {proc.stdout.strip() or proc.stderr.strip()} ({time.monotonic() - t2:.1f} s)"
+                    )
                     if proc.returncode != 0 or not proc.stdout.startswith("aarch64"):
                         return 1
             finally:

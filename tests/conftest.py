@@ -60,7 +60,7 @@ class Broker:
         self.proc: subprocess.Popen | None = None
         self.log = workdir / f"{kind}-broker.log"
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
             conf.write_text(

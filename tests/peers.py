@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 class Peer:
     def __init__(self, url: str, subscriptions: list[str] = ()):
         host, port = url.split("://", 1)[1].split(":")
-        self.messages: "queue.Queue[tuple[str, bytes, bool]]" = queue.Queue()
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-peer-{uuid.uuid4().hex[:8]}")
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), bool(m.retain)))
         self.client.connect(host, int(port))

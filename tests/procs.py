@@ -21,7 +21,9 @@ class FleetlearnProcess:
 
     def __init__(self, log: Path, *args: str):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetlearn.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb")
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

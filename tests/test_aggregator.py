@@ -9,21 +9,33 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
-from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
 from fleetlearn.edge_runtime.core.protocol import Ack, BundleAnnouncement, GlobalModel, RoundState, Topics, Update, encode_chunk
-from tests.procs import AggregatorProcess
+from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
 from tests.peers import Recorder
+from tests.procs import AggregatorProcess
 
 FLEET = "aggtest"
 T = Topics(FLEET)
-REQUIRED_FIELDS = {"round", "run_id", "devices", "samples", "train_loss", "test_mse", "wall_s", "bytes_in", "bytes_out", "deadline_extensions", "rejected"}
+REQUIRED_FIELDS = {
+    "round",
+    "run_id",
+    "devices",
+    "samples",
+    "train_loss",
+    "test_mse",
+    "wall_s",
+    "bytes_in",
+    "bytes_out",
+    "deadline_extensions",
+    "rejected",
+}
 
 
 class Peer(Recorder):
@@ -37,7 +49,9 @@ class Peer(Recorder):
         return self.wait(lambda t, p: t == T.global_model and p and (g := GlobalModel.decode(p)).round == rnd and g, timeout)
 
     def round_state(self, rnd: int, state: str, timeout: float = 30.0) -> RoundState:
-        return self.wait(lambda t, p: t == T.round and p and (s := RoundState.decode(p)).round == rnd and s.state == state and s, timeout)
+        return self.wait(
+            lambda t, p: t == T.round and p and (s := RoundState.decode(p)).round == rnd and s.state == state and s, timeout
+        )
 
     def ack(self, nonce: str, timeout: float = 30.0, nth: int = 1) -> Ack:
         def match(t, p):
@@ -47,7 +61,11 @@ class Peer(Recorder):
         end = time.monotonic() + timeout
         while len(acks) < nth:
             with self.cond:
-                acks = [a for topic, p, _ in self.msgs if topic == T.ack(self.device) and (a := _try(Ack.decode, p)) and a.nonce == nonce]
+                acks = [
+                    a
+                    for topic, p, _ in self.msgs
+                    if topic == T.ack(self.device) and (a := _try(Ack.decode, p)) and a.nonce == nonce
+                ]
                 if len(acks) >= nth:
                     break
                 if time.monotonic() > end:
@@ -62,10 +80,23 @@ class Peer(Recorder):
     def send(self, payload: bytes, device: str | None = None) -> None:
         self.client.publish(T.update(device or self.device), payload, qos=1).wait_for_publish(10)
 
-    def update(self, g: GlobalModel, delta: np.ndarray, samples: int, loss: float = 1.0, nonce: str | None = None, **kw) -> Update:
-        fields = dict(run_id=g.run_id, round=g.round, device_id=self.device, model_hash=g.model_hash, samples=samples, train_loss=loss, train_s=0.01, nonce=nonce or secrets.token_hex(16), delta=delta)
+    def update(
+        self, g: GlobalModel, delta: np.ndarray, samples: int, loss: float = 1.0, nonce: str | None = None, **kw
+    ) -> Update:
+        fields = dict(
+            run_id=g.run_id,
+            round=g.round,
+            device_id=self.device,
+            model_hash=g.model_hash,
+            samples=samples,
+            train_loss=loss,
+            train_s=0.01,
+            nonce=nonce or secrets.token_hex(16),
+            delta=delta,
+        )
         fields.update(kw)
         return Update(**fields)
+
 
 def _try(fn, *args):
     try:
@@ -118,7 +149,9 @@ def state_weights(state: Path, rnd: int) -> np.ndarray:
     return np.fromfile(state / "global" / f"round_{rnd:04d}.f32", dtype="<f4")
 
 
-def common(rounds: int, min_devices: int, target: int | None = None, deadline: float = 30, test_data: Path | None = None, *more: str) -> list[str]:
+def common(
+    rounds: int, min_devices: int, target: int | None = None, deadline: float = 30, test_data: Path | None = None, *more: str
+) -> list[str]:
     args = ["--rounds", str(rounds), "--min-devices", str(min_devices), "--deadline", str(deadline)]
     if target is not None:
         args += ["--target-devices", str(target)]
@@ -135,10 +168,14 @@ def test_weighted_average_of_three_devices(any_broker, boston_bundle, boston_sha
     on the retained global topic and in the state dir; rounds.jsonl has the required fields."""
     _, test_npz = boston_shards
     state = tmp_path / "state"
-    agg = agg_factory.agg(any_broker.url, boston_bundle, state, *common(1, 3, 3, 30, test_npz, "--local-epochs", "2", "--batch-size", "16"))
+    agg = agg_factory.agg(
+        any_broker.url, boston_bundle, state, *common(1, 3, 3, 30, test_npz, "--local-epochs", "2", "--batch-size", "16")
+    )
     peers = [agg_factory.peer(any_broker.url, f"dev-{i}") for i in range(3)]
     g1 = peers[0].global_model(1)
-    assert g1.train and g1.total_rounds == 1 and g1.config.local_epochs == 2 and g1.config.batch_size == 16 and g1.config.lr is None
+    assert (
+        g1.train and g1.total_rounds == 1 and g1.config.local_epochs == 2 and g1.config.batch_size == 16 and g1.config.lr is None
+    )
     assert g1.model_hash == load_bundle(boston_bundle).model_hash
     rng = np.random.default_rng(7)
     samples = [11, 40, 153]
@@ -167,7 +204,9 @@ def test_weighted_average_of_three_devices(any_broker, boston_bundle, boston_sha
     assert REQUIRED_FIELDS <= set(rec)
     assert rec["round"] == 1 and rec["devices"] == ["dev-0", "dev-1", "dev-2"] and rec["samples"] == sum(samples)
     assert rec["train_loss"] == pytest.approx(sum(n * l for n, l in zip(samples, losses)) / sum(samples))
-    assert rec["run_id"] == g1.run_id and rec["rejected"] == 0 and rec["deadline_extensions"] == 0 and rec["closed_by"] == "target"
+    assert (
+        rec["run_id"] == g1.run_id and rec["rejected"] == 0 and rec["deadline_extensions"] == 0 and rec["closed_by"] == "target"
+    )
     assert rec["bytes_in"] >= 3 * 4 * g1.weights.size and rec["bytes_out"] >= 4 * g1.weights.size
     metrics = observer.wait(lambda t, p: t == T.metrics and json.loads(p))
     assert metrics["round"] == 1 and metrics["test_mse"] == rec["test_mse"] and metrics["v"] == 1
@@ -257,13 +296,21 @@ def test_duplicates_late_and_malformed_updates(any_broker, boston_bundle, tmp_pa
         assert not ack.accepted, what
     # A device id in the meta that is not the topic's: answered on the topic's device.
     c.send(a.update(g, np.zeros(n, np.float32), 5).encode(), device="dev-c")
-    assert "does not match the topic" in c.wait(lambda t, p: t == T.ack("dev-c") and "topic" in (x := Ack.decode(p)).reason and x).reason
+    assert (
+        "does not match the topic"
+        in c.wait(lambda t, p: t == T.ack("dev-c") and "topic" in (x := Ack.decode(p)).reason and x).reason
+    )
 
     ub = b.update(g, np.full(n, 0.04, np.float32), 30)
     b.send(ub.encode())
     assert b.ack(ub.nonce).accepted
     g2 = a.global_model(2)
-    np.testing.assert_allclose(g2.weights, g.weights.astype(np.float64) + (10 * da[0].astype(np.float64) + 30 * np.float64(np.float32(0.04))) / 40, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        g2.weights,
+        g.weights.astype(np.float64) + (10 * da[0].astype(np.float64) + 30 * np.float64(np.float32(0.04))) / 40,
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
     # Round 1 is closed now: a late update is rejected; a re-send of a counted one is acked.
     late = c.update(g, np.zeros(n, np.float32), 5)
@@ -282,7 +329,11 @@ def test_duplicates_late_and_malformed_updates(any_broker, boston_bundle, tmp_pa
     assert r2["rejected"] == 1  # the late round-1 update arrived while round 2 was open
     log = agg.text()
     assert log.count("event=update_rejected") == len(bad) + 3
-    assert all(line.count("round=") == 1 and "device=" in line and "reason=" in line for line in log.splitlines() if "event=update_rejected" in line)
+    assert all(
+        line.count("round=") == 1 and "device=" in line and "reason=" in line
+        for line in log.splitlines()
+        if "event=update_rejected" in line
+    )
 
 
 def test_restart_between_rounds_resumes_bit_identical(any_broker, boston_bundle, tmp_path, agg_factory):
@@ -351,7 +402,9 @@ def test_bundle_is_distributed_and_an_old_runs_chunks_are_cleared(any_broker, bo
     seeder = agg_factory.peer(any_broker.url, "seeder")
     old = BundleAnnouncement(old_hash, {}, (), 3000, 1024, 3)
     for i in range(3):
-        seeder.client.publish(T.bundle_chunk(old_hash, i), encode_chunk(old_hash, i, 3, b"x" * 1000), qos=1, retain=True).wait_for_publish(5)
+        seeder.client.publish(
+            T.bundle_chunk(old_hash, i), encode_chunk(old_hash, i, 3, b"x" * 1000), qos=1, retain=True
+        ).wait_for_publish(5)
     seeder.client.publish(T.bundle, old.encode(), qos=1, retain=True).wait_for_publish(5)
 
     state = tmp_path / "state"
@@ -363,9 +416,14 @@ def test_bundle_is_distributed_and_an_old_runs_chunks_are_cleared(any_broker, bo
     g = dev.global_model(1)
     wait_until(lambda: "event=old_bundle_cleared" in agg.text())
 
-    fetch = agg_factory.peer(any_broker.url, "fetcher", subscribe=(T.bundle_chunks(manifest.model_hash), T.bundle_chunks(old_hash)))
+    fetch = agg_factory.peer(
+        any_broker.url, "fetcher", subscribe=(T.bundle_chunks(manifest.model_hash), T.bundle_chunks(old_hash))
+    )
     assembly = BundleAssembly(ann)
-    fetch.wait(lambda t, p: (t.startswith(T.bundle + "/" + manifest.model_hash) and p and assembly.add(p)) or assembly.complete, timeout=30)
+    fetch.wait(
+        lambda t, p: (t.startswith(T.bundle + "/" + manifest.model_hash) and p and assembly.add(p)) or assembly.complete,
+        timeout=30,
+    )
     assert assembly.install(tmp_path / "fetched").model_hash == manifest.model_hash
     time.sleep(0.5)
     with fetch.cond:
@@ -430,7 +488,13 @@ def test_python_api_in_process_with_the_embedded_broker(boston_bundle, tmp_path)
 
     events: list[tuple[str, dict]] = []
     with EmbeddedBroker("127.0.0.1", 0) as broker:
-        cfg = AggregatorConfig(broker=broker.url, state_dir=tmp_path / "state", bundle=boston_bundle, rounds=RoundPolicy(rounds=2, min_devices=1, deadline=20), fleet=FLEET)
+        cfg = AggregatorConfig(
+            broker=broker.url,
+            state_dir=tmp_path / "state",
+            bundle=boston_bundle,
+            rounds=RoundPolicy(rounds=2, min_devices=1, deadline=20),
+            fleet=FLEET,
+        )
         agg = Aggregator(cfg, on_event=lambda name, fields: events.append((name, fields)))
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(agg.run()))
@@ -457,7 +521,14 @@ def test_stop_from_another_thread_while_waiting(boston_bundle, tmp_path):
     from fleetlearn.aggregator.engine import Aggregator
 
     with EmbeddedBroker("127.0.0.1", 0) as broker:
-        agg = Aggregator(AggregatorConfig(broker=broker.url, state_dir=tmp_path / "s", bundle=boston_bundle, rounds=RoundPolicy(rounds=1, min_devices=1, deadline=60)))
+        agg = Aggregator(
+            AggregatorConfig(
+                broker=broker.url,
+                state_dir=tmp_path / "s",
+                bundle=boston_bundle,
+                rounds=RoundPolicy(rounds=1, min_devices=1, deadline=60),
+            )
+        )
         threading.Timer(2.0, agg.stop).start()
         t0 = time.monotonic()
         assert agg.run() == 143 and time.monotonic() - t0 < 10
@@ -470,9 +541,14 @@ def test_an_overflowing_model_fails_the_round_and_emits_round_failed(boston_bund
 
     events: list[tuple[str, dict]] = []
     with EmbeddedBroker("127.0.0.1", 0) as broker:
-        cfg = AggregatorConfig(broker=broker.url, state_dir=tmp_path / "state", bundle=boston_bundle, fleet=FLEET,
-                               rounds=RoundPolicy(rounds=2, min_devices=1, deadline=20),
-                               strategy=StrategyChoice("fedavgm", {"server_lr": 10.0}))
+        cfg = AggregatorConfig(
+            broker=broker.url,
+            state_dir=tmp_path / "state",
+            bundle=boston_bundle,
+            fleet=FLEET,
+            rounds=RoundPolicy(rounds=2, min_devices=1, deadline=20),
+            strategy=StrategyChoice("fedavgm", {"server_lr": 10.0}),
+        )
         agg = Aggregator(cfg, on_event=lambda name, fields: events.append((name, fields)))
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(agg.run()))

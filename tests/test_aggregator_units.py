@@ -15,14 +15,13 @@ from hypothesis import strategies as st
 from fleetlearn.aggregator.distribution import chunk_messages, clear_messages, plan_bundle
 from fleetlearn.aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulator, weighted_sum_update
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, decode_partial, encode_partial
-from fleetlearn.aggregator.round_log import append_round_record, read_round_log
-from fleetlearn.edge_runtime.core.protocol import RoundMetrics
 from fleetlearn.aggregator.registry import make_strategy
+from fleetlearn.aggregator.round_log import append_round_record, read_round_log
 from fleetlearn.aggregator.validation import Rejection, max_update_bytes, validate_update
 from fleetlearn.edge_runtime.core.bundle import load_bundle
-from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
 from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, Topics, Update
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, RoundMetrics, Topics, Update
+from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly
 
 N = 7
 HASH = "ab" * 32
@@ -106,7 +105,10 @@ def test_fedavg_state_dict_round_trip_is_bit_identical(store):
 def test_unknown_strategy_is_a_usage_error():
     with pytest.raises(UsageError, match="fedavg") as exc:
         make_strategy("krum")
-    assert str(exc.value) == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg, fedprox"
+    assert (
+        str(exc.value)
+        == "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg, fedprox"
+    )
     assert type(make_strategy("fedavg")) is FedAvg
 
 
@@ -115,7 +117,13 @@ def test_unknown_strategy_is_a_usage_error():
 
 def check(store, payload, device="dev-a", accepted=None, previous=None, topic=None):
     return validate_update(
-        topic or T.update(device), payload, topics=T, num_params=N, version=store, accepted=accepted or {}, previous_accepted=previous or {}
+        topic or T.update(device),
+        payload,
+        topics=T,
+        num_params=N,
+        version=store,
+        accepted=accepted or {},
+        previous_accepted=previous or {},
     )
 
 
@@ -195,7 +203,17 @@ def test_a_crash_between_state_and_round_log_is_repaired(tmp_path, store):
 
 def test_partial_round_round_trip_and_stale_partial_is_dropped(tmp_path, store):
     acc = np.random.default_rng(3).normal(size=N)
-    p = PartialRound(store.run_id, 1, {"dev-a": "a" * 32, "dev-b": "b" * 32}, {"sum": acc, "total_samples": 5, "loss_sum": 2.5}, 123.0, 10, 20, 1, 2)
+    p = PartialRound(
+        store.run_id,
+        1,
+        {"dev-a": "a" * 32, "dev-b": "b" * 32},
+        {"sum": acc, "total_samples": 5, "loss_sum": 2.5},
+        123.0,
+        10,
+        20,
+        1,
+        2,
+    )
     store.save_partial(p)
     q = store.load_partial(1)
     assert q is not None and q.accepted == p.accepted and list(q.accepted) == ["dev-a", "dev-b"]
@@ -230,7 +248,9 @@ def test_round_log_is_rewritten_whole_and_a_reclosed_round_logged_once(tmp_path)
     append_round_record(path, rec(2, 3))
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"round": 1, "run_id": old_run, "a": 0}, {"round": 1, "run_id": run, "a": 1}, {"round": 2, "run_id": run, "a": 3},
+        {"round": 1, "run_id": old_run, "a": 0},
+        {"round": 1, "run_id": run, "a": 1},
+        {"round": 2, "run_id": run, "a": 3},
     ]
     log = read_round_log(path)
     assert [(r.round, r.extra["a"]) for r in log.rounds] == [(1, 1), (2, 3)] and log.other_runs == 1 and not log.torn_tail
@@ -294,12 +314,18 @@ def test_one_call_logs_and_notifies_every_listener(caplog):
         ev.emit("round_closed", 3, notify={"round": 3, "devices": ["a"]}, accepted=1)
     lines = [r.getMessage() for r in caplog.records if r.name == "fleetlearn.aggregator"]
     assert 'event=round_failed round=3 reason="why it failed"' in lines
-    assert "event=update_rejected device=pi-07 round=3 reason=bad" in lines and "event=update_duplicate device=pi-07 round=3" in lines
+    assert (
+        "event=update_rejected device=pi-07 round=3 reason=bad" in lines
+        and "event=update_duplicate device=pi-07 round=3" in lines
+    )
     assert sum("event=on_event_failed" in line for line in lines) == 3  # the broken listener, once per emit
     assert got == [
-        ("round_failed", {"round": 3, "reason": "why it failed"}), ("second:round_failed", {"round": 3, "reason": "why it failed"}),
-        ("update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}), ("second:update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}),
-        ("round_closed", {"round": 3, "devices": ["a"]}), ("second:round_closed", {"round": 3, "devices": ["a"]}),
+        ("round_failed", {"round": 3, "reason": "why it failed"}),
+        ("second:round_failed", {"round": 3, "reason": "why it failed"}),
+        ("update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}),
+        ("second:update_rejected", {"round": 3, "device": "pi-07", "reason": "bad"}),
+        ("round_closed", {"round": 3, "devices": ["a"]}),
+        ("second:round_closed", {"round": 3, "devices": ["a"]}),
     ]
 
 
@@ -317,7 +343,9 @@ def test_update_norm_telemetry_streams_and_survives_the_partial_round():
         stats.add(float(np.sqrt(np.sum(d.astype(np.float64) ** 2))), n)
     norms = [np.linalg.norm(d) for d in deltas]
     want = sum(n * x for n, x in zip(ns, norms)) / sum(ns)
-    assert stats.summary()["update_norm"] == pytest.approx(want, rel=1e-12) and stats.summary()["update_norm_max"] == pytest.approx(max(norms), rel=1e-12)
+    assert stats.summary()["update_norm"] == pytest.approx(want, rel=1e-12) and stats.summary()[
+        "update_norm_max"
+    ] == pytest.approx(max(norms), rel=1e-12)
     raw = encode_partial(PartialRound("a" * 32, 1, {"d": "1" * 32}, {}, norms=stats.to_doc()))
     assert NormStats.from_doc(decode_partial(raw).norms) == stats
     assert NormStats.from_doc({}) == NormStats()

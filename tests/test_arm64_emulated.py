@@ -50,7 +50,11 @@ def arm64(tmp_path_factory):
     work = Path(tempfile.mkdtemp(prefix="fleetlearn-arm64-", dir="/var/tmp"))
     try:
         with arm64_root.Arm64Root(work, tarball) as root:
-            root.setup_s = {"cache": "cold" if built else "warm", "tarball_s": round(t1 - t0, 1), "unpack_mount_s": round(time.monotonic() - t1, 1)}
+            root.setup_s = {
+                "cache": "cold" if built else "warm",
+                "tarball_s": round(t1 - t0, 1),
+                "unpack_mount_s": round(time.monotonic() - t1, 1),
+            }
             yield root
     finally:
         arm64_root.remove_unmounted(work)  # refuses to delete through a mount left behind
@@ -80,19 +84,29 @@ def _statuses(peer: Peer) -> dict[str, list[dict]]:
     return out
 
 
-def test_pi4_image_installs_and_trains_in_emulated_arm64_beside_x86(arm64, project_wheel, aarch64_wheelhouse, mosquitto, boston_bundle, boston_shards, tmp_path):
+def test_pi4_image_installs_and_trains_in_emulated_arm64_beside_x86(
+    arm64, project_wheel, aarch64_wheelhouse, mosquitto, boston_bundle, boston_shards, tmp_path
+):
     shards, test_npz = boston_shards
     image = arm64.path / "tmp" / "pi4-image"
     proc = flash_ok(
-        "--profile", PROFILE,
-        "--bundle", boston_bundle,
+        "--profile",
+        PROFILE,
+        "--bundle",
+        boston_bundle,
         f"--device-id={PI_DEVICE}",
-        "--broker", mosquitto.url,  # the host's loopback: the chroot shares its network namespace
-        "--fleet", FLEET,
-        "--wheel", project_wheel,
-        "--wheelhouse", aarch64_wheelhouse,
-        "--set", "training.threads=1",
-        "--out", image,
+        "--broker",
+        mosquitto.url,  # the host's loopback: the chroot shares its network namespace
+        "--fleet",
+        FLEET,
+        "--wheel",
+        project_wheel,
+        "--wheelhouse",
+        aarch64_wheelhouse,
+        "--set",
+        "training.threads=1",
+        "--out",
+        image,
     )
     assert "engine: portable" in proc.stdout and "verified: emulated" in proc.stdout, proc.stdout
     wheel_names = sorted(p.name for p in (image / "wheels").iterdir())
@@ -110,28 +124,59 @@ def test_pi4_image_installs_and_trains_in_emulated_arm64_beside_x86(arm64, proje
     assert "installed the agent with the portable engine (onnxruntime " in install.stdout, install.stdout
     assert "trimmed from the venv: pip, setuptools, numpy's tests, onnxruntime's C library" in install.stdout, install.stdout
     prefix = arm64.path / "opt" / "fleetlearn"
-    machine = arm64.run("/opt/fleetlearn/venv/bin/python", "-c", "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)")
+    machine = arm64.run(
+        "/opt/fleetlearn/venv/bin/python",
+        "-c",
+        "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)",
+    )
     assert machine.returncode == 0 and machine.stdout.split()[0] == "aarch64", machine.stdout + machine.stderr
     no_training = arm64.run("/opt/fleetlearn/venv/bin/python", "-c", "import torch")
     assert no_training.returncode != 0 and "No module named 'torch'" in no_training.stderr
     installed_mb = sum(p.stat().st_size for p in prefix.rglob("*") if p.is_file() and not p.is_symlink()) / 1e6
-    print(f"arm64 root set-up {arm64.setup_s}; install.sh under emulation {install_s:.0f} s; installed prefix {installed_mb:.0f} MB", flush=True)
+    print(
+        f"arm64 root set-up {arm64.setup_s}; install.sh under emulation {install_s:.0f} s; installed prefix {installed_mb:.0f} MB",
+        flush=True,
+    )
 
     # A small shard for the emulated device, a normal one for the x86_64 device.
     with np.load(shards[0]) as d:
         np.savez(prefix / "data" / "train.npz", x=d["x"][:100], y=d["y"][:100])
     state = tmp_path / "agg"
     peer = Peer(mosquitto.url, [f"fleetlearn/{FLEET}/status/+"])
-    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, "--rounds", str(ROUNDS), "--min-devices", "2", "--deadline", "600",
-                            "--test-data", str(test_npz), bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        mosquitto.url,
+        FLEET,
+        state,
+        "--rounds",
+        str(ROUNDS),
+        "--min-devices",
+        "2",
+        "--deadline",
+        "600",
+        "--test-data",
+        str(test_npz),
+        bundle=boston_bundle,
+    )
     pi_log = open(tmp_path / "pi.log", "wb")
-    pi = arm64.popen("/opt/fleetlearn/venv/bin/fleetlearn", "device", "--config", "/opt/fleetlearn/device.toml", "--max-rounds", str(ROUNDS),
-                     stdout=pi_log, stderr=subprocess.STDOUT)
+    pi = arm64.popen(
+        "/opt/fleetlearn/venv/bin/fleetlearn",
+        "device",
+        "--config",
+        "/opt/fleetlearn/device.toml",
+        "--max-rounds",
+        str(ROUNDS),
+        stdout=pi_log,
+        stderr=subprocess.STDOUT,
+    )
     x86_cfg = write_config(tmp_path, mosquitto.url, boston_bundle, shards[1], device_id=X86_DEVICE)
     x86 = start_device(x86_cfg, tmp_path / "x86.log", "--max-rounds", str(ROUNDS))
 
     def logs() -> str:
-        return "\n".join(f"--- {n}\n{(tmp_path / n).read_text(errors='replace')[-3000:]}" for n in ("pi.log", "x86.log")) + f"\n--- aggregator\n{agg.text()[-3000:]}"
+        return (
+            "\n".join(f"--- {n}\n{(tmp_path / n).read_text(errors='replace')[-3000:]}" for n in ("pi.log", "x86.log"))
+            + f"\n--- aggregator\n{agg.text()[-3000:]}"
+        )
 
     # The device process on this machine is qemu running an aarch64 Python (binfmt_misc's interpreter).
     time.sleep(1.0)
@@ -157,8 +202,14 @@ def test_pi4_image_installs_and_trains_in_emulated_arm64_beside_x86(arm64, proje
     # retained on status/<device>): the Pi image's portable engine on aarch64 under emulation,
     # beside this checkout's venv, where "auto" picks onnxruntime-training on x86_64.
     statuses = _statuses(peer)
-    assert any(s.get("engine") == "portable" and s.get("arch") == "aarch64" for s in statuses.get(PI_DEVICE, [])), (statuses, logs())
-    assert any(s.get("engine") == "ort-training" and s.get("arch") == "x86_64" for s in statuses.get(X86_DEVICE, [])), (statuses, logs())
+    assert any(s.get("engine") == "portable" and s.get("arch") == "aarch64" for s in statuses.get(PI_DEVICE, [])), (
+        statuses,
+        logs(),
+    )
+    assert any(s.get("engine") == "ort-training" and s.get("arch") == "x86_64" for s in statuses.get(X86_DEVICE, [])), (
+        statuses,
+        logs(),
+    )
     assert "engine=portable" in (tmp_path / "pi.log").read_text(), logs()
 
 
@@ -168,8 +219,21 @@ def test_debian12_aarch64_profiles_carry_the_same_wheels(project_wheel, aarch64_
     sets = {}
     for name in DEBIAN12_AARCH64:
         out = tmp_path / name
-        flash_ok("--profile", name, "--bundle", boston_bundle, "--device-id=d1", "--broker", "mqtt://127.0.0.1:1883",
-                 "--wheel", project_wheel, "--wheelhouse", aarch64_wheelhouse, "--out", out)
+        flash_ok(
+            "--profile",
+            name,
+            "--bundle",
+            boston_bundle,
+            "--device-id=d1",
+            "--broker",
+            "mqtt://127.0.0.1:1883",
+            "--wheel",
+            project_wheel,
+            "--wheelhouse",
+            aarch64_wheelhouse,
+            "--out",
+            out,
+        )
         sets[name] = sorted(p.name for p in (out / "wheels").iterdir())
         assert (out / "requirements.txt").read_text() == (tmp_path / DEBIAN12_AARCH64[0] / "requirements.txt").read_text()
     assert all(s == sets[PROFILE] for s in sets.values()), sets

@@ -24,7 +24,9 @@ class Client:
     def __init__(self, port: int, clean: bool = True):
         self.got: dict[str, list[tuple[bytes, bool]]] = {}
         self.cond = threading.Condition()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv311, clean_session=clean)
+        self.c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv311, clean_session=clean
+        )
         self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
@@ -92,7 +94,9 @@ def test_fleetlearn_broker_process_serves_retained_qos1_and_exits_0_on_sigterm(a
 
 def test_broker_process_exits_0_on_sigint(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "broker", "--embedded", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetlearn.cli", "broker", "--embedded", "--port", str(port)], cwd=ROOT, stderr=subprocess.PIPE
+    )
     try:
         wait_port(port)
         c = Client(port)
@@ -109,7 +113,13 @@ def test_broker_on_a_taken_port_exits_2_with_one_line(tmp_path, which):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "broker", *which, "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "fleetlearn.cli", "broker", *which, "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fleetlearn broker: error: cannot run the broker on 127.0.0.1:{port}")
@@ -147,7 +157,12 @@ def test_embedded_broker_accepts_any_credentials_and_persistent_sessions():
 
 def start_broker_cli(log, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "broker", "--port", str(port), *args], cwd=ROOT, stderr=open(log, "wb"), env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetlearn.cli", "broker", "--port", str(port), *args],
+        cwd=ROOT,
+        stderr=open(log, "wb"),
+        env={**os.environ, **(env or {})},
+    )
     wait_port(port)
     return proc, port
 

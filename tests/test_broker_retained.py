@@ -36,7 +36,12 @@ class Sub:
         self.got: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv311, clean_session=clean)
+        self.c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"t-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv311,
+            clean_session=clean,
+        )
         self.c.on_connect = lambda *a: self.connected.set()
         self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", port)

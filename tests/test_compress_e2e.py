@@ -21,7 +21,8 @@ import pytest
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.core.protocol import MIN_MAX_MESSAGE_SIZE
-from fleetlearn.edge_runtime.device.feedback import FILE as EF_FILE, SETTLED
+from fleetlearn.edge_runtime.device.feedback import FILE as EF_FILE
+from fleetlearn.edge_runtime.device.feedback import SETTLED
 from tests.conftest import Broker, mosquitto_binary, stop_process
 from tests.peers import Peer
 from tests.procs import AggregatorProcess
@@ -48,7 +49,7 @@ class LimitedMosquitto(Broker):
         super().__init__("mosquitto", workdir)
         self.limit = limit
 
-    def start(self) -> "LimitedMosquitto":
+    def start(self) -> LimitedMosquitto:
         import subprocess
 
         from tests.conftest import ROOT, wait_port
@@ -58,7 +59,9 @@ class LimitedMosquitto(Broker):
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
             f"max_queued_messages 10000\nmessage_size_limit {self.limit}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
         )
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)], stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT
+        )
         wait_port(self.port)
         return self
 
@@ -81,11 +84,32 @@ def rounds_of(state: Path) -> list[dict]:
     return [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
 
 
-def run_fleet(tmp_path: Path, url: str, bundle_arg: list[str], device_bundles: list[Path], shards: list[Path], rounds: int, *agg_extra: str,
-              agg_timeout: float = 180, **training) -> tuple[Path, list[str]]:
+def run_fleet(
+    tmp_path: Path,
+    url: str,
+    bundle_arg: list[str],
+    device_bundles: list[Path],
+    shards: list[Path],
+    rounds: int,
+    *agg_extra: str,
+    agg_timeout: float = 180,
+    **training,
+) -> tuple[Path, list[str]]:
     state = tmp_path / "agg"
-    agg = AggregatorProcess(tmp_path, url, FLEET, state, "--rounds", str(rounds), "--min-devices", str(len(shards)), "--deadline", "90",
-                            *bundle_arg, *agg_extra)
+    agg = AggregatorProcess(
+        tmp_path,
+        url,
+        FLEET,
+        state,
+        "--rounds",
+        str(rounds),
+        "--min-devices",
+        str(len(shards)),
+        "--deadline",
+        "90",
+        *bundle_arg,
+        *agg_extra,
+    )
     devices = []
     try:
         for i, (shard, dev_bundle) in enumerate(zip(shards, device_bundles)):
@@ -110,8 +134,18 @@ RATIO = {"fp16": 0.56, "int8:256": 0.31, "topk:0.05": 0.15}
 def test_boston_rounds_with_each_encoding(mosquitto, tmp_path, boston_bundle, boston_shards, compression):
     shards, test_npz = boston_shards
     shards = shards[:2]
-    state, logs = run_fleet(tmp_path, mosquitto.url, ["--bundle", str(boston_bundle)], [boston_bundle] * 2, shards, 3,
-                            "--compression", compression, "--test-data", str(test_npz))
+    state, logs = run_fleet(
+        tmp_path,
+        mosquitto.url,
+        ["--bundle", str(boston_bundle)],
+        [boston_bundle] * 2,
+        shards,
+        3,
+        "--compression",
+        compression,
+        "--test-data",
+        str(test_npz),
+    )
     rounds = rounds_of(state)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["devices"] == ["dev-0", "dev-1"] and r["rejected"] == 0 for r in rounds)
@@ -140,9 +174,22 @@ def test_boston_int8_with_bundle_over_a_size_limited_broker(tmp_path, boston_bun
         shards, test_npz = boston_shards
         shards = shards[:2]
         empty = [tmp_path / f"fetched-{i}" for i in range(2)]  # devices fetch the bundle over MQTT
-        state, logs = run_fleet(tmp_path, broker.url, ["--bundle", str(boston_bundle)], empty, shards, 2,
-                                "--compression", "int8", "--max-message-size", str(limit), "--chunk-size", str(1 << 20),
-                                "--test-data", str(test_npz))
+        state, logs = run_fleet(
+            tmp_path,
+            broker.url,
+            ["--bundle", str(boston_bundle)],
+            empty,
+            shards,
+            2,
+            "--compression",
+            "int8",
+            "--max-message-size",
+            str(limit),
+            "--chunk-size",
+            str(1 << 20),
+            "--test-data",
+            str(test_npz),
+        )
     finally:
         broker.stop()
     rounds = rounds_of(state)
@@ -174,9 +221,28 @@ def test_big_cnn_round_trips_through_mosquitto_message_size_limit(tmp_path, comp
         # dev-0 fetches the bundle over MQTT (in chunks under the limit); dev-1 is given it.
         device_bundles = [tmp_path / "fetched", agg_bundle]
         state = tmp_path / "agg"
-        agg = AggregatorProcess(tmp_path, broker.url, FLEET, state, "--rounds", "2", "--min-devices", "2", "--deadline", "240",
-                                "--model", "tests.test_compress_e2e:big_cnn", "--input-shape", "1,8,8", "--loss", "cross_entropy",
-                                "--max-message-size", str(limit), "--compression", compression)
+        agg = AggregatorProcess(
+            tmp_path,
+            broker.url,
+            FLEET,
+            state,
+            "--rounds",
+            "2",
+            "--min-devices",
+            "2",
+            "--deadline",
+            "240",
+            "--model",
+            "tests.test_compress_e2e:big_cnn",
+            "--input-shape",
+            "1,8,8",
+            "--loss",
+            "cross_entropy",
+            "--max-message-size",
+            str(limit),
+            "--compression",
+            compression,
+        )
         deadline = time.monotonic() + 240
         while not (agg_bundle / "manifest.json").exists():  # exported on start
             assert agg.proc.poll() is None and time.monotonic() < deadline, agg.text()[-3000:]
@@ -199,10 +265,16 @@ def test_big_cnn_round_trips_through_mosquitto_message_size_limit(tmp_path, comp
     n = load_bundle(agg_bundle).num_params
     assert n == 1_657_685
     rounds = rounds_of(state)
-    assert [r["round"] for r in rounds] == [1, 2] and all(r["devices"] == ["dev-0", "dev-1"] and r["rejected"] == 0 for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2] and all(
+        r["devices"] == ["dev-0", "dev-1"] and r["rejected"] == 0 for r in rounds
+    )
     per_update = 4 * n if compression == "none" else n  # float32, or int8 codes (+ scales)
-    assert all(2 * per_update < r["bytes_in"] < 2 * 1.05 * per_update + 4096 for r in rounds)  # two whole updates came in, in parts
-    sent = [line for i in range(2) for line in (tmp_path / f"dev-{i}.log").read_text().splitlines() if "event=update_sent" in line]
+    assert all(
+        2 * per_update < r["bytes_in"] < 2 * 1.05 * per_update + 4096 for r in rounds
+    )  # two whole updates came in, in parts
+    sent = [
+        line for i in range(2) for line in (tmp_path / f"dev-{i}.log").read_text().splitlines() if "event=update_sent" in line
+    ]
     assert len(sent) == 4
     assert "event=bundle_installed" in (tmp_path / "dev-0.log").read_text()
     w = [np.fromfile(state / "global" / f"round_{r:04d}.f32", dtype="<f4") for r in range(3)]

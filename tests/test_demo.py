@@ -14,7 +14,11 @@ def run_demo(tmp_path, *extra: str, env: dict | None = None) -> tuple[subprocess
     state = tmp_path / "state"
     r = subprocess.run(
         [sys.executable, "-m", "fleetlearn.cli", "demo", "--rounds", "5", "--quiet", "--state-dir", str(state), *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, **(env or {})},
     )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     return r, json.loads((state / "demo_summary.json").read_text())

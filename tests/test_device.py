@@ -39,7 +39,9 @@ def write_config(tmp: Path, broker_url: str, bundle: Path, data: Path, device_id
 def start_device(cfg: Path, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), *extra],
-        stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+        cwd=ROOT,
     )
 
 
@@ -62,7 +64,16 @@ def initial_weights(bundle: Path) -> np.ndarray:
 def global_frame(bundle: Path, run_id: str, round_: int, weights: np.ndarray | None = None, **kw) -> bytes:
     m = load_bundle(bundle)
     w = initial_weights(bundle) if weights is None else weights
-    return GlobalModel(run_id=run_id, round=round_, model_hash=kw.pop("model_hash", m.model_hash), weights=w, total_rounds=5, deadline=time.time() + 60, config=RoundConfig(), **kw).encode()
+    return GlobalModel(
+        run_id=run_id,
+        round=round_,
+        model_hash=kw.pop("model_hash", m.model_hash),
+        weights=w,
+        total_rounds=5,
+        deadline=time.time() + 60,
+        config=RoundConfig(),
+        **kw,
+    ).encode()
 
 
 def test_device_trains_and_delivers_an_intact_update(mosquitto, tmp_path, boston_bundle, boston_shards):
@@ -249,7 +260,9 @@ def test_corrupt_bundle_is_reported_and_device_waits(mosquitto, tmp_path, boston
 def test_bad_config_is_one_line_exit_2(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('device_id = "a/b"\nfleet = "f"\nbroker = "mqtt://x"\nbundle = "b"\ndata = "d"\nstate_dir = "s"\n')
-    r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "device_id" in r.stderr
 
@@ -301,7 +314,9 @@ def test_diverged_local_training_is_reported_not_sent(mosquitto, tmp_path, bosto
 
 
 @pytest.mark.parametrize("start_with", ["empty", "other-model"])
-def test_device_fetches_the_announced_bundle_and_joins_the_round(amqtt_broker, tmp_path, boston_bundle, boston_shards, start_with):
+def test_device_fetches_the_announced_bundle_and_joins_the_round(
+    amqtt_broker, tmp_path, boston_bundle, boston_shards, start_with
+):
     """Model distribution over the air: a device whose bundle directory is empty, or holds
     another model version, fetches the aggregator's bundle, verifies it, and trains."""
     import shutil
@@ -319,8 +334,21 @@ def test_device_fetches_the_announced_bundle_and_joins_the_round(amqtt_broker, t
     else:
         bundle.mkdir()
     cfg = write_config(tmp_path, amqtt_broker.url, bundle, shards[0])
-    agg = AggregatorProcess(tmp_path, amqtt_broker.url, FLEET, tmp_path / "agg", "--rounds", "1", "--min-devices", "1",
-                            "--deadline", "60", "--test-data", str(test_npz), bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        amqtt_broker.url,
+        FLEET,
+        tmp_path / "agg",
+        "--rounds",
+        "1",
+        "--min-devices",
+        "1",
+        "--deadline",
+        "60",
+        "--test-data",
+        str(test_npz),
+        bundle=boston_bundle,
+    )
     log = tmp_path / "device.log"
     proc = start_device(cfg, log, "--max-rounds", "1")
     try:

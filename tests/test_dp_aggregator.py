@@ -18,8 +18,8 @@ from fleetlearn.aggregator.dp_fedavg import dp_epsilon, gaussian_noise
 from fleetlearn.aggregator.model_store import decode_partial
 from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Topics, Update
 from tests.conftest import stop_process
-from tests.procs import AggregatorProcess
 from tests.peers import Peer
+from tests.procs import AggregatorProcess
 
 pytestmark = pytest.mark.mosquitto
 FLEET = "dptest"
@@ -37,7 +37,17 @@ def _global(peer: Peer, rnd: int) -> GlobalModel:
 
 
 def _update(g: GlobalModel, device: str, delta: np.ndarray, samples: int = 10) -> Update:
-    return Update(run_id=g.run_id, round=g.round, device_id=device, model_hash=g.model_hash, samples=samples, train_loss=1.0, train_s=0.01, nonce=secrets.token_hex(16), delta=delta.astype(np.float32))
+    return Update(
+        run_id=g.run_id,
+        round=g.round,
+        device_id=device,
+        model_hash=g.model_hash,
+        samples=samples,
+        train_loss=1.0,
+        train_s=0.01,
+        nonce=secrets.token_hex(16),
+        delta=delta.astype(np.float32),
+    )
 
 
 def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosquitto, boston_bundle, boston_shards, tmp_path):
@@ -46,7 +56,23 @@ def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosqui
     # No client sampling: every device is asked every round, so the accountant uses q = 1 (the
     # sampled case, q = invited/connected, is tests/test_sampling.py's).
     dp = ["--clip-norm", "0.5", "--dp-noise-multiplier", "1.0", "--dp-delta", "1e-6"]
-    agg = Agg(tmp_path, mosquitto.url, boston_bundle, state, "--rounds", "3", "--min-devices", "3", "--target-devices", "3", "--deadline", "30", "--test-data", str(test_npz), *dp)
+    agg = Agg(
+        tmp_path,
+        mosquitto.url,
+        boston_bundle,
+        state,
+        "--rounds",
+        "3",
+        "--min-devices",
+        "3",
+        "--target-devices",
+        "3",
+        "--deadline",
+        "30",
+        "--test-data",
+        str(test_npz),
+        *dp,
+    )
     obs = Peer(mosquitto.url, [T.global_model, T.metrics])
     devices = {f"dev-{i}": Peer(mosquitto.url, [T.ack(f"dev-{i}")]) for i in range(3)}
     rng = np.random.default_rng(0)
@@ -76,7 +102,20 @@ def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosqui
 
 def test_kill_mid_round_restart_reproduces_the_same_noise(mosquitto, boston_bundle, tmp_path):
     state = tmp_path / "state"
-    args = ["--rounds", "1", "--min-devices", "2", "--target-devices", "2", "--deadline", "30", "--clip-norm", "1.0", "--dp-noise-multiplier", "0.7"]
+    args = [
+        "--rounds",
+        "1",
+        "--min-devices",
+        "2",
+        "--target-devices",
+        "2",
+        "--deadline",
+        "30",
+        "--clip-norm",
+        "1.0",
+        "--dp-noise-multiplier",
+        "0.7",
+    ]
     agg = Agg(tmp_path, mosquitto.url, boston_bundle, state, *args)
     obs = Peer(mosquitto.url, [T.global_model])
     a, b = Peer(mosquitto.url, [T.ack("dev-a")]), Peer(mosquitto.url, [T.ack("dev-b")])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
-from fleetlearn.edge_runtime.device.config import PrivacyConfig, parse_device_config
 from fleetlearn.edge_runtime.core.errors import ConfigError
-from fleetlearn.edge_runtime.device.privacy import clip_and_noise, privatize_delta
 from fleetlearn.edge_runtime.core.protocol import Update
+from fleetlearn.edge_runtime.device.config import PrivacyConfig, parse_device_config
+from fleetlearn.edge_runtime.device.privacy import clip_and_noise, privatize_delta
 from tests.conftest import stop_process
 from tests.peers import Peer
 from tests.test_device import T, global_frame, initial_weights, start_device, write_config

@@ -12,13 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fleetlearn.aggregator.clipping import clip_delta
-from fleetlearn.aggregator.clipping import Clipping, ClippingOptions
+from fleetlearn.aggregator.clipping import Clipping, ClippingOptions, clip_delta
 from fleetlearn.aggregator.dp_fedavg import DPNoise, DPOptions, dp_epsilon, dp_epsilon_rates, gaussian_noise, noisy_mean_delta
 from fleetlearn.aggregator.fedavg import FedAvg
 from fleetlearn.aggregator.median import Median
+from fleetlearn.aggregator.model_store import (
+    PartialRound,
+    decode_partial,
+    decode_server_state,
+    encode_partial,
+    encode_server_state,
+)
 from fleetlearn.aggregator.registry import make_strategy
-from fleetlearn.aggregator.model_store import PartialRound, decode_partial, decode_server_state, encode_partial, encode_server_state
 from fleetlearn.edge_runtime.core.protocol import Update
 
 # TensorFlow Privacy's compute_dp_sgd_privacy (tensorflow_privacy/privacy/analysis/
@@ -62,19 +67,37 @@ def test_epsilon_behaves():
     assert dp_epsilon(2.0, 1.0, 5, 1e-5) < dp_epsilon(1.0, 1.0, 5, 1e-5)
     assert dp_epsilon(1.0, 0.1, 5, 1e-5) < dp_epsilon(1.0, 1.0, 5, 1e-5)  # amplification by sampling
     # q = 1: r Gaussian releases at sigma are one Gaussian at sigma / sqrt(r) (exact for PLD).
-    assert dp_epsilon(1.0, 1.0, 4, 1e-5, accountant="pld") == pytest.approx(dp_epsilon(0.5, 1.0, 1, 1e-5, accountant="pld"), rel=1e-2)
+    assert dp_epsilon(1.0, 1.0, 4, 1e-5, accountant="pld") == pytest.approx(
+        dp_epsilon(0.5, 1.0, 1, 1e-5, accountant="pld"), rel=1e-2
+    )
     with pytest.raises(ValueError):
         dp_epsilon(1.0, 1.5, 1, 1e-5)
 
 
 def DPFedAvg(clip_norm, noise_multiplier, expected_participants, dp_delta=1e-5, accountant="rdp"):
     """--strategy fedavg --clip-norm C --dp-noise-multiplier S [...] with --target-devices m."""
-    return make_strategy("fedavg", target_devices=expected_participants, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                         delta=dp_delta, accountant=accountant)
+    return make_strategy(
+        "fedavg",
+        target_devices=expected_participants,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        delta=dp_delta,
+        accountant=accountant,
+    )
 
 
 def _update(delta, samples=10, device="d"):
-    return Update(run_id="a" * 32, round=1, device_id=device, model_hash="b" * 64, samples=samples, train_loss=1.0, train_s=0.1, nonce=secrets.token_hex(16), delta=np.asarray(delta, np.float32))
+    return Update(
+        run_id="a" * 32,
+        round=1,
+        device_id=device,
+        model_hash="b" * 64,
+        samples=samples,
+        train_loss=1.0,
+        train_s=0.1,
+        nonce=secrets.token_hex(16),
+        delta=np.asarray(delta, np.float32),
+    )
 
 
 def test_dp_fedavg_is_clip_sum_noise_divide_by_expected_participants():
@@ -85,7 +108,7 @@ def test_dp_fedavg_is_clip_sum_noise_divide_by_expected_participants():
     s = DPFedAvg(clip_norm=C, noise_multiplier=sigma, expected_participants=m)
     s.begin_round(1, w)
     for i, d in enumerate(deltas):
-        s.accumulate(_update(d, samples=10 ** i, device=f"d{i}"))  # sample counts play no part
+        s.accumulate(_update(d, samples=10**i, device=f"d{i}"))  # sample counts play no part
     seed = s.partial_state()["noise_seed"]
     S = sum(clip_delta(d, C)[0] for d in deltas)
     z = gaussian_noise(seed, P, sigma * C)
@@ -161,7 +184,12 @@ def test_bad_construction():
             DPFedAvg(**args)
     # The wrapper itself refuses what its math cannot honour, whoever builds it.
     clip = ClippingOptions(1.0)
-    for inner, m in ((Clipping(FedAvg(uniform=True), clip), 0), (Clipping(FedAvg(), clip), 2), (Clipping(Median(), clip), 2), (FedAvg(uniform=True), 2)):
+    for inner, m in (
+        (Clipping(FedAvg(uniform=True), clip), 0),
+        (Clipping(FedAvg(), clip), 2),
+        (Clipping(Median(), clip), 2),
+        (FedAvg(uniform=True), 2),
+    ):
         with pytest.raises(ValueError):
             DPNoise(inner, DPOptions(noise_multiplier=1.0), expected_participants=m)
     with pytest.raises(ValueError):

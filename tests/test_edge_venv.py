@@ -33,7 +33,9 @@ def edge_venv(tmp_path_factory):
     where = tmp_path_factory.mktemp("edge-venv") / "venv"
     venv.EnvBuilder(with_pip=True).create(where)
     py = where / "bin" / "python"
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[edge]"], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[edge]"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return py
 
@@ -50,10 +52,30 @@ def test_full_round_in_a_torch_free_venv(edge_venv, mosquitto, tmp_path, boston_
     cfg = write_config(tmp_path, mosquitto.url, boston_bundle, shards[0])
     state = tmp_path / "agg"
     agg = subprocess.Popen(
-        [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(boston_bundle), "--broker", mosquitto.url,
-         "--fleet", "devtest", "--rounds", "1", "--min-devices", "1", "--deadline", "60", "--state-dir", str(state),
-         "--test-data", str(test_npz)],
-        cwd=ROOT, stderr=open(tmp_path / "agg.log", "wb"),
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn.cli",
+            "aggregator",
+            "--bundle",
+            str(boston_bundle),
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "devtest",
+            "--rounds",
+            "1",
+            "--min-devices",
+            "1",
+            "--deadline",
+            "60",
+            "--state-dir",
+            str(state),
+            "--test-data",
+            str(test_npz),
+        ],
+        cwd=ROOT,
+        stderr=open(tmp_path / "agg.log", "wb"),
     )
     try:
         dev = subprocess.run([str(edge_venv), "-c", PROBE, str(cfg)], capture_output=True, text=True, timeout=120, cwd=tmp_path)

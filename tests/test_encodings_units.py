@@ -68,7 +68,20 @@ def test_round_trip_within_the_stated_bound(spec, n):
 def test_compression_text_forms():
     assert str(Compression.parse("int8")) == "int8:512"
     assert str(Compression.parse("topk:0.01")) == "topk:0.01"
-    for bad in ["", "gzip", "int8:7", "int8:x", "int8:65537", "topk", "topk:0", "topk:0.6", "topk:nan", "fp16:2", "none:1", "x" * 100]:
+    for bad in [
+        "",
+        "gzip",
+        "int8:7",
+        "int8:x",
+        "int8:65537",
+        "topk",
+        "topk:0",
+        "topk:0.6",
+        "topk:nan",
+        "fp16:2",
+        "none:1",
+        "x" * 100,
+    ]:
         with pytest.raises(ProtocolError):
             Compression.parse(bad)
     cfg = RoundConfig.from_meta({"compression": "int8:64", "max_message_size": 131072})
@@ -112,7 +125,11 @@ def hostile_bodies() -> list[tuple[str, Encoding, bytes]]:
         ("int8 nan scale", Encoding.INT8_BLOCK, i8[:4] + np.array([np.nan], "<f4").tobytes() + i8[8:]),
         ("int8 negative scale", Encoding.INT8_BLOCK, i8[:4] + np.array([-1.0], "<f4").tobytes() + i8[8:]),
         ("int8 inf scale", Encoding.INT8_BLOCK, i8[:4] + np.array([np.inf], "<f4").tobytes() + i8[8:]),
-        ("int8 overflowing scale", Encoding.INT8_BLOCK, i8[:4] + np.full(nb, 3e38, "<f4").tobytes() + np.full(N, 127, np.int8).tobytes()),
+        (
+            "int8 overflowing scale",
+            Encoding.INT8_BLOCK,
+            i8[:4] + np.full(nb, 3e38, "<f4").tobytes() + np.full(N, 127, np.int8).tobytes(),
+        ),
         ("int8 code -128", Encoding.INT8_BLOCK, i8[:4] + scales.tobytes() + np.full(N, -128, np.int8).tobytes()),
         ("topk empty", Encoding.TOPK, b""),
         ("topk k=0", Encoding.TOPK, u32(0)),
@@ -137,7 +154,11 @@ def test_hostile_body_is_refused_with_one_line(what, encoding, body):
 
 
 @settings(max_examples=400, deadline=None)
-@given(enc=st.sampled_from([Encoding.F16_LE, Encoding.INT8_BLOCK, Encoding.TOPK]), body=st.binary(max_size=600), n=st.integers(1, 150))
+@given(
+    enc=st.sampled_from([Encoding.F16_LE, Encoding.INT8_BLOCK, Encoding.TOPK]),
+    body=st.binary(max_size=600),
+    n=st.integers(1, 150),
+)
 def test_random_bodies_decode_to_finite_or_refuse(enc, body, n):
     try:
         y = decode_tensor(enc, body, n)
@@ -257,7 +278,9 @@ def test_each_bad_part_is_refused_with_one_line():
         "count disagrees": bad_part(msg, limit, count=9),
         "index out of range": bad_part(msg, limit, index=3),
         "short chunk": bad_part(msg, limit, data=msg[: size - 1]),
-        "overlapping layout": bad_part(msg, limit, size=size - 1000, count=-(-len(msg) // (size - 1000)), data=msg[: size - 1000]),
+        "overlapping layout": bad_part(
+            msg, limit, size=size - 1000, count=-(-len(msg) // (size - 1000)), data=msg[: size - 1000]
+        ),
         "different content": bad_part(msg, limit, data=bytes(size)),
         "bad id": bad_part(msg, limit, id="zz"),
         "corrupted crc": parts[0][:-1] + bytes([parts[0][-1] ^ 1]),

@@ -72,7 +72,9 @@ def check_tables_against_round_logs(out: Path, rounds: int, target: float, strat
         assert _num(run["rounds_to_target"]) == (reached[0] if reached else None)
         assert (Path(run["dir"]) / "logs" / "aggregator.log").is_file() and (Path(run["dir"]) / "logs" / "device-1.log").is_file()
         central_by_seed.setdefault(int(run["seed"]), set()).add(float(run["central"]))
-        by_cell.setdefault((run["strategy"], run["partition"]), []).append({"final": log[-1]["test_mse"], "rtt": reached[0] if reached else None, "central": float(run["central"])})
+        by_cell.setdefault((run["strategy"], run["partition"]), []).append(
+            {"final": log[-1]["test_mse"], "rtt": reached[0] if reached else None, "central": float(run["central"])}
+        )
     assert all(len(v) == 1 for v in central_by_seed.values()), "a seed's central baseline differs between its runs"
     assert len(set().union(*central_by_seed.values())) == len(seeds), "the seeds' baselines should differ (other initial weights)"
 
@@ -85,7 +87,9 @@ def check_tables_against_round_logs(out: Path, rounds: int, target: float, strat
         mean = statistics.mean(finals)
         low, high = stats.t.interval(0.95, len(finals) - 1, loc=mean, scale=statistics.stdev(finals) / math.sqrt(len(finals)))
         assert float(c["final_mean"]) == pytest.approx(mean, rel=1e-12)
-        assert float(c["final_ci95_low"]) == pytest.approx(low, rel=1e-6) and float(c["final_ci95_high"]) == pytest.approx(high, rel=1e-6)
+        assert float(c["final_ci95_low"]) == pytest.approx(low, rel=1e-6) and float(c["final_ci95_high"]) == pytest.approx(
+            high, rel=1e-6
+        )
         assert c["final_per_seed"] == ";".join(repr(f) for f in finals)
         rtts = [s["rtt"] for s in seen]
         assert c["rounds_to_target_per_seed"] == ";".join("" if r is None else str(r) for r in rtts)
@@ -104,7 +108,9 @@ def test_experiment_on_the_embedded_broker_tabulates_what_the_round_logs_say(tmp
     assert "[8/8]" in r.stdout and "8/8 runs finished" in r.stdout
     check_tables_against_round_logs(out, 3, 60.0, {"fedavg": "fedavg", "coordinate-median": "median"}, [0, 1])
     assert (out / "grid.toml").read_text() == GRID.format(devices=3, rounds=3)
-    assert all((Path(row["dir"]) / "logs" / "broker.log").is_file() for row in _rows(out / "runs.csv")), "a broker process per run"
+    assert all((Path(row["dir"]) / "logs" / "broker.log").is_file() for row in _rows(out / "runs.csv")), (
+        "a broker process per run"
+    )
     assert "Traceback" not in r.stderr + r.stdout
     # The runs really were partitioned as the grid says: the shards are the partitioner's output.
     from fleetlearn.edge_runtime.core.partition import partition

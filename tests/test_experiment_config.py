@@ -122,7 +122,10 @@ def test_t_interval_matches_scipy_and_degenerates_honestly():
     got = t_interval(values)
     sem = np.std(values, ddof=1) / math.sqrt(len(values))
     low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sem)
-    assert (got.n, got.mean) == (5, pytest.approx(np.mean(values))) and (got.low, got.high) == (pytest.approx(low), pytest.approx(high))
+    assert (got.n, got.mean) == (5, pytest.approx(np.mean(values))) and (got.low, got.high) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
     one = t_interval([3.0])
     assert (one.mean, one.low, one.high) == (3.0, None, None)
     assert t_interval([]).mean is None
@@ -154,7 +157,9 @@ def test_a_validation_grid_evaluates_on_held_out_training_rows_and_never_reads_t
     from fleetlearn.experiment_config import load_grid
 
     config = tmp_path / "grid.toml"
-    config.write_text(GOOD.replace('model = "boston-mlp"', 'model = "digits-mlp"').replace("target = 40.0", "target = 0.9\nvalidation = 0.2"))
+    config.write_text(
+        GOOD.replace('model = "boston-mlp"', 'model = "digits-mlp"').replace("target = 40.0", "target = 0.9\nvalidation = 0.2")
+    )
     grid = load_grid(config)
     assert grid.validation == 0.2
     with np.load(DATA / "digits_split.npz") as d:

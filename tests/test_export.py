@@ -80,7 +80,11 @@ def proximal_feeds(module, state) -> list[np.ndarray]:
     mu = 0 makes the step exactly the step without the term, so parity is unchanged by it."""
     feeds = []
     for name in module.input_names()[2:]:
-        feeds.append(np.zeros((), np.float32) if name == "mu" else np.array(state.parameters[name.removeprefix("global.")].data, np.float32))
+        feeds.append(
+            np.zeros((), np.float32)
+            if name == "mu"
+            else np.array(state.parameters[name.removeprefix("global.")].data, np.float32)
+        )
     return feeds
 
 
@@ -93,7 +97,7 @@ class Ort:
     optimizer: Optimizer
 
     @classmethod
-    def open(cls, bundle: Path, lr: float) -> "Ort":
+    def open(cls, bundle: Path, lr: float) -> Ort:
         state = CheckpointState.load_checkpoint(bundle / "checkpoint")
         module = Module(bundle / "training_model.onnx", state, bundle / "eval_model.onnx")
         opt = Optimizer(bundle / "optimizer_model.onnx", module)
@@ -418,12 +422,25 @@ def test_cli_writes_a_complete_verified_bundle(tmp_path):
     assert "boston-mlp" in r.stdout and "1657" in r.stdout
     manifest = load_bundle(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "model.onnx", "manifest.json",
-         "step_model.onnx", "portable_eval_model.onnx", "initial_state.f32"]
+        [
+            "training_model.onnx",
+            "eval_model.onnx",
+            "optimizer_model.onnx",
+            "checkpoint",
+            "model.onnx",
+            "manifest.json",
+            "step_model.onnx",
+            "portable_eval_model.onnx",
+            "initial_state.f32",
+        ]
     )
     raw = manifest.raw
     assert raw["engines"] == ["ort-training", "portable"]
-    assert raw["portable"]["onnx"] == {"ir_version": 10, "opset": 18} and raw["portable"]["optimizer_state"] == ["adam_m", "adam_v", "adam_step"]
+    assert raw["portable"]["onnx"] == {"ir_version": 10, "opset": 18} and raw["portable"]["optimizer_state"] == [
+        "adam_m",
+        "adam_v",
+        "adam_step",
+    ]
     assert manifest.model_name == "boston-mlp" and manifest.task == "regression" and manifest.loss == "mse"
     assert raw["inputs"] == [{"name": "input", "shape": ["batch", 13], "dtype": "float32"}]
     assert raw["outputs"] == [{"name": "output", "shape": ["batch", 1], "dtype": "float32"}]

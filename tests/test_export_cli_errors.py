@@ -60,7 +60,9 @@ CASES: dict[str, Case] = {
     ),
     "loss_does_not_fit_output": Case(("--model", "boston-mlp", "--loss", "cross_entropy"), ("cross_entropy", "(batch, 1)")),
     "wrong_input_shape": Case(("--model", "digits-cnn", "--input-shape", "64"), ("forward() failed", "input-shape")),
-    "sgd_weight_decay": Case(("--model", "boston-mlp", "--optimizer", "sgd", "--weight-decay", "0.1"), ("sgd weight decay", "adamw")),
+    "sgd_weight_decay": Case(
+        ("--model", "boston-mlp", "--optimizer", "sgd", "--weight-decay", "0.1"), ("sgd weight decay", "adamw")
+    ),
     "missing_input_shape": Case(("--model", f"{FIX}:binary_mlp", "--loss", "mse"), ("--input-shape is required",)),
     "bad_standardize_file": Case(("--model", "boston-mlp", "--standardize-from", "data/README.md"), (".npz or .csv",)),
     "out_exists": Case(("--model", "boston-mlp"), ("already exists", "--force"), setup="empty_dir"),

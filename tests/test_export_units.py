@@ -15,7 +15,6 @@ from fleetlearn.export.build import parse_shape
 from fleetlearn.export.manifest import compute_model_hash
 from fleetlearn.export.preprocessing import standardization_from_file, validate_preprocessing
 
-
 # ---------------------------------------------------------------- optimizers
 
 

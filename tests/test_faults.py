@@ -12,20 +12,18 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, Status, Topics, Update
-from tests.conftest import ROOT, stop_process
-from tests.procs import AggregatorProcess, FleetlearnProcess
+from tests.conftest import stop_process
 from tests.peers import Recorder
+from tests.procs import AggregatorProcess, FleetlearnProcess
 
 # A slow device's training: many local steps (~0.07 ms each for the Boston MLP on one core),
 # so a test can act while it trains. Generous on purpose; a busy CI box only makes it slower.
@@ -41,7 +39,17 @@ class AggProc(AggregatorProcess):
 
 
 def agg_args(rounds: int, min_devices: int, target: int, deadline: float, *more: str) -> list[str]:
-    return ["--rounds", str(rounds), "--min-devices", str(min_devices), "--target-devices", str(target), "--deadline", str(deadline), *more]
+    return [
+        "--rounds",
+        str(rounds),
+        "--min-devices",
+        str(min_devices),
+        "--target-devices",
+        str(target),
+        "--deadline",
+        str(deadline),
+        *more,
+    ]
 
 
 def device_config(tmp: Path, url: str, fleet: str, bundle: Path, data: Path, device_id: str, **training) -> Path:
@@ -69,7 +77,7 @@ def wait_text(read: Callable[[], str], needle: str | re.Pattern, timeout: float 
     end = time.monotonic() + timeout
     while True:
         text = read()
-        if (needle.search(text) if isinstance(needle, re.Pattern) else needle in text):
+        if needle.search(text) if isinstance(needle, re.Pattern) else needle in text:
             return text
         if time.monotonic() > end:
             raise AssertionError(f"{needle!r} not in {what} after {timeout}s:\n{text[-3000:]}")
@@ -121,7 +129,9 @@ def procs():
 # ------------------------------------------------------------------------------- tests
 
 
-def test_aggregator_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto, tmp_path, boston_bundle, boston_shards, procs):
+def test_aggregator_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(
+    mosquitto, tmp_path, boston_bundle, boston_shards, procs
+):
     """3 real devices, target 3; one trains slowly. The aggregator is SIGKILLed after it acked
     at least one update of round 1 and before the round closed, and restarted on the same
     state dir once the slow device has sent its update to nobody. Round 1 must close with
@@ -189,8 +199,10 @@ def test_aggregator_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mos
     # before the kill, whose ack never went out, is not claimed by the first aggregator; the
     # second restores it from the partial round (round_resumed lists it) and acks the re-send
     # as a duplicate of a counted update.
-    accepted = [re.search(r"device=(\S+)", line).group(1)
-                for line in agg_events(first, "update_accepted") + agg_events(second, "update_accepted")]
+    accepted = [
+        re.search(r"device=(\S+)", line).group(1)
+        for line in agg_events(first, "update_accepted") + agg_events(second, "update_accepted")
+    ]
     assert len(accepted) == len(set(accepted)), accepted
     restored = set(re.search(r" devices=(\S+)", resumed).group(1).split(","))
     assert set(accepted) | restored == set(names), (accepted, restored)
@@ -204,7 +216,9 @@ def test_aggregator_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mos
     assert {u.device_id for u in updates if u.nonce in unacked} <= restored - set(accepted), unacked
 
 
-def test_device_sigkill_mid_training_round_closes_without_it_and_it_rejoins(mosquitto, tmp_path, boston_bundle, boston_shards, procs):
+def test_device_sigkill_mid_training_round_closes_without_it_and_it_rejoins(
+    mosquitto, tmp_path, boston_bundle, boston_shards, procs
+):
     """min 2, target 3: a device killed while training costs its round (closed at the
     deadline with the other two); restarted from its state dir it joins the next round."""
     shards, _ = boston_shards
@@ -217,7 +231,12 @@ def test_device_sigkill_mid_training_round_closes_without_it_and_it_rejoins(mosq
     procs.append(agg)
     devs = {}
     for name, shard in zip(("dev-a", "dev-b"), shards):
-        devs[name] = DevProc(device_config(tmp_path, mosquitto.url, fleet, boston_bundle, shard, name), tmp_path / f"{name}.log", "--max-rounds", "2")
+        devs[name] = DevProc(
+            device_config(tmp_path, mosquitto.url, fleet, boston_bundle, shard, name),
+            tmp_path / f"{name}.log",
+            "--max-rounds",
+            "2",
+        )
         procs.append(devs[name])
     # Hours of training: it will not finish on its own.
     slow_cfg = device_config(tmp_path, mosquitto.url, fleet, boston_bundle, shards[2], "dev-c", local_epochs=1_000_000)
@@ -250,7 +269,9 @@ def test_device_sigkill_mid_training_round_closes_without_it_and_it_rejoins(mosq
     assert dev_state["last_round"] == 2 and dev_state["pending_round"] == 0
 
 
-def test_broker_restart_mid_round_everyone_reconnects_and_the_run_finishes(mosquitto, tmp_path, boston_bundle, boston_shards, procs):
+def test_broker_restart_mid_round_everyone_reconnects_and_the_run_finishes(
+    mosquitto, tmp_path, boston_bundle, boston_shards, procs
+):
     """The broker goes away twice (persistence off: every retained message and session is
     lost). First while a device trains round 2, and it stays away until that device has
     finished and 'sent' its update into the void; then a plain restart during round 3.
@@ -268,7 +289,12 @@ def test_broker_restart_mid_round_everyone_reconnects_and_the_run_finishes(mosqu
     devs = {}
     for name, shard in zip(names, shards):
         slow = dict(local_epochs=100_000, max_steps=SLOW_STEPS // 2) if name == "dev-slow" else {}
-        devs[name] = DevProc(device_config(tmp_path, mosquitto.url, fleet, boston_bundle, shard, name, **slow), tmp_path / f"{name}.log", "--max-rounds", "3")
+        devs[name] = DevProc(
+            device_config(tmp_path, mosquitto.url, fleet, boston_bundle, shard, name, **slow),
+            tmp_path / f"{name}.log",
+            "--max-rounds",
+            "3",
+        )
         procs.append(devs[name])
     slow = devs["dev-slow"]
 
@@ -279,7 +305,9 @@ def test_broker_restart_mid_round_everyone_reconnects_and_the_run_finishes(mosqu
     watch.wait(training(2), timeout=90)
     mosquitto.stop()
     wait_text(slow.text, "event=update_sent device=dev-slow round=2", 60, "dev-slow log")
-    assert not re.search(r"event=update_accepted device=dev-slow round=2\b", agg.text()), "precondition: the update got through before the broker died"
+    assert not re.search(r"event=update_accepted device=dev-slow round=2\b", agg.text()), (
+        "precondition: the update got through before the broker died"
+    )
     time.sleep(0.5)
     mosquitto.start()
     wait_text(agg.text, "event=update_accepted device=dev-slow round=2", 60, "aggregator log")

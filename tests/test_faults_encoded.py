@@ -11,19 +11,27 @@ cost exactly one `event=update_rejected` line and one negative ack, and the roun
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
 import time
-import zlib
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
-from fleetlearn.edge_runtime.core.protocol import HEADER, MAGIC, NAME_RE, Ack, Compression, GlobalModel, Part, Topics, Update, decode_tensor, encode_tensor
+from fleetlearn.edge_runtime.core.protocol import (
+    NAME_RE,
+    Ack,
+    Compression,
+    GlobalModel,
+    Part,
+    Topics,
+    Update,
+    decode_tensor,
+    encode_tensor,
+)
 from fleetlearn.edge_runtime.core.protocol.parts import MIN_PART_BYTES
 from tests.peers import Recorder
 from tests.test_faults import AggProc, agg_args, agg_events, procs, rounds_log, state_weights  # noqa: F401  (procs: fixture)
@@ -40,7 +48,11 @@ def _device(draw) -> str:
 
 
 def _meta(draw, ctx: Ctx, device: str) -> bytes:
-    return dump(meta_doc(ctx, device, draw(st.binary(min_size=16, max_size=16).map(bytes.hex).filter(lambda h: h not in ctx.honest_nonces))))
+    return dump(
+        meta_doc(
+            ctx, device, draw(st.binary(min_size=16, max_size=16).map(bytes.hex).filter(lambda h: h not in ctx.honest_nonces))
+        )
+    )
 
 
 def _delta(draw, n: int) -> np.ndarray:
@@ -216,8 +228,24 @@ def m_part(draw, ctx):
     return Hostile(f"part_{how}", d, payload)
 
 
-MUTATIONS = {f.__name__[2:]: f for f in (m_fp16_length, m_fp16_nonfinite, m_int8_block, m_int8_length, m_int8_scale, m_int8_code, m_int8_overflow,
-                                          m_topk_count, m_topk_length, m_topk_order, m_topk_range, m_topk_value, m_part)}
+MUTATIONS = {
+    f.__name__[2:]: f
+    for f in (
+        m_fp16_length,
+        m_fp16_nonfinite,
+        m_int8_block,
+        m_int8_length,
+        m_int8_scale,
+        m_int8_code,
+        m_int8_overflow,
+        m_topk_count,
+        m_topk_length,
+        m_topk_order,
+        m_topk_range,
+        m_topk_value,
+        m_part,
+    )
+}
 
 
 def collect(ctx: Ctx, n: int) -> list[Hostile]:
@@ -238,7 +266,17 @@ def honest(g: GlobalModel, n: int) -> list[tuple[Update, bytes]]:
     rng = np.random.default_rng(11)
     out = []
     for i, spec in enumerate(HONEST_COMPRESSION):
-        u = Update(g.run_id, g.round, HONEST[i], g.model_hash, SAMPLES[i], LOSSES[i], 0.01, secrets.token_hex(16), rng.normal(0, 0.05, n).astype(np.float32))
+        u = Update(
+            g.run_id,
+            g.round,
+            HONEST[i],
+            g.model_hash,
+            SAMPLES[i],
+            LOSSES[i],
+            0.01,
+            secrets.token_hex(16),
+            rng.normal(0, 0.05, n).astype(np.float32),
+        )
         out.append((u, u.encode(compression=Compression.parse(spec))))
     return out
 
@@ -270,7 +308,9 @@ def run_round(mosquitto, tmp_path, bundle, fleet: str, procs, attack: bool):
         for info in [pub.client.publish(f"{T.base}/update/{h.device}", h.payload, qos=1) for h in hostile]:
             info.wait_for_publish(60)
         end = time.monotonic() + 60
-        while len(agg_events(agg.text(), "update_rejected")) < len(hostile) and agg.proc.poll() is None and time.monotonic() < end:
+        while (
+            len(agg_events(agg.text(), "update_rejected")) < len(hostile) and agg.proc.poll() is None and time.monotonic() < end
+        ):
             time.sleep(0.2)
     send(2)
     assert agg.wait(60) == 0, agg.text()[-3000:]
@@ -285,7 +325,9 @@ def test_hostile_encoded_updates_and_parts_are_each_rejected_once_and_change_not
     assert {h.label for h in hostile if not h.label.startswith("part")} == set(MUTATIONS) - {"part"}
     text = agg.text()
     rejected = agg_events(text, "update_rejected")
-    assert len(rejected) == len(hostile), "\n".join(l for l in text.splitlines() if "update_accepted" in l or "Traceback" in l)[:3000]
+    assert len(rejected) == len(hostile), "\n".join(l for l in text.splitlines() if "update_accepted" in l or "Traceback" in l)[
+        :3000
+    ]
     assert all(re.search(r" reason=\S", line) for line in rejected)
     assert "handler_failed" not in text and "Traceback" not in text
     assert len(agg_events(text, "update_accepted")) == 3
@@ -299,7 +341,9 @@ def test_hostile_encoded_updates_and_parts_are_each_rejected_once_and_change_not
     assert attacked.tobytes() == clean.tobytes()
     # and that result is FedAvg of what the encodings decode to (lossy, but decoded exactly once)
     w = g.weights.astype(np.float64)
-    decoded = [decode_tensor(*encode_tensor(u.delta, Compression.parse(s)), u.delta.size) for (u, _), s in zip(ups, HONEST_COMPRESSION)]
+    decoded = [
+        decode_tensor(*encode_tensor(u.delta, Compression.parse(s)), u.delta.size) for (u, _), s in zip(ups, HONEST_COMPRESSION)
+    ]
     expect = w + sum(s * d.astype(np.float64) for s, d in zip(SAMPLES, decoded)) / sum(SAMPLES)
     np.testing.assert_allclose(attacked, expect, rtol=1e-6, atol=1e-7)
 
@@ -317,7 +361,17 @@ def test_update_parts_resume_after_a_reconnect_and_count_once(mosquitto, tmp_pat
     agg = AggProc(tmp_path, mosquitto.url, fleet, boston_bundle, state, *agg_args(1, 1, 1, 600), name="agg-resume")
     procs.append(agg)
     g = wire.wait(lambda t, p: t == T.global_model and (x := GlobalModel.decode(p)).round == 1 and x, timeout=60)
-    u = Update(g.run_id, 1, "dev-a", g.model_hash, 10, 1.0, 0.1, secrets.token_hex(16), np.random.default_rng(3).normal(0, 0.05, n).astype(np.float32))
+    u = Update(
+        g.run_id,
+        1,
+        "dev-a",
+        g.model_hash,
+        10,
+        1.0,
+        0.1,
+        secrets.token_hex(16),
+        np.random.default_rng(3).normal(0, 0.05, n).astype(np.float32),
+    )
     from fleetlearn.edge_runtime.core.protocol import split_message
 
     parts = split_message(u.encode(), 2600)

@@ -99,13 +99,50 @@ class Hostile:
 
 def frame(meta: bytes, body: bytes, sig: bytes = b"", **header) -> bytes:
     """An UPDATE frame with consistent header fields, except those given in `header`."""
-    h = dict(magic=MAGIC, version=1, kind=2, encoding=0, flags=0, meta_len=len(meta), body_len=len(body), crc=zlib.crc32(body), sig_len=len(sig), reserved=0)
+    h = dict(
+        magic=MAGIC,
+        version=1,
+        kind=2,
+        encoding=0,
+        flags=0,
+        meta_len=len(meta),
+        body_len=len(body),
+        crc=zlib.crc32(body),
+        sig_len=len(sig),
+        reserved=0,
+    )
     h.update(header)
-    return HEADER.pack(h["magic"], h["version"], h["kind"], h["encoding"], h["flags"], h["meta_len"], h["body_len"], h["crc"], h["sig_len"], h["reserved"]) + meta + body + sig
+    return (
+        HEADER.pack(
+            h["magic"],
+            h["version"],
+            h["kind"],
+            h["encoding"],
+            h["flags"],
+            h["meta_len"],
+            h["body_len"],
+            h["crc"],
+            h["sig_len"],
+            h["reserved"],
+        )
+        + meta
+        + body
+        + sig
+    )
 
 
 def meta_doc(ctx: Ctx, device: str, nonce: str, **over) -> dict:
-    doc = {"run_id": ctx.run_id, "round": ctx.round, "device_id": device, "model_hash": ctx.model_hash, "samples": 10, "train_loss": 1.0, "train_s": 0.1, "nonce": nonce, "n": ctx.n}
+    doc = {
+        "run_id": ctx.run_id,
+        "round": ctx.round,
+        "device_id": device,
+        "model_hash": ctx.model_hash,
+        "samples": 10,
+        "train_loss": 1.0,
+        "train_s": 0.1,
+        "nonce": nonce,
+        "n": ctx.n,
+    }
     doc.update(over)
     return doc
 
@@ -124,13 +161,38 @@ def body_of(values: np.ndarray) -> bytes:
 hex32 = st.binary(min_size=16, max_size=16).map(bytes.hex)
 hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12)
-not_int = st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20) | st.booleans() | st.none() | st.lists(st.integers(), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
-not_str = st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.booleans() | st.none() | st.lists(st.text(max_size=3), max_size=3)
-not_number = st.text(max_size=20) | st.booleans() | st.none() | st.lists(st.floats(allow_nan=False), max_size=3) | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+json_values = st.recursive(
+    json_scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12
+)
+not_int = (
+    st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.booleans()
+    | st.none()
+    | st.lists(st.integers(), max_size=3)
+    | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+)
+not_str = (
+    st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.booleans()
+    | st.none()
+    | st.lists(st.text(max_size=3), max_size=3)
+)
+not_number = (
+    st.text(max_size=20)
+    | st.booleans()
+    | st.none()
+    | st.lists(st.floats(allow_nan=False), max_size=3)
+    | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+)
 # Tokens Python's json reads but the protocol must refuse: NaN/Infinity (parse_constant), 1e999
 # (parses to inf), integers too large for a float (OverflowError in math.isfinite).
-bad_number_tokens = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]) | st.integers(309, 4200).map(lambda k: "9" * k) | st.integers(309, 4200).map(lambda k: "-" + "9" * k)
+bad_number_tokens = (
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+    | st.integers(309, 4200).map(lambda k: "9" * k)
+    | st.integers(309, 4200).map(lambda k: "-" + "9" * k)
+)
 
 
 @st.composite
@@ -279,13 +341,19 @@ def m_meta_bad_value(draw, ctx, field):
     elif field == "round":
         value = draw(st.integers().filter(lambda r: r != ctx.round))
     elif field == "device_id":
-        value = draw(st.sampled_from(VALID_TOPIC_DEVICES).filter(lambda d: d != meta["device_id"]) | st.text(max_size=70).filter(lambda s: s != meta["device_id"]))
+        value = draw(
+            st.sampled_from(VALID_TOPIC_DEVICES).filter(lambda d: d != meta["device_id"])
+            | st.text(max_size=70).filter(lambda s: s != meta["device_id"])
+        )
     elif field == "samples":
         value = draw(st.integers(max_value=0) | st.integers(min_value=2**31))
     elif field == "n":
         value = draw(st.integers().filter(lambda v: v != ctx.n))
     elif field == "nonce":
-        value = draw(st.text(max_size=40).filter(lambda s: not HEX32_RE.fullmatch(s)) | hex32.map(str.upper).filter(lambda s: s != s.lower()))
+        value = draw(
+            st.text(max_size=40).filter(lambda s: not HEX32_RE.fullmatch(s))
+            | hex32.map(str.upper).filter(lambda s: s != s.lower())
+        )
     elif field == "train_s":
         value = draw(st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False) | st.integers(max_value=-1) | st.just(RAW))
         raw = draw(bad_number_tokens) if value == RAW else None
@@ -453,7 +521,11 @@ def run_round(mosquitto, tmp_path, bundle, fleet: str, procs, hostile_after: int
         want = len(hostile)
         # Wait for every rejection line; give up early once the count stops moving for 10 s.
         last, still = -1, time.monotonic()
-        while (got := len(agg_events(agg.text(), "update_rejected"))) < want and agg.proc.poll() is None and time.monotonic() - still < 10:
+        while (
+            (got := len(agg_events(agg.text(), "update_rejected"))) < want
+            and agg.proc.poll() is None
+            and time.monotonic() - still < 10
+        ):
             if got != last:
                 last, still = got, time.monotonic()
             time.sleep(0.2)
@@ -466,13 +538,17 @@ def run_round(mosquitto, tmp_path, bundle, fleet: str, procs, hostile_after: int
 def _diagnose(text: str, hostile: list[Hostile]) -> str:
     lines = text.splitlines()
     odd = [l for l in lines if re.search(r"event=(handler_failed|update_accepted|update_duplicate)", l) or "Traceback" in l]
-    return f"{len(agg_events(text, 'update_rejected'))} rejection lines for {len(hostile)} hostile messages; unexpected lines:\n" + "\n".join(odd[:40])
+    return (
+        f"{len(agg_events(text, 'update_rejected'))} rejection lines for {len(hostile)} hostile messages; unexpected lines:\n"
+        + "\n".join(odd[:40])
+    )
 
 
 def test_a_thousand_hostile_updates_are_each_rejected_once_and_change_nothing(mosquitto, tmp_path, boston_bundle, procs):
-    n = load_bundle(boston_bundle).num_params
     clean_state, _, _, g_clean, clean_sent, _ = run_round(mosquitto, tmp_path, boston_bundle, "hostile-clean", procs)
-    state, agg, wire, g, sent, hostile = run_round(mosquitto, tmp_path, boston_bundle, "hostile-attacked", procs, hostile_after=N_HOSTILE)
+    state, agg, wire, g, sent, hostile = run_round(
+        mosquitto, tmp_path, boston_bundle, "hostile-attacked", procs, hostile_after=N_HOSTILE
+    )
 
     assert len(hostile) >= 1000, f"only {len(hostile)} distinct hostile payloads"
     labels = {h.label for h in hostile}
@@ -513,17 +589,45 @@ def test_device_rejects_deep_json_and_huge_numbers_in_one_line_each(mosquitto, t
     m = load_bundle(boston_bundle)
     run_id = secrets.token_hex(16)
     weights = body_of(np.zeros(m.num_params, np.float32))
-    g_meta = {"run_id": run_id, "round": 1, "model_hash": m.model_hash, "train": True, "total_rounds": 1, "deadline": 1.0, "config": {}, "n": m.num_params}
+    g_meta = {
+        "run_id": run_id,
+        "round": 1,
+        "model_hash": m.model_hash,
+        "train": True,
+        "total_rounds": 1,
+        "deadline": 1.0,
+        "config": {},
+        "n": m.num_params,
+    }
     huge = "9" * 400
     deep = "[" * 5000 + "]" * 5000
     hostile = [
-        (T.global_model, frame(dump(g_meta)[:-1] + b',"x":' + b"[" * 3500 + b"]" * 3500 + b"}", weights, kind=1)),  # < 8 KiB of meta
+        (
+            T.global_model,
+            frame(dump(g_meta)[:-1] + b',"x":' + b"[" * 3500 + b"]" * 3500 + b"}", weights, kind=1),
+        ),  # < 8 KiB of meta
         (T.global_model, frame(dump(dict(g_meta, deadline=RAW), huge), weights, kind=1)),
         (T.global_model, frame(dump(dict(g_meta, config={"lr": RAW}), huge), weights, kind=1)),
-        (T.round, dump({"v": 1, "run_id": run_id, "round": 1, "state": "open", "total_rounds": 1, "deadline": RAW, "min_devices": 1, "target_devices": 1, "accepted": 0}, huge)),
+        (
+            T.round,
+            dump(
+                {
+                    "v": 1,
+                    "run_id": run_id,
+                    "round": 1,
+                    "state": "open",
+                    "total_rounds": 1,
+                    "deadline": RAW,
+                    "min_devices": 1,
+                    "target_devices": 1,
+                    "accepted": 0,
+                },
+                huge,
+            ),
+        ),
         (T.round, deep.encode()),
         (T.ack("dev-h"), ('{"v":1,"x":' + deep + "}").encode()),
-        (T.bundle, ('{"v":1,"manifest":' + "{\"a\":" * 3000 + "1" + "}" * 3000 + "}").encode()),
+        (T.bundle, ('{"v":1,"manifest":' + '{"a":' * 3000 + "1" + "}" * 3000 + "}").encode()),
     ]
     status = Recorder(mosquitto.url, [T.all_status, T.all_updates], "dev-watch")
     procs.append(status)
@@ -540,5 +644,8 @@ def test_device_rejects_deep_json_and_huge_numbers_in_one_line_each(mosquitto, t
     assert "handler_failed" not in text and "Traceback" not in text and dev.proc.poll() is None
     assert not [p for t, p, _ in status.snapshot() if t == T.status("dev-h") and Status.decode(p).state == "error"]
     # ...and it still trains on a good global model.
-    status.publish(T.global_model, GlobalModel(run_id, 1, m.model_hash, np.zeros(m.num_params, np.float32), deadline=time.time() + 60).encode())
+    status.publish(
+        T.global_model,
+        GlobalModel(run_id, 1, m.model_hash, np.zeros(m.num_params, np.float32), deadline=time.time() + 60).encode(),
+    )
     status.wait(lambda t, p: t == T.update("dev-h") and Update.decode(p, m.num_params).round == 1, timeout=30)

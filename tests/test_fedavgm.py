@@ -23,8 +23,17 @@ from tests.test_faults import wait_text
 
 
 def _u(delta, samples, device="d", rnd=1) -> Update:
-    return Update(run_id="a" * 32, round=rnd, device_id=device, model_hash="b" * 64, samples=samples, train_loss=1.0, train_s=0.1,
-                  nonce=secrets.token_hex(16), delta=np.asarray(delta, np.float32))
+    return Update(
+        run_id="a" * 32,
+        round=rnd,
+        device_id=device,
+        model_hash="b" * 64,
+        samples=samples,
+        train_loss=1.0,
+        train_s=0.1,
+        nonce=secrets.token_hex(16),
+        delta=np.asarray(delta, np.float32),
+    )
 
 
 def _round(s, rnd, w, updates):
@@ -152,8 +161,17 @@ class _Fleet:
         """Publish the device's update for g's round (the same bytes when re-sent) and wait for a new ack."""
         u = self.sent.get((device, g.round))
         if u is None or u.run_id != g.run_id:
-            u = Update(run_id=g.run_id, round=g.round, device_id=device, model_hash=g.model_hash, samples=SAMPLES[device], train_loss=1.0,
-                       train_s=0.01, nonce=secrets.token_hex(16), delta=_delta(device, g.round, g.weights.size))
+            u = Update(
+                run_id=g.run_id,
+                round=g.round,
+                device_id=device,
+                model_hash=g.model_hash,
+                samples=SAMPLES[device],
+                train_loss=1.0,
+                train_s=0.01,
+                nonce=secrets.token_hex(16),
+                delta=_delta(device, g.round, g.weights.size),
+            )
             self.sent[(device, g.round)] = u
         rec = self.dev[device]
 
@@ -174,15 +192,34 @@ class _Fleet:
 
 # strategy -> its flags, and numpy's step (w, state, Delta) -> (w', state) to check the result independently.
 SERVER_OPTS = {
-    "fedavgm": (["--server-lr", "0.8", "--server-momentum", "0.9"], lambda w, st, d: (w + 0.8 * (v := 0.9 * st.get("velocity", 0.0) + d), {"velocity": v})),
-    "fedadam": (["--server-lr", "0.01", "--beta1", "0.9", "--beta2", "0.99", "--tau", "0.001"],
-                lambda w, st, d: (w + 0.01 * (m := 0.9 * st.get("m", 0.0) + 0.1 * d) / (np.sqrt(v := 0.99 * st.get("v", 1e-6) + 0.01 * d * d) + 1e-3), {"m": m, "v": v})),
+    "fedavgm": (
+        ["--server-lr", "0.8", "--server-momentum", "0.9"],
+        lambda w, st, d: (w + 0.8 * (v := 0.9 * st.get("velocity", 0.0) + d), {"velocity": v}),
+    ),
+    "fedadam": (
+        ["--server-lr", "0.01", "--beta1", "0.9", "--beta2", "0.99", "--tau", "0.001"],
+        lambda w, st, d: (
+            w + 0.01 * (m := 0.9 * st.get("m", 0.0) + 0.1 * d) / (np.sqrt(v := 0.99 * st.get("v", 1e-6) + 0.01 * d * d) + 1e-3),
+            {"m": m, "v": v},
+        ),
+    ),
 }
 
 
 def _args(strategy: str) -> list[str]:
-    return ["--rounds", str(ROUNDS), "--min-devices", "2", "--target-devices", "2", "--deadline", "60",
-            "--strategy", strategy, *SERVER_OPTS[strategy][0]]
+    return [
+        "--rounds",
+        str(ROUNDS),
+        "--min-devices",
+        "2",
+        "--target-devices",
+        "2",
+        "--deadline",
+        "60",
+        "--strategy",
+        strategy,
+        *SERVER_OPTS[strategy][0],
+    ]
 
 
 def _weights(state: Path, rnd: int) -> np.ndarray:
@@ -205,7 +242,9 @@ def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(stra
                     # Rounds 1-2 committed (with their momentum), dev-a's round-3 update acked: kill -9.
                     agg.kill9()
                     assert (state / "partial_round.bin").exists() and (state / "global" / "server_0002.bin").exists()
-                    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, *_args(strategy), bundle=boston_bundle, name=f"{name}-2")
+                    agg = AggregatorProcess(
+                        tmp_path, mosquitto.url, FLEET, state, *_args(strategy), bundle=boston_bundle, name=f"{name}-2"
+                    )
                     wait_text(agg.text, "event=round_open round=3", 60, "aggregator log")
                     ack = fleet.send("dev-a", g)  # the device re-sends when the round is re-announced: counted once
                     assert "counted once" in ack.reason
@@ -235,5 +274,7 @@ def test_sigkill_mid_run_restart_ends_bit_identical_to_an_uninterrupted_run(stra
         assert rec["update_norm_max"] == pytest.approx(max(norms.values()), rel=1e-12)
     saved = decode_server_state((sk / "global" / f"server_{ROUNDS:04d}.bin").read_bytes())[2]
     assert sorted(saved) == sorted(st) and all(np.allclose(saved[k], st[k], rtol=1e-4, atol=1e-9) for k in st)
-    plain = _weights(sw, 0).astype(np.float64) + sum(sum(SAMPLES[d] * _delta(d, r, n).astype(np.float64) for d in SAMPLES) / 26 for r in range(1, ROUNDS + 1))
+    plain = _weights(sw, 0).astype(np.float64) + sum(
+        sum(SAMPLES[d] * _delta(d, r, n).astype(np.float64) for d in SAMPLES) / 26 for r in range(1, ROUNDS + 1)
+    )
     assert np.abs(_weights(sw, ROUNDS) - plain).max() > 1e-3

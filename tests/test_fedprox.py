@@ -50,7 +50,9 @@ def bundles(tmp_path_factory):
         if (opt, proximal) not in cache:
             model = _mlp()
             out = tmp_path_factory.mktemp("fedprox") / f"{opt}-{'prox' if proximal else 'plain'}"
-            build_bundle(model, out, model_name="prox-mlp", input_shape=(13,), loss="mse", seed=None, proximal=proximal, **OPTIMIZERS[opt])
+            build_bundle(
+                model, out, model_name="prox-mlp", input_shape=(13,), loss="mse", seed=None, proximal=proximal, **OPTIMIZERS[opt]
+            )
             cache[(opt, proximal)] = (out, model)
         return cache[(opt, proximal)]
 
@@ -87,7 +89,9 @@ def _torch_prox(model, manifest, w_global: np.ndarray, data: Dataset, mu: float,
     anchor = [p.detach().clone() for p in ref.parameters()]
     o = manifest.optimizer
     if o["name"] == "adamw":
-        opt = torch.optim.AdamW(ref.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
+        opt = torch.optim.AdamW(
+            ref.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"]
+        )
     else:
         opt = torch.optim.SGD(ref.parameters(), lr=o["lr"], momentum=o["momentum"])
     order = np.random.default_rng(seed).permutation(N)

@@ -89,7 +89,9 @@ def test_a_bundle_without_the_term_sits_the_round_out_and_says_so(mosquitto, tmp
     log = tmp_path / "device.log"
     proc = start_device(cfg, log, "--max-rounds", "1")
     try:
-        _, payload = peer.wait_for(lambda t, p: t == T.status("dev-0") and bool(p) and Status.decode(p).state == "error", timeout=60)
+        _, payload = peer.wait_for(
+            lambda t, p: t == T.status("dev-0") and bool(p) and Status.decode(p).state == "error", timeout=60
+        )
         status = Status.decode(payload)
         assert status.round == 1 and "no proximal term" in status.detail and "proximal_mu 0.01" in status.detail, status
         wait_log(log, "event=sitting_out")

@@ -51,7 +51,9 @@ def test_corrupt_bundle(boston_bundle, tmp_path, outdir):
     assert_refused(proc, out, [], "training_model.onnx", "sha256")
 
 
-@pytest.mark.parametrize("device_id", ["dev+1", "dev#1", "fleet/dev", "dev 1", "dev\t1", "dev\n1", "dev\x01", "", "-dev", "x" * 65])
+@pytest.mark.parametrize(
+    "device_id", ["dev+1", "dev#1", "fleet/dev", "dev 1", "dev\t1", "dev\n1", "dev\x01", "", "-dev", "x" * 65]
+)
 def test_unsafe_device_id(boston_bundle, outdir, device_id):
     out = outdir / "img"
     proc = flash(*base_args(boston_bundle, out, device_id=device_id))
@@ -117,7 +119,7 @@ def test_credentials_missing_for_device(boston_bundle, outdir, credentials):  # 
 def test_profile_file_with_unknown_key(boston_bundle, outdir, tmp_path):
     from fleetlearn.firmware_configs.profiles import PROFILES_DIR
 
-    text = (PROFILES_DIR / "generic-x86_64.toml").read_text().replace("[systemd]\n", "[systemd]\nmemory_maxx = \"1G\"\n")
+    text = (PROFILES_DIR / "generic-x86_64.toml").read_text().replace("[systemd]\n", '[systemd]\nmemory_maxx = "1G"\n')
     path = tmp_path / "generic-x86_64.toml"
     path.write_text(text)
     out = outdir / "img"
@@ -148,7 +150,7 @@ def test_unsafe_prefix(boston_bundle, outdir):
     "old, new, needle",
     [
         ('verified = "emulated"', 'verified = "simulated"', "key 'verified' must be one of untested, emulated, hardware"),
-        ('verified = "emulated"', 'verified = "hardware"', "\"hardware\" and hardware_tested = true go together"),
+        ('verified = "emulated"', 'verified = "hardware"', '"hardware" and hardware_tested = true go together'),
         ('engine = "portable"', 'engine = "gpu"', "key 'training.engine' must be one of auto, ort-training, portable"),
         ('evidence = "', 'evidence = "" # ', "key 'evidence' must say what ran where"),
     ],

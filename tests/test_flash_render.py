@@ -20,7 +20,14 @@ SECRETS = {"secrets/mqtt-password", "secrets/ca.crt", "secrets/signing.key", "se
 
 def test_builtin_profiles_cover_the_boards():
     names = set(known_profiles())
-    assert {"raspberry-pi-4", "raspberry-pi-5", "raspberry-pi-zero-2w", "jetson-orin-nano", "jetson-nano", "generic-x86_64"} <= names
+    assert {
+        "raspberry-pi-4",
+        "raspberry-pi-5",
+        "raspberry-pi-zero-2w",
+        "jetson-orin-nano",
+        "jetson-nano",
+        "generic-x86_64",
+    } <= names
     for name in names:
         p = load_profile(name)
         assert p.python == "3.11"
@@ -72,7 +79,15 @@ def test_every_profile_renders_a_loadable_config(boston_bundle, tmp_path, profil
 
 def test_unit_file(boston_bundle, tmp_path):
     out = tmp_path / "img"
-    flash_ok(*base_args(boston_bundle, out), "--prefix", "/srv/fl", "--set", "systemd.memory_max=2G", "--set", "state_dir=/data/fl-state")
+    flash_ok(
+        *base_args(boston_bundle, out),
+        "--prefix",
+        "/srv/fl",
+        "--set",
+        "systemd.memory_max=2G",
+        "--set",
+        "state_dir=/data/fl-state",
+    )
     unit = (out / "fleetlearn-device.service").read_text()
     for line in (
         "ExecStart=/srv/fl/venv/bin/fleetlearn device --config /srv/fl/device.toml",
@@ -107,13 +122,20 @@ def test_overrides_land_in_the_config(boston_bundle, tmp_path):
     out = tmp_path / "img"
     flash_ok(
         *base_args(boston_bundle, out),
-        "--fleet", "greenhouse",
-        "--data", "/home/pi/sensor.csv",
-        "--set", "training.batch_size=8",
-        "--set", "training.max_steps=50",
-        "--set", "mqtt_protocol=5",
-        "--set", "target=medv",
-        "--set", "tls.insecure_skip_hostname=true",
+        "--fleet",
+        "greenhouse",
+        "--data",
+        "/home/pi/sensor.csv",
+        "--set",
+        "training.batch_size=8",
+        "--set",
+        "training.max_steps=50",
+        "--set",
+        "mqtt_protocol=5",
+        "--set",
+        "target=medv",
+        "--set",
+        "tls.insecure_skip_hostname=true",
     )
     cfg = load_device_config(out / "device.toml")
     assert (cfg.fleet, cfg.data, cfg.target, cfg.mqtt_protocol) == ("greenhouse", "/home/pi/sensor.csv", "medv", "5")
@@ -123,7 +145,9 @@ def test_overrides_land_in_the_config(boston_bundle, tmp_path):
 
 def test_only_this_devices_credentials(boston_bundle, tmp_path, credentials):  # noqa: F811
     out = tmp_path / "img"
-    flash_ok(*base_args(boston_bundle, out, device_id=DEVICE_A), "--credentials", credentials, "--broker", "mqtts://broker.lan:8883")
+    flash_ok(
+        *base_args(boston_bundle, out, device_id=DEVICE_A), "--credentials", credentials, "--broker", "mqtts://broker.lan:8883"
+    )
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {f for f in files if f.startswith("secrets/")} == SECRETS
     a, b = credentials / "devices" / DEVICE_A, credentials / "devices" / DEVICE_B
@@ -163,7 +187,7 @@ def test_tarball_holds_the_same_files_with_root_ownership(boston_bundle, tmp_pat
         assert names[0] == "img" and len(set(names)) == len(names)
         assert all(m.name == "img" or m.name.startswith("img/") for m in members)
         assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "", "", 315532800)}
-        files = {m.name[len("img/"):]: (m.mode, tar.extractfile(m).read()) for m in members if m.isfile()}
+        files = {m.name[len("img/") :]: (m.mode, tar.extractfile(m).read()) for m in members if m.isfile()}
     assert files == {rel: v for rel, v in tree(d).items() if (d / rel).is_file()}
     assert files["secrets/mqtt-password"][0] == 0o600 and files["install.sh"][0] == 0o755
 
@@ -278,7 +302,9 @@ def test_x86_64_portable_engine_drops_onnxruntime_training(boston_bundle, tmp_pa
 def test_install_sh_refuses_another_architecture(boston_bundle, tmp_path):
     out = tmp_path / "pi"
     flash_ok(*base_args(boston_bundle, out, profile="raspberry-pi-5"))
-    proc = subprocess.run(["sh", str(out / "install.sh"), "--prefix", str(tmp_path / "opt"), "--no-systemd"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sh", str(out / "install.sh"), "--prefix", str(tmp_path / "opt"), "--no-systemd"], capture_output=True, text=True
+    )
     assert proc.returncode != 0
     assert "this image is for aarch64" in proc.stderr
     assert not (tmp_path / "opt").exists()
@@ -289,7 +315,9 @@ def test_install_sh_refuses_a_damaged_image(boston_bundle, tmp_path):
     flash_ok(*base_args(boston_bundle, out))
     manifest = out / "bundle" / "manifest.json"
     manifest.write_bytes(manifest.read_bytes() + b" ")
-    proc = subprocess.run(["sh", str(out / "install.sh"), "--prefix", str(tmp_path / "opt"), "--no-systemd"], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sh", str(out / "install.sh"), "--prefix", str(tmp_path / "opt"), "--no-systemd"], capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "SHA256SUMS" in proc.stderr
     assert not (tmp_path / "opt").exists()
 
@@ -298,6 +326,12 @@ def test_readme_is_for_the_person_holding_the_device(boston_bundle, tmp_path):
     out = tmp_path / "img"
     flash_ok(*base_args(boston_bundle, out))
     readme = (out / "README.md").read_text()
-    for needle in (DEVICE_A, "sudo ./install.sh", "journalctl -u fleetlearn-device", "/opt/fleetlearn/data/train.npz", "no torch"):
+    for needle in (
+        DEVICE_A,
+        "sudo ./install.sh",
+        "journalctl -u fleetlearn-device",
+        "/opt/fleetlearn/data/train.npz",
+        "no torch",
+    ):
         assert needle in readme, needle
     assert io.StringIO(readme).readline().startswith("# fleetlearn device image")

@@ -32,7 +32,18 @@ def flash_ok(*args: str | Path) -> subprocess.CompletedProcess:
 
 def base_args(bundle: Path, out: Path, device_id: str = DEVICE_A, profile: str = "generic-x86_64") -> list[str]:
     """Fast by default: no dependency wheels (the install test carries them)."""
-    return ["--profile", profile, "--bundle", str(bundle), f"--device-id={device_id}", "--broker", "mqtt://127.0.0.1:1883", "--out", str(out), "--no-deps-wheels"]
+    return [
+        "--profile",
+        profile,
+        "--bundle",
+        str(bundle),
+        f"--device-id={device_id}",
+        "--broker",
+        "mqtt://127.0.0.1:1883",
+        "--out",
+        str(out),
+        "--no-deps-wheels",
+    ]
 
 
 def tree(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -54,7 +65,9 @@ def _pem_key() -> bytes:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture
@@ -79,7 +92,20 @@ def x86_wheelhouse(tmp_path_factory) -> Path:
 
     profile = load_profile("generic-x86_64")
     dest = tmp_path_factory.mktemp("wheelhouse")
-    cmd = [PY, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:", "--implementation", "cp", "--python-version", profile.python, "--dest", str(dest)]
+    cmd = [
+        PY,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        profile.python,
+        "--dest",
+        str(dest),
+    ]
     for tag in profile.platform_tags():
         cmd += ["--platform", tag]
     cmd += ["numpy>=1.24", "onnxruntime-training==1.19.2", "paho-mqtt>=2.1,<3"]

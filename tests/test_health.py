@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.core.errors import ConfigError, ProtocolError
 from fleetlearn.edge_runtime.core.protocol import Health, Status, Topics, Update
-from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.device.config import parse_device_config
 from fleetlearn.edge_runtime.device.eligibility import EligibilityConfig, ineligible_reason, parse_eligibility
 from fleetlearn.edge_runtime.device.health import HealthReader, cpu_temp_c, power_source
@@ -50,7 +50,11 @@ def test_readings_from_a_faked_board(tmp_path):
     pi = fake_sysfs(tmp_path / "pi", {"cpu-thermal": 61234}, {"rpi-poe": {"type": "Mains", "online": "1"}})
     assert cpu_temp_c(pi) == pytest.approx(61.234) and power_source(pi) == "ac"
     # A laptop: CPU package zone preferred over a hotter unrelated zone; on battery.
-    laptop = fake_sysfs(tmp_path / "laptop", {"acpitz": 90000, "x86_pkg_temp": 55000}, {"AC": {"type": "Mains", "online": "0"}, "BAT0": {"type": "Battery"}})
+    laptop = fake_sysfs(
+        tmp_path / "laptop",
+        {"acpitz": 90000, "x86_pkg_temp": 55000},
+        {"AC": {"type": "Mains", "online": "0"}, "BAT0": {"type": "Battery"}},
+    )
     assert cpu_temp_c(laptop) == 55.0 and power_source(laptop) == "battery"
     # Nothing exposed, or garbage: absent, never guessed.
     bare = fake_sysfs(tmp_path / "bare")
@@ -75,8 +79,16 @@ def test_status_health_on_the_wire_is_bounded_and_typed():
     assert partial["health"] == {"uptime_s": 1.0}  # absent readings are left out, not null-guessed
     base = {"v": 1, "device_id": "pi-1", "state": "idle", "round": 0, "detail": "", "ts": 0}
     assert Status.decode(json.dumps(base).encode()).health is None
-    for bad in ({"cpu_temp_c": "hot"}, {"cpu_temp_c": 1e308}, {"rss_bytes": -1}, {"rss_bytes": 1.5}, {"free_disk_bytes": True},
-                {"uptime_s": 10**400}, {"power_source": "nuclear"}, {"power_source": ["ac"]}):
+    for bad in (
+        {"cpu_temp_c": "hot"},
+        {"cpu_temp_c": 1e308},
+        {"rss_bytes": -1},
+        {"rss_bytes": 1.5},
+        {"free_disk_bytes": True},
+        {"uptime_s": 10**400},
+        {"power_source": "nuclear"},
+        {"power_source": ["ac"]},
+    ):
         with pytest.raises(ProtocolError):
             Status.decode(json.dumps({**base, "health": bad}).encode())
     with pytest.raises(ProtocolError):
@@ -109,18 +121,21 @@ def test_rules_and_readings_that_do_not_exist():
     assert "reports no power supply" in ineligible_reason(parse_eligibility({"require_ac_power": True}), Health())
 
 
-@pytest.mark.parametrize("table, message", [
-    ({"hours": "1:00-5:00"}, "is not a time window"),
-    ({"hours": ["01:00-05:00", "05:00-05:00"]}, "eligibility.hours[1]"),
-    ({"hours": "00:00-24:00"}, "whole day"),
-    ({"hours": "23:00-24:30"}, "ends after 24:00"),
-    ({"hours": 3}, "must be a window string or a list"),
-    ({"max_cpu_temp_c": "70"}, "eligibility.max_cpu_temp_c' must be a number"),
-    ({"min_free_disk_mb": -1}, "min_free_disk_mb' must be a number"),
-    ({"require_ac_power": "yes"}, "require_ac_power' must be true or false"),
-    ({"check_interval_s": 0}, "check_interval_s' must be a number"),
-    ({"max_temp": 70}, "unknown key 'eligibility.max_temp'"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"hours": "1:00-5:00"}, "is not a time window"),
+        ({"hours": ["01:00-05:00", "05:00-05:00"]}, "eligibility.hours[1]"),
+        ({"hours": "00:00-24:00"}, "whole day"),
+        ({"hours": "23:00-24:30"}, "ends after 24:00"),
+        ({"hours": 3}, "must be a window string or a list"),
+        ({"max_cpu_temp_c": "70"}, "eligibility.max_cpu_temp_c' must be a number"),
+        ({"min_free_disk_mb": -1}, "min_free_disk_mb' must be a number"),
+        ({"require_ac_power": "yes"}, "require_ac_power' must be true or false"),
+        ({"check_interval_s": 0}, "check_interval_s' must be a number"),
+        ({"max_temp": 70}, "unknown key 'eligibility.max_temp'"),
+    ],
+)
 def test_eligibility_config_is_strict_with_one_line_errors(table, message):
     base = {"device_id": "d", "fleet": "f", "broker": "mqtt://h:1883", "bundle": "b", "data": "d", "state_dir": "s"}
     with pytest.raises(ConfigError) as e:
@@ -153,7 +168,9 @@ def eligible_config(tmp_path: Path, url: str, bundle: Path, data: Path, sysfs: P
 def test_hot_device_reports_ineligible_sends_nothing_and_resumes_when_cool(mosquitto, tmp_path, boston_bundle, boston_shards):
     shards, _ = boston_shards
     sysfs = fake_sysfs(tmp_path / "sys", {"cpu-thermal": 85000}, {"mains": {"type": "Mains", "online": "1"}})
-    cfg = eligible_config(tmp_path, mosquitto.url, boston_bundle, shards[0], sysfs, max_cpu_temp_c=70, require_ac_power=True, check_interval_s=0.2)
+    cfg = eligible_config(
+        tmp_path, mosquitto.url, boston_bundle, shards[0], sysfs, max_cpu_temp_c=70, require_ac_power=True, check_interval_s=0.2
+    )
     peer = Peer(mosquitto.url, [T.all_updates, T.all_status])
     peer.publish(T.global_model, global_frame(boston_bundle, secrets.token_hex(16), 1), retain=True)
     log = tmp_path / "device.log"
@@ -161,7 +178,12 @@ def test_hot_device_reports_ineligible_sends_nothing_and_resumes_when_cool(mosqu
     try:
         st = wait_status(peer, "ineligible", 1)  # (it may say so at round 0 first, before the global arrives)
         assert st.detail == "CPU at 85.0 C, above max_cpu_temp_c 70"
-        assert st.health.cpu_temp_c == 85.0 and st.health.power_source == "ac" and st.health.rss_bytes > 0 and st.health.free_disk_bytes > 0
+        assert (
+            st.health.cpu_temp_c == 85.0
+            and st.health.power_source == "ac"
+            and st.health.rss_bytes > 0
+            and st.health.free_disk_bytes > 0
+        )
         wait_log(log, "event=ineligible device=dev-0 round=1")
         # Ineligible for a while (many checks): no update leaves the device.
         time.sleep(2.0)
@@ -206,11 +228,26 @@ def test_aggregator_treats_an_ineligible_device_as_unavailable_not_failed(mosqui
 
     shards, _ = boston_shards
     state = tmp_path / "agg"
-    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, "--rounds", "2", "--min-devices", "1", "--target-devices", "2", "--deadline", "3",
-                            bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        mosquitto.url,
+        FLEET,
+        state,
+        "--rounds",
+        "2",
+        "--min-devices",
+        "1",
+        "--target-devices",
+        "2",
+        "--deadline",
+        "3",
+        bundle=boston_bundle,
+    )
     cool = write_config(tmp_path, mosquitto.url, boston_bundle, shards[0], device_id="dev-0")
     hot_sys = fake_sysfs(tmp_path / "hot-sys", {"cpu-thermal": 95000})
-    hot = eligible_config(tmp_path, mosquitto.url, boston_bundle, shards[1], hot_sys, device_id="dev-1", max_cpu_temp_c=70, check_interval_s=0.2)
+    hot = eligible_config(
+        tmp_path, mosquitto.url, boston_bundle, shards[1], hot_sys, device_id="dev-1", max_cpu_temp_c=70, check_interval_s=0.2
+    )
     peer = Peer(mosquitto.url, [T.status("dev-1")])
     procs = [start_device(cool, tmp_path / "dev-0.log", "--max-rounds", "2"), start_device(hot, tmp_path / "dev-1.log")]
     try:
@@ -235,7 +272,9 @@ def test_gate_holds_the_newest_refused_round_and_forgets_it_once_a_round_trains(
     from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 
     temp = {"c": 90.0}
-    gate = EligibilityGate(parse_eligibility({"max_cpu_temp_c": 70, "check_interval_s": 5}), lambda: Health(cpu_temp_c=temp["c"]), 60)
+    gate = EligibilityGate(
+        parse_eligibility({"max_cpu_temp_c": 70, "check_interval_s": 5}), lambda: Health(cpu_temp_c=temp["c"]), 60
+    )
     g1, g2, g3 = (SimpleNamespace(round=r) for r in (1, 2, 3))
     assert gate.refuse(g1) and gate.parked is g1
     assert gate.refuse(g2) and gate.parked is g2  # a newer round replaces the held one

@@ -22,9 +22,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Repository folder -> the package it installs as.
-FOLDERS = {"edge_runtime": "fleetlearn.edge_runtime", "aggregator": "fleetlearn.aggregator",
-           "export": "fleetlearn.export", "firmware_configs": "fleetlearn.firmware_configs",
-           "provisioning": "fleetlearn.provisioning"}
+FOLDERS = {
+    "edge_runtime": "fleetlearn.edge_runtime",
+    "aggregator": "fleetlearn.aggregator",
+    "export": "fleetlearn.export",
+    "firmware_configs": "fleetlearn.firmware_configs",
+    "provisioning": "fleetlearn.provisioning",
+}
 CLI_LAYER = {p.stem for p in (ROOT / "fleetlearn").glob("*.py") if p.stem != "__init__"}
 DEVICE_THIRD_PARTY = {"numpy", "onnxruntime", "paho", "cryptography"}
 
@@ -65,39 +69,60 @@ def test_edge_runtime_imports_only_the_device_stack():
 @pytest.mark.parametrize("folder", ["edge_runtime", "aggregator", "export", "firmware_configs", "provisioning"])
 def test_no_package_imports_upward_into_the_cli_layer(folder):
     upward = {f"fleetlearn.{m}" for m in CLI_LAYER}
-    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources(folder) for line, name in _imports(p)
-           if any(name == u or name.startswith(u + ".") for u in upward)]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {name}"
+        for p in _sources(folder)
+        for line, name in _imports(p)
+        if any(name == u or name.startswith(u + ".") for u in upward)
+    ]
     assert not bad, "the CLI layer sits on top; nothing below may import it:\n" + "\n".join(bad)
 
 
 def test_provisioning_imports_only_the_ground_floor():
     """The operator's provisioning tool stands on edge_runtime alone: the aggregator, flash and
     the CLI layer may use it (the credentials layout), never the other way round."""
-    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources("provisioning") for line, name in _imports(p)
-           if name.startswith("fleetlearn.") and not name.startswith(("fleetlearn.edge_runtime", "fleetlearn.provisioning"))]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {name}"
+        for p in _sources("provisioning")
+        for line, name in _imports(p)
+        if name.startswith("fleetlearn.") and not name.startswith(("fleetlearn.edge_runtime", "fleetlearn.provisioning"))
+    ]
     assert not bad, "provisioning may import fleetlearn.edge_runtime only:\n" + "\n".join(bad)
 
 
 def test_the_aggregator_engine_never_exports_a_model():
     """Exporting on start (--model) is the aggregator's CLI module's job: the engine is given a
     bundle dir, so it runs where torch is not installed."""
-    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in _sources("aggregator") if p.name != "cli.py"
-           for line, name in _imports(p) if name == "fleetlearn.export" or name.startswith("fleetlearn.export.") or name.split(".")[0] in ("torch", "onnx")]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {name}"
+        for p in _sources("aggregator")
+        if p.name != "cli.py"
+        for line, name in _imports(p)
+        if name == "fleetlearn.export" or name.startswith("fleetlearn.export.") or name.split(".")[0] in ("torch", "onnx")
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_no_module_over_450_lines():
     """Small modules with one job: nothing outside tests passes 450 lines."""
-    long = [f"{p.relative_to(ROOT)}: {n} lines" for folder in [*FOLDERS, "fleetlearn", "bench"] for p in _sources(folder)
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
+    long = [
+        f"{p.relative_to(ROOT)}: {n} lines"
+        for folder in [*FOLDERS, "fleetlearn", "bench"]
+        for p in _sources(folder)
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450
+    ]
     assert not long, "\n".join(long)
 
 
 def test_no_module_uses_the_old_top_level_names():
     """`import export` / `import aggregator` would pick up a user's own export.py: only fleetlearn.* exists."""
-    bad = [f"{p.relative_to(ROOT)}:{line}: {name}"
-           for folder in [*FOLDERS, "fleetlearn", "tests", "bench"] for p in _sources(folder)
-           for line, name in _imports(p) if name.split(".")[0] in FOLDERS]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line}: {name}"
+        for folder in [*FOLDERS, "fleetlearn", "tests", "bench"]
+        for p in _sources(folder)
+        for line, name in _imports(p)
+        if name.split(".")[0] in FOLDERS
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -130,17 +155,26 @@ def test_built_wheel_installs_one_top_level_package(tmp_path):
         assert zf.read(top_level).decode().split() == ["fleetlearn"]
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"fleetlearn"}
-    for module in ("fleetlearn/edge_runtime/core/protocol/__init__.py", "fleetlearn/export/build.py",
-                   "fleetlearn/aggregator/cli.py", "fleetlearn/firmware_configs/profiles/raspberry-pi-4.toml"):
+    for module in (
+        "fleetlearn/edge_runtime/core/protocol/__init__.py",
+        "fleetlearn/export/build.py",
+        "fleetlearn/aggregator/cli.py",
+        "fleetlearn/firmware_configs/profiles/raspberry-pi-4.toml",
+    ):
         assert module in names, module
 
 
 def test_cli_layer_modules_import_each_other_without_cycles():
     """fleetlearn/*.py (demo, demo_dp, monitor, report, experiment...) form a DAG: a module that
     needs a function of a module that imports it takes it as an argument instead."""
-    graph = {m: {name.split(".")[1] for _, name in _imports(ROOT / "fleetlearn" / f"{m}.py")
-                 if name.startswith("fleetlearn.") and name.split(".")[1] in CLI_LAYER and name.split(".")[1] != m}
-             for m in CLI_LAYER}
+    graph = {
+        m: {
+            name.split(".")[1]
+            for _, name in _imports(ROOT / "fleetlearn" / f"{m}.py")
+            if name.startswith("fleetlearn.") and name.split(".")[1] in CLI_LAYER and name.split(".")[1] != m
+        }
+        for m in CLI_LAYER
+    }
     done: set[str] = set()
 
     def visit(m: str, path: tuple[str, ...]) -> None:

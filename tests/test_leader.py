@@ -39,9 +39,16 @@ def test_lease_round_trip_and_hostile_input():
     assert Lease.decode(one.encode()) == one
     good = json.loads(one.encode())
     bad = [
-        {**good, "state": "mine"}, {**good, "run_id": "A" * 32}, {**good, "token": "b" * 31}, {**good, "holder": "a b"},
-        {**good, "holder": "x" * 200}, {**good, "expires": 50.0}, {**good, "expires": 1e9}, {**good, "issued": "soon"},
-        {**good, "v": 2}, {k: v for k, v in good.items() if k != "claimed"},
+        {**good, "state": "mine"},
+        {**good, "run_id": "A" * 32},
+        {**good, "token": "b" * 31},
+        {**good, "holder": "a b"},
+        {**good, "holder": "x" * 200},
+        {**good, "expires": 50.0},
+        {**good, "expires": 1e9},
+        {**good, "issued": "soon"},
+        {**good, "v": 2},
+        {k: v for k, v in good.items() if k != "claimed"},
     ]
     for doc in bad:
         with pytest.raises(ProtocolError):
@@ -60,8 +67,12 @@ def test_lease_view_dedupes_ignores_stale_wills_and_superseded_renewals():
     assert v.observe(encode_probe("f" * 32)) is None and v.observe(b"") is None
     b = lease(run_id="2" * 32, token="b" * 32, claimed=200, issued=200, expires=230)
     assert v.observe(b.encode()) == b and v.allows("2" * 32)  # a takeover: the later claim
-    assert v.observe(lease("released", run_id="1" * 32, token="a" * 32, issued=240, expires=240).encode()) is None  # a's late Last Will
-    assert v.observe(lease(run_id="1" * 32, token="a" * 32, claimed=100, issued=250, expires=280).encode()) is None  # a zombie renewal
+    assert (
+        v.observe(lease("released", run_id="1" * 32, token="a" * 32, issued=240, expires=240).encode()) is None
+    )  # a's late Last Will
+    assert (
+        v.observe(lease(run_id="1" * 32, token="a" * 32, claimed=100, issued=250, expires=280).encode()) is None
+    )  # a zombie renewal
     assert v.current == b
     released = lease("released", run_id="2" * 32, token="b" * 32, claimed=200, issued=260, expires=260)
     assert v.observe(released.encode()) == released and v.allows("2" * 32)  # the run stays the fleet's until the next claim
@@ -124,8 +135,21 @@ class Relay:
 
 
 def agg(tmp: Path, url: str, name: str, bundle: Path, *extra: str) -> AggregatorProcess:
-    return AggregatorProcess(tmp, url, FLEET, tmp / f"state-{name}", "--rounds", "2", "--min-devices", "1", "--deadline", "120", *extra,
-                             bundle=bundle, name=name)
+    return AggregatorProcess(
+        tmp,
+        url,
+        FLEET,
+        tmp / f"state-{name}",
+        "--rounds",
+        "2",
+        "--min-devices",
+        "1",
+        "--deadline",
+        "120",
+        *extra,
+        bundle=bundle,
+        name=name,
+    )
 
 
 def wait_text(proc: AggregatorProcess, needle: str, timeout: float = 30.0) -> str:
@@ -210,7 +234,9 @@ def test_sigkilled_leader_without_a_will_is_taken_over_after_expiry(mosquitto, t
         a.kill9()
         time.sleep(0.5)
         old = retained_lease(mosquitto.url)  # its last renewal
-        assert old.state == "held" and old.holder.endswith(f":{a.proc.pid}")  # no will: the broker still sees the leader connected
+        assert old.state == "held" and old.holder.endswith(
+            f":{a.proc.pid}"
+        )  # no will: the broker still sees the leader connected
         early = agg(tmp_path, mosquitto.url, "early", boston_bundle, "--takeover")
         assert early.wait(30) == 2 and "lease valid for" in error_line(early)
         time.sleep(max(0.0, old.expires - time.time()) + 0.5)

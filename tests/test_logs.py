@@ -16,7 +16,9 @@ from tests.test_device import FLEET, global_frame, start_device, wait_log, write
 
 
 def record(msg: str, *args, exc: BaseException | None = None) -> logging.LogRecord:
-    return logging.LogRecord("fleetlearn.device", logging.WARNING, __file__, 1, msg, args, (type(exc), exc, None) if exc else None)
+    return logging.LogRecord(
+        "fleetlearn.device", logging.WARNING, __file__, 1, msg, args, (type(exc), exc, None) if exc else None
+    )
 
 
 def test_json_and_text_carry_the_same_event_and_fields():
@@ -26,9 +28,17 @@ def test_json_and_text_carry_the_same_event_and_fields():
     assert text.endswith(" " + message) and "level=warning logger=fleetlearn.device" in text
     assert doc["level"] == "warning" and doc["logger"] == "fleetlearn.device" and doc["ts"].endswith("Z")
     assert {k: doc[k] for k in ("event", "device", "round", "reason", "loss", "ok")} == {
-        "event": "update_refused", "device": "pi-7", "round": 3, "reason": 'bad "delta" = yes', "loss": 0.25, "ok": False}
+        "event": "update_refused",
+        "device": "pi-7",
+        "round": 3,
+        "reason": 'bad "delta" = yes',
+        "loss": 0.25,
+        "ok": False,
+    }
     # %r-formatted values (Python quotes), a round not known yet, an exception: still one object.
-    doc = json.loads(JsonFormatter().format(record("event=x device=d round=- error=%r", "[Errno 111] refused", exc=ValueError("bad\nthing"))))
+    doc = json.loads(
+        JsonFormatter().format(record("event=x device=d round=- error=%r", "[Errno 111] refused", exc=ValueError("bad\nthing")))
+    )
     assert doc["error"] == "[Errno 111] refused" and doc["round"] is None and doc["exc"] == "ValueError: bad\nthing"
     # A library's free-text message, and a field named like a reserved one.
     assert json.loads(JsonFormatter().format(record("Client x connected")))["msg"] == "Client x connected"
@@ -63,7 +73,21 @@ def test_device_log_format_json(mosquitto, tmp_path, boston_bundle, boston_shard
 
 
 def test_aggregator_log_format_json(mosquitto, tmp_path, boston_bundle):
-    agg = AggregatorProcess(tmp_path, mosquitto.url, "jsonlogs", tmp_path / "agg", "--rounds", "1", "--min-devices", "1", "--deadline", "600", "--log-format", "json", bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        mosquitto.url,
+        "jsonlogs",
+        tmp_path / "agg",
+        "--rounds",
+        "1",
+        "--min-devices",
+        "1",
+        "--deadline",
+        "600",
+        "--log-format",
+        "json",
+        bundle=boston_bundle,
+    )
     try:
         deadline = time.monotonic() + 60
         while '"round_open"' not in agg.text():

@@ -62,8 +62,14 @@ class Prometheus:
         )
         self.log = tmp / "prometheus.log"
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={conf}", f"--storage.tsdb.path={tmp / 'prom-data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
+            [
+                binary,
+                f"--config.file={conf}",
+                f"--storage.tsdb.path={tmp / 'prom-data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "wb"),
         )
         wait_port(self.port, 30)
         self._wait_ready()
@@ -113,8 +119,31 @@ class Prometheus:
 
 PROMQL_WORDS = {
     # aggregation operators and keywords
-    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile",
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
 }
 
 
@@ -130,7 +159,7 @@ def promql_metric_names(expr: str) -> set[str]:
     e = re.sub(r"\b\d+(?:\.\d+)?(?:ms|[smhdwy])\b", "", e)  # durations (offset 5m) and numbers
     names = set()
     for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
-        word, rest = m.group(0), e[m.end():].lstrip()
+        word, rest = m.group(0), e[m.end() :].lstrip()
         if word.lower() in PROMQL_WORDS or rest.startswith("("):
             continue
         if re.fullmatch(r"\d+[smhdwy]", word):
@@ -145,8 +174,10 @@ def dashboard_exprs() -> list[str]:
 
 
 def test_promql_name_parser():
-    assert promql_metric_names('histogram_quantile(0.95, sum by (le) (rate(a_bucket{job=~"$job", x="y(z)"}[$__rate_interval])))') == {"a_bucket"}
-    assert promql_metric_names("a / clamp_min(b{l=\"1\"}, 1) + sum without (state) (c_total offset 5m)") == {"a", "b", "c_total"}
+    assert promql_metric_names(
+        'histogram_quantile(0.95, sum by (le) (rate(a_bucket{job=~"$job", x="y(z)"}[$__rate_interval])))'
+    ) == {"a_bucket"}
+    assert promql_metric_names('a / clamp_min(b{l="1"}, 1) + sum without (state) (c_total offset 5m)') == {"a", "b", "c_total"}
 
 
 def test_dashboard_is_provisioning_ready_json():
@@ -177,7 +208,17 @@ def test_rejection_reasons_map_to_a_fixed_set_from_real_validation():
             return ModelStore.check_version(self, run_id, model_hash, rnd)  # type: ignore[arg-type]
 
     t = Topics("f")
-    good = dict(run_id="a" * 32, round=3, device_id="d1", model_hash="b" * 64, samples=1, train_loss=0.0, train_s=0.0, nonce="c" * 32, delta=np.zeros(4, np.float32))
+    good = dict(
+        run_id="a" * 32,
+        round=3,
+        device_id="d1",
+        model_hash="b" * 64,
+        samples=1,
+        train_loss=0.0,
+        train_s=0.0,
+        nonce="c" * 32,
+        delta=np.zeros(4, np.float32),
+    )
 
     def reason(topic: str, payload: bytes, accepted=None) -> str:
         with pytest.raises(Rejection) as exc:
@@ -263,8 +304,14 @@ def test_prometheus_scrapes_a_real_run_and_the_dashboard_names_exist(mosquitto, 
     prom = Prometheus(tmp_path, [f"127.0.0.1:{port}"])
     devices = []
     try:
-        cfg = AggregatorConfig(broker=mosquitto.url, state_dir=tmp_path / "agg", bundle=boston_bundle, fleet=FLEET, test_data=test_npz,
-                               rounds=RoundPolicy(rounds=3, min_devices=2, deadline=60))
+        cfg = AggregatorConfig(
+            broker=mosquitto.url,
+            state_dir=tmp_path / "agg",
+            bundle=boston_bundle,
+            fleet=FLEET,
+            test_data=test_npz,
+            rounds=RoundPolicy(rounds=3, min_devices=2, deadline=60),
+        )
         agg = Aggregator(cfg)
         agg.events.listen(exporter.on_event)
         agg.watch_devices = True
@@ -301,16 +348,30 @@ def test_prometheus_scrapes_a_real_run_and_the_dashboard_names_exist(mosquitto, 
 def test_aggregator_cli_serves_metrics_while_it_runs(mosquitto, tmp_path, boston_bundle):
     """`fleetlearn aggregator --metrics-port` through the real CLI, scraped between rounds, with a
     rejected update counted under its fixed reason and a device's status counted by state."""
+    import numpy as np
+
     from fleetlearn.edge_runtime.core.protocol import GlobalModel, Status, Topics, Update
     from tests.peers import Peer
     from tests.procs import AggregatorProcess
 
-    import numpy as np
-
     t = Topics("metricscli")
     port = free_port()
-    agg = AggregatorProcess(tmp_path, mosquitto.url, "metricscli", tmp_path / "agg", "--rounds", "2", "--min-devices", "1", "--deadline", "60",
-                            "--metrics-port", str(port), "--metrics-per-device", bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        mosquitto.url,
+        "metricscli",
+        tmp_path / "agg",
+        "--rounds",
+        "2",
+        "--min-devices",
+        "1",
+        "--deadline",
+        "60",
+        "--metrics-port",
+        str(port),
+        "--metrics-per-device",
+        bundle=boston_bundle,
+    )
     peer = Peer(mosquitto.url, [t.global_model])
     try:
         _, payload = peer.wait_for(lambda tp, p: tp == t.global_model and bool(p), 30)
@@ -350,8 +411,24 @@ def test_monitor_exports_the_device_gauges(mosquitto, tmp_path):
     log = tmp_path / "monitor.log"
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "fleetlearn.cli", "monitor", "--broker", mosquitto.url, "--fleet", "monmetrics", "--json",
-                             "--metrics-port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetlearn.cli",
+            "monitor",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "monmetrics",
+            "--json",
+            "--metrics-port",
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+    )
     try:
         wait_port(port, 20)
         end = time.monotonic() + 20
@@ -378,7 +455,16 @@ def test_dp_epsilon_only_when_dp_reports_it_and_counters_from_events():
     from prometheus_client import generate_latest
 
     e = MetricsExporter()
-    rec = {"round": 1, "run_id": "a" * 32, "devices": ["d1", "d2"], "accepted": 2, "wall_s": 2.5, "bytes_in": 100, "bytes_out": 40, "test_mse": 3.0}
+    rec = {
+        "round": 1,
+        "run_id": "a" * 32,
+        "devices": ["d1", "d2"],
+        "accepted": 2,
+        "wall_s": 2.5,
+        "bytes_in": 100,
+        "bytes_out": 40,
+        "test_mse": 3.0,
+    }
     e.on_event("round_open", {"round": 1, "target_devices": 2})
     e.on_event("round_extended", {"round": 1})
     e.on_event("round_closed", rec)
@@ -389,7 +475,11 @@ def test_dp_epsilon_only_when_dp_reports_it_and_counters_from_events():
     e.on_event("round_open", {"round": 2, "target_devices": 2})
     e.on_event("round_closed", {**rec, "round": 2, "epsilon": 1.25, "delta": 1e-5})
     s = served_samples(generate_latest(e.registry).decode())
-    assert value(s, "fleetlearn_dp_epsilon") == 1.25 and value(s, "fleetlearn_round") == 2 and value(s, "fleetlearn_bytes_total", direction="out") == 80
+    assert (
+        value(s, "fleetlearn_dp_epsilon") == 1.25
+        and value(s, "fleetlearn_round") == 2
+        and value(s, "fleetlearn_bytes_total", direction="out") == 80
+    )
     resumed = MetricsExporter()
     resumed.on_event("round_open", {"round": 7, "target_devices": 1})  # a restart resumes at round 7
     assert value(served_samples(generate_latest(resumed.registry).decode()), "fleetlearn_round") == 6

@@ -15,8 +15,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -38,7 +39,20 @@ class MonitorProcess:
     def __init__(self, broker_url: str, fleet: str, workdir: Path, *extra: str):
         self.stderr_path = workdir / f"monitor-{fleet}.stderr"
         self.proc = subprocess.Popen(
-            [PY, "-m", "fleetlearn.cli", "monitor", "--broker", broker_url, "--fleet", fleet, "--json", "--log-level", "info", *extra],
+            [
+                PY,
+                "-m",
+                "fleetlearn.cli",
+                "monitor",
+                "--broker",
+                broker_url,
+                "--fleet",
+                fleet,
+                "--json",
+                "--log-level",
+                "info",
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=open(self.stderr_path, "wb"),
             cwd=ROOT,
@@ -74,7 +88,9 @@ class MonitorProcess:
                 self._returned.add(len(self.events) - 1)
                 return event
         seen = "\n".join(json.dumps(e) for e in self.events[-30:])
-        pytest.fail(f"monitor never reported {what or 'the expected event'} within {timeout}s; last events:\n{seen}\nstderr:\n{self.stderr_path.read_text()[-2000:]}")
+        pytest.fail(
+            f"monitor never reported {what or 'the expected event'} within {timeout}s; last events:\n{seen}\nstderr:\n{self.stderr_path.read_text()[-2000:]}"
+        )
 
     def stop(self) -> int:
         return stop_process(self.proc, signal.SIGTERM)
@@ -94,11 +110,25 @@ class Publisher:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
     def round(self, round_: int, state: str, accepted: int = 0, total: int = 5) -> None:
-        rs = RoundState(RUN, round_, state, total_rounds=total, deadline=time.time() + 30, min_devices=1, target_devices=2, accepted=accepted)
+        rs = RoundState(
+            RUN, round_, state, total_rounds=total, deadline=time.time() + 30, min_devices=1, target_devices=2, accepted=accepted
+        )
         self.publish(self.topics.round, rs.encode(), retain=True)
 
     def metrics(self, round_: int, devices: list[str], test_mse: float) -> None:
-        doc = {"round": round_, "run_id": RUN, "devices": devices, "samples": 100 * len(devices), "train_loss": test_mse * 1.1, "test_mse": test_mse, "wall_s": 0.5, "bytes_in": 1000, "bytes_out": 2000, "rejected": 0, "deadline_extensions": 0}
+        doc = {
+            "round": round_,
+            "run_id": RUN,
+            "devices": devices,
+            "samples": 100 * len(devices),
+            "train_loss": test_mse * 1.1,
+            "test_mse": test_mse,
+            "wall_s": 0.5,
+            "bytes_in": 1000,
+            "bytes_out": 2000,
+            "rejected": 0,
+            "deadline_extensions": 0,
+        }
         self.publish(self.topics.metrics, encode_json(doc), retain=True)
 
     def upload(self, device: str, round_: int) -> None:
@@ -245,8 +275,14 @@ def test_monitor_ignores_garbage_and_keeps_going(mosquitto, tmp_path):
 
 
 def test_monitor_usage_errors_exit_2(tmp_path):
-    for args in (["--broker", "http://localhost"], ["--broker", "mqtt://127.0.0.1:1", "--fleet", "a/b"], ["--broker", "mqtt://127.0.0.1:1", "--password-file", str(tmp_path / "missing")]):
-        r = subprocess.run([PY, "-m", "fleetlearn.cli", "monitor", "--json", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    for args in (
+        ["--broker", "http://localhost"],
+        ["--broker", "mqtt://127.0.0.1:1", "--fleet", "a/b"],
+        ["--broker", "mqtt://127.0.0.1:1", "--password-file", str(tmp_path / "missing")],
+    ):
+        r = subprocess.run(
+            [PY, "-m", "fleetlearn.cli", "monitor", "--json", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
         assert r.returncode == 2, (args, r.stderr)
         assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
 

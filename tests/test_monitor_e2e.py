@@ -46,17 +46,45 @@ def test_monitor_watches_a_real_run(mosquitto, boston_bundle, boston_shards, tmp
         monitor.wait_for(is_("connected"), what="connected")
         for i, dev in enumerate(("dev-1", "dev-2")):
             cfg = device_config(tmp_path, mosquitto.url, boston_bundle, shards[i], dev)
-            procs[dev] = subprocess.Popen([PY, "-m", "fleetlearn.cli", "device", "--config", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{dev}.log", "wb"))
+            procs[dev] = subprocess.Popen(
+                [PY, "-m", "fleetlearn.cli", "device", "--config", str(cfg)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / f"{dev}.log", "wb"),
+            )
 
         # Both devices up before round 1 opens, so the first rounds close at their target (2)
         # and not at the short deadline, however slowly the devices start on a busy machine.
         for dev in ("dev-1", "dev-2"):
             monitor.wait_for(is_("device", device_id=dev, state="idle"), timeout=60, what=f"{dev} online")
         procs["agg"] = subprocess.Popen(
-            [PY, "-m", "fleetlearn.cli", "aggregator", "--broker", mosquitto.url, "--fleet", FLEET, "--bundle", str(boston_bundle),
-             "--state-dir", str(state), "--rounds", str(ROUNDS), "--min-devices", "1", "--target-devices", "2", "--deadline", "4",
-             "--test-data", str(test_npz)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agg.log", "wb"),
+            [
+                PY,
+                "-m",
+                "fleetlearn.cli",
+                "aggregator",
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                FLEET,
+                "--bundle",
+                str(boston_bundle),
+                "--state-dir",
+                str(state),
+                "--rounds",
+                str(ROUNDS),
+                "--min-devices",
+                "1",
+                "--target-devices",
+                "2",
+                "--deadline",
+                "4",
+                "--test-data",
+                str(test_npz),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "agg.log", "wb"),
         )
         monitor.wait_for(is_("round", round=1, state="open"), timeout=60, what="round 1 open")
         m1 = monitor.wait_for(is_("metrics", round=1), timeout=60, what="round 1 metrics")
@@ -86,5 +114,9 @@ def test_monitor_watches_a_real_run(mosquitto, boston_bundle, boston_shards, tmp
     assert not [e for e in monitor.events if e["event"] == "late" and e["late"]], "an offline device is offline, not late"
 
     report = write_report(state, tmp_path / "report")
-    rows = [line for line in report.read_text().split("## Rounds", 1)[1].split("\n## ")[0].splitlines() if line.startswith("| ") and not line.startswith("| round")]
+    rows = [
+        line
+        for line in report.read_text().split("## Rounds", 1)[1].split("\n## ")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| round")
+    ]
     assert len(rows) == ROUNDS

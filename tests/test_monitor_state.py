@@ -18,7 +18,9 @@ T = Topics("lab")
 
 
 def rs(round_: int, state: str, accepted: int = 0, run: str = RUN) -> RoundState:
-    return RoundState(run, round_, state, total_rounds=5, deadline=1000.0 + round_ * 60, min_devices=1, target_devices=3, accepted=accepted)
+    return RoundState(
+        run, round_, state, total_rounds=5, deadline=1000.0 + round_ * 60, min_devices=1, target_devices=3, accepted=accepted
+    )
 
 
 def kinds(events) -> list[str]:
@@ -50,7 +52,13 @@ def test_late_offline_and_uploaded():
     off = s.apply(Status("d3", "offline", 1, "connection lost (last will)"), 3.0)
     assert off[0].to_json()["state"] == "offline" and off[0].to_json()["previous"] == "training"
     c = s.counts()
-    assert (c.total, c.online, c.training, c.uploaded, c.offline) == (3, 2, 2, 1, 1)  # d1 reports "training" until its next status
+    assert (c.total, c.online, c.training, c.uploaded, c.offline) == (
+        3,
+        2,
+        2,
+        1,
+        1,
+    )  # d1 reports "training" until its next status
     ev = s.apply(rs(1, "closed", accepted=1), 4.0)
     # d2 was online and had not uploaded: late. d3 was offline: offline, not late.
     assert [(e.event, e.fields.get("device_id")) for e in ev] == [("round", None), ("late", "d2")]
@@ -75,7 +83,10 @@ def test_metrics_correct_a_late_judgement_and_feed_the_trend():
     s.apply(Status("d1", "training", 1), 1.0)
     s.apply(rs(1, "closed", accepted=1), 2.0)
     assert s.rounds[1].late == {"d1"}
-    ev = s.apply(RoundMetrics.from_doc({"round": 1, "run_id": RUN, "devices": ["d1"], "samples": 10, "train_loss": 2.0, "test_mse": 9.0}), 3.0)
+    ev = s.apply(
+        RoundMetrics.from_doc({"round": 1, "run_id": RUN, "devices": ["d1"], "samples": 10, "train_loss": 2.0, "test_mse": 9.0}),
+        3.0,
+    )
     assert [(e.event, e.fields.get("late")) for e in ev] == [("late", False), ("metrics", None)]
     assert ev[1].to_json()["test_mse"] == 9.0 and ev[1].to_json()["test_metric"] == "test_mse"
     assert s.rounds[1].late == set() and s.devices["d1"].late_rounds == 0
@@ -146,7 +157,21 @@ def test_render_to_a_string_console():
         s.apply(Status("d1", "training", r), float(r))
         s.apply(UploadSeen("d1", RUN, r, 10), float(r))
         s.apply(rs(r, "closed", accepted=1), float(r))
-        s.apply(RoundMetrics.from_doc({"round": r, "devices": ["d1"], "samples": 5, "train_loss": 1.0 / r, "test_accuracy": 0.5 + r / 10, "wall_s": 1.0, "bytes_in": 2048, "bytes_out": 10}), float(r))
+        s.apply(
+            RoundMetrics.from_doc(
+                {
+                    "round": r,
+                    "devices": ["d1"],
+                    "samples": 5,
+                    "train_loss": 1.0 / r,
+                    "test_accuracy": 0.5 + r / 10,
+                    "wall_s": 1.0,
+                    "bytes_in": 2048,
+                    "bytes_out": 10,
+                }
+            ),
+            float(r),
+        )
     s.apply(Status("d2", "offline", 3, "connection lost (last will)"), 4.0)
     console = Console(width=160, height=50, record=True, color_system=None)
     console.print(render(s, 5.0, "mqtt://127.0.0.1:1883", rounds=5))
@@ -196,7 +221,13 @@ def test_health_readings_and_ineligible_devices_are_shown():
     s.apply(rs(1, "open"), 1.0)
     hot = Health(uptime_s=7200.0, rss_bytes=48 << 20, free_disk_bytes=3 << 30, cpu_temp_c=81.5, power_source="ac")
     events = s.apply(Status("pi-1", "ineligible", 1, "CPU at 81.5 C, above max_cpu_temp_c 70", health=hot), 2.0)
-    assert events[0].to_json()["health"] == {"uptime_s": 7200.0, "rss_bytes": 48 << 20, "free_disk_bytes": 3 << 30, "cpu_temp_c": 81.5, "power_source": "ac"}
+    assert events[0].to_json()["health"] == {
+        "uptime_s": 7200.0,
+        "rss_bytes": 48 << 20,
+        "free_disk_bytes": 3 << 30,
+        "cpu_temp_c": 81.5,
+        "power_source": "ac",
+    }
     s.apply(Status("pi-2", "idle", 1, health=Health(uptime_s=5.0)), 2.0)  # no thermal zone, no supply
     assert s.apply(Status("pi-2", "idle", 1, health=Health(uptime_s=65.0)), 3.0) == []  # a heartbeat: no event
     s.apply(Status("pi-3", "offline", 1, "connection lost (last will)"), 3.0)

@@ -12,7 +12,10 @@ from tests.peers import Recorder
 
 
 def _link(url: str) -> MqttLink:
-    link = MqttLink(LinkOptions(url=url, client_id=f"link-test-{uuid.uuid4().hex[:6]}", backoff_min=0.1, backoff_max=0.5), on_message=lambda t, p: None)
+    link = MqttLink(
+        LinkOptions(url=url, client_id=f"link-test-{uuid.uuid4().hex[:6]}", backoff_min=0.1, backoff_max=0.5),
+        on_message=lambda t, p: None,
+    )
     link.start()
     assert link.wait_connected(10)
     return link
@@ -66,8 +69,10 @@ def test_a_clean_stop_disconnects_without_the_last_will_and_delivers_what_was_qu
     import threading
 
     rec = Recorder(mosquitto.url, ["t/will/#"])
-    link = MqttLink(LinkOptions(url=mosquitto.url, client_id=f"link-will-{uuid.uuid4().hex[:6]}", will=("t/will/gone", b"will", 1, False)),
-                    on_message=lambda t, p: None)
+    link = MqttLink(
+        LinkOptions(url=mosquitto.url, client_id=f"link-will-{uuid.uuid4().hex[:6]}", will=("t/will/gone", b"will", 1, False)),
+        on_message=lambda t, p: None,
+    )
     link.start()
     assert link.wait_connected(10)
     sent = [threading.Thread(target=link.publish, args=("t/will/msg", f"m{i}".encode())) for i in range(20)]

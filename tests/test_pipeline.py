@@ -15,8 +15,21 @@ from tests.test_device import FLEET, start_device, write_config
 def test_three_devices_three_rounds(any_broker, tmp_path, boston_bundle, boston_shards):
     shards, test_npz = boston_shards
     state = tmp_path / "agg"
-    agg = AggregatorProcess(tmp_path, any_broker.url, FLEET, state, "--rounds", "3", "--min-devices", "3", "--deadline", "60",
-                            "--test-data", str(test_npz), bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        any_broker.url,
+        FLEET,
+        state,
+        "--rounds",
+        "3",
+        "--min-devices",
+        "3",
+        "--deadline",
+        "60",
+        "--test-data",
+        str(test_npz),
+        bundle=boston_bundle,
+    )
     devices = []
     try:
         for i, shard in enumerate(shards):

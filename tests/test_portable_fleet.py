@@ -17,8 +17,8 @@ import pytest
 
 from fleetlearn.demo import DEFAULT_LR, LR_MIN_FACTOR, LR_WARMUP
 from fleetlearn.edge_runtime.core.partition import partition
-from fleetlearn.local_fleet import write_shards
 from fleetlearn.edge_runtime.core.protocol import Status, Topics
+from fleetlearn.local_fleet import write_shards
 from tests.conftest import ROOT, stop_process
 from tests.peers import Peer
 from tests.procs import AggregatorProcess
@@ -131,4 +131,6 @@ def test_auto_picks_portable_without_onnxruntime_training(portable_venv, boston_
     r = subprocess.run([str(portable_venv), "-c", probe, str(boston_bundle)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
-    assert lines[0] == "portable" and lines[1].startswith("REFUSED ") and "onnxruntime-training is not installed" in lines[1], r.stdout
+    assert lines[0] == "portable" and lines[1].startswith("REFUSED ") and "onnxruntime-training is not installed" in lines[1], (
+        r.stdout
+    )

@@ -37,12 +37,43 @@ MODEL = "c" * 64
 
 
 def update(**over) -> Update:
-    fields = dict(run_id=RUN, round=3, device_id="dev-1", model_hash=MODEL, samples=10, train_loss=1.5, train_s=0.1, nonce=NONCE, delta=np.arange(4, dtype=np.float32))
+    fields = dict(
+        run_id=RUN,
+        round=3,
+        device_id="dev-1",
+        model_hash=MODEL,
+        samples=10,
+        train_loss=1.5,
+        train_s=0.1,
+        nonce=NONCE,
+        delta=np.arange(4, dtype=np.float32),
+    )
     return Update(**{**fields, **over})
 
 
-def frame(meta: bytes, body: bytes = b"", *, kind: int = 2, version: int = 1, flags: int = 0, sig: bytes = b"", meta_len: int | None = None, reserved: int = 0) -> bytes:
-    header = HEADER.pack(MAGIC, version, kind, 0, flags, len(meta) if meta_len is None else meta_len, len(body), zlib.crc32(body), len(sig), reserved)
+def frame(
+    meta: bytes,
+    body: bytes = b"",
+    *,
+    kind: int = 2,
+    version: int = 1,
+    flags: int = 0,
+    sig: bytes = b"",
+    meta_len: int | None = None,
+    reserved: int = 0,
+) -> bytes:
+    header = HEADER.pack(
+        MAGIC,
+        version,
+        kind,
+        0,
+        flags,
+        len(meta) if meta_len is None else meta_len,
+        len(body),
+        zlib.crc32(body),
+        len(sig),
+        reserved,
+    )
     return header + meta + body + sig
 
 
@@ -56,7 +87,10 @@ def test_read_header_describes_the_frame_exactly():
     assert h.crc32 == zlib.crc32(payload[h.meta_end : h.meta_end + 16])
     signed = update().encode(sign=lambda b: b"s" * 64)
     assert read_header(signed).sig_len == 64 and read_header(signed).total == len(signed)
-    assert max_frame_bytes(16) == HEADER_SIZE + MAX_META_BYTES + 16 + MAX_SIG_BYTES and max_frame_bytes(16, signed=False) == HEADER_SIZE + MAX_META_BYTES + 16
+    assert (
+        max_frame_bytes(16) == HEADER_SIZE + MAX_META_BYTES + 16 + MAX_SIG_BYTES
+        and max_frame_bytes(16, signed=False) == HEADER_SIZE + MAX_META_BYTES + 16
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,12 +158,45 @@ def test_update_header_peek_keeps_what_is_readable():
 
 def full_metrics() -> RoundMetrics:
     return RoundMetrics(
-        round=4, run_id=RUN, devices=("dev-0", "dev-1"), devices_truncated=False, accepted=2, invited=("dev-0", "dev-1", "dev-2"), invited_truncated=False,
-        connected=5, update_norm=0.6, samples=40, train_loss=0.5, test_mse=3.25, test_accuracy=0.5, test_loss=3.25, eval_s=0.01,
-        wall_s=1.5, bytes_in=1000, bytes_out=2000, deadline_extensions=1, rejected=1, rejected_devices=("dev-9",), closed_by="target",
-        strategy="dp-fedavg", proximal_mu=0.01, opened_at=1.0, closed_at=2.5, clip_norm=0.5, clipped=1, update_norm_median=0.4, update_norm_max=0.9,
-        trim_fraction=0.1, trimmed=0, epsilon=1.2, delta=1e-5, noise_multiplier=1.0, dp_sampling_rate=1.0, dp_expected_participants=2.0,
-        dp_accountant="rdp", extra={"model_hash": MODEL, "test_mae": 1.0},
+        round=4,
+        run_id=RUN,
+        devices=("dev-0", "dev-1"),
+        devices_truncated=False,
+        accepted=2,
+        invited=("dev-0", "dev-1", "dev-2"),
+        invited_truncated=False,
+        connected=5,
+        update_norm=0.6,
+        samples=40,
+        train_loss=0.5,
+        test_mse=3.25,
+        test_accuracy=0.5,
+        test_loss=3.25,
+        eval_s=0.01,
+        wall_s=1.5,
+        bytes_in=1000,
+        bytes_out=2000,
+        deadline_extensions=1,
+        rejected=1,
+        rejected_devices=("dev-9",),
+        closed_by="target",
+        strategy="dp-fedavg",
+        proximal_mu=0.01,
+        opened_at=1.0,
+        closed_at=2.5,
+        clip_norm=0.5,
+        clipped=1,
+        update_norm_median=0.4,
+        update_norm_max=0.9,
+        trim_fraction=0.1,
+        trimmed=0,
+        epsilon=1.2,
+        delta=1e-5,
+        noise_multiplier=1.0,
+        dp_sampling_rate=1.0,
+        dp_expected_participants=2.0,
+        dp_accountant="rdp",
+        extra={"model_hash": MODEL, "test_mae": 1.0},
     )
 
 

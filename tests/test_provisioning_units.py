@@ -24,8 +24,19 @@ SAMPLE_ARGS = {"device_id": DEVICES[1], "model_hash": "ab" * 32, "index": 3}
 
 def spec(tmp_path: Path, monitor: bool = True):
     args = argparse.Namespace(
-        fleet=FLEET, devices=",".join(DEVICES), aggregator_user=AGGREGATOR_USER, monitor=monitor, out=tmp_path / "out", broker_dir=None,
-        tls=False, host="localhost", port=None, bind=None, run_as=None, force=False, signing_keys=False,
+        fleet=FLEET,
+        devices=",".join(DEVICES),
+        aggregator_user=AGGREGATOR_USER,
+        monitor=monitor,
+        out=tmp_path / "out",
+        broker_dir=None,
+        tls=False,
+        host="localhost",
+        port=None,
+        bind=None,
+        run_as=None,
+        force=False,
+        signing_keys=False,
     )
     return spec_from_args(args)
 
@@ -100,11 +111,15 @@ def test_the_acl_grants_exactly_the_protocols_topics_per_role(tmp_path):
     assert set(users) == {AGGREGATOR_USER, MONITOR_USER, *DEVICES}
     topics = Topics(FLEET)
     every = {**protocol_topics(topics), **{f"{k}@{d}": v for d in DEVICES for k, v in protocol_topics(topics, d).items()}}
-    assert {"global_model", "round", "metrics", "bundle", "bundle_chunk", "update", "ack", "status"} <= set(protocol_topics(topics))
+    assert {"global_model", "round", "metrics", "bundle", "bundle_chunk", "update", "ack", "status"} <= set(
+        protocol_topics(topics)
+    )
 
     for name, topic in every.items():
         # Every topic of the protocol is in its topic tree, and someone writes it and someone reads it.
-        assert any(matches(f"{topics.base}/{r.path.replace('{device}', '+')}", topic) for r in TOPIC_TREE), f"Topics.{name} ({topic}) is not in TOPIC_TREE"
+        assert any(matches(f"{topics.base}/{r.path.replace('{device}', '+')}", topic) for r in TOPIC_TREE), (
+            f"Topics.{name} ({topic}) is not in TOPIC_TREE"
+        )
         writers = [u for u, lines in users.items() if "write" in access(lines, topic)]
         readers = [u for u, lines in users.items() if "read" in access(lines, topic)]
         assert writers and readers, f"{topic}: no one may write ({writers}) or read ({readers}) it"
@@ -114,7 +129,9 @@ def test_the_acl_grants_exactly_the_protocols_topics_per_role(tmp_path):
         for device in DEVICES:
             want = expected(topic, "device", topics.base)
             own = topic.rsplit("/", 1)[-1] == device
-            per_device = any(r.per_device and matches(f"{topics.base}/{r.path.replace('{device}', '+')}", topic) for r in TOPIC_TREE)
+            per_device = any(
+                r.per_device and matches(f"{topics.base}/{r.path.replace('{device}', '+')}", topic) for r in TOPIC_TREE
+            )
             assert access(users[device], topic) == (want if own or not per_device else set()), (device, topic)
 
     # No line grants a topic the protocol does not have.
@@ -124,14 +141,28 @@ def test_the_acl_grants_exactly_the_protocols_topics_per_role(tmp_path):
             assert pattern.startswith(topics.base + "/"), pattern
     # The roles, in words: the aggregator never writes an update or a status; a device never
     # writes the model, the round or another device's anything.
-    assert "write" not in access(users[AGGREGATOR_USER], topics.update("dev-0")) | access(users[AGGREGATOR_USER], topics.status("dev-0"))
-    for t in (topics.global_model, topics.round, topics.metrics, topics.bundle, topics.update("dev-1"), topics.status("dev-1"), topics.ack("dev-0")):
+    assert "write" not in access(users[AGGREGATOR_USER], topics.update("dev-0")) | access(
+        users[AGGREGATOR_USER], topics.status("dev-0")
+    )
+    for t in (
+        topics.global_model,
+        topics.round,
+        topics.metrics,
+        topics.bundle,
+        topics.update("dev-1"),
+        topics.status("dev-1"),
+        topics.ack("dev-0"),
+    ):
         assert "write" not in access(users["dev-0"], t), t
     assert access(users["dev-0"], topics.ack("dev-1")) == set()
     for t in (topics.global_model, topics.round, topics.bundle, topics.bundle_chunk("ab" * 32, 0), topics.ack("dev-0")):
         assert "read" in access(users["dev-0"], t), t
     assert access(users["dev-0"], topics.update("dev-0")) == access(users["dev-0"], topics.status("dev-0")) == {"write"}
-    assert access(users[AGGREGATOR_USER], topics.update("dev-2")) == access(users[AGGREGATOR_USER], topics.status("dev-2")) == {"read"}
+    assert (
+        access(users[AGGREGATOR_USER], topics.update("dev-2"))
+        == access(users[AGGREGATOR_USER], topics.status("dev-2"))
+        == {"read"}
+    )
     assert access(users[AGGREGATOR_USER], topics.ack("dev-2")) == {"write"}
 
 
@@ -144,13 +175,49 @@ def test_the_credentials_layout_is_what_broker_config_writes_and_flash_reads(tmp
     from fleetlearn.provisioning import credentials
 
     out = tmp_path / "fleet"
-    assert fleetlearn_main(["broker-config", "--fleet", "f", "--devices", "dev-0,dev-1", "--out", str(out), "--max-model-params", "100", "--monitor", "--tls", "--signing-keys"]) == 0
+    assert (
+        fleetlearn_main(
+            [
+                "broker-config",
+                "--fleet",
+                "f",
+                "--devices",
+                "dev-0,dev-1",
+                "--out",
+                str(out),
+                "--max-model-params",
+                "100",
+                "--monitor",
+                "--tls",
+                "--signing-keys",
+            ]
+        )
+        == 0
+    )
     layout = CredentialsLayout(out)
-    named = [layout.mosquitto_conf, layout.passwd, layout.acl, layout.readme, layout.ca_cert, layout.ca_key, layout.server_cert, layout.server_key,
-             layout.aggregator_password, layout.monitor_password, layout.aggregator_signing_key, layout.aggregator_signing_pub,
-             layout.mosquitto_unit("f"), layout.aggregator_unit("f")]
+    named = [
+        layout.mosquitto_conf,
+        layout.passwd,
+        layout.acl,
+        layout.readme,
+        layout.ca_cert,
+        layout.ca_key,
+        layout.server_cert,
+        layout.server_key,
+        layout.aggregator_password,
+        layout.monitor_password,
+        layout.aggregator_signing_key,
+        layout.aggregator_signing_pub,
+        layout.mosquitto_unit("f"),
+        layout.aggregator_unit("f"),
+    ]
     for d in ("dev-0", "dev-1"):
-        named += [layout.device_password(d), layout.device_signing_key(d), layout.device_signing_pub(d), layout.device_key_registration(d)]
+        named += [
+            layout.device_password(d),
+            layout.device_signing_key(d),
+            layout.device_signing_pub(d),
+            layout.device_key_registration(d),
+        ]
     written = {p for p in out.rglob("*") if p.is_file()}
     assert written == set(named), f"written but not in the layout: {sorted(map(str, written - set(named)))}"
     assert layout.data.is_dir() and layout.device_keys_dir.is_dir()
@@ -188,16 +255,32 @@ def test_broker_config_is_one_subcommand_module(flag):
 
 
 def _systemd_verify(units: list[Path]) -> subprocess.CompletedProcess:
-    return subprocess.run(["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60, cwd=units[0].parent)
+    return subprocess.run(
+        ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60, cwd=units[0].parent
+    )
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (no systemd on this machine)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (no systemd on this machine)"
+)
 @pytest.mark.parametrize("tls", [False, True])
 def test_broker_config_writes_hardened_units_that_systemd_analyze_verifies(tmp_path, tls):
     from fleetlearn.cli import main as fleetlearn_main
 
     out = tmp_path / "fleet"
-    args = ["broker-config", "--fleet", "f", "--devices", "dev-0", "--out", str(out), "--max-model-params", "100", "--service-port", "9999"]
+    args = [
+        "broker-config",
+        "--fleet",
+        "f",
+        "--devices",
+        "dev-0",
+        "--out",
+        str(out),
+        "--max-model-params",
+        "100",
+        "--service-port",
+        "9999",
+    ]
     assert fleetlearn_main(args + (["--tls"] if tls else [])) == 0
     layout = CredentialsLayout(out)
     units = [layout.mosquitto_unit("f"), layout.aggregator_unit("f")]
@@ -214,7 +297,10 @@ def test_broker_config_writes_hardened_units_that_systemd_analyze_verifies(tmp_p
             assert f"\n{line}\n" in text, (unit.name, line)
     agg = units[1].read_text()
     assert "\nStateDirectory=fleetlearn/f\n" in agg and "--state-dir ${STATE_DIRECTORY}" in agg
-    assert f"LoadCredential=mqtt-password:{layout.aggregator_password}" in agg and "--password-file ${CREDENTIALS_DIRECTORY}/mqtt-password" in agg
+    assert (
+        f"LoadCredential=mqtt-password:{layout.aggregator_password}" in agg
+        and "--password-file ${CREDENTIALS_DIRECTORY}/mqtt-password" in agg
+    )
     assert ("mqtts" if tls else "mqtt") + "://127.0.0.1:9999 " in agg  # the service listener
     assert ("--ca-file ${CREDENTIALS_DIRECTORY}/ca.crt" in agg) == tls
     mosq = units[0].read_text()

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleetlearn.aggregator.round_log import read_round_log
 from fleetlearn.edge_runtime.core.errors import UsageError
 from fleetlearn.report import write_report
-from fleetlearn.aggregator.round_log import read_round_log
 from fleetlearn.report_plots import COUNTED, REJECTED, plot_metrics, plot_participation, plot_wall_time
 from tests.conftest import ROOT
 
@@ -77,7 +77,15 @@ def test_round_log_reader_tolerates_a_torn_tail(state_dir):
 
 def test_round_log_reader_skips_bad_lines_keeps_last_duplicate_and_latest_run(tmp_path):
     old = json.dumps(round_doc(1, DEVICES, run_id="e" * 32))
-    lines = [old, json.dumps(round_doc(1, DEVICES)), "not json", json.dumps(round_doc(2, DEVICES, test_mse=5.0)), json.dumps(round_doc(2, DEVICES, test_mse=4.0)), "[]", ""]
+    lines = [
+        old,
+        json.dumps(round_doc(1, DEVICES)),
+        "not json",
+        json.dumps(round_doc(2, DEVICES, test_mse=5.0)),
+        json.dumps(round_doc(2, DEVICES, test_mse=4.0)),
+        "[]",
+        "",
+    ]
     p = tmp_path / "rounds.jsonl"
     p.write_text("\n".join(lines) + "\n")
     log = read_round_log(p)

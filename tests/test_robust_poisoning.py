@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -43,22 +43,49 @@ ATTACKS: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
 }
 
 
-def _run(broker: Broker, bundle: Path, shards: list[Dataset], test_npz: Path, work: Path, name: str, strategy: list[str], attack: str) -> dict:
+def _run(
+    broker: Broker, bundle: Path, shards: list[Dataset], test_npz: Path, work: Path, name: str, strategy: list[str], attack: str
+) -> dict:
     fleet = f"robust-{name}"
     topics = Topics(fleet)
     state = work / name
     log = work / f"{name}.log"
     cmd = [
-        sys.executable, "-m", "fleetlearn.cli", "aggregator", "--broker", broker.url, "--fleet", fleet, "--state-dir", str(state),
-        "--bundle", str(bundle), "--rounds", str(ROUNDS), "--min-devices", str(DEVICES), "--target-devices", str(DEVICES),
-        "--deadline", "30", "--max-extensions", "0", "--test-data", str(test_npz), *TRAIN, *strategy,
+        sys.executable,
+        "-m",
+        "fleetlearn.cli",
+        "aggregator",
+        "--broker",
+        broker.url,
+        "--fleet",
+        fleet,
+        "--state-dir",
+        str(state),
+        "--bundle",
+        str(bundle),
+        "--rounds",
+        str(ROUNDS),
+        "--min-devices",
+        str(DEVICES),
+        "--target-devices",
+        str(DEVICES),
+        "--deadline",
+        "30",
+        "--max-extensions",
+        "0",
+        "--test-data",
+        str(test_npz),
+        *TRAIN,
+        *strategy,
     ]
     agg = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     manifest = load_bundle(bundle)
     devices = [f"dev-{i}" for i in range(DEVICES)]
     peers = [Peer(broker.url, [topics.ack(d)]) for d in devices]
     observer = Peer(broker.url, [topics.global_model])
-    trainers = [Trainer(bundle, manifest) for _ in devices]  # one per device: optimizer state persists across rounds, as on a device
+    trainers = [
+        Trainer(bundle, manifest) for _ in devices
+    ]  # one per device: optimizer state persists across rounds, as on a device
     poison = ATTACKS[attack]
     norms: list[float] = []
     try:
@@ -68,20 +95,40 @@ def _run(broker: Broker, bundle: Path, shards: list[Dataset], test_npz: Path, wo
             assert g.train and g.config.local_epochs == 5 and g.config.lr == pytest.approx(0.01)
             for i, (dev, peer, trainer, data) in enumerate(zip(devices, peers, trainers, shards)):
                 trainer.set_weights(g.weights)
-                res = trainer.train(data, batch_size=g.config.batch_size, epochs=g.config.local_epochs, seed=[0, rnd, zlib.crc32(dev.encode())], lr=g.config.lr)
+                res = trainer.train(
+                    data,
+                    batch_size=g.config.batch_size,
+                    epochs=g.config.local_epochs,
+                    seed=[0, rnd, zlib.crc32(dev.encode())],
+                    lr=g.config.lr,
+                )
                 delta = trainer.get_weights() - g.weights
                 if i != ATTACKER:
                     norms.append(float(np.linalg.norm(delta.astype(np.float64))))
                 elif poison is not None:
                     delta = poison(delta)
-                u = Update(run_id=g.run_id, round=rnd, device_id=dev, model_hash=g.model_hash, samples=res.samples, train_loss=res.mean_loss, train_s=res.seconds, nonce=secrets.token_hex(16), delta=delta)
+                u = Update(
+                    run_id=g.run_id,
+                    round=rnd,
+                    device_id=dev,
+                    model_hash=g.model_hash,
+                    samples=res.samples,
+                    train_loss=res.mean_loss,
+                    train_s=res.seconds,
+                    nonce=secrets.token_hex(16),
+                    delta=delta,
+                )
                 peer.publish(topics.update(dev), u.encode())
         rc = agg.wait(90)
     finally:
         stop_process(agg)
         for p in peers + [observer]:
             p.close()
-    rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()] if (state / "rounds.jsonl").exists() else []
+    rounds = (
+        [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+        if (state / "rounds.jsonl").exists()
+        else []
+    )
     final = rounds[-1]["test_mse"] if rc == 0 and len(rounds) == ROUNDS else float("inf")
     return {"rc": rc, "rounds": rounds, "test_mse": final, "norms": norms, "log": log.read_text(errors="replace")[-2000:]}
 
@@ -117,7 +164,15 @@ def outcomes(tmp_path_factory, boston_bundle, boston_split):
             out = dict(pool.map(lambda a: run(*a), plan))
         clip = float(np.quantile(out["fedavg-clean"]["norms"], 0.9))
         with ThreadPoolExecutor(2) as pool:
-            out.update(pool.map(lambda a: run(*a), [("clip-x1000", ["--clip-norm", f"{clip:.6g}"], "x1000"), ("clip-flip", ["--clip-norm", f"{clip:.6g}"], "flip-10")]))
+            out.update(
+                pool.map(
+                    lambda a: run(*a),
+                    [
+                        ("clip-x1000", ["--clip-norm", f"{clip:.6g}"], "x1000"),
+                        ("clip-flip", ["--clip-norm", f"{clip:.6g}"], "flip-10"),
+                    ],
+                )
+            )
     finally:
         broker.stop()
     out["_clip_norm"] = clip
@@ -171,6 +226,10 @@ def test_round_records_show_the_robust_fields(outcomes):
     assert t["strategy"] == "trimmed-mean" and t["trimmed"] == 1 and t["trim_fraction"] == 0.1
     assert t["update_norm_max"] > 100 * t["update_norm_median"]  # the attacker's delta, seen before aggregation
     c = outcomes["clip-x1000"]["rounds"][0]
-    assert c["strategy"] == "clipped-fedavg" and c["clip_norm"] == pytest.approx(outcomes["_clip_norm"], rel=1e-5) and c["clipped"] >= 1
+    assert (
+        c["strategy"] == "clipped-fedavg"
+        and c["clip_norm"] == pytest.approx(outcomes["_clip_norm"], rel=1e-5)
+        and c["clipped"] >= 1
+    )
     assert outcomes["median-flip"]["rounds"][0]["strategy"] == "median"
     assert "update_norm_median" not in outcomes["fedavg-clean"]["rounds"][0]  # plain FedAvg's record is unchanged

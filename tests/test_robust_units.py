@@ -30,7 +30,17 @@ finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
 
 def _update(delta: np.ndarray, samples: int = 10, loss: float = 1.0, device: str = "dev-0") -> Update:
-    return Update(run_id="a" * 32, round=1, device_id=device, model_hash="b" * 64, samples=samples, train_loss=loss, train_s=0.1, nonce=secrets.token_hex(16), delta=np.asarray(delta, np.float32))
+    return Update(
+        run_id="a" * 32,
+        round=1,
+        device_id=device,
+        model_hash="b" * 64,
+        samples=samples,
+        train_loss=loss,
+        train_s=0.1,
+        nonce=secrets.token_hex(16),
+        delta=np.asarray(delta, np.float32),
+    )
 
 
 # ------------------------------------------------------------------ pure functions
@@ -43,7 +53,10 @@ def test_coordinate_median_is_numpys_median(stack):
 
 
 @settings(max_examples=200, deadline=None)
-@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 15), st.integers(1, 20)), elements=finite), st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.3, 0.49]))
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 15), st.integers(1, 20)), elements=finite),
+    st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.3, 0.49]),
+)
 def test_trimmed_mean_drops_t_per_side_then_averages(stack, beta):
     k = stack.shape[0]
     t = int(np.floor(beta * k + 1e-9))
@@ -125,11 +138,22 @@ def test_strategies_compute_what_the_docstrings_say():
     cf = ClippedFedAvg(clip_norm=c)
     np.testing.assert_allclose(_run(cf, w, ups), want.astype(np.float32), rtol=1e-6, atol=1e-7)
     s = cf.round_summary()
-    assert s["clipped"] == sum(np.linalg.norm(d) > c for d in stack) and s["clip_norm"] == c and s["update_norm_max"] == pytest.approx(np.linalg.norm(stack, axis=1).max())
+    assert (
+        s["clipped"] == sum(np.linalg.norm(d) > c for d in stack)
+        and s["clip_norm"] == c
+        and s["update_norm_max"] == pytest.approx(np.linalg.norm(stack, axis=1).max())
+    )
     # Median with clipping clips first.
     mc = make_strategy("median", clip_norm=c)
     assert mc.name == "clipped-median" and isinstance(mc, Clipping) and type(mc.rule) is Median
-    np.testing.assert_allclose(_run(mc, w, ups), (w.astype(np.float64) + np.median(np.stack([x.astype(np.float32) for x in clipped]).astype(np.float64), 0)).astype(np.float32), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        _run(mc, w, ups),
+        (w.astype(np.float64) + np.median(np.stack([x.astype(np.float32) for x in clipped]).astype(np.float64), 0)).astype(
+            np.float32
+        ),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     np.testing.assert_array_equal(w, w0)  # step() never modifies the weights it was given
     # The coordinate-wise rules report the norms of the deltas they hold (raw here), clipping the raw ones.
     assert mc.round_summary()["update_norm_max"] == pytest.approx(np.linalg.norm(stack, axis=1).max())
@@ -148,10 +172,23 @@ def test_round_config_is_the_engines_not_the_strategys():
     assert TrainingPlan(lr_warmup=2).round_config(1, 5, bundle_lr=0.5).lr == 0.25
     assert TrainingPlan(local_epochs=2).round_config(3, 5, bundle_lr=0.5).to_meta() == {"local_epochs": 2}
     for name in ("median", "trimmed-mean", "clipped-fedavg", "dp-fedavg", "fedavgm"):
-        assert not hasattr(make_strategy(name, clip_norm=1.0, noise_multiplier=1.0) if name == "dp-fedavg" else make_strategy(name, **({"clip_norm": 1.0} if name == "clipped-fedavg" else {})), "configure_round")
+        assert not hasattr(
+            make_strategy(name, clip_norm=1.0, noise_multiplier=1.0)
+            if name == "dp-fedavg"
+            else make_strategy(name, **({"clip_norm": 1.0} if name == "clipped-fedavg" else {})),
+            "configure_round",
+        )
 
 
-@pytest.mark.parametrize("make", [lambda: Median(), lambda: make_strategy("median", clip_norm=0.5), lambda: make_strategy("trimmed-mean", trim_fraction=0.2, clip_norm=0.7), lambda: ClippedFedAvg(0.5)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Median(),
+        lambda: make_strategy("median", clip_norm=0.5),
+        lambda: make_strategy("trimmed-mean", trim_fraction=0.2, clip_norm=0.7),
+        lambda: ClippedFedAvg(0.5),
+    ],
+)
 def test_restart_mid_round_is_bit_identical_through_the_partial_encoding(make):
     """persist (the model store's real binary encoding), crash, restart, load: same bytes."""
     rng = np.random.default_rng(1)
@@ -193,8 +230,13 @@ def test_non_streaming_state_holds_every_delta():
 
 
 def _cfg(tmp_path: Path, strategy: str = "fedavg", target_devices: int | None = None, **options) -> AggregatorConfig:
-    return AggregatorConfig(broker="mqtt://127.0.0.1:1883", state_dir=tmp_path, bundle=tmp_path, rounds=RoundPolicy(rounds=1, min_devices=2, target_devices=target_devices),
-                            strategy=StrategyChoice(strategy, options))
+    return AggregatorConfig(
+        broker="mqtt://127.0.0.1:1883",
+        state_dir=tmp_path,
+        bundle=tmp_path,
+        rounds=RoundPolicy(rounds=1, min_devices=2, target_devices=target_devices),
+        strategy=StrategyChoice(strategy, options),
+    )
 
 
 def _shape(s) -> list:
@@ -227,16 +269,28 @@ def test_options_compose_strategies(tmp_path):
     for name in ("fedavg", "dp-fedavg"):
         dp = _cfg(tmp_path, name, target_devices=5, clip_norm=1.0, noise_multiplier=1.1).strategy.build(5)
         assert isinstance(dp, DPNoise) and _shape(dp) == ["DPNoise", "Clipping", "FedAvg"] and dp.name == "dp-fedavg"
-        assert (dp.clip_norm, dp.noise_multiplier, dp.expected_participants, dp.sampling_rate, dp.dp_delta) == (1.0, 1.1, 5, 1.0, 1e-5)
+        assert (dp.clip_norm, dp.noise_multiplier, dp.expected_participants, dp.sampling_rate, dp.dp_delta) == (
+            1.0,
+            1.1,
+            5,
+            1.0,
+            1e-5,
+        )
         assert dp.rule.uniform  # DP-FedAvg weighs every device 1
     dpm = make_strategy("fedavgm", target_devices=3, clip_norm=1.0, noise_multiplier=1.0, server_momentum=0.5)
-    assert _shape(dpm) == ["DPNoise", "Clipping", "FedAvgM"] and dpm.name == "dp-fedavgm" and dpm.rule.options.server_momentum == 0.5
+    assert (
+        _shape(dpm) == ["DPNoise", "Clipping", "FedAvgM"] and dpm.name == "dp-fedavgm" and dpm.rule.options.server_momentum == 0.5
+    )
 
 
 @pytest.mark.parametrize(
     "strategy, kw, message",
     [
-        ("krum", {}, "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg"),
+        (
+            "krum",
+            {},
+            "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg",
+        ),
         ("fedavg", dict(clip_norm=0.0), "--clip-norm must be"),
         ("fedavg", dict(clip_norm=float("nan")), "--clip-norm must be"),
         ("trimmed-mean", dict(trim_fraction=0.5), "--trim-fraction must be in [0, 0.5)"),
@@ -247,9 +301,17 @@ def test_options_compose_strategies(tmp_path):
         ("clipped-fedavg", {}, "needs --clip-norm"),
         ("fedavg", dict(delta=0.0, noise_multiplier=1.0, clip_norm=1.0), "--dp-delta must be in (0, 1)"),
         ("fedavg", dict(delta=1e-6), "--dp-delta applies with --dp-noise-multiplier"),
-        ("fedavg", dict(population=10), "population does not apply to --strategy fedavg"),  # --dp-population is gone: q is measured
+        (
+            "fedavg",
+            dict(population=10),
+            "population does not apply to --strategy fedavg",
+        ),  # --dp-population is gone: q is measured
         ("fedavg", dict(accountant="moments", noise_multiplier=1.0, clip_norm=1.0), "--dp-accountant must be one of rdp, pld"),
-        ("fedavg", dict(trim_fraction=0.2), "--trim-fraction does not apply to --strategy fedavg; its options: --clip-norm, --dp-noise-multiplier"),
+        (
+            "fedavg",
+            dict(trim_fraction=0.2),
+            "--trim-fraction does not apply to --strategy fedavg; its options: --clip-norm, --dp-noise-multiplier",
+        ),
         ("median", dict(server_momentum=0.5), "--server-momentum does not apply to --strategy median"),
         ("fedavgm", dict(server_momentum=1.0), "--server-momentum must be in [0, 1), got 1.0"),
         ("fedavgm", dict(server_lr=0.0), "--server-lr must be in (0, 10], got 0.0"),
@@ -280,10 +342,17 @@ def test_cli_flags_reach_the_config():
     p = _parser()
     d = config_from_args(p.parse_args(BASE))
     assert (d.strategy.name, dict(d.strategy.options)) == ("fedavg", {})  # only what was given
-    c = config_from_args(p.parse_args(BASE + ["--strategy", "trimmed-mean", "--clip-norm", "2.5", "--trim-fraction", "0.2", "--dp-delta", "1e-6"]))
-    assert (c.strategy.name, dict(c.strategy.options)) == ("trimmed-mean", {"clip_norm": 2.5, "trim_fraction": 0.2, "delta": 1e-6})
+    c = config_from_args(
+        p.parse_args(BASE + ["--strategy", "trimmed-mean", "--clip-norm", "2.5", "--trim-fraction", "0.2", "--dp-delta", "1e-6"])
+    )
+    assert (c.strategy.name, dict(c.strategy.options)) == (
+        "trimmed-mean",
+        {"clip_norm": 2.5, "trim_fraction": 0.2, "delta": 1e-6},
+    )
     assert config_from_args(p.parse_args(BASE + ["--dp-noise-multiplier", "1.1"])).strategy.options == {"noise_multiplier": 1.1}
-    m = config_from_args(p.parse_args(BASE + ["--strategy", "fedavgm", "--server-lr", "0.5", "--server-momentum", "0.8", "--local-epochs", "3"]))
+    m = config_from_args(
+        p.parse_args(BASE + ["--strategy", "fedavgm", "--server-lr", "0.5", "--server-momentum", "0.8", "--local-epochs", "3"])
+    )
     assert m.strategy.options == {"server_lr": 0.5, "server_momentum": 0.8} and m.training.local_epochs == 3
     assert m.link.client_id == "fleetlearn-aggregator-default" and not m.link.clean_session
     m.validate()
@@ -296,9 +365,24 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
 
     from tests.conftest import ROOT
 
-    for extra, want in ((["--strategy", "krum"], "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg"),
-                        (["--strategy", "median", "--server-momentum", "0.9"], "--server-momentum does not apply to --strategy median; its options: --clip-norm")):
-        r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "aggregator", *BASE, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    for extra, want in (
+        (
+            ["--strategy", "krum"],
+            "--strategy 'krum' is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad, clipped-fedavg, dp-fedavg",
+        ),
+        (
+            ["--strategy", "median", "--server-momentum", "0.9"],
+            "--server-momentum does not apply to --strategy median; its options: --clip-norm",
+        ),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "fleetlearn.cli", "aggregator", *BASE, *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        )
         assert r.returncode == 2, r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("fleetlearn aggregator: error: ") and want in last, r.stderr

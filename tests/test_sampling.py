@@ -46,19 +46,45 @@ def test_invitation_is_the_rank_rule_and_round_trips_in_the_global_frame():
     # Constant size: the frame for a 1,000-device cohort is as big as for a 3-device one.
     many = draw_cohort([f"dev-{i}" for i in range(1000)], 1, "s", SamplingOptions(sample_size=700), 1)
     few = draw_cohort(["dev-0", "dev-1", "dev-2"], 1, "s", SamplingOptions(sample_size=2), 1)
-    assert len(many.invited) == 910 and abs(len(GlobalModel(RUN, 1, MODEL, np.zeros(4, np.float32), invite=many.invitation).encode())
-                                            - len(GlobalModel(RUN, 1, MODEL, np.zeros(4, np.float32), invite=few.invitation).encode())) <= 20
+    assert (
+        len(many.invited) == 910
+        and abs(
+            len(GlobalModel(RUN, 1, MODEL, np.zeros(4, np.float32), invite=many.invitation).encode())
+            - len(GlobalModel(RUN, 1, MODEL, np.zeros(4, np.float32), invite=few.invitation).encode())
+        )
+        <= 20
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    [1, 2], "x", {"salt": "zz" * 16, "below": 1}, {"salt": "ab" * 16}, {"salt": "ab" * 16, "below": -1},
-    {"salt": "ab" * 16, "below": (1 << 64) + 1}, {"salt": "ab" * 16, "below": 1.5}, {"salt": "ab" * 16, "below": True},
-    {"salt": "ab" * 16, "below": 1, "extra": 1}, {"salt": "AB" * 16, "below": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2],
+        "x",
+        {"salt": "zz" * 16, "below": 1},
+        {"salt": "ab" * 16},
+        {"salt": "ab" * 16, "below": -1},
+        {"salt": "ab" * 16, "below": (1 << 64) + 1},
+        {"salt": "ab" * 16, "below": 1.5},
+        {"salt": "ab" * 16, "below": True},
+        {"salt": "ab" * 16, "below": 1, "extra": 1},
+        {"salt": "AB" * 16, "below": 1},
+    ],
+)
 def test_a_hostile_invitation_is_a_protocol_error(bad):
     from fleetlearn.edge_runtime.core.protocol import Kind, encode_frame, tensor_to_body
 
-    meta = {"run_id": RUN, "round": 1, "model_hash": MODEL, "train": True, "total_rounds": 1, "deadline": 0.0, "config": {}, "n": 2, "invite": bad}
+    meta = {
+        "run_id": RUN,
+        "round": 1,
+        "model_hash": MODEL,
+        "train": True,
+        "total_rounds": 1,
+        "deadline": 0.0,
+        "config": {},
+        "n": 2,
+        "invite": bad,
+    }
     with pytest.raises(ProtocolError, match="invit|salt|below"):
         GlobalModel.decode(encode_frame(Kind.GLOBAL, meta, tensor_to_body(np.zeros(2, np.float32))))
 
@@ -69,7 +95,11 @@ def test_a_hostile_invitation_is_a_protocol_error(bad):
 def test_cohort_is_ceil_over_selection_times_target_seeded_by_seed_and_round():
     devices = [f"d{i:02d}" for i in range(20)]
     c = draw_cohort(devices, 4, "seed", SamplingOptions(sample_size=10), 1)
-    assert (c.target, len(c.invited), c.connected) == (10, 13, 20)  # ceil(1.3 * 10) = 13, not 14 from 1.3 * 10 = 13.000000000000002
+    assert (c.target, len(c.invited), c.connected) == (
+        10,
+        13,
+        20,
+    )  # ceil(1.3 * 10) = 13, not 14 from 1.3 * 10 = 13.000000000000002
     assert c.sampling_rate == 13 / 20
     # Exactly the invited devices pass the wire's rule among those connected, and they are the 13 lowest ranks.
     assert sorted(d for d in devices if c.invitation.invites(d)) == list(c.invited)
@@ -104,8 +134,12 @@ def test_presence_counts_every_state_but_offline_and_ineligible_and_refuses_forg
     assert p.connected() == ["a", "b", "c"]
     p.on_status(t.status("d"), Status("d", "idle").encode())  # over the bound: ignored
     assert "d" not in p.connected()
-    for topic, payload in ((t.status("a"), Status("b", "offline").encode()), (t.status("a"), b"{"), (t.status("a"), b'{"v":1,"device_id":"a","state":"asleep"}'),
-                           ("fleetlearn/f/status/../x", Status("a", "offline").encode())):
+    for topic, payload in (
+        (t.status("a"), Status("b", "offline").encode()),
+        (t.status("a"), b"{"),
+        (t.status("a"), b'{"v":1,"device_id":"a","state":"asleep"}'),
+        ("fleetlearn/f/status/../x", Status("a", "offline").encode()),
+    ):
         with pytest.raises(ProtocolError):
             p.on_status(topic, payload)
     assert p.connected() == ["a", "b", "c"]
@@ -122,7 +156,10 @@ def test_an_update_from_a_device_that_was_not_invited_is_rejected():
 
     t = Topics("f")
     inv = Invitation("ab" * 16, 1 << 63)
-    out, into = (d for d in (f"dev-{i}" for i in range(50)) if not inv.invites(d)), (d for d in (f"dev-{i}" for i in range(50)) if inv.invites(d))
+    out, into = (
+        (d for d in (f"dev-{i}" for i in range(50)) if not inv.invites(d)),
+        (d for d in (f"dev-{i}" for i in range(50)) if inv.invites(d)),
+    )
     a, b = next(out), next(into)
 
     def upd(dev):
@@ -130,25 +167,39 @@ def test_an_update_from_a_device_that_was_not_invited_is_rejected():
 
     with pytest.raises(Rejection, match=f"{a} was not invited to round 2"):
         validate_update(t.update(a), upd(a), topics=t, num_params=3, version=V(), accepted={}, invited=inv.invites)
-    assert validate_update(t.update(b), upd(b), topics=t, num_params=3, version=V(), accepted={}, invited=inv.invites).update.device_id == b
+    assert (
+        validate_update(
+            t.update(b), upd(b), topics=t, num_params=3, version=V(), accepted={}, invited=inv.invites
+        ).update.device_id
+        == b
+    )
 
 
 # ------------------------------------------------------------------ bad combinations
 
 
 def _cfg(tmp_path, sampling: SamplingOptions, target_devices=None, min_devices=2, **strategy) -> AggregatorConfig:
-    return AggregatorConfig(broker="mqtt://127.0.0.1:1883", state_dir=tmp_path, bundle=tmp_path, rounds=RoundPolicy(3, min_devices, target_devices),
-                            strategy=StrategyChoice(strategy.pop("name", "fedavg"), strategy), sampling=sampling)
+    return AggregatorConfig(
+        broker="mqtt://127.0.0.1:1883",
+        state_dir=tmp_path,
+        bundle=tmp_path,
+        rounds=RoundPolicy(3, min_devices, target_devices),
+        strategy=StrategyChoice(strategy.pop("name", "fedavg"), strategy),
+        sampling=sampling,
+    )
 
 
-@pytest.mark.parametrize("kw, extra, message", [
-    (dict(sample_size=3, sample_fraction=0.5), {}, "give one of --sample-size K or --sample-fraction F, not both"),
-    (dict(sample_size=1), {}, "--sample-size 1 is below --min-devices 2"),
-    (dict(sample_size=3), dict(target_devices=3), "--target-devices does not apply with --sample-size/--sample-fraction"),
-    (dict(over_selection=1.5), {}, "--over-selection applies with --sample-size or --sample-fraction only"),
-    (dict(sample_seed=4), {}, "--sample-seed applies with --sample-size or --sample-fraction only"),
-    (dict(sample_fraction=0.5), dict(clip_norm=1.0, noise_multiplier=1.0), "use --sample-size K, not --sample-fraction"),
-])
+@pytest.mark.parametrize(
+    "kw, extra, message",
+    [
+        (dict(sample_size=3, sample_fraction=0.5), {}, "give one of --sample-size K or --sample-fraction F, not both"),
+        (dict(sample_size=1), {}, "--sample-size 1 is below --min-devices 2"),
+        (dict(sample_size=3), dict(target_devices=3), "--target-devices does not apply with --sample-size/--sample-fraction"),
+        (dict(over_selection=1.5), {}, "--over-selection applies with --sample-size or --sample-fraction only"),
+        (dict(sample_seed=4), {}, "--sample-seed applies with --sample-size or --sample-fraction only"),
+        (dict(sample_fraction=0.5), dict(clip_norm=1.0, noise_multiplier=1.0), "use --sample-size K, not --sample-fraction"),
+    ],
+)
 def test_sampling_combinations_that_cannot_work_are_one_line_errors(tmp_path, kw, extra, message):
     target = extra.pop("target_devices", None)
     with pytest.raises(UsageError) as exc:
@@ -156,14 +207,19 @@ def test_sampling_combinations_that_cannot_work_are_one_line_errors(tmp_path, kw
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(sample_fraction=0.0), "--sample-fraction must be in (0, 1], got 0.0"),
-    (dict(sample_fraction=1.5), "--sample-fraction must be in (0, 1], got 1.5"),
-    (dict(sample_size=0), "--sample-size must be in [1, 1000000], got 0"),
-    (dict(sample_size=3, over_selection=0.9), "--over-selection must be in [1, 10], got 0.9"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(sample_fraction=0.0), "--sample-fraction must be in (0, 1], got 0.0"),
+        (dict(sample_fraction=1.5), "--sample-fraction must be in (0, 1], got 1.5"),
+        (dict(sample_size=0), "--sample-size must be in [1, 1000000], got 0"),
+        (dict(sample_size=3, over_selection=0.9), "--over-selection must be in [1, 10], got 0.9"),
+    ],
+)
 def test_out_of_range_sampling_values(kw, message):
-    with pytest.raises(UsageError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]") + "$"):
+    with pytest.raises(
+        UsageError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]") + "$"
+    ):
         SamplingOptions(**kw)
 
 
@@ -179,14 +235,42 @@ def test_cli_renders_the_sampling_flags_and_exits_2_on_a_bad_one(tmp_path):
 
     from tests.conftest import ROOT
 
-    base = ["aggregator", "--broker", "mqtt://127.0.0.1:1", "--rounds", "1", "--min-devices", "2", "--state-dir", str(tmp_path / "s"), "--bundle", "b"]
-    for extra, want in ((["--sample-size", "3", "--sample-fraction", "0.5"], "give one of --sample-size K or --sample-fraction F"),
-                        (["--sample-fraction", "2"], "--sample-fraction must be in (0, 1], got 2.0"),
-                        (["--strategy", "fedavg", "--beta1", "0.9"], "--beta1 does not apply to --strategy fedavg; its options: --clip-norm")):
-        r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", *base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("fleetlearn aggregator: error: ") and want in r.stderr, r.stderr
-    h = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "aggregator", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    assert "--sample-size" in h and "--over-selection" in h and "--beta2" in h and "fedavgm: 1.0" in h and "fedadam/fedyogi/fedadagrad: 0.01" in h
+    base = [
+        "aggregator",
+        "--broker",
+        "mqtt://127.0.0.1:1",
+        "--rounds",
+        "1",
+        "--min-devices",
+        "2",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--bundle",
+        "b",
+    ]
+    for extra, want in (
+        (["--sample-size", "3", "--sample-fraction", "0.5"], "give one of --sample-size K or --sample-fraction F"),
+        (["--sample-fraction", "2"], "--sample-fraction must be in (0, 1], got 2.0"),
+        (["--strategy", "fedavg", "--beta1", "0.9"], "--beta1 does not apply to --strategy fedavg; its options: --clip-norm"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "fleetlearn.cli", *base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert (
+            r.returncode == 2
+            and r.stderr.strip().splitlines()[-1].startswith("fleetlearn aggregator: error: ")
+            and want in r.stderr
+        ), r.stderr
+    h = subprocess.run(
+        [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert (
+        "--sample-size" in h
+        and "--over-selection" in h
+        and "--beta2" in h
+        and "fedavgm: 1.0" in h
+        and "fedadam/fedyogi/fedadagrad: 0.01" in h
+    )
 
 
 # ------------------------------------------------------------------ end to end
@@ -196,7 +280,9 @@ def _logs(tmp_path, name):
     return (tmp_path / f"{name}.log").read_text(errors="replace")
 
 
-def test_sampled_rounds_with_real_devices_uninvited_stay_idle_dp_uses_the_real_rate(mosquitto, tmp_path, boston_bundle, boston_shards):
+def test_sampled_rounds_with_real_devices_uninvited_stay_idle_dp_uses_the_real_rate(
+    mosquitto, tmp_path, boston_bundle, boston_shards
+):
     """3 devices, --sample-size 1 with over-selection 2: each round invites 2 of the 3 connected,
     closes at the first accepted update, the other invited one is told the round closed, and the
     third neither trains nor uploads. dp-fedadam accounts q = 2/3 per round."""
@@ -211,10 +297,35 @@ def test_sampled_rounds_with_real_devices_uninvited_stay_idle_dp_uses_the_real_r
         status.wait(lambda tp, p: len({tp_ for tp_, _, _ in status.snapshot()}) >= 3, timeout=60)  # all three are online
         state = tmp_path / "agg"
         sigma = 1.0
-        agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, "--rounds", "3", "--min-devices", "1", "--deadline", "60",
-                                "--sample-size", "1", "--over-selection", "2", "--sample-seed", "7", "--test-data", str(test_npz),
-                                "--strategy", "fedadam", "--server-lr", "0.01", "--clip-norm", "5", "--dp-noise-multiplier", str(sigma),
-                                bundle=boston_bundle)
+        agg = AggregatorProcess(
+            tmp_path,
+            mosquitto.url,
+            FLEET,
+            state,
+            "--rounds",
+            "3",
+            "--min-devices",
+            "1",
+            "--deadline",
+            "60",
+            "--sample-size",
+            "1",
+            "--over-selection",
+            "2",
+            "--sample-seed",
+            "7",
+            "--test-data",
+            str(test_npz),
+            "--strategy",
+            "fedadam",
+            "--server-lr",
+            "0.01",
+            "--clip-norm",
+            "5",
+            "--dp-noise-multiplier",
+            str(sigma),
+            bundle=boston_bundle,
+        )
         assert agg.wait(180) == 0, agg.text()[-3000:]
         metrics = Recorder(mosquitto.url, [t.metrics], "metrics")
         published = metrics.wait(lambda tp, p: RoundMetrics.decode(p), timeout=30)
@@ -240,8 +351,14 @@ def test_sampled_rounds_with_real_devices_uninvited_stay_idle_dp_uses_the_real_r
         assert f"event=update_sent device={outsider} round={r['round']} " not in text
         (late,) = set(r["invited"]) - set(r["devices"])
         late_text = _logs(tmp_path, late)
-        assert any(f"event={e} device={late} round={r['round']}" in late_text for e in ("update_refused", "update_dropped")), late_text[-2000:]
-    assert published.round == 3 and published.invited == tuple(rounds[-1]["invited"]) and published.update_norm == pytest.approx(rounds[-1]["update_norm"])
+        assert any(f"event={e} device={late} round={r['round']}" in late_text for e in ("update_refused", "update_dropped")), (
+            late_text[-2000:]
+        )
+    assert (
+        published.round == 3
+        and published.invited == tuple(rounds[-1]["invited"])
+        and published.update_norm == pytest.approx(rounds[-1]["update_norm"])
+    )
     assert "event=round_cohort round=1 invited=2 connected=3 target=1" in agg.text()
     saved = decode_server_state((state / "global" / "server_0003.bin").read_bytes())[2]
     assert sorted(saved) == ["dp_sampling_rates", "m", "v"] and saved["dp_sampling_rates"].tolist() == pytest.approx(rates)

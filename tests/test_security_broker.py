@@ -31,12 +31,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fleetlearn.cli import main as fleetlearn_main
 from fleetlearn.edge_runtime.core import protocol
+from fleetlearn.edge_runtime.core.protocol import Topics, Update
 from fleetlearn.provisioning import limits as bc
 from fleetlearn.provisioning.passwords import hash_password
 from fleetlearn.provisioning.pki import make_tls_files
-from fleetlearn.edge_runtime.core.protocol import Topics, Update
-from fleetlearn.cli import main as fleetlearn_main
 from tests.conftest import ROOT, free_port, mosquitto_binary, stop_process, wait_port
 
 pytestmark = pytest.mark.mosquitto
@@ -52,7 +52,21 @@ PARAMS = 1000  # --max-model-params for the tests that need no real bundle
 
 
 def generate(out: Path, port: int, *extra: str, devices: tuple[str, ...] = DEVICES) -> Path:
-    args = ["broker-config", "--fleet", FLEET, "--devices", ",".join(devices), "--out", str(out), "--port", str(port), "--bind", "127.0.0.1", "--monitor", *extra]
+    args = [
+        "broker-config",
+        "--fleet",
+        FLEET,
+        "--devices",
+        ",".join(devices),
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--monitor",
+        *extra,
+    ]
     if "--service-port" not in extra:
         args += ["--service-port", str(free_port())]
     if not any(a in extra for a in ("--bundle", "--max-model-params")):
@@ -89,12 +103,14 @@ class RunningBroker:
 
 def start_broker(fleet_dir: Path, port: int) -> RunningBroker:
     log = fleet_dir.parent / f"mosquitto-{port}.log"
-    proc = subprocess.Popen([mosquitto_binary(), "-c", str(fleet_dir / "mosquitto.conf")], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [mosquitto_binary(), "-c", str(fleet_dir / "mosquitto.conf")], stdout=open(log, "ab"), stderr=subprocess.STDOUT
+    )
     try:
         wait_port(port)
     except TimeoutError:
         stop_process(proc)
-        raise AssertionError(f"mosquitto did not start from the generated conf:\n{log.read_text()}")
+        raise AssertionError(f"mosquitto did not start from the generated conf:\n{log.read_text()}") from None
     return RunningBroker(fleet_dir, port, proc, log)
 
 
@@ -130,8 +146,8 @@ class Client:
     host: str = "127.0.0.1"
     clean_session: bool = True  # MQTT 3.1.1 only
     client_id: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:8]}")
-    connack: "queue.Queue[ReasonCode]" = field(default_factory=queue.Queue)
-    messages: "queue.Queue[tuple[str, bytes]]" = field(default_factory=queue.Queue)
+    connack: queue.Queue[ReasonCode] = field(default_factory=queue.Queue)
+    messages: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
     disconnects: list[str] = field(default_factory=list)
     pubacks: dict[int, ReasonCode] = field(default_factory=dict)
     subacks: dict[int, list[ReasonCode]] = field(default_factory=dict)
@@ -140,7 +156,12 @@ class Client:
     def __post_init__(self) -> None:
         v5 = self.protocol == "5"
         self.lock = threading.Condition()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5 if v5 else paho.MQTTv311, clean_session=None if v5 else self.clean_session)
+        self.c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else self.clean_session,
+        )
         if self.user is not None:
             self.c.username_pw_set(self.user, self.password)
         if self.ca_file is not None:
@@ -176,7 +197,7 @@ class Client:
         except queue.Empty:
             return None
 
-    def connected(self) -> "Client":
+    def connected(self) -> Client:
         rc = self.connect()
         assert rc is not None and not rc.is_failure, f"{self.user}: {rc}"
         return self
@@ -241,7 +262,15 @@ def client(broker: RunningBroker, user: str, **kw) -> Client:
 def test_files_modes_and_formats(tmp_path):
     out = generate(tmp_path / "fleet", 18830, "--tls", "--host", "broker.example.com,10.1.2.3")
     mode = lambda p: stat.S_IMODE((out / p).stat().st_mode)
-    for secret in ("passwd", "acl", "ca.key", "server.key", "aggregator/mqtt-password", "monitor/mqtt-password", "devices/dev-0/mqtt-password"):
+    for secret in (
+        "passwd",
+        "acl",
+        "ca.key",
+        "server.key",
+        "aggregator/mqtt-password",
+        "monitor/mqtt-password",
+        "devices/dev-0/mqtt-password",
+    ):
         assert mode(secret) == 0o600, secret
     for private_dir in ("", "devices", "devices/dev-0", "data"):
         assert mode(private_dir) == 0o700, private_dir
@@ -279,13 +308,20 @@ def test_files_modes_and_formats(tmp_path):
 def test_frame_sizes_agree_with_the_protocol_and_limits_fit_a_real_bundle(boston_bundle, tmp_path):
     # The limits use the protocol's own bounds (imported, never copied): the frame layout of
     # docs/protocol.md, 24-byte header + meta bound + body + signature bound.
-    assert bc.model_frame_bytes(1000) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + protocol.max_body_bytes(1000) + protocol.MAX_SIG_BYTES == 24 + 8192 + (4000 + 16) + 512
+    assert (
+        bc.model_frame_bytes(1000)
+        == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + protocol.max_body_bytes(1000) + protocol.MAX_SIG_BYTES
+        == 24 + 8192 + (4000 + 16) + 512
+    )
     assert bc.chunk_frame_bytes(4096) == protocol.HEADER_SIZE + protocol.MAX_META_BYTES + 4096
     assert bc.MAX_JSON_BYTES is protocol.MAX_JSON_BYTES and bc.MAX_MODEL_PARAMS is protocol.MAX_MODEL_PARAMS
     size = bc.size_from_bundle(boston_bundle, protocol.DEFAULT_CHUNK_SIZE)
     limits = bc.compute_limits(size, 2)
     assert size.measured and size.num_params > 0
-    assert limits.message_size_limit >= bc.chunk_frame_bytes(protocol.DEFAULT_CHUNK_SIZE) and limits.message_size_limit >= size.announcement_bytes
+    assert (
+        limits.message_size_limit >= bc.chunk_frame_bytes(protocol.DEFAULT_CHUNK_SIZE)
+        and limits.message_size_limit >= size.announcement_bytes
+    )
     # A model of 1M parameters: a 4 MB frame passes, the per-client queue holds the largest burst.
     big = bc.compute_limits(bc.size_from_params(1_000_000, protocol.DEFAULT_CHUNK_SIZE), 50)
     assert big.message_size_limit >= bc.model_frame_bytes(1_000_000)
@@ -382,7 +418,16 @@ def test_device_publishes_only_its_own_topics_mqtt311_acks_and_drops(plain):
     monitor.subscribe(f"{T.base}/#")
     dev = client(plain, "dev-0").connected()
     try:
-        forbidden = [T.update("dev-1"), T.global_model, T.round, T.bundle, T.bundle_chunk("0" * 64, 0), T.ack("dev-0"), T.status("dev-1"), f"{T.base}/other"]
+        forbidden = [
+            T.update("dev-1"),
+            T.global_model,
+            T.round,
+            T.bundle,
+            T.bundle_chunk("0" * 64, 0),
+            T.ack("dev-0"),
+            T.status("dev-1"),
+            f"{T.base}/other",
+        ]
         mids = [dev.publish(t, b"forged") for t in forbidden]
         own = dev.publish(T.update("dev-0"), b"mine")
         for mid in mids + [own]:
@@ -500,7 +545,17 @@ def test_full_round_over_tls_with_auth_and_the_bundle_fetched_over_mqtt(tmp_path
     shards, test_npz = boston_shards
     port = free_port()
     service_port = free_port()
-    fleet_dir = generate(tmp_path / "fleet", port, "--tls", "--host", "localhost", "--bundle", str(boston_bundle), "--service-port", str(service_port))
+    fleet_dir = generate(
+        tmp_path / "fleet",
+        port,
+        "--tls",
+        "--host",
+        "localhost",
+        "--bundle",
+        str(boston_bundle),
+        "--service-port",
+        str(service_port),
+    )
     broker = start_broker(fleet_dir, port)
     url = f"mqtts://localhost:{port}"
     service_url = f"mqtts://localhost:{service_port}"  # the aggregator's listener: its client ids are its own
@@ -508,20 +563,53 @@ def test_full_round_over_tls_with_auth_and_the_bundle_fetched_over_mqtt(tmp_path
     procs: list[subprocess.Popen] = []
     try:
         agg = subprocess.Popen(
-            [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(boston_bundle), "--broker", service_url, "--fleet", FLEET,
-             "--rounds", "1", "--min-devices", "2", "--deadline", "60", "--state-dir", str(state), "--test-data", str(test_npz),
-             "--username", "aggregator", "--password-file", str(fleet_dir / "aggregator" / "mqtt-password"), "--ca-file", str(fleet_dir / "ca.crt")],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agg.log", "wb"), cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "fleetlearn.cli",
+                "aggregator",
+                "--bundle",
+                str(boston_bundle),
+                "--broker",
+                service_url,
+                "--fleet",
+                FLEET,
+                "--rounds",
+                "1",
+                "--min-devices",
+                "2",
+                "--deadline",
+                "60",
+                "--state-dir",
+                str(state),
+                "--test-data",
+                str(test_npz),
+                "--username",
+                "aggregator",
+                "--password-file",
+                str(fleet_dir / "aggregator" / "mqtt-password"),
+                "--ca-file",
+                str(fleet_dir / "ca.crt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "agg.log", "wb"),
+            cwd=ROOT,
         )
         procs.append(agg)
         for i, (device, proto) in enumerate(zip(DEVICES, ("3.1.1", "5"))):
             cfg = device_config(tmp_path, fleet_dir, url, device, shards[i], proto)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", "1"],
-                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{device}.log", "wb"), cwd=ROOT,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", "1"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(tmp_path / f"{device}.log", "wb"),
+                    cwd=ROOT,
+                )
+            )
         assert agg.wait(180) == 0, (tmp_path / "agg.log").read_text()[-3000:]
-        assert "mqtt_disconnected" not in (tmp_path / "agg.log").read_text()  # its lease and main connections never kicked each other
+        assert (
+            "mqtt_disconnected" not in (tmp_path / "agg.log").read_text()
+        )  # its lease and main connections never kicked each other
         for device, proc in zip(DEVICES, procs[1:]):
             assert proc.wait(60) == 0, (tmp_path / f"{device}.log").read_text()[-3000:]
         (rec,) = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]

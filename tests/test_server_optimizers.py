@@ -24,8 +24,17 @@ from fleetlearn.edge_runtime.core.protocol import Update
 
 
 def _u(delta, samples, device="d", rnd=1) -> Update:
-    return Update(run_id="a" * 32, round=rnd, device_id=device, model_hash="b" * 64, samples=samples, train_loss=1.0, train_s=0.1,
-                  nonce=secrets.token_hex(16), delta=np.asarray(delta, np.float32))
+    return Update(
+        run_id="a" * 32,
+        round=rnd,
+        device_id=device,
+        model_hash="b" * 64,
+        samples=samples,
+        train_loss=1.0,
+        train_s=0.1,
+        nonce=secrets.token_hex(16),
+        delta=np.asarray(delta, np.float32),
+    )
 
 
 def _round(s, rnd, w, updates):
@@ -46,16 +55,26 @@ HAND = {
     # Adam: v1 = 0.75*0.25 + 0.25*(1, 4) = (0.4375, 1.1875); v2 = 0.75 v1 + 0.25 (0.25, 0) = (0.390625, 0.890625);
     #       v3 = 0.75 v2 + 0.25 (1, 16) = (0.54296875, 4.66796875)
     #       w1 = (1 + 0.05/(sqrt(0.4375)+0.5), -1 - 0.1/(sqrt(1.1875)+0.5)) = (1.0430501, -1.0629040)
-    "fedadam": ([(0.4375, 1.1875), (0.390625, 0.890625), (0.54296875, 4.66796875)],
-                [(1.0430500874, -1.0629039718), (1.0874945318, -1.0975365029), (1.0672821259, -1.0317605863)]),
+    "fedadam": (
+        [(0.4375, 1.1875), (0.390625, 0.890625), (0.54296875, 4.66796875)],
+        [(1.0430500874, -1.0629039718), (1.0874945318, -1.0975365029), (1.0672821259, -1.0317605863)],
+    ),
     # Yogi: v1 = 0.25 - 0.25*(1, 4)*sign(0.25 - (1, 4)) = (0.5, 1.25)  -> w1 = (1 + (sqrt(2) - 1)/10, -1 - (sqrt(5) - 1)/20)
     #       v2 = (0.5 - 0.25*0.25*sign(0.5 - 0.25), 1.25 - 0) = (0.4375, 1.25)
     #       v3 = (0.4375 + 0.25*1, 1.25 + 0.25*16) = (0.6875, 5.25)
-    "fedyogi": ([(0.5, 1.25), (0.4375, 1.25), (0.6875, 5.25)],
-                [(1 + (math.sqrt(2) - 1) / 10, -1 - (math.sqrt(5) - 1) / 20), (1.0844714436, -1.0927050983), (1.0656625181, -1.0300100237)]),
+    "fedyogi": (
+        [(0.5, 1.25), (0.4375, 1.25), (0.6875, 5.25)],
+        [
+            (1 + (math.sqrt(2) - 1) / 10, -1 - (math.sqrt(5) - 1) / 20),
+            (1.0844714436, -1.0927050983),
+            (1.0656625181, -1.0300100237),
+        ],
+    ),
     # Adagrad: v1 = 0.25 + (1, 4) = (1.25, 4.25); v2 = (1.5, 4.25); v3 = (2.5, 20.25) (sqrt 4.5 -> x3[1] = x2[1] + 0.175/5)
-    "fedadagrad": ([(1.25, 4.25), (1.5, 4.25), (2.5, 20.25)],
-                   [(1.0309016994, -1.0390388203), (1.0598914943, -1.0585582305), (1.0478788406, -1.0585582305 + 0.175 / 5)]),
+    "fedadagrad": (
+        [(1.25, 4.25), (1.5, 4.25), (2.5, 20.25)],
+        [(1.0309016994, -1.0390388203), (1.0598914943, -1.0585582305), (1.0478788406, -1.0585582305 + 0.175 / 5)],
+    ),
 }
 OPTS = dict(server_lr=0.1, beta1=0.5, beta2=0.75, tau=0.5)
 
@@ -137,7 +156,9 @@ def test_dp_noise_is_added_to_the_mean_delta_before_the_optimizer_sees_it():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(s.state_dict()["m"], m1, rtol=1e-12)
     # Without the noise (the same clipped deltas) the result differs: the optimizer saw z.
-    quiet = (w.astype(np.float64) + 0.2 * (0.1 * sum(clipped) / m) / (np.sqrt(0.99e-4 + 0.01 * (sum(clipped) / m) ** 2) + 1e-2)).astype(np.float32)
+    quiet = (
+        w.astype(np.float64) + 0.2 * (0.1 * sum(clipped) / m) / (np.sqrt(0.99e-4 + 0.01 * (sum(clipped) / m) ** 2) + 1e-2)
+    ).astype(np.float32)
     assert np.abs(got - quiet).max() > 1e-4
 
 
@@ -152,19 +173,26 @@ def test_clipping_composes_and_keeps_the_optimizer_state():
     assert sorted(s.state_dict()) == ["m", "v"]
 
 
-@pytest.mark.parametrize("name, opts, needle", [
-    ("fedavg", dict(beta1=0.9), "--beta1 does not apply to --strategy fedavg"),
-    ("fedavgm", dict(tau=0.1), "--tau does not apply to --strategy fedavgm"),
-    ("fedadagrad", dict(beta2=0.9), "--beta2 does not apply to --strategy fedadagrad"),
-    ("fedadam", dict(server_momentum=0.9), "--server-momentum does not apply to --strategy fedadam"),
-    ("median", dict(server_lr=0.1), "--server-lr does not apply to --strategy median"),
-    ("fedadam", dict(beta1=1.0), "--beta1 must be in [0, 1), got 1.0"),
-    ("fedyogi", dict(beta2=-0.1), "--beta2 must be in [0, 1), got -0.1"),
-    ("fedadam", dict(tau=0.0), "--tau must be in (0, 1], got 0.0"),
-    ("fedadagrad", dict(server_lr=0.0), "--server-lr must be in (0, 10], got 0.0"),
-    ("fedadamw", {}, "is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad"),
-    ("trimmed-mean", dict(noise_multiplier=1.0, clip_norm=1.0), "--dp-noise-multiplier works with --strategy fedavg / fedavgm / fedadam / fedyogi / fedadagrad"),
-])
+@pytest.mark.parametrize(
+    "name, opts, needle",
+    [
+        ("fedavg", dict(beta1=0.9), "--beta1 does not apply to --strategy fedavg"),
+        ("fedavgm", dict(tau=0.1), "--tau does not apply to --strategy fedavgm"),
+        ("fedadagrad", dict(beta2=0.9), "--beta2 does not apply to --strategy fedadagrad"),
+        ("fedadam", dict(server_momentum=0.9), "--server-momentum does not apply to --strategy fedadam"),
+        ("median", dict(server_lr=0.1), "--server-lr does not apply to --strategy median"),
+        ("fedadam", dict(beta1=1.0), "--beta1 must be in [0, 1), got 1.0"),
+        ("fedyogi", dict(beta2=-0.1), "--beta2 must be in [0, 1), got -0.1"),
+        ("fedadam", dict(tau=0.0), "--tau must be in (0, 1], got 0.0"),
+        ("fedadagrad", dict(server_lr=0.0), "--server-lr must be in (0, 10], got 0.0"),
+        ("fedadamw", {}, "is not one of: fedavg, median, trimmed-mean, fedavgm, fedadam, fedyogi, fedadagrad"),
+        (
+            "trimmed-mean",
+            dict(noise_multiplier=1.0, clip_norm=1.0),
+            "--dp-noise-multiplier works with --strategy fedavg / fedavgm / fedadam / fedyogi / fedadagrad",
+        ),
+    ],
+)
 def test_bad_options_are_one_line_usage_errors_listing_what_is_valid(name, opts, needle):
     with pytest.raises(UsageError) as exc:
         make_strategy(name, **opts)
@@ -182,7 +210,9 @@ def test_defaults_are_the_papers_and_fedavg_is_untouched():
 # ------------------------------------------------------------------ end to end, real devices
 
 
-@pytest.mark.parametrize("strategy, extra", [("fedyogi", ["--beta2", "0.95", "--sample-fraction", "1"]), ("fedadagrad", ["--clip-norm", "5"])])
+@pytest.mark.parametrize(
+    "strategy, extra", [("fedyogi", ["--beta2", "0.95", "--sample-fraction", "1"]), ("fedadagrad", ["--clip-norm", "5"])]
+)
 def test_runs_end_to_end_with_real_devices(strategy, extra, mosquitto, tmp_path, boston_bundle, boston_shards):
     """2 real device processes, 2 rounds over mosquitto; the record names the strategy and carries
     the update norms, the moments are committed beside each round's weights. The fedyogi run also
@@ -196,8 +226,30 @@ def test_runs_end_to_end_with_real_devices(strategy, extra, mosquitto, tmp_path,
 
     shards, test_npz = boston_shards
     state = tmp_path / "agg"
-    agg = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, "--rounds", "2", "--min-devices", "2", "--deadline", "60", "--test-data", str(test_npz),
-                            "--strategy", strategy, "--server-lr", "0.02", "--beta1", "0.8", "--tau", "0.01", *extra, bundle=boston_bundle)
+    agg = AggregatorProcess(
+        tmp_path,
+        mosquitto.url,
+        FLEET,
+        state,
+        "--rounds",
+        "2",
+        "--min-devices",
+        "2",
+        "--deadline",
+        "60",
+        "--test-data",
+        str(test_npz),
+        "--strategy",
+        strategy,
+        "--server-lr",
+        "0.02",
+        "--beta1",
+        "0.8",
+        "--tau",
+        "0.01",
+        *extra,
+        bundle=boston_bundle,
+    )
     devices = []
     try:
         for i, shard in enumerate(shards[:2]):
@@ -210,7 +262,9 @@ def test_runs_end_to_end_with_real_devices(strategy, extra, mosquitto, tmp_path,
         agg.stop()
     rounds = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
     name = f"clipped-{strategy}" if "--clip-norm" in extra else strategy
-    assert [r["round"] for r in rounds] == [1, 2] and all(r["strategy"] == name and r["devices"] == ["dev-0", "dev-1"] for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2] and all(
+        r["strategy"] == name and r["devices"] == ["dev-0", "dev-1"] for r in rounds
+    )
     assert all(0 < r["update_norm"] <= r["update_norm_max"] for r in rounds)
     sampled = "--sample-fraction" in extra
     assert all((r.get("invited"), r.get("connected")) == ((["dev-0", "dev-1"], 2) if sampled else (None, None)) for r in rounds)
@@ -221,5 +275,7 @@ def test_runs_end_to_end_with_real_devices(strategy, extra, mosquitto, tmp_path,
     delta = m1["m"] / 0.2
     v1 = {"fedyogi": 1e-4 - 0.05 * delta**2 * np.sign(1e-4 - delta**2), "fedadagrad": 1e-4 + delta**2}[strategy]
     np.testing.assert_allclose(m1["v"], v1, rtol=1e-9, atol=1e-15)
-    np.testing.assert_allclose(w[1], (w[0].astype(np.float64) + 0.02 * m1["m"] / (np.sqrt(v1) + 0.01)).astype(np.float32), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        w[1], (w[0].astype(np.float64) + 0.02 * m1["m"] / (np.sqrt(v1) + 0.01)).astype(np.float32), rtol=1e-6, atol=1e-7
+    )
     assert not np.array_equal(w[1], w[2])

@@ -64,11 +64,39 @@ def test_signed_round_end_to_end_with_broker_config_keys(tmp_path, boston_bundle
     procs: list[subprocess.Popen] = []
     try:
         agg = subprocess.Popen(
-            [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(boston_bundle), "--broker", url, "--fleet", "sec",
-             "--rounds", "2", "--min-devices", "2", "--deadline", "90", "--state-dir", str(state), "--test-data", str(test_npz),
-             "--username", "aggregator", "--password-file", str(fleet / "aggregator" / "mqtt-password"),
-             "--device-keys", str(fleet / "aggregator" / "device-keys"), "--signing-key", str(fleet / "aggregator" / "signing.key")],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agg.log", "wb"), cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "fleetlearn.cli",
+                "aggregator",
+                "--bundle",
+                str(boston_bundle),
+                "--broker",
+                url,
+                "--fleet",
+                "sec",
+                "--rounds",
+                "2",
+                "--min-devices",
+                "2",
+                "--deadline",
+                "90",
+                "--state-dir",
+                str(state),
+                "--test-data",
+                str(test_npz),
+                "--username",
+                "aggregator",
+                "--password-file",
+                str(fleet / "aggregator" / "mqtt-password"),
+                "--device-keys",
+                str(fleet / "aggregator" / "device-keys"),
+                "--signing-key",
+                str(fleet / "aggregator" / "signing.key"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "agg.log", "wb"),
+            cwd=ROOT,
         )
         procs.append(agg)
         for i, device in enumerate(devices):
@@ -80,10 +108,14 @@ def test_signed_round_end_to_end_with_broker_config_keys(tmp_path, boston_bundle
                 f'[auth]\nusername = "{device}"\npassword_file = "{fleet / "devices" / device / "mqtt-password"}"\n\n'
                 f'[signing]\nkey_file = "{fleet / "devices" / device / "signing.key"}"\naggregator_public_key = "{fleet / "aggregator" / "signing.pub"}"\n'
             )
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", "2"],
-                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{device}.log", "wb"), cwd=ROOT,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg), "--max-rounds", "2"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(tmp_path / f"{device}.log", "wb"),
+                    cwd=ROOT,
+                )
+            )
         assert agg.wait(240) == 0, (tmp_path / "agg.log").read_text()[-3000:]
         for device, proc in zip(devices, procs[1:]):
             assert proc.wait(60) == 0, (tmp_path / f"{device}.log").read_text()[-3000:]
@@ -155,7 +187,12 @@ def test_aggregator_rejects_unsigned_forged_and_replayed_updates(mosquitto, bost
     u = c.update(g1, zeros, 5, device_id="dev-a")  # dev-c's key, posted as dev-a
     refused(a, u, u.encode(sign=kc.sign), "does not verify with device dev-a's registered key")
     u = x.update(g1, zeros, 5)
-    refused(x, u, u.encode(sign=signing.parse_private_key(signing.new_key_pair()[0], "k").sign), "no signing key is registered for device dev-x")
+    refused(
+        x,
+        u,
+        u.encode(sign=signing.parse_private_key(signing.new_key_pair()[0], "k").sign),
+        "no signing key is registered for device dev-x",
+    )
     ua1 = a.update(g1, np.full(n, 0.01, np.float32), 10)
     ub1 = b.update(g1, np.full(n, -0.02, np.float32), 30)
     a.send(ua1.encode(sign=ka.sign))
@@ -209,13 +246,23 @@ def test_aggregator_rejects_unsigned_forged_and_replayed_updates(mosquitto, bost
     assert all(r["devices"] == ["dev-a", "dev-b"] for r in records)
     assert [r["samples"] for r in records] == [40, 42, 44], "only the clean updates counted, each once"
     w1 = ta.state_weights(state, 1)
-    np.testing.assert_allclose(w1, g1.weights.astype(np.float64) + (10 * 0.01 + 30 * np.float64(np.float32(-0.02))) / 40, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        w1, g1.weights.astype(np.float64) + (10 * 0.01 + 30 * np.float64(np.float32(-0.02))) / 40, rtol=1e-6, atol=1e-7
+    )
     final = a.global_model(4)
     assert not final.train and signing.verify(agg_pub, final.signature, final.signed_part)
     rejected = [line for line in (agg.text() + agg2.text()).splitlines() if "event=update_rejected" in line]
     assert len(rejected) == 4 + 1 + 3
     assert all("device=dev-" in line and "reason=" in line for line in rejected)
-    for needle in ("unsigned update", "bad signature", "dev-a's registered key", "no signing key", "replay: nonce", "round 1 closed", "different update"):
+    for needle in (
+        "unsigned update",
+        "bad signature",
+        "dev-a's registered key",
+        "no signing key",
+        "replay: nonce",
+        "round 1 closed",
+        "different update",
+    ):
         assert any(needle in line for line in rejected), needle
 
 
@@ -223,11 +270,15 @@ def test_allow_unsigned_and_require_without_keys(mosquitto, boston_bundle, tmp_p
     """--allow-unsigned takes unsigned updates (logged once per device) but still checks every
     signature it can; --require-signatures with no device keys is a usage error (exit 2)."""
     pubs, keys = key_dir(tmp_path, ("dev-a", "dev-b"))
-    bad = agg_factory.agg(mosquitto.url, boston_bundle, tmp_path / "empty-state", *ta.common(1, 1), "--require-signatures", name="bad")
+    bad = agg_factory.agg(
+        mosquitto.url, boston_bundle, tmp_path / "empty-state", *ta.common(1, 1), "--require-signatures", name="bad"
+    )
     assert bad.wait(60) == 2 and "--require-signatures: no device keys" in bad.text()
 
     state = tmp_path / "state"
-    agg = agg_factory.agg(mosquitto.url, boston_bundle, state, *ta.common(1, 2, 2, 60), "--device-keys", str(pubs), "--allow-unsigned")
+    agg = agg_factory.agg(
+        mosquitto.url, boston_bundle, state, *ta.common(1, 2, 2, 60), "--device-keys", str(pubs), "--allow-unsigned"
+    )
     a, b = agg_factory.peer(mosquitto.url, "dev-a"), agg_factory.peer(mosquitto.url, "dev-b")
     g = a.global_model(1)
     n = g.weights.size
@@ -257,10 +308,14 @@ def device_with_keys(tmp: Path, url: str, bundle: Path, data: Path, device: str,
 
 def global_model(bundle: Path, run_id: str, rnd: int) -> GlobalModel:
     m = load_bundle(bundle)
-    return GlobalModel(run_id, rnd, m.model_hash, td.initial_weights(bundle), total_rounds=5, deadline=time.time() + 60, config=RoundConfig())
+    return GlobalModel(
+        run_id, rnd, m.model_hash, td.initial_weights(bundle), total_rounds=5, deadline=time.time() + 60, config=RoundConfig()
+    )
 
 
-def test_device_rejects_unsigned_and_forged_global_models_and_accepts_the_real_one(mosquitto, tmp_path, boston_bundle, boston_shards):
+def test_device_rejects_unsigned_and_forged_global_models_and_accepts_the_real_one(
+    mosquitto, tmp_path, boston_bundle, boston_shards
+):
     shards, _ = boston_shards
     m = load_bundle(boston_bundle)
     dev_priv, dev_pub = signing.new_key_pair()
@@ -292,7 +347,9 @@ def test_device_rejects_unsigned_and_forged_global_models_and_accepts_the_real_o
         # Unsigned; signed by another key (a new run, which would reset the device's state);
         # signed and then altered; an unsigned bundle announcement.
         other = signing.parse_private_key(signing.new_key_pair()[0], "other")
-        tampered = global_model(boston_bundle, run_id, 2).encode(sign=agg_key.sign).replace(b'"total_rounds":5', b'"total_rounds":6')
+        tampered = (
+            global_model(boston_bundle, run_id, 2).encode(sign=agg_key.sign).replace(b'"total_rounds":5', b'"total_rounds":6')
+        )
         announcement = BundleAnnouncement("cd" * 32, {"model_hash": "cd" * 32}, ("x",), 2048, 1024, 2).encode()
         for bad in (
             global_model(boston_bundle, run_id, 2).encode(),
@@ -357,5 +414,11 @@ def test_a_bad_key_file_stops_the_device_with_exit_2(tmp_path, boston_bundle):
     bad = tmp_path / "signing.key"
     bad.write_text("not a key")
     cfg = device_with_keys(tmp_path, "mqtt://127.0.0.1:1", boston_bundle, tmp_path / "none.npz", "dev-2", bad, None)
-    r = subprocess.run([sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "fleetlearn.cli", "device", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 2 and "[signing] key_file" in r.stderr and "not a PEM private key" in r.stderr, r.stderr

@@ -18,11 +18,11 @@ import pytest
 from fleetlearn.aggregator import signing as agg_signing
 from fleetlearn.aggregator.model_store import ModelStore
 from fleetlearn.aggregator.validation import Rejection, validate_update
+from fleetlearn.cli import main as fleetlearn_main
 from fleetlearn.edge_runtime.core import signing
-from fleetlearn.edge_runtime.device.config import SigningConfig, parse_device_config
 from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
 from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, GlobalModel, Topics, Update
-from fleetlearn.cli import main as fleetlearn_main
+from fleetlearn.edge_runtime.device.config import SigningConfig, parse_device_config
 from tests.conftest import ROOT
 
 T = Topics("signtest")
@@ -61,9 +61,20 @@ def test_key_files_round_trip_and_bad_keys_are_one_line_config_errors(tmp_path):
         "missing": (tmp_path / "nope.pem", "no such file"),
         "empty": (write_pem(tmp_path / "empty.pem", b""), "empty"),
         "garbage": (write_pem(tmp_path / "garbage.pem", b"hello"), "not a PEM private key"),
-        "ec": (write_pem(tmp_path / "ec.pem", ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())), "Ed25519 only"),
+        "ec": (
+            write_pem(
+                tmp_path / "ec.pem",
+                ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            ),
+            "Ed25519 only",
+        ),
         "encrypted": (
-            write_pem(tmp_path / "enc.pem", k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw"))),
+            write_pem(
+                tmp_path / "enc.pem",
+                k.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+                ),
+            ),
             "encrypted",
         ),
         "public-as-private": (tmp_path / "p.pem", "not a PEM private key"),
@@ -91,7 +102,12 @@ def test_device_signer_halves_and_global_model_verification(tmp_path):
     flipped = GlobalModel.decode(bytes(raw))
 
     full = signing.DeviceSigner(k, agg_p)
-    assert full.verify_global(good) and not full.verify_global(unsigned) and not full.verify_global(forged) and not full.verify_global(flipped)
+    assert (
+        full.verify_global(good)
+        and not full.verify_global(unsigned)
+        and not full.verify_global(forged)
+        and not full.verify_global(flipped)
+    )
     assert full.sign is not None and signing.verify(p, full.sign(b"m"), b"m")
     # No aggregator key: nothing is verified (the agent logged that at start); no key_file: unsigned updates.
     key_only = signing.DeviceSigner(k, None)
@@ -121,7 +137,14 @@ def test_from_config_loads_keys_and_logs_what_is_not_verified(tmp_path, caplog):
 
 def test_bundle_announcement_signature_covers_every_field():
     k, p = keypair()
-    a = BundleAnnouncement(MODEL, {"model_hash": MODEL, "mean": [0.1, 1e-7, 3.0], "files": {"m.onnx": {"sha256": "c" * 64, "size": 2000}}}, ("m.onnx",), 2000, 1024, 2)
+    a = BundleAnnouncement(
+        MODEL,
+        {"model_hash": MODEL, "mean": [0.1, 1e-7, 3.0], "files": {"m.onnx": {"sha256": "c" * 64, "size": 2000}}},
+        ("m.onnx",),
+        2000,
+        1024,
+        2,
+    )
     signed = signing.sign_announcement(k, a.encode())
     assert signing.verify_announcement(p, signed)
     assert BundleAnnouncement.decode(signed) == a, "the signature field must not disturb decoding"
@@ -186,11 +209,31 @@ def store(tmp_path):
 
 
 def make_update(store, device, rnd=None, nonce=None, samples=5, **kw) -> Update:
-    return Update(store.run_id, rnd or store.open_round, device, MODEL, samples, 1.0, 0.1, nonce or secrets.token_hex(16), np.full(N, 0.01, np.float32), **kw)
+    return Update(
+        store.run_id,
+        rnd or store.open_round,
+        device,
+        MODEL,
+        samples,
+        1.0,
+        0.1,
+        nonce or secrets.token_hex(16),
+        np.full(N, 0.01, np.float32),
+        **kw,
+    )
 
 
 def check(store, auth, device, payload, accepted=None, previous=None):
-    return validate_update(T.update(device), payload, topics=T, num_params=N, version=store, accepted=accepted or {}, previous_accepted=previous or {}, authenticate=auth.authenticate)
+    return validate_update(
+        T.update(device),
+        payload,
+        topics=T,
+        num_params=N,
+        version=store,
+        accepted=accepted or {},
+        previous_accepted=previous or {},
+        authenticate=auth.authenticate,
+    )
 
 
 def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store, caplog):
@@ -203,7 +246,10 @@ def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store
     assert auth.require and set(auth.device_keys) == {"dev-a", "dev-b"} and auth.sign is not None
     own = store.state_dir / agg_signing.AGGREGATOR_KEY
     assert stat.S_IMODE(own.stat().st_mode) == 0o600
-    assert signing.load_public_key(store.state_dir / agg_signing.AGGREGATOR_PUB).public_bytes_raw() == auth.private_key.public_key().public_bytes_raw()
+    assert (
+        signing.load_public_key(store.state_dir / agg_signing.AGGREGATOR_PUB).public_bytes_raw()
+        == auth.private_key.public_key().public_bytes_raw()
+    )
 
     ka, kb = keys["dev-a"][0], keys["dev-b"][0]
     u = make_update(store, "dev-a")
@@ -216,14 +262,18 @@ def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store
         return exc.value.reason
 
     assert "unsigned update" in reason("dev-a", make_update(store, "dev-a").encode())
-    assert "does not verify with device dev-a's registered key" in reason("dev-a", make_update(store, "dev-a").encode(sign=kb.sign))
+    assert "does not verify with device dev-a's registered key" in reason(
+        "dev-a", make_update(store, "dev-a").encode(sign=kb.sign)
+    )
     raw = bytearray(make_update(store, "dev-a").encode(sign=ka.sign))
     raw[-5] ^= 0x40
     assert "bad signature" in reason("dev-a", bytes(raw))
     tampered = make_update(store, "dev-a", samples=10).encode(sign=ka.sign).replace(b'"samples":10', b'"samples":99')
     assert "bad signature" in reason("dev-a", tampered)
     stranger = keypair()[0]
-    assert "no signing key is registered for device dev-x" in reason("dev-x", make_update(store, "dev-x").encode(sign=stranger.sign))
+    assert "no signing key is registered for device dev-x" in reason(
+        "dev-x", make_update(store, "dev-x").encode(sign=stranger.sign)
+    )
     assert "no signing key is registered for device dev-x" in reason("dev-x", make_update(store, "dev-x").encode())
 
     # --allow-unsigned: unsigned and unknown-device updates pass (logged once per device);
@@ -233,7 +283,9 @@ def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store
         for _ in range(2):
             check(store, allow, "dev-a", make_update(store, "dev-a").encode())
         check(store, allow, "dev-x", make_update(store, "dev-x").encode(sign=stranger.sign))
-    assert caplog.text.count("event=update_unverified device=dev-a") == 1 and "event=update_unverified device=dev-x" in caplog.text
+    assert (
+        caplog.text.count("event=update_unverified device=dev-a") == 1 and "event=update_unverified device=dev-x" in caplog.text
+    )
     with pytest.raises(Rejection, match="bad signature"):
         check(store, allow, "dev-b", make_update(store, "dev-b").encode(sign=ka.sign))
 
@@ -248,7 +300,9 @@ def test_replay_rules_through_validate_update(store):
     assert check(store, auth, "dev-a", p1, accepted={"dev-a": u1.nonce}).duplicate
     # Same nonce, other content, same round: a replay, not a "duplicate update".
     with pytest.raises(Rejection, match="already used for a different update in round 1"):
-        check(store, auth, "dev-a", make_update(store, "dev-a", nonce=u1.nonce, samples=77).encode(), accepted={"dev-a": u1.nonce})
+        check(
+            store, auth, "dev-a", make_update(store, "dev-a", nonce=u1.nonce, samples=77).encode(), accepted={"dev-a": u1.nonce}
+        )
     store.commit(1, np.zeros(N, np.float32), {"round": 1}, {"dev-a": u1.nonce})
     # Round 2: the round-1 update re-sent as is is still the counted one ("counted before it closed")...
     v = check(store, auth, "dev-a", p1, previous=store.last_accepted)
@@ -291,7 +345,11 @@ def test_open_signing_modes_and_key_import(tmp_path, store):
     (src / "dev-0.pub").write_bytes(signing.public_pem(p2))
     assert agg_signing.import_device_keys(src, sd) == [("dev-0", "replaced")]
     assert agg_signing.read_device_keys(sd / "device-keys")["dev-0"].public_bytes_raw() == p2.public_bytes_raw()
-    for name, data, needle in (("bad id!.pub", signing.public_pem(p1), "not a device id"), ("dev-1.pub", b"junk", "not a PEM public key"), ("dev-2.pub", priv, "not a PEM public key")):
+    for name, data, needle in (
+        ("bad id!.pub", signing.public_pem(p1), "not a device id"),
+        ("dev-1.pub", b"junk", "not a PEM public key"),
+        ("dev-2.pub", priv, "not a PEM public key"),
+    ):
         bad = tmp_path / f"bad-{secrets.token_hex(2)}"
         bad.mkdir()
         (bad / name).write_bytes(data)
@@ -314,12 +372,32 @@ def test_open_signing_modes_and_key_import(tmp_path, store):
 
 def test_broker_config_signing_keys_layout_matches_what_flash_and_the_aggregator_read(tmp_path, store):
     out = tmp_path / "fleet"
-    assert fleetlearn_main(["broker-config", "--fleet", "f", "--devices", "dev-0,dev-1", "--out", str(out), "--max-model-params", "100", "--signing-keys"]) == 0
+    assert (
+        fleetlearn_main(
+            [
+                "broker-config",
+                "--fleet",
+                "f",
+                "--devices",
+                "dev-0,dev-1",
+                "--out",
+                str(out),
+                "--max-model-params",
+                "100",
+                "--signing-keys",
+            ]
+        )
+        == 0
+    )
     mode = lambda p: stat.S_IMODE((out / p).stat().st_mode)
     for d in ("dev-0", "dev-1"):
         assert mode(f"devices/{d}/signing.key") == 0o600 and mode(f"devices/{d}/signing.pub") == 0o644
         k = signing.load_private_key(out / "devices" / d / "signing.key")
-        assert signing.public_pem(k.public_key()) == (out / "devices" / d / "signing.pub").read_bytes() == (out / "aggregator" / "device-keys" / f"{d}.pub").read_bytes()
+        assert (
+            signing.public_pem(k.public_key())
+            == (out / "devices" / d / "signing.pub").read_bytes()
+            == (out / "aggregator" / "device-keys" / f"{d}.pub").read_bytes()
+        )
     assert mode("aggregator/signing.key") == 0o600 and mode("aggregator/device-keys") == 0o700
     agg_key = signing.load_private_key(out / "aggregator" / "signing.key")
     assert signing.public_pem(agg_key.public_key()) == (out / "aggregator" / "signing.pub").read_bytes()
@@ -345,10 +423,16 @@ def test_broker_config_signing_keys_layout_matches_what_flash_and_the_aggregator
     priv, pub = pki.new_signing_key_pair()
     assert signing.fingerprint(signing.parse_private_key(priv, "k")) == signing.fingerprint(signing.parse_public_key(pub, "p"))
     # The aggregator imports broker-config's device-keys directory as it is.
-    assert sorted(agg_signing.import_device_keys(out / "aggregator" / "device-keys", store.state_dir)) == [("dev-0", "added"), ("dev-1", "added")]
+    assert sorted(agg_signing.import_device_keys(out / "aggregator" / "device-keys", store.state_dir)) == [
+        ("dev-0", "added"),
+        ("dev-1", "added"),
+    ]
     # Without --signing-keys: no key files at all.
     plain = tmp_path / "plain"
-    assert fleetlearn_main(["broker-config", "--fleet", "f", "--devices", "dev-0", "--out", str(plain), "--max-model-params", "100"]) == 0
+    assert (
+        fleetlearn_main(["broker-config", "--fleet", "f", "--devices", "dev-0", "--out", str(plain), "--max-model-params", "100"])
+        == 0
+    )
     assert not list(plain.rglob("signing.*")) and not (plain / "aggregator" / "device-keys").exists()
 
 

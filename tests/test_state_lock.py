@@ -42,7 +42,18 @@ def test_second_aggregator_on_a_state_dir_exits_2_naming_the_holder(mosquitto, t
     first = AggregatorProcess(tmp_path, mosquitto.url, FLEET, state, *args, bundle=boston_bundle)
     try:
         wait_holder(state, first.proc.pid)
-        r = second("aggregator", "--broker", mosquitto.url, "--fleet", "other", "--state-dir", str(state), "--bundle", str(boston_bundle), *args)
+        r = second(
+            "aggregator",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "other",
+            "--state-dir",
+            str(state),
+            "--bundle",
+            str(boston_bundle),
+            *args,
+        )
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1, r.stderr

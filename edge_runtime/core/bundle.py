@@ -249,7 +249,9 @@ def _portable(doc: dict[str, Any], files: dict, optimizer: dict, num_params: int
     kind = "adamw" if opt_name == "adamw" else ("sgd_momentum" if has_momentum else "sgd")
     state = _need(sec, "optimizer_state", list, where)
     if opt_name not in ("adamw", "sgd") or tuple(state) != PORTABLE_STATE[kind]:
-        raise BundleError(f"{where}: optimizer_state {state!r} does not match optimizer {opt_name!r} (expected {list(PORTABLE_STATE[kind])})")
+        raise BundleError(
+            f"{where}: optimizer_state {state!r} does not match optimizer {opt_name!r} (expected {list(PORTABLE_STATE[kind])})"
+        )
     buffers: list[ParamSpec] = []
     offset = 0
     for i, b in enumerate(_need(sec, "buffers", list, where)):
@@ -271,7 +273,9 @@ def _portable(doc: dict[str, Any], files: dict, optimizer: dict, num_params: int
         raise BundleError(f"{where}: {num_params + num_buffers} state values exceed the limit {MAX_PORTABLE_VALUES}")
     size = files[names["initial_state"]].get("size")
     if size is not None and size != 4 * (num_params + num_buffers):
-        raise BundleError(f"{where}: initial_state has {size} bytes, expected {4 * (num_params + num_buffers)} (float32 params + buffers)")
+        raise BundleError(
+            f"{where}: initial_state has {size} bytes, expected {4 * (num_params + num_buffers)} (float32 params + buffers)"
+        )
     return PortableSpec(
         step_model=names["step_model"], eval_model=names["eval_model"], initial_state=names["initial_state"],
         optimizer_state=tuple(state), buffers=tuple(buffers), num_buffers=num_buffers, opset=opset, ir_version=ir,

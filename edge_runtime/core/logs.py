@@ -149,4 +149,9 @@ def setup_logging(level: str = "info", fmt: str = "text") -> int:
 def add_log_arguments(parser: Any) -> None:
     """--log-level and --log-format, the same on every long-running command."""
     parser.add_argument("--log-level", default="info", choices=list(LEVELS), help="log verbosity (default info)")
-    parser.add_argument("--log-format", default="text", choices=list(FORMATS), help="text (key=value) or json (one object per line, for journald and log shippers); default text")
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=list(FORMATS),
+        help="text (key=value) or json (one object per line, for journald and log shippers); default text",
+    )

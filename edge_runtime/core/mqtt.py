@@ -22,8 +22,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -41,7 +41,7 @@ class BrokerURL:
     tls: bool
 
     @classmethod
-    def parse(cls, url: str) -> "BrokerURL":
+    def parse(cls, url: str) -> BrokerURL:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"broker URL {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
@@ -260,7 +260,7 @@ class MqttLink:
             self.publish(topic, payload, qos=qos, retain=True)
         return len(retained)
 
-    def start(self) -> "MqttLink":
+    def start(self) -> MqttLink:
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.opts.client_id}", daemon=True)
         self._thread.start()
         return self
@@ -295,7 +295,9 @@ class MqttLink:
                     topic, payload, qos, retain = self._will_provider()
                     self.client.will_set(topic, payload, qos=qos, retain=retain)
                 if first:
-                    self.client.connect(self.broker.host, self.broker.port, keepalive=self.opts.keepalive, **self._connect_kwargs())
+                    self.client.connect(
+                        self.broker.host, self.broker.port, keepalive=self.opts.keepalive, **self._connect_kwargs()
+                    )
                 else:
                     self.client.reconnect()
                 first = False
@@ -306,7 +308,9 @@ class MqttLink:
                 first = first and isinstance(exc, ValueError)
                 self.last_error = f"cannot connect to {self.broker.host}:{self.broker.port}: {exc}"
                 delay = backoff_delay(attempt, self.opts.backoff_min, self.opts.backoff_max, self._rng)
-                log.info("event=mqtt_connect_failed client=%s error=%r retry_in=%.2fs", self.opts.client_id, str(exc)[:120], delay)
+                log.info(
+                    "event=mqtt_connect_failed client=%s error=%r retry_in=%.2fs", self.opts.client_id, str(exc)[:120], delay
+                )
                 attempt += 1
                 self._stop.wait(delay)
                 continue

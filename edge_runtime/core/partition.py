@@ -61,7 +61,7 @@ class PartitionSpec:
 
 
 def parse_partition(text: str) -> PartitionSpec:
-    """"iid" | "dirichlet:α" | "shards:k" | "quantity:α" -> PartitionSpec; PartitionError otherwise."""
+    """ "iid" | "dirichlet:α" | "shards:k" | "quantity:α" -> PartitionSpec; PartitionError otherwise."""
     if not isinstance(text, str):
         raise PartitionError(f"partition must be a string like {_USAGE}, got {text!r:.40}")
     scheme, sep, value = text.strip().partition(":")
@@ -73,7 +73,9 @@ def parse_partition(text: str) -> PartitionSpec:
             raise PartitionError(f"partition {text!r:.40}: iid takes no parameter")
         return PartitionSpec("iid")
     if not value.strip():
-        raise PartitionError(f"partition {text!r:.40}: {scheme} needs a parameter, e.g. {scheme}:{'2' if scheme == 'shards' else '0.5'}")
+        raise PartitionError(
+            f"partition {text!r:.40}: {scheme} needs a parameter, e.g. {scheme}:{'2' if scheme == 'shards' else '0.5'}"
+        )
     if scheme == "shards":
         try:
             k = int(value)
@@ -183,7 +185,9 @@ def quantity(n: int, devices: int, alpha: float, seed: int) -> list[np.ndarray]:
     return [np.concatenate([order[i : i + 1], rest[i]]).astype(np.int64) for i in range(devices)]
 
 
-def partition(spec: PartitionSpec | str, y: np.ndarray, devices: int, seed: int, task: str = "classification") -> list[np.ndarray]:
+def partition(
+    spec: PartitionSpec | str, y: np.ndarray, devices: int, seed: int, task: str = "classification"
+) -> list[np.ndarray]:
     """Index arrays, one per device, for targets `y` under `spec`; `task` is "regression" when y
     is a continuous target (binned into quantile classes for the label-based schemes)."""
     if isinstance(spec, str):

@@ -29,8 +29,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from fleetlearn.edge_runtime.core.errors import ConfigError
 from fleetlearn.edge_runtime.core.protocol import MAX_BUNDLE_ANNOUNCEMENT_BYTES, GlobalModel
@@ -96,7 +97,9 @@ def parse_private_key(data: bytes, what: str) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise ConfigError(f"{what}: the key is encrypted; fleetlearn reads unencrypted PKCS#8 PEM keys (keep the file mode 0600)") from None
+        raise ConfigError(
+            f"{what}: the key is encrypted; fleetlearn reads unencrypted PKCS#8 PEM keys (keep the file mode 0600)"
+        ) from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{what}: not a PEM private key ({str(exc)[:80]})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -195,13 +198,19 @@ class DeviceSigner:
         self.aggregator_key = aggregator_key
 
     @classmethod
-    def from_config(cls, cfg: "SigningConfig", device_id: str = "-") -> "DeviceSigner":
+    def from_config(cls, cfg: SigningConfig, device_id: str = "-") -> DeviceSigner:
         """Load the keys a [signing] table names; ConfigError (exit 2) for a missing or wrong key."""
         private = load_private_key(cfg.key_file, "[signing] key_file") if cfg.key_file else None
-        aggregator = load_public_key(cfg.aggregator_public_key, "[signing] aggregator_public_key") if cfg.aggregator_public_key else None
+        aggregator = (
+            load_public_key(cfg.aggregator_public_key, "[signing] aggregator_public_key") if cfg.aggregator_public_key else None
+        )
         signer = cls(private, aggregator)
         if cfg.key_file and loose_permissions(cfg.key_file):
-            log.warning("event=signing_key_exposed device=%s key_file=%s reason='group or others may read the private key: chmod 600 it'", device_id, cfg.key_file)
+            log.warning(
+                "event=signing_key_exposed device=%s key_file=%s reason='group or others may read the private key: chmod 600 it'",
+                device_id,
+                cfg.key_file,
+            )
         fields = [
             f"signs_updates={'yes' if private else 'no'}",
             f"key={fingerprint(private)}" if private else "",
@@ -210,7 +219,12 @@ class DeviceSigner:
         ]
         if aggregator is None:
             fields.append("reason='no [signing] aggregator_public_key: global models and bundle announcements are NOT verified'")
-        log.log(logging.INFO if aggregator else logging.WARNING, "event=signing device=%s %s", device_id, " ".join(f for f in fields if f))
+        log.log(
+            logging.INFO if aggregator else logging.WARNING,
+            "event=signing device=%s %s",
+            device_id,
+            " ".join(f for f in fields if f),
+        )
         return signer
 
     @property

@@ -38,7 +38,7 @@ class StateLock:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 
-    def __enter__(self) -> "StateLock":
+    def __enter__(self) -> StateLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -67,7 +67,9 @@ def lock_state_dir(state_dir: str | Path, what: str) -> StateLock:
     except BlockingIOError:
         pid = _holder_pid(fd)
         os.close(fd)
-        raise StateDirLocked(f"state dir {state_dir} is in use by another fleetlearn process (pid {pid}); stop it or give this {what} its own state dir") from None
+        raise StateDirLocked(
+            f"state dir {state_dir} is in use by another fleetlearn process (pid {pid}); stop it or give this {what} its own state dir"
+        ) from None
     except OSError as exc:  # e.g. a filesystem without flock support
         os.close(fd)
         raise UsageError(f"state dir {state_dir}: cannot lock it ({exc.strerror})") from None

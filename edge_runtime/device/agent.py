@@ -14,35 +14,51 @@ queue for offline sessions.
 from __future__ import annotations
 
 import logging
-import platform
 import os
+import platform
 import queue
 import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import Manifest
-from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
-from fleetlearn.edge_runtime.device.bundle_ota import BundleOverTheAir
-from fleetlearn.edge_runtime.device.wiring import link_options, load_signer
-from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
-from fleetlearn.edge_runtime.device.health import HealthReader
-from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
-from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.core.data import Dataset, load_dataset
 from fleetlearn.edge_runtime.core.errors import BundleError, DataError, ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Ack, GlobalModel, LeaseView, RoundState, Status, Topics, Update
+from fleetlearn.edge_runtime.core.protocol import (
+    MAX_MODEL_PARAMS,
+    Ack,
+    GlobalModel,
+    LeaseView,
+    RoundState,
+    Status,
+    Topics,
+    Update,
+)
 from fleetlearn.edge_runtime.core.state_lock import lock_state_dir
+from fleetlearn.edge_runtime.device.bundle_fetch import BundleAssembly, try_load_bundle
+from fleetlearn.edge_runtime.device.bundle_ota import BundleOverTheAir
+from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
+from fleetlearn.edge_runtime.device.health import HealthReader
+from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
+from fleetlearn.edge_runtime.device.state import (
+    DeviceState,
+    clear_pending_update,
+    load_pending_update,
+    recover_pending,
+    save_pending_update,
+)
 from fleetlearn.edge_runtime.device.wire import DeviceWire
-from fleetlearn.edge_runtime.device.state import DeviceState, clear_pending_update, load_pending_update, recover_pending, save_pending_update
+from fleetlearn.edge_runtime.device.wiring import link_options, load_signer
 from fleetlearn.edge_runtime.engines.base import Engine
 from fleetlearn.edge_runtime.engines.select import open_engine
 
@@ -75,7 +91,7 @@ class DeviceAgent(BundleOverTheAir):
         link_factory: Callable[..., MqttLink] = MqttLink,
         post: Callable[[Event], None] | None = None,
         engine_factory: Callable[..., Engine] = open_engine,
-        group_commit: "GroupCommit | None" = None,
+        group_commit: GroupCommit | None = None,
     ):
         self.cfg = cfg
         self.max_rounds = max_rounds
@@ -114,7 +130,14 @@ class DeviceAgent(BundleOverTheAir):
             will_provider=self._last_will,
         )
         self.leader = LeaseView()  # the fleet's leader lease: rounds of any other run are ignored
-        for topic in (self.topics.leader, self.topics.global_model, self.topics.global_parts, self.topics.round, self.topics.ack(cfg.device_id), self.topics.bundle):
+        for topic in (
+            self.topics.leader,
+            self.topics.global_model,
+            self.topics.global_parts,
+            self.topics.round,
+            self.topics.ack(cfg.device_id),
+            self.topics.bundle,
+        ):
             self.link.subscribe(topic, qos=1)
 
     # ------------------------------------------------------------------ setup
@@ -137,8 +160,21 @@ class DeviceAgent(BundleOverTheAir):
         self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
         health = self.health.read()
-        self.link.publish(self.topics.status(self.cfg.device_id), Status(self.cfg.device_id, state, r, detail, time.time(), health=health,
-                                 engine=self.trainer.name if self.trainer else None, arch=platform.machine() or None).encode(), qos=1, retain=True)
+        self.link.publish(
+            self.topics.status(self.cfg.device_id),
+            Status(
+                self.cfg.device_id,
+                state,
+                r,
+                detail,
+                time.time(),
+                health=health,
+                engine=self.trainer.name if self.trainer else None,
+                arch=platform.machine() or None,
+            ).encode(),
+            qos=1,
+            retain=True,
+        )
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
@@ -147,7 +183,9 @@ class DeviceAgent(BundleOverTheAir):
             self._log(logging.WARNING, "bundle_unavailable", reason=reason)
             return False
         try:
-            self.trainer = self._engine_factory(self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads)
+            self.trainer = self._engine_factory(
+                self.cfg.bundle, manifest, self.cfg.training.engine, threads=self.cfg.training.threads
+            )
         except (UsageError, RuntimeError, OSError) as exc:  # ORT raises RuntimeError-like errors for bad graphs
             self.manifest, self.trainer = None, None
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -156,7 +194,14 @@ class DeviceAgent(BundleOverTheAir):
             return False
         self.manifest = manifest
         self.data = None  # preprocessing may have changed with the model
-        self._log(logging.INFO, "bundle_loaded", model=manifest.model_name, model_hash=manifest.model_hash[:12], params=manifest.num_params, engine=self.trainer.name)
+        self._log(
+            logging.INFO,
+            "bundle_loaded",
+            model=manifest.model_name,
+            model_hash=manifest.model_hash[:12],
+            params=manifest.num_params,
+            engine=self.trainer.name,
+        )
         return True
 
     def _ensure_data(self) -> Dataset:
@@ -242,7 +287,9 @@ class DeviceAgent(BundleOverTheAir):
             elif event.topic == self.topics.leader:
                 before = self.leader.current
                 lease = self.leader.observe(event.payload)
-                if lease is not None and (before is None or (before.token, before.state) != (lease.token, lease.state)):  # not each renewal
+                if lease is not None and (
+                    before is None or (before.token, before.state) != (lease.token, lease.state)
+                ):  # not each renewal
                     self._log(logging.INFO, "leader", run_id=lease.run_id[:8], holder=lease.holder, state=lease.state)
             elif event.topic == self.topics.global_model:
                 self._on_global(event.payload)
@@ -300,7 +347,13 @@ class DeviceAgent(BundleOverTheAir):
             return
         if self.manifest is None or g.model_hash != self.manifest.model_hash:
             self.waiting_global = g
-            self._log(logging.INFO, "model_mismatch", g.round, wanted=g.model_hash[:12], have=self.manifest.model_hash[:12] if self.manifest else "none")
+            self._log(
+                logging.INFO,
+                "model_mismatch",
+                g.round,
+                wanted=g.model_hash[:12],
+                have=self.manifest.model_hash[:12] if self.manifest else "none",
+            )
             self._status("fetching", g.round, "waiting for the announced bundle")
             return
         if self.state.pending_round and self.state.pending_round < g.round:
@@ -347,16 +400,37 @@ class DeviceAgent(BundleOverTheAir):
             from fleetlearn.edge_runtime.device.privacy import privatize_delta
 
             delta = privatize_delta(delta, self.cfg.privacy)
-        update = Update(run_id=g.run_id, round=g.round, device_id=self.cfg.device_id, model_hash=g.model_hash, samples=result.samples,
-                        train_loss=result.mean_loss, train_s=result.seconds, nonce=secrets.token_hex(16), delta=delta)
-        payload = self.wire.encode(update, g.config.compression_spec, self.signer.sign if self.signer else None)  # as the round asks
+        update = Update(
+            run_id=g.run_id,
+            round=g.round,
+            device_id=self.cfg.device_id,
+            model_hash=g.model_hash,
+            samples=result.samples,
+            train_loss=result.mean_loss,
+            train_s=result.seconds,
+            nonce=secrets.token_hex(16),
+            delta=delta,
+        )
+        payload = self.wire.encode(
+            update, g.config.compression_spec, self.signer.sign if self.signer else None
+        )  # as the round asks
         # Durable before it is sent: a crash after this line re-sends these exact bytes.
         save_pending_update(self.state_dir, payload, durable=self.group_commit is None)
         self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
         self.state.save(self.state_dir)
         self._status("uploading", g.round)
         self._send_update(payload)
-        self._log(logging.INFO, "update_sent", g.round, samples=result.samples, steps=result.steps, mu=g.config.proximal_mu or 0, loss=f"{result.mean_loss:.4f}", train_s=f"{result.seconds:.4f}", bytes=len(payload))
+        self._log(
+            logging.INFO,
+            "update_sent",
+            g.round,
+            samples=result.samples,
+            steps=result.steps,
+            mu=g.config.proximal_mu or 0,
+            loss=f"{result.mean_loss:.4f}",
+            train_s=f"{result.seconds:.4f}",
+            bytes=len(payload),
+        )
 
     def _send_update(self, payload: bytes) -> None:
         """Publish the pending update: at once when fsynced, else after the host's group commit."""
@@ -364,12 +438,19 @@ class DeviceAgent(BundleOverTheAir):
         if self.group_commit is None:
             self.wire.send(self.link, payload, self.state.max_message_size)
         else:
-            self.group_commit.after_sync(lambda: None if self.wire.send(self.link, payload, self.state.max_message_size) else None)
+            self.group_commit.after_sync(
+                lambda: None if self.wire.send(self.link, payload, self.state.max_message_size) else None
+            )
 
     def _on_ack(self, payload: bytes) -> None:
         ack = Ack.decode(payload)
         s = self.state
-        if ack.run_id != s.run_id or ack.round != s.pending_round or ack.nonce != s.pending_nonce or ack.device_id != self.cfg.device_id:
+        if (
+            ack.run_id != s.run_id
+            or ack.round != s.pending_round
+            or ack.nonce != s.pending_nonce
+            or ack.device_id != self.cfg.device_id
+        ):
             return  # an ack for an update we no longer hold (already settled)
         if ack.accepted:
             self._log(logging.INFO, "update_acknowledged", ack.round, note=ack.reason)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fleetlearn.edge_runtime.core.bundle import MANIFEST, Manifest, load_bundle, parse_manifest
 from fleetlearn.edge_runtime.core.errors import BundleError, ProtocolError
-from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, ChunkAssembly, decode_chunk
 from fleetlearn.edge_runtime.core.files import atomic_write_json
+from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, ChunkAssembly, decode_chunk
 
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 
@@ -34,7 +34,10 @@ class BundleAssembly:
         if set(announcement.order) != set(manifest.files):
             raise ProtocolError("bundle announcement's file order does not list exactly the manifest's files")
         sizes = [manifest.files[name].get("size") for name in announcement.order]
-        if not all(isinstance(s, int) and s >= 0 for s in sizes) or sum(s for s in sizes if isinstance(s, int)) != announcement.total_bytes:
+        if (
+            not all(isinstance(s, int) and s >= 0 for s in sizes)
+            or sum(s for s in sizes if isinstance(s, int)) != announcement.total_bytes
+        ):
             raise ProtocolError("bundle announcement's total_bytes disagrees with the manifest's file sizes")
         self.announcement = announcement
         self.manifest = manifest

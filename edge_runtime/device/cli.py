@@ -12,7 +12,9 @@ from fleetlearn.edge_runtime.core.logs import add_log_arguments, setup_logging
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="device config TOML (see docs/device.md)")
-    parser.add_argument("--max-rounds", type=int, default=None, help="exit cleanly after this many completed rounds (tests, benchmarks)")
+    parser.add_argument(
+        "--max-rounds", type=int, default=None, help="exit cleanly after this many completed rounds (tests, benchmarks)"
+    )
     add_log_arguments(parser)  # --log-level, --log-format text|json
 
 

@@ -7,10 +7,10 @@ key, because a typo in a file on a device in a field is otherwise found weeks la
 from __future__ import annotations
 
 import re
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import ConfigError
 from fleetlearn.edge_runtime.core.files import read_toml
@@ -18,6 +18,7 @@ from fleetlearn.edge_runtime.core.names import check_name
 from fleetlearn.edge_runtime.device.eligibility import EligibilityConfig, parse_eligibility
 
 ENGINE_CHOICES = ("auto", "ort-training", "portable")  # as engines/select.py (config must not import onnxruntime)
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -135,13 +136,15 @@ def parse_device_config(doc: Mapping[str, Any], base_dir: Path | None = None) ->
     if not re.match(r"^mqtts?://", values["broker"]):
         raise ConfigError(f"key 'broker' must be an mqtt:// or mqtts:// URL, got {values['broker']!r}")
     if values.get("mqtt_protocol", "3.1.1") not in ("3.1.1", "5"):
-        raise ConfigError("key 'mqtt_protocol' must be \"3.1.1\" or \"5\"")
+        raise ConfigError('key \'mqtt_protocol\' must be "3.1.1" or "5"')
     training = values.get("training", TrainingConfig())
     for key in ("batch_size", "local_epochs", "threads"):
         if getattr(training, key) < 1:
             raise ConfigError(f"key 'training.{key}' must be >= 1")
     if training.engine not in ENGINE_CHOICES:
-        raise ConfigError(f"key 'training.engine' must be one of {', '.join(repr(e) for e in ENGINE_CHOICES)}, got {training.engine!r}")
+        raise ConfigError(
+            f"key 'training.engine' must be one of {', '.join(repr(e) for e in ENGINE_CHOICES)}, got {training.engine!r}"
+        )
     if training.max_steps is not None and training.max_steps < 1:
         raise ConfigError("key 'training.max_steps' must be >= 1")
     privacy = values.get("privacy", PrivacyConfig())

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import ConfigError
 from fleetlearn.edge_runtime.core.protocol import Health
@@ -59,7 +60,7 @@ class EligibilityConfig:
 def parse_window(text: str, where: str) -> Window:
     m = WINDOW_RE.match(text.strip()) if isinstance(text, str) else None
     if m is None:
-        raise ConfigError(f"key {where!r}: {str(text)[:40]!r} is not a time window like \"01:00-05:00\" (24-hour local time)")
+        raise ConfigError(f'key {where!r}: {str(text)[:40]!r} is not a time window like "01:00-05:00" (24-hour local time)')
     h1, m1, h2, m2 = (int(g) for g in m.groups())
     start, end = h1 * 60 + m1, h2 * 60 + m2
     if end > 24 * 60:
@@ -90,7 +91,9 @@ def parse_eligibility(values: Any) -> EligibilityConfig:
     if isinstance(hours, str):
         hours = [h for h in hours.split(",") if h.strip()] or [hours]
     if not isinstance(hours, list) or len(hours) > MAX_WINDOWS:
-        raise ConfigError(f"key 'eligibility.hours' must be a window string or a list of at most {MAX_WINDOWS}, like [\"01:00-05:00\"]")
+        raise ConfigError(
+            f"key 'eligibility.hours' must be a window string or a list of at most {MAX_WINDOWS}, like [\"01:00-05:00\"]"
+        )
     ac = values.get("require_ac_power", False)
     if not isinstance(ac, bool):
         raise ConfigError(f"key 'eligibility.require_ac_power' must be true or false, got {ac!r}")

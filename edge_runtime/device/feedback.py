@@ -33,7 +33,15 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.files import atomic_write_bytes
-from fleetlearn.edge_runtime.core.protocol import Compression, Update, UpdateHeader, decode_frame, decode_tensor, feedback_step, max_body_bytes
+from fleetlearn.edge_runtime.core.protocol import (
+    Compression,
+    Update,
+    UpdateHeader,
+    decode_frame,
+    decode_tensor,
+    feedback_step,
+    max_body_bytes,
+)
 from fleetlearn.edge_runtime.core.protocol.frame import Kind, Signer
 
 FILE = "ef_residual.bin"

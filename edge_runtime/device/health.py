@@ -56,7 +56,7 @@ def cpu_temp_c(sysfs: Path) -> float | None:
 
 
 def power_source(sysfs: Path) -> str | None:
-    """"ac" when an external supply is online, "battery" when only batteries exist, else None."""
+    """ "ac" when an external supply is online, "battery" when only batteries exist, else None."""
     saw_battery = False
     for supply in sorted((sysfs / "class" / "power_supply").glob("*"))[:MAX_ZONES]:
         kind = (_read(supply / "type") or "").lower()

@@ -24,12 +24,16 @@ def sit_out_reason(manifest: Manifest, g: GlobalModel) -> str | None:
     """Why this device cannot train round `g` as asked, or None when it can."""
     mu = g.config.proximal_mu
     if mu and not manifest.proximal:
-        return (f"round {g.round} asks for FedProx (proximal_mu {mu:g}) but bundle {manifest.model_hash[:12]} has no proximal term; "
-                "re-export it with a current fleetlearn (without --no-proximal)")
+        return (
+            f"round {g.round} asks for FedProx (proximal_mu {mu:g}) but bundle {manifest.model_hash[:12]} has no proximal term; "
+            "re-export it with a current fleetlearn (without --no-proximal)"
+        )
     return None
 
 
-def train_round(trainer: Engine, data: Dataset, t: TrainingConfig, g: GlobalModel, device_id: str) -> tuple[TrainResult, np.ndarray]:
+def train_round(
+    trainer: Engine, data: Dataset, t: TrainingConfig, g: GlobalModel, device_id: str
+) -> tuple[TrainResult, np.ndarray]:
     """Load the global weights, train with the round's settings; (result, delta = local - global)."""
     c = g.config
     trainer.set_weights(g.weights)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def clip_and_noise(delta: np.ndarray, clip_norm: float, noise_multiplier: float, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+def clip_and_noise(
+    delta: np.ndarray, clip_norm: float, noise_multiplier: float, rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
     """(clip(d, C) + N(0, (s C)^2 I) as float32, whether d was scaled down)."""
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
@@ -38,5 +40,7 @@ def privatize_delta(delta: np.ndarray, privacy, rng: np.random.Generator | None 
     generator seeded from the OS's entropy, so the noise is not predictable from the config."""
     if privacy.clip_norm is None:
         return delta
-    out, _ = clip_and_noise(delta, float(privacy.clip_norm), float(privacy.local_noise_multiplier), rng or np.random.default_rng())
+    out, _ = clip_and_noise(
+        delta, float(privacy.clip_norm), float(privacy.local_noise_multiplier), rng or np.random.default_rng()
+    )
     return out

@@ -22,7 +22,7 @@ class DeviceState:
     max_message_size: int = 0  # the last round config's message limit (0: none), for re-sends after a restart
 
     @classmethod
-    def load(cls, state_dir: Path) -> "DeviceState":
+    def load(cls, state_dir: Path) -> DeviceState:
         doc = read_json(state_dir / "device_state.json")
         if not isinstance(doc, dict):
             return cls()

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -157,6 +158,8 @@ class Swarm:
         self.commit = GroupCommit(Path(base.state_dir))
         self.engines = SharedEngines()
         link_factory = lambda *a, **kw: EpollLink(*a, loop=self.loop, **kw)  # noqa: E731
+        # SharedEngines hands out DeviceEngine views, which speak the Engine interface.
+        engine = engine_factory or cast("Callable[..., Engine]", self.engines)
         for dev, shard in zip(ids, shards):
             cfg = replace(base, device_id=dev, data=str(shard), state_dir=str(Path(base.state_dir) / dev))
             cell: list[DeviceAgent] = []
@@ -166,7 +169,7 @@ class Swarm:
                 link_factory=link_factory,
                 post=self._poster(cell),
                 group_commit=self.commit,
-                engine_factory=engine_factory or self.engines,
+                engine_factory=engine,
             )
             cell.append(agent)
             self.agents.append(agent)

@@ -8,7 +8,16 @@ import time
 from pathlib import Path
 
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
-from fleetlearn.edge_runtime.core.protocol import MAX_MODEL_PARAMS, Compression, Reassembler, Topics, Update, max_body_bytes, max_frame_bytes, split_message
+from fleetlearn.edge_runtime.core.protocol import (
+    MAX_MODEL_PARAMS,
+    Compression,
+    Reassembler,
+    Topics,
+    Update,
+    max_body_bytes,
+    max_frame_bytes,
+    split_message,
+)
 from fleetlearn.edge_runtime.core.protocol.frame import Signer
 from fleetlearn.edge_runtime.device.feedback import ErrorFeedback
 from fleetlearn.edge_runtime.device.state import load_pending_update
@@ -30,7 +39,9 @@ class GlobalParts:
     device accepts; at most two partial models, e.g. the last round's and this one's)."""
 
     def __init__(self, max_params: int = MAX_MODEL_PARAMS):
-        self.reassembler = Reassembler(max_total=max_frame_bytes(max_body_bytes(max_params)), per_sender=2, max_partials=2, timeout=PART_TIMEOUT_S)
+        self.reassembler = Reassembler(
+            max_total=max_frame_bytes(max_body_bytes(max_params)), per_sender=2, max_partials=2, timeout=PART_TIMEOUT_S
+        )
 
     def feed(self, payload: bytes) -> bytes | None:
         """The whole GLOBAL frame once complete; None for a cleared part or while incomplete."""

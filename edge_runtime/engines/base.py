@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,14 +90,24 @@ class Engine(ABC):
 
     # ---------------------------------------------------------------- shared by every engine
 
-    def train(self, data: Dataset, batch_size: int, epochs: int = 1, max_steps: int | None = None, seed: int | Sequence[int] = 0,
-              lr: float | None = None, mu: float = 0.0) -> TrainResult:
+    def train(
+        self,
+        data: Dataset,
+        batch_size: int,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        seed: int | Sequence[int] = 0,
+        lr: float | None = None,
+        mu: float = 0.0,
+    ) -> TrainResult:
         """Shuffled mini-batch training; returns the sample-weighted mean training (data) loss.
         `mu`: FedProx's proximal weight, anchored at the weights this call starts from."""
         if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu >= 0):
             raise ValueError(f"proximal mu must be a finite number >= 0, got {mu!r}")
         if mu > 0 and not self.manifest.proximal:
-            raise BundleError(f"bundle {self.manifest.model_name} has no proximal term (exported without FedProx); cannot train with mu {mu:g}")
+            raise BundleError(
+                f"bundle {self.manifest.model_name} has no proximal term (exported without FedProx); cannot train with mu {mu:g}"
+            )
         self._begin_train(self.default_lr if lr is None else lr, float(mu))
         rng = np.random.default_rng(seed)
         n = len(data)

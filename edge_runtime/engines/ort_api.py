@@ -42,10 +42,10 @@ def _install_training_stub() -> None:
 
 _install_training_stub()
 
-from onnxruntime.training.api import CheckpointState, Module, Optimizer  # noqa: E402
+import onnxruntime as _ort  # noqa: E402  (already imported by the line above; no extra cost)
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue  # noqa: E402
 from onnxruntime.capi.onnxruntime_pybind11_state import SessionOptions  # noqa: E402
-import onnxruntime as _ort  # noqa: E402  (already imported by the line above; no extra cost)
+from onnxruntime.training.api import CheckpointState, Module, Optimizer  # noqa: E402
 
 ORT_VERSION: str = _ort.__version__
 

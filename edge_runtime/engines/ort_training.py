@@ -29,7 +29,9 @@ class OrtTrainingEngine(Engine):
         options = ort_api.SessionOptions()
         options.intra_op_num_threads = threads  # a Pi has 4 cores and other work to do
         options.inter_op_num_threads = 1
-        self._module = ort_api.Module(str(root / "training_model.onnx"), self._state, str(root / "eval_model.onnx"), session_options=options)
+        self._module = ort_api.Module(
+            str(root / "training_model.onnx"), self._state, str(root / "eval_model.onnx"), session_options=options
+        )
         self._optimizer = ort_api.Optimizer(str(root / "optimizer_model.onnx"), self._module)
         self.default_lr = float(manifest.optimizer.get("lr", 1e-3))
         self._optimizer.set_learning_rate(self.default_lr)

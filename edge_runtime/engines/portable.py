@@ -72,12 +72,24 @@ class PortableEngine(Engine):
         self._state_names = [PARAMS, *spec.optimizer_state, BUFFERS]
         label_type = "tensor(int64)" if manifest.label_is_index else "tensor(float)"
         label_shape = tuple(d for d in label.get("shape", []) if d != "batch") if isinstance(label.get("shape"), list) else None
-        batch = {manifest.input_name: ("tensor(float)", (None, *manifest.input_shape)), self._label_name: (label_type, None if label_shape is None else (None, *label_shape))}
+        batch = {
+            manifest.input_name: ("tensor(float)", (None, *manifest.input_shape)),
+            self._label_name: (label_type, None if label_shape is None else (None, *label_shape)),
+        }
         step_inputs = {n: ("tensor(float)", s) for n, s in self._state_shapes().items()}
         if manifest.proximal:
             step_inputs.update({GLOBAL_PARAMS: ("tensor(float)", (manifest.num_params,)), MU: ("tensor(float)", ())})
-        _check_signature(self._step, {**step_inputs, **batch, LR: ("tensor(float)", ())}, [LOSS, *(f"{n}_out" for n in self._state_names)], "step graph")
-        eval_inputs = {PARAMS: ("tensor(float)", (manifest.num_params,)), BUFFERS: ("tensor(float)", (spec.num_buffers,)), **batch}
+        _check_signature(
+            self._step,
+            {**step_inputs, **batch, LR: ("tensor(float)", ())},
+            [LOSS, *(f"{n}_out" for n in self._state_names)],
+            "step graph",
+        )
+        eval_inputs = {
+            PARAMS: ("tensor(float)", (manifest.num_params,)),
+            BUFFERS: ("tensor(float)", (spec.num_buffers,)),
+            **batch,
+        }
         _check_signature(self._eval, eval_inputs, [LOSS, manifest.output_name], "eval graph")
 
         params, buffers = _initial_state(root / spec.initial_state, manifest.num_params, spec.num_buffers)
@@ -213,7 +225,9 @@ def _check_signature(session, inputs: dict[str, tuple[str, tuple | None]], outpu
         have = [d if isinstance(d, int) else None for d in meta.shape]
         if meta.type != dtype or (shape is not None and have != list(shape)):
             want = "?" if shape is None else [("batch" if d is None else d) for d in shape]
-            raise BundleError(f"portable {what}: input {name!r} is {meta.type}{list(meta.shape)}, the manifest implies {dtype}{want}")
+            raise BundleError(
+                f"portable {what}: input {name!r} is {meta.type}{list(meta.shape)}, the manifest implies {dtype}{want}"
+            )
     names = [o.name for o in session.get_outputs()]
     if names != outputs:
         raise BundleError(f"portable {what}: outputs {names} are not the expected {outputs}")

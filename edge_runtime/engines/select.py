@@ -60,9 +60,13 @@ def choose_engine(manifest: Manifest, engine: str = "auto") -> str:
             )
         return "portable"
     if "ort-training" not in manifest.engines:
-        raise BundleError(f"device asks for ort-training but bundle {manifest.model_name} only carries: {', '.join(manifest.engines)}")
+        raise BundleError(
+            f"device asks for ort-training but bundle {manifest.model_name} only carries: {', '.join(manifest.engines)}"
+        )
     if not has_ort:
-        raise UsageError("device asks for ort-training but onnxruntime-training is not installed (x86_64 only); use engine = \"portable\" or \"auto\"")
+        raise UsageError(
+            'device asks for ort-training but onnxruntime-training is not installed (x86_64 only); use engine = "portable" or "auto"'
+        )
     return "ort-training"
 
 

@@ -96,12 +96,13 @@ from fleetlearn.edge_runtime.core.protocol.frame import (
     tensor_from_body,
     tensor_to_body,
 )
+from fleetlearn.edge_runtime.core.protocol.lease import LEASE_STATES, Lease, LeaseView, encode_probe, probe_token
 from fleetlearn.edge_runtime.core.protocol.messages import (
     MAX_DECODE_PARAMS,
     MAX_MAX_MESSAGE_SIZE,
     MAX_MODEL_PARAMS,
-    MIN_MAX_MESSAGE_SIZE,
     MAX_PROXIMAL_MU,
+    MIN_MAX_MESSAGE_SIZE,
     RANK_SPACE,
     ROUND_STATES,
     Ack,
@@ -113,9 +114,16 @@ from fleetlearn.edge_runtime.core.protocol.messages import (
     UpdateHeader,
     invitation_rank,
 )
-from fleetlearn.edge_runtime.core.protocol.lease import LEASE_STATES, Lease, LeaseView, encode_probe, probe_token
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
-from fleetlearn.edge_runtime.core.protocol.parts import PART_META_RESERVE, ChunkAssembly, Part, Reassembler, is_part, part_capacity, split_message
+from fleetlearn.edge_runtime.core.protocol.parts import (
+    PART_META_RESERVE,
+    ChunkAssembly,
+    Part,
+    Reassembler,
+    is_part,
+    part_capacity,
+    split_message,
+)
 from fleetlearn.edge_runtime.core.protocol.status import DEVICE_STATES, POWER_SOURCES, Health, Status
 from fleetlearn.edge_runtime.core.protocol.topics import TOPIC_TREE, Grant, TopicRule, Topics
 

@@ -1,7 +1,7 @@
 """The bundle on the wire: its retained announcement and the chunk frames of its files.
 
-    fleetlearn/<fleet>/bundle              retained  BundleAnnouncement (manifest, order, chunking)
-    fleetlearn/<fleet>/bundle/<hash>/<i>   retained  BUNDLE_CHUNK frame i of the concatenated files
+fleetlearn/<fleet>/bundle              retained  BundleAnnouncement (manifest, order, chunking)
+fleetlearn/<fleet>/bundle/<hash>/<i>   retained  BUNDLE_CHUNK frame i of the concatenated files
 """
 
 from __future__ import annotations
@@ -36,10 +36,19 @@ class BundleAnnouncement:
     chunks: int
 
     def encode(self) -> bytes:
-        return encode_json({"model_hash": self.model_hash, "manifest": self.manifest, "order": list(self.order), "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "chunks": self.chunks})
+        return encode_json(
+            {
+                "model_hash": self.model_hash,
+                "manifest": self.manifest,
+                "order": list(self.order),
+                "total_bytes": self.total_bytes,
+                "chunk_size": self.chunk_size,
+                "chunks": self.chunks,
+            }
+        )
 
     @classmethod
-    def decode(cls, payload: bytes, max_total_bytes: int = 1 << 30) -> "BundleAnnouncement":
+    def decode(cls, payload: bytes, max_total_bytes: int = 1 << 30) -> BundleAnnouncement:
         d = decode_json(payload, "bundle announcement", MAX_BUNDLE_ANNOUNCEMENT_BYTES)
         manifest = d.get("manifest")
         order = d.get("order")
@@ -54,7 +63,9 @@ class BundleAnnouncement:
 
 
 def encode_chunk(model_hash: str, index: int, count: int, data: bytes) -> bytes:
-    return encode_frame(Kind.BUNDLE_CHUNK, {"model_hash": model_hash, "index": index, "count": count}, data, encoding=Encoding.RAW)
+    return encode_frame(
+        Kind.BUNDLE_CHUNK, {"model_hash": model_hash, "index": index, "count": count}, data, encoding=Encoding.RAW
+    )
 
 
 def decode_chunk(payload: bytes, model_hash: str, count: int, chunk_size: int) -> tuple[int, bytes]:

@@ -64,7 +64,7 @@ class Compression:
     fraction: float = 0.0  # topk: share of values sent
 
     @classmethod
-    def parse(cls, text: str) -> "Compression":
+    def parse(cls, text: str) -> Compression:
         """ProtocolError (one line) for anything but none | fp16 | int8[:BLOCK] | topk:FRACTION."""
         if not isinstance(text, str) or len(text) > 32:
             raise ProtocolError(f"compression must be none, fp16, int8[:BLOCK] or topk:FRACTION, got {text!r:.40}")
@@ -224,7 +224,9 @@ def _decode_topk(body: bytes, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- error feedback
 
 
-def feedback_step(residual: np.ndarray | None, delta: np.ndarray, c: Compression) -> tuple[Encoding, bytes, np.ndarray, np.ndarray]:
+def feedback_step(
+    residual: np.ndarray | None, delta: np.ndarray, c: Compression
+) -> tuple[Encoding, bytes, np.ndarray, np.ndarray]:
     """One step of error feedback: (encoding, body, v, e_next) with v = e + delta, body = C(v)
     and e_next = v - decode(C(v)). `residual` None means zero (a fresh run)."""
     v = np.asarray(delta, dtype=np.float32).copy()

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -142,13 +143,31 @@ class Frame:
     signed_part: bytes = b""  # the bytes the signature covers
 
 
-def encode_frame(kind: Kind, meta: dict[str, Any], body: bytes, encoding: Encoding = Encoding.F32_LE, sign: Signer | None = None, sig_len: int = 64) -> bytes:
+def encode_frame(
+    kind: Kind,
+    meta: dict[str, Any],
+    body: bytes,
+    encoding: Encoding = Encoding.F32_LE,
+    sign: Signer | None = None,
+    sig_len: int = 64,
+) -> bytes:
     """Assemble a frame; with `sign`, append its signature over all preceding bytes."""
     meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     if len(meta_bytes) > MAX_META_BYTES:
         raise ProtocolError(f"meta is {len(meta_bytes)} bytes, over {MAX_META_BYTES}")
     flags = FLAG_SIGNED if sign else 0
-    header = HEADER.pack(MAGIC, WIRE_VERSION, int(kind), int(encoding), flags, len(meta_bytes), len(body), zlib.crc32(body), sig_len if sign else 0, 0)
+    header = HEADER.pack(
+        MAGIC,
+        WIRE_VERSION,
+        int(kind),
+        int(encoding),
+        flags,
+        len(meta_bytes),
+        len(body),
+        zlib.crc32(body),
+        sig_len if sign else 0,
+        0,
+    )
     unsigned = b"".join((header, meta_bytes, body))
     if not sign:
         return unsigned
@@ -180,7 +199,9 @@ def tensor_from_body(frame: Frame, num_params: int) -> np.ndarray:
     if frame.encoding != Encoding.F32_LE:
         raise ProtocolError(f"body encoding {frame.encoding.name} is not supported for tensors")
     if len(frame.body) != 4 * num_params:
-        raise ProtocolError(f"tensor has {len(frame.body) // 4} values (body {len(frame.body)} bytes), the model has {num_params}")
+        raise ProtocolError(
+            f"tensor has {len(frame.body) // 4} values (body {len(frame.body)} bytes), the model has {num_params}"
+        )
     vec = np.frombuffer(frame.body, dtype="<f4").astype(np.float32)
     if not np.isfinite(vec).all():
         raise ProtocolError(f"tensor holds {int((~np.isfinite(vec)).sum())} NaN/Inf values")

@@ -48,11 +48,20 @@ class Lease:
     expires: float  # unix time a held lease lapses unless renewed
 
     def encode(self) -> bytes:
-        return encode_json({"state": self.state, "run_id": self.run_id, "token": self.token, "holder": self.holder,
-                            "claimed": self.claimed, "issued": self.issued, "expires": self.expires})
+        return encode_json(
+            {
+                "state": self.state,
+                "run_id": self.run_id,
+                "token": self.token,
+                "holder": self.holder,
+                "claimed": self.claimed,
+                "issued": self.issued,
+                "expires": self.expires,
+            }
+        )
 
     @classmethod
-    def decode(cls, payload: bytes) -> "Lease":
+    def decode(cls, payload: bytes) -> Lease:
         doc = decode_json(payload, "lease", MAX_LEASE_BYTES)
         state = doc.get("state")
         if state not in LEASE_STATES:
@@ -62,13 +71,21 @@ class Lease:
         expires = check_float(doc, "expires", 0.0)
         if not 0 <= expires - issued <= MAX_TTL:
             raise ProtocolError(f"lease: expires must be within {MAX_TTL:.0f}s after issued")
-        return cls(state, check_str(doc, "run_id", HEX32_RE), check_str(doc, "token", HEX32_RE), check_str(doc, "holder", HOLDER_RE), claimed, issued, expires)
+        return cls(
+            state,
+            check_str(doc, "run_id", HEX32_RE),
+            check_str(doc, "token", HEX32_RE),
+            check_str(doc, "holder", HOLDER_RE),
+            claimed,
+            issued,
+            expires,
+        )
 
     def held_at(self, now: float) -> bool:
         """Held and not expired at `now`."""
         return self.state == "held" and now < self.expires
 
-    def beats(self, other: "Lease") -> bool:
+    def beats(self, other: Lease) -> bool:
         """Between two holders' held leases, does this one win (the later claim)?"""
         return (self.claimed, self.token) > (other.claimed, other.token)
 

@@ -14,9 +14,29 @@ from typing import Any
 import numpy as np
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol.fields import HEX32_RE, HEX64_RE, MAX_ROUND, NAME_RE, check_float, check_int, check_str, decode_json, encode_json
 from fleetlearn.edge_runtime.core.protocol.encodings import NONE, Compression, decode_tensor, encode_tensor, max_body_bytes
-from fleetlearn.edge_runtime.core.protocol.frame import HEADER_SIZE, MAX_META_BYTES, Kind, Signer, decode_frame, encode_frame, peek_meta, tensor_from_body, tensor_to_body
+from fleetlearn.edge_runtime.core.protocol.fields import (
+    HEX32_RE,
+    HEX64_RE,
+    MAX_ROUND,
+    NAME_RE,
+    check_float,
+    check_int,
+    check_str,
+    decode_json,
+    encode_json,
+)
+from fleetlearn.edge_runtime.core.protocol.frame import (
+    HEADER_SIZE,
+    MAX_META_BYTES,
+    Kind,
+    Signer,
+    decode_frame,
+    encode_frame,
+    peek_meta,
+    tensor_from_body,
+    tensor_to_body,
+)
 
 MAX_MODEL_PARAMS = 1 << 26  # the largest model a device accepts (and broker limits are sized for)
 MAX_DECODE_PARAMS = 1 << 28  # GlobalModel.decode's bound when the caller gives none
@@ -48,7 +68,7 @@ class RoundConfig:
         return Compression.parse(self.compression) if self.compression is not None else NONE
 
     @classmethod
-    def from_meta(cls, doc: Any) -> "RoundConfig":
+    def from_meta(cls, doc: Any) -> RoundConfig:
         if not isinstance(doc, dict):
             raise ProtocolError("field 'config' must be an object")
         unknown = set(doc) - {"local_epochs", "max_steps", "batch_size", "lr", "compression", "max_message_size", "proximal_mu"}
@@ -60,7 +80,9 @@ class RoundConfig:
             batch_size=check_int(doc, "batch_size", 1, 1 << 20) if "batch_size" in doc else None,
             lr=check_float(doc, "lr", 0.0, 10.0) if "lr" in doc else None,
             compression=str(Compression.parse(doc["compression"])) if "compression" in doc else None,
-            max_message_size=check_int(doc, "max_message_size", MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE) if "max_message_size" in doc else None,
+            max_message_size=check_int(doc, "max_message_size", MIN_MAX_MESSAGE_SIZE, MAX_MAX_MESSAGE_SIZE)
+            if "max_message_size" in doc
+            else None,
             proximal_mu=check_float(doc, "proximal_mu", 0.0, MAX_PROXIMAL_MU) if "proximal_mu" in doc else None,
         )
 
@@ -96,7 +118,7 @@ class Invitation:
         return {"salt": self.salt, "below": self.below}
 
     @classmethod
-    def from_meta(cls, doc: Any) -> "Invitation":
+    def from_meta(cls, doc: Any) -> Invitation:
         if not isinstance(doc, dict):
             raise ProtocolError("field 'invite' must be an object")
         unknown = set(doc) - {"salt", "below"}
@@ -137,7 +159,7 @@ class GlobalModel:
         return encode_frame(Kind.GLOBAL, meta, tensor_to_body(self.weights), sign=sign)
 
     @classmethod
-    def decode(cls, payload: bytes, num_params: int | None = None, max_params: int = MAX_DECODE_PARAMS) -> "GlobalModel":
+    def decode(cls, payload: bytes, num_params: int | None = None, max_params: int = MAX_DECODE_PARAMS) -> GlobalModel:
         """Decode; `num_params` (from the device's bundle) pins the size when known."""
         limit = 4 * (num_params if num_params is not None else max_params)
         frame = decode_frame(payload, Kind.GLOBAL, max_body=limit)
@@ -196,7 +218,7 @@ class Update:
         return encode_frame(Kind.UPDATE, meta, body, encoding=encoding, sign=sign)
 
     @classmethod
-    def decode(cls, payload: bytes, num_params: int) -> "Update":
+    def decode(cls, payload: bytes, num_params: int) -> Update:
         """Decode and validate an update for a model of `num_params` parameters; whatever the
         body's encoding, `delta` is float32 (encodings.decode_tensor checks it as hostile)."""
         frame = decode_frame(payload, Kind.UPDATE, max_body=max_body_bytes(num_params))
@@ -244,7 +266,7 @@ class UpdateHeader:
     size: int  # the payload's bytes
 
     @classmethod
-    def peek(cls, payload: bytes, *, verify_body: bool = False) -> "UpdateHeader":
+    def peek(cls, payload: bytes, *, verify_body: bool = False) -> UpdateHeader:
         """ProtocolError when the header or meta cannot be read; with `verify_body`, also when the
         frame's length or crc32 is wrong (the body itself is never parsed)."""
         if verify_body:
@@ -259,7 +281,7 @@ class UpdateHeader:
             size=len(payload),
         )
 
-    def require(self, *names: str) -> "UpdateHeader":
+    def require(self, *names: str) -> UpdateHeader:
         """Self, or ProtocolError naming the first of `names` that is missing or malformed."""
         for name in names:
             if getattr(self, name) is None:
@@ -279,14 +301,30 @@ class Ack:
     reason: str = ""
 
     def encode(self) -> bytes:
-        return encode_json({"run_id": self.run_id, "round": self.round, "device_id": self.device_id, "nonce": self.nonce, "accepted": self.accepted, "reason": self.reason[:300]})
+        return encode_json(
+            {
+                "run_id": self.run_id,
+                "round": self.round,
+                "device_id": self.device_id,
+                "nonce": self.nonce,
+                "accepted": self.accepted,
+                "reason": self.reason[:300],
+            }
+        )
 
     @classmethod
-    def decode(cls, payload: bytes) -> "Ack":
+    def decode(cls, payload: bytes) -> Ack:
         d = decode_json(payload, "ack")
         if not isinstance(d.get("accepted"), bool) or not isinstance(d.get("reason", ""), str):
             raise ProtocolError("ack: 'accepted' must be a boolean and 'reason' a string")
-        return cls(check_str(d, "run_id", HEX32_RE), check_int(d, "round", 0, MAX_ROUND), check_str(d, "device_id", NAME_RE), check_str(d, "nonce", HEX32_RE), d["accepted"], d.get("reason", "")[:300])
+        return cls(
+            check_str(d, "run_id", HEX32_RE),
+            check_int(d, "round", 0, MAX_ROUND),
+            check_str(d, "device_id", NAME_RE),
+            check_str(d, "nonce", HEX32_RE),
+            d["accepted"],
+            d.get("reason", "")[:300],
+        )
 
 
 ROUND_STATES = ("open", "closed", "finished", "failed")
@@ -310,7 +348,7 @@ class RoundState:
         return encode_json(dict(self.__dict__))
 
     @classmethod
-    def decode(cls, payload: bytes) -> "RoundState":
+    def decode(cls, payload: bytes) -> RoundState:
         d = decode_json(payload, "round state")
         state = d.get("state")
         if state not in ROUND_STATES:
@@ -326,5 +364,3 @@ class RoundState:
             accepted=check_int(d, "accepted", 0, 1 << 30),
             reason=str(d.get("reason", ""))[:300],
         )
-
-

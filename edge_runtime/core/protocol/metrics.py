@@ -17,11 +17,22 @@ range is a ProtocolError with a one-line reason naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol.fields import HEX32_RE, MAX_JSON_BYTES, MAX_ROUND, NAME_RE, check_float, check_int, check_str, decode_json, encode_json
+from fleetlearn.edge_runtime.core.protocol.fields import (
+    HEX32_RE,
+    MAX_JSON_BYTES,
+    MAX_ROUND,
+    NAME_RE,
+    check_float,
+    check_int,
+    check_str,
+    decode_json,
+    encode_json,
+)
 
 MAX_COUNT = 2**63 - 1
 MAX_TEXT = 200
@@ -74,7 +85,15 @@ def _run_id(doc: dict, key: str) -> str:
     return check_str(doc, key, HEX32_RE)
 
 
-KINDS: dict[str, Callable[[dict, str], Any]] = {"count": _count, "number": _number, "norm": _norm, "text": _text, "flag": _flag, "names": _names, "run_id": _run_id}
+KINDS: dict[str, Callable[[dict, str], Any]] = {
+    "count": _count,
+    "number": _number,
+    "norm": _norm,
+    "text": _text,
+    "flag": _flag,
+    "names": _names,
+    "run_id": _run_id,
+}
 
 
 def _f(kind: str, default: Any = None) -> Any:
@@ -128,7 +147,7 @@ class RoundMetrics:
     # ------------------------------------------------------------ JSON object
 
     @classmethod
-    def from_doc(cls, doc: Any) -> "RoundMetrics":
+    def from_doc(cls, doc: Any) -> RoundMetrics:
         """Check one metrics object (a line of rounds.jsonl, or a message's body)."""
         if not isinstance(doc, dict):
             raise ProtocolError("round metrics must be a JSON object")
@@ -178,7 +197,7 @@ class RoundMetrics:
         return payload
 
     @classmethod
-    def decode(cls, payload: bytes) -> "RoundMetrics":
+    def decode(cls, payload: bytes) -> RoundMetrics:
         doc = decode_json(payload, "metrics")
         try:
             return cls.from_doc(doc)
@@ -198,7 +217,7 @@ class RoundMetrics:
 
     def _test(self) -> tuple[str | None, float | None]:
         values = {k: getattr(self, k) for k in ("test_mse", "test_accuracy", "test_loss")}
-        for k, v in self.extra.items():
+        for k in self.extra:
             if isinstance(k, str) and k.startswith("test_"):
                 try:
                     values[k] = check_float(self.extra, k)
@@ -209,4 +228,3 @@ class RoundMetrics:
             if values.get(name) is not None:
                 return name, values[name]
         return None, None
-

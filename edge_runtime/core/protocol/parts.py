@@ -110,7 +110,7 @@ class Part:
         return encode_frame(Kind.PART, meta, self.data, encoding=Encoding.RAW)
 
     @classmethod
-    def decode(cls, payload: bytes, max_total: int) -> "Part":
+    def decode(cls, payload: bytes, max_total: int) -> Part:
         """A checked part of a message of at most `max_total` bytes."""
         frame = decode_frame(payload, Kind.PART, max_body=max(MIN_PART_BYTES, min(len(payload), max_total)))
         if frame.encoding != Encoding.RAW or frame.signature:
@@ -177,7 +177,9 @@ class Reassembler:
             self._partials[key] = held
         a = held.assembly
         if (part.total, part.size, part.count) != (a.total, a.size, a.count):
-            raise ProtocolError(f"part {part.index} overlaps message {part.id[:12]} with another layout ({part.total} bytes in {part.size}-byte parts, not {a.total} in {a.size})")
+            raise ProtocolError(
+                f"part {part.index} overlaps message {part.id[:12]} with another layout ({part.total} bytes in {part.size}-byte parts, not {a.total} in {a.size})"
+            )
         a.add(part.index, part.data)
         if not a.complete:
             return None

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol.fields import MAX_ROUND, NAME_RE, check_float, check_int, check_str, decode_json, encode_json
+from fleetlearn.edge_runtime.core.protocol.fields import (
+    MAX_ROUND,
+    NAME_RE,
+    check_float,
+    check_int,
+    check_str,
+    decode_json,
+    encode_json,
+)
 
 ENGINES = ("ort-training", "portable")  # the device's training engines (edge_runtime/engines)
 ARCH_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")  # platform.machine(): x86_64, aarch64, armv7l...
@@ -32,7 +40,7 @@ class Health:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
-    def from_json(cls, d: Any) -> "Health":
+    def from_json(cls, d: Any) -> Health:
         if not isinstance(d, dict):
             raise ProtocolError("status health must be an object")
         values: dict[str, Any] = {}
@@ -62,14 +70,20 @@ class Status:
     arch: str | None = None
 
     def encode(self) -> bytes:
-        doc: dict[str, Any] = {"device_id": self.device_id, "state": self.state, "round": self.round, "detail": self.detail[:300], "ts": self.ts}
+        doc: dict[str, Any] = {
+            "device_id": self.device_id,
+            "state": self.state,
+            "round": self.round,
+            "detail": self.detail[:300],
+            "ts": self.ts,
+        }
         if self.health is not None:
             doc["health"] = self.health.to_json()
         doc.update({k: v for k, v in (("engine", self.engine), ("arch", self.arch)) if v is not None})
         return encode_json(doc)
 
     @classmethod
-    def decode(cls, payload: bytes) -> "Status":
+    def decode(cls, payload: bytes) -> Status:
         d = decode_json(payload, "status")
         if d.get("state") not in DEVICE_STATES:
             raise ProtocolError(f"status state {d.get('state')!r} not one of {DEVICE_STATES}")
@@ -78,5 +92,13 @@ class Status:
         if engine is not None and engine not in ENGINES:
             raise ProtocolError(f"status engine {str(engine)[:40]!r} not one of {ENGINES}")
         arch = check_str(d, "arch", ARCH_RE) if d.get("arch") is not None else None
-        return cls(check_str(d, "device_id", NAME_RE), d["state"], check_int(d, "round", 0, MAX_ROUND), str(d.get("detail", ""))[:300],
-                   check_float(d, "ts", 0.0), health, engine, arch)
+        return cls(
+            check_str(d, "device_id", NAME_RE),
+            d["state"],
+            check_int(d, "round", 0, MAX_ROUND),
+            str(d.get("detail", ""))[:300],
+            check_float(d, "ts", 0.0),
+            health,
+            engine,
+            arch,
+        )

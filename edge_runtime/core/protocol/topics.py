@@ -46,10 +46,22 @@ def _rule(path: str, writer: str, readers: tuple[str, ...], retained: bool, doc:
 TOPIC_TREE: tuple[TopicRule, ...] = (
     # The aggregator reads its own retained topics back at start (an older run's bundle is cleared).
     _rule("global", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary GLOBAL frame: round, model hash, flat weights, round config"),
-    _rule("global/part/#", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary PART frames of a global model over --max-message-size, on global/part/<i>"),
+    _rule(
+        "global/part/#",
+        AGGREGATOR,
+        (AGGREGATOR, DEVICE),
+        True,
+        "binary PART frames of a global model over --max-message-size, on global/part/<i>",
+    ),
     _rule("round", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON round state (open / closed / finished / failed)"),
     _rule("metrics", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON metrics of the last closed round (RoundMetrics)"),
-    _rule("leader", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON lease: the aggregator run that leads the fleet; its Last Will releases it"),
+    _rule(
+        "leader",
+        AGGREGATOR,
+        (AGGREGATOR, DEVICE),
+        True,
+        "JSON lease: the aggregator run that leads the fleet; its Last Will releases it",
+    ),
     _rule("bundle", AGGREGATOR, (AGGREGATOR, DEVICE), True, "JSON bundle announcement (manifest + chunking)"),
     _rule("bundle/#", AGGREGATOR, (AGGREGATOR, DEVICE), True, "binary BUNDLE_CHUNK frames on bundle/<hash>/<i>"),
     _rule(f"update/{DEVICE_SEGMENT}", DEVICE, (AGGREGATOR,), False, "binary UPDATE frame: device -> aggregator weight delta"),
