@@ -5,7 +5,6 @@ with clipping and DP noise (noise on the mean delta, before the optimizer), and 
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
 import pytest
@@ -20,21 +19,7 @@ from fleetlearn.aggregator.fedyogi import FedYogi
 from fleetlearn.aggregator.model_store import ModelStore
 from fleetlearn.aggregator.registry import make_strategy
 from fleetlearn.edge_runtime.core.errors import UsageError
-from fleetlearn.edge_runtime.core.protocol import Update
-
-
-def _u(delta, samples, device="d", rnd=1) -> Update:
-    return Update(
-        run_id="a" * 32,
-        round=rnd,
-        device_id=device,
-        model_hash="b" * 64,
-        samples=samples,
-        train_loss=1.0,
-        train_s=0.1,
-        nonce=secrets.token_hex(16),
-        delta=np.asarray(delta, np.float32),
-    )
+from tests.test_fedavgm import _u  # one update builder for the server-optimizer tests
 
 
 def _round(s, rnd, w, updates):
