@@ -18,7 +18,8 @@ Round state machine (docs/aggregator.md has the picture):
 
 Who does what: config.py (options), schedule.py (each round's training config), registry.py
 (the strategy), sampling.py + presence.py (who is invited, among the connected devices),
-intake.py (validating updates, group-commit acks), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
+intake.py (validating updates, group-commit acks), round_close.py (drawing a cohort, extending,
+failing and closing a round), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.events import EventCallback, Events, log
 from fleetlearn.aggregator.intake import Intake, NormStats, RoundRun
 from fleetlearn.aggregator.logs import kv
-from fleetlearn.aggregator.sampling import Cohort, draw_cohort
+from fleetlearn.aggregator.round_close import RoundClosing, RoundFailed, Stopped
+from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
 
@@ -45,20 +45,9 @@ EXIT_FLEET_LOST = 2  # another aggregator took the fleet over while this one ran
 EXIT_ROUND_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-# With client sampling, the first round after start, and a round with fewer connected devices than
-# it would invite, wait this long for more (statuses arriving, devices connecting) before drawing.
-SAMPLING_SETTLE_S = 2.0
 
 
-class RoundFailed(Exception):
-    pass
-
-
-class _Stopped(Exception):
-    pass
-
-
-class Aggregator:
+class Aggregator(RoundClosing):
     """One aggregator run. `run()` blocks; `stop()` (any thread) ends it at the next event.
 
     `on_event(name, fields)`, when given, is called from run()'s thread for the events in
@@ -111,7 +100,7 @@ class Aggregator:
         except RoundFailed as exc:
             self.exit_reason = str(exc)
             return EXIT_ROUND_FAILED
-        except _Stopped:
+        except Stopped:
             return self._stopped()
         finally:
             self._flush(5.0)
@@ -211,7 +200,7 @@ class Aggregator:
         deadline = time.monotonic() + cfg.connect_timeout
         while not self.link.wait_connected(0.2):
             if self._stop.is_set():
-                raise _Stopped()
+                raise Stopped()
             if time.monotonic() > deadline:
                 raise UsageError(
                     f"cannot reach the broker at {cfg.link.url} within {cfg.connect_timeout:.0f}s: {self.link.last_error or 'no answer'}"
@@ -257,7 +246,7 @@ class Aggregator:
                     if self.current is not None:
                         self.intake.on_update(self.current, topic, payload)
                 # else: a topic we never subscribed to (amqtt 0.12.1 delivers other clients' retained messages)
-        except (RoundFailed, _Stopped):
+        except (RoundFailed, Stopped):
             raise
         except ProtocolError as exc:  # a malformed status message: one line, nothing changes
             self.events.log(
@@ -406,154 +395,13 @@ class Aggregator:
             if len(run.accepted) < run.target:
                 self.intake.commit_acks(run)  # else: the round's commit at close makes them durable
             if self._stop.is_set():
-                raise _Stopped()
-
-    def _draw_cohort(self, run: RoundRun) -> Cohort:
-        """Client sampling: wait (handling events, so statuses arrive) until enough devices are
-        connected, then draw round `run`'s cohort among them (aggregator/sampling.py). Updates that
-        arrive meanwhile are not handled (self.current is None): a device re-sends on the global model."""
-        pol, smp = self.config.rounds, self.config.sampling
-        need = smp.need(pol.min_devices)
-        started, give_up = time.monotonic(), time.time() + pol.deadline * (pol.max_extensions + 1)
-        waiting_logged = False
-        while True:
-            n = len(self.presence.connected())
-            # The first draw after start waits the settle time in any case: the retained statuses of
-            # a large fleet arrive over a while after the subscription. Later draws know the fleet.
-            full = self._cohorts_drawn > 0 and smp.sample_size is not None and n >= smp.wanted(smp.sample_size)
-            if full or (n >= need and time.monotonic() - started >= SAMPLING_SETTLE_S):
-                break
-            if time.time() >= give_up:
-                self._fail(
-                    run,
-                    f"round {run.round} failed: {n} devices are connected and a sample needs {need}, after {pol.deadline * (pol.max_extensions + 1):g}s",
-                    connected=n,
-                    need=need,
-                )
-            if not waiting_logged and n < need:
-                self.events.log("waiting_for_devices", run.round, connected=n, need=need)
-                waiting_logged = True
-            self._handle_next_event(0.2)
-            for _ in range(10_000):  # the retained statuses arrive as one burst: count them all first
-                if self._queue.empty():
-                    break
-                self._handle_next_event(0.0)
-            if self._stop.is_set():
-                raise _Stopped()
-        self._cohorts_drawn += 1
-        seed = smp.sample_seed if smp.sample_seed is not None else self.store.run_id
-        return draw_cohort(self.presence.connected(), run.round, seed, smp, pol.min_devices)
-
-    def _fail(self, run: RoundRun, reason: str, **fields: Any) -> None:
-        """Round `run` failed: say so on the wire, in the log and to the callback, then stop."""
-        self._round_state("failed", reason=reason)
-        self.events.emit("round_failed", run.round, level=logging.ERROR, **fields, reason=reason)
-        raise RoundFailed(reason)
-
-    def _deadline_missed(self, run: RoundRun) -> None:
-        pol = self.config.rounds
-        k = len(run.accepted)
-        if run.extensions >= pol.max_extensions:
-            reason = (
-                f"round {run.round} failed: {k} of the {pol.min_devices} devices needed sent an accepted update "
-                f"within {pol.deadline:g}s and {pol.max_extensions} extension(s)"
-            )
-            self._fail(run, reason, accepted=k, min_devices=pol.min_devices, extensions=run.extensions)
-        run.extensions += 1
-        run.deadline = time.time() + pol.deadline
-        self.intake.save_partial(run)
-        self.intake.send_due_acks(run)
-        self._round_state("open")
-        self.events.emit(
-            "round_extended",
-            run.round,
-            level=logging.WARNING,
-            accepted=k,
-            min_devices=pol.min_devices,
-            extension=run.extensions,
-            max_extensions=pol.max_extensions,
-            deadline=run.deadline,
-            reason=f"only {k} of {pol.min_devices} required devices answered by the deadline",
-        )
-
-    def _close_round(self, run: RoundRun, closed_by: str) -> None:
-        k = len(run.accepted)
-        self._round_state("closed")
-        new_w = self.strategy.step(self.store.weights, self.strategy.aggregate())
-        if not np.isfinite(new_w).all():
-            # Finite deltas can still overflow float32 when summed; never publish such a model.
-            self._fail(run, f"round {run.round} failed: the aggregated model holds NaN/Inf values", accepted=k)
-        record: dict[str, Any] = {
-            "round": run.round,
-            "run_id": self.store.run_id,
-            "devices": sorted(run.accepted),
-            "accepted": k,
-            **self.strategy.round_summary(),
-            **run.norms.summary(),
-        }
-        if run.cohort is not None:
-            record.update(invited=list(run.cohort.invited), connected=run.cohort.connected)
-        if run.config.proximal_mu:
-            record["proximal_mu"] = run.config.proximal_mu  # the strategy names the aggregation; mu is the devices' side
-        acks = self.intake.encode_due_acks(run)  # sent once the commit below has made them durable
-        record.update(self.evaluator.evaluate(new_w))
-        closed_at = time.time()
-        record.update(
-            wall_s=round(closed_at - run.opened_at, 4),
-            bytes_in=run.bytes_in,
-            bytes_out=run.bytes_out,
-            deadline_extensions=run.extensions,
-            rejected=run.rejected,
-            closed_by=closed_by,
-            strategy=self.strategy.name,
-            opened_at=run.opened_at,
-            closed_at=closed_at,
-        )
-        record = _finite(record)
-        # Weights and the strategy's cross-round state become current in one commit.
-        self.store.commit(run.round, new_w, record, run.accepted, self.strategy.state_dict())
-        self.intake.publish_acks(acks)  # the commit made every accepted update of the round durable
-        self.publisher.metrics(record)
-        metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
-        self.events.emit(
-            "round_closed",
-            run.round,
-            notify=record,
-            closed_by=closed_by,
-            accepted=k,
-            devices=record["devices"],
-            samples=record.get("samples"),
-            train_loss=record.get("train_loss"),
-            wall_s=record["wall_s"],
-            **metric,
-        )
-        self.current = None
-
-    def _finish(self) -> None:
-        pol = self.config.rounds
-        store = self.store
-        final = store.weights
-        self.publisher.global_model(
-            GlobalModel(
-                store.run_id, store.round + 1, self.manifest.model_hash, final, train=False, total_rounds=pol.rounds, deadline=0.0
-            )
-        )
-        self._round_state("finished", rnd=store.round + 1)
-        out = self.state_dir / "model.onnx"
-        self.evaluator.export_final(final, out)
-        self._flush(10.0)
-        self.events.emit("finished", store.round, rounds=store.round, model=str(out), run_id=store.run_id)
+                raise Stopped()
 
     def _stopped(self) -> int:
         run = self.current
         reason = "fleet_lost" if self._stop_code == EXIT_FLEET_LOST else "signal"
         self.events.log("aggregator_stopped", run.round if run else None, reason=reason, accepted=len(run.accepted) if run else 0)
         return self._stop_code
-
-
-def _finite(doc: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN: a non-finite float becomes null."""
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in doc.items()}
 
 
 def run_aggregator(config: AggregatorConfig, on_event: EventCallback | None = None) -> int:

@@ -244,10 +244,7 @@ def _f(value: float | None, spec: str) -> str:
 
 
 def _print_summary(s: dict, quiet: bool) -> None:
-    rows = [
-        ("rounds x devices", f"{s['rounds']} x {s['devices']}"),
-        ("final test MSE (federated)", f"{s['final_test_mse']:.3f}"),
-    ]
+    rows = [("rounds x devices", f"{s['rounds']} x {s['devices']}"), ("final test MSE (federated)", f"{s['final_test_mse']:.3f}")]
     if "central_test_mse" in s:
         rows += [
             ("same model trained centrally", f"{s['central_test_mse']:.3f}"),

@@ -35,10 +35,7 @@ TFP_ORDERS = [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(
 
 @pytest.mark.parametrize(
     "n, batch, sigma, epochs, delta, published",
-    [
-        (60000, 150, 1.3, 15, 1e-5, 0.7242234026109595),
-        (100000, 100, 1.0, 30, 1e-7, 1.4154988495444842),
-    ],
+    [(60000, 150, 1.3, 15, 1e-5, 0.7242234026109595), (100000, 100, 1.0, 30, 1e-7, 1.4154988495444842)],
 )
 def test_epsilon_matches_tensorflow_privacy_published_values(n, batch, sigma, epochs, delta, published):
     steps = int(math.ceil(epochs * n / batch))

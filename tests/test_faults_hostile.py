@@ -456,13 +456,7 @@ def collect_hostile(ctx: Ctx, count: int) -> list[Hostile]:
     out: list[Hostile] = []
 
     @seed(SEED)
-    @settings(
-        max_examples=count,
-        phases=[Phase.generate],
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(max_examples=count, phases=[Phase.generate], database=None, deadline=None, suppress_health_check=list(HealthCheck))
     @given(hostile_update(ctx))
     def collect(h: Hostile) -> None:
         out.append(h)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import queue
 import secrets
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +37,6 @@ from fleetlearn.edge_runtime.core.protocol import (
     GlobalModel,
     LeaseView,
     RoundState,
-    Status,
     Topics,
     Update,
 )
@@ -50,6 +47,7 @@ from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
+from fleetlearn.edge_runtime.device.reporting import HEALTH_REFRESH_S, DeviceReporting, Event
 from fleetlearn.edge_runtime.device.state import (
     DeviceState,
     clear_pending_update,
@@ -67,17 +65,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleetlearn.device")
 
-HEALTH_REFRESH_S = 60.0  # re-publish the status (fresh health readings) at least this often
 
-
-@dataclass(frozen=True)
-class Event:
-    kind: str  # "message" | "connected" | "eligible"
-    topic: str = ""
-    payload: bytes = b""
-
-
-class DeviceAgent(BundleOverTheAir):
+class DeviceAgent(BundleOverTheAir, DeviceReporting):
     """One device's protocol logic, driven by events, hosted by `run()` (one device: paho's thread
     queues events, the main thread handles them) or by the swarm (device/swarm.py: many agents,
     one epoll loop), which chooses the link (`link_factory`), the event sink (`post`), the engine
@@ -142,39 +131,11 @@ class DeviceAgent(BundleOverTheAir):
 
     # ------------------------------------------------------------------ setup
 
-    def _last_will(self) -> tuple[str, bytes, int, bool]:
-        """The `offline` status the broker publishes for us if we vanish (built per connect)."""
-        offline = Status(self.cfg.device_id, "offline", self.state.last_round, "connection lost (last will)", time.time())
-        return self.topics.status(self.cfg.device_id), offline.encode(), 1, True
-
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.post(Event("message", topic, bytes(payload)))
 
     def _log(self, level: int, event: str, round_: int | None = None, **fields) -> None:
         log.log(level, "%s", kv(event=event, device=self.cfg.device_id, round="-" if round_ is None else round_, **fields))
-
-    def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
-        if state == "ineligible" and not detail and self.status_last[0] == "ineligible":
-            detail = self.status_last[2]  # a reconnect re-announces the state: keep its reason
-        self.status_state = state
-        self.status_last, self._status_t = (state, round_, detail), time.monotonic()
-        r = self.state.last_round if round_ is None else round_
-        health = self.health.read()
-        self.link.publish(
-            self.topics.status(self.cfg.device_id),
-            Status(
-                self.cfg.device_id,
-                state,
-                r,
-                detail,
-                time.time(),
-                health=health,
-                engine=self.trainer.name if self.trainer else None,
-                arch=platform.machine() or None,
-            ).encode(),
-            qos=1,
-            retain=True,
-        )
 
     def _load_bundle(self) -> bool:
         manifest, reason = try_load_bundle(self.cfg.bundle)
@@ -480,43 +441,3 @@ class DeviceAgent(BundleOverTheAir):
         self.state.save(self.state_dir)
         self.rounds_done += 1
         self._status("idle", round_)
-
-    # ------------------------------------------------------------------ health and eligibility
-
-    def _may_train(self, g: GlobalModel) -> bool:
-        """Check [eligibility] before training round g; when it says no, hold g and say why."""
-        reason = self.gate.refuse(g)
-        if reason is not None:
-            self._log(logging.INFO, "ineligible", g.round, reason=reason)
-            self._status("ineligible", g.round, reason)
-        return reason is None
-
-    def tick(self) -> None:
-        """Between events: look at the eligibility rules again every check_interval_s (an
-        ineligible device resumes when they pass), and re-publish the status with fresh health
-        readings at least every HEALTH_REFRESH_S."""
-        now = time.monotonic()
-        if not self.gate.due(now):
-            return
-        state, round_, detail = self.status_last
-        try:
-            verdict = self.gate.verdict(state, detail)
-            if verdict == "eligible":
-                self._log(logging.INFO, "eligible", round_, parked=self.gate.parked.round if self.gate.parked else 0)
-                self.post(Event("eligible"))
-            elif verdict is not None:
-                if state == "idle":
-                    self._log(logging.INFO, "ineligible", round_, reason=verdict)
-                self._status("ineligible", round_, verdict)
-            elif now - self._status_t >= HEALTH_REFRESH_S:
-                self._status(state, round_, detail)  # heartbeat: same state, fresh health
-        except Exception as exc:  # a health file that misbehaves must not stop the device
-            self._log(logging.WARNING, "health_check_failed", reason=f"{type(exc).__name__}: {str(exc)[:150]}")
-
-    def _on_eligible(self) -> None:
-        if self.status_state != "ineligible":
-            return  # the device moved on (a newer round passed the rules) before this event
-        g = self.gate.take()
-        self._status("idle", g.round if g else None)
-        if g is not None:
-            self._handle_global(g)  # checks the rules (and everything else) once more
