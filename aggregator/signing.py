@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.validation import Rejection, VersionSource
@@ -155,6 +155,7 @@ class NonceLedger:
         self.per_device = per_device
         self.seen: dict[str, dict[str, tuple[int, str]]] = {}
         self._compacted_at = open_round
+        self._file: TextIO | None = None  # kept open for appends; reopened after each compaction
         self._load()
         self._prune(open_round)
         self._rewrite()
@@ -199,6 +200,7 @@ class NonceLedger:
                 del self.seen[device]
 
     def _rewrite(self) -> None:
+        self.close()  # the rename below replaces the file the handle appends to
         lines = [json.dumps({"format": LEDGER_FORMAT, "run_id": self.run_id, "keep_rounds": self.keep_rounds})]
         for device, entries in self.seen.items():
             lines += [json.dumps([device, n, r, d]) for n, (r, d) in entries.items()]
@@ -225,11 +227,18 @@ class NonceLedger:
         # last entries may be lost, and that is safe. An update of the open round is still
         # deduplicated by the persisted round state, and one of an earlier round is refused
         # as late; an fsync here would cost milliseconds per update on the critical path.
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps([device, nonce, rnd, digest]) + "\n")
+        if self._file is None:  # one open per compaction, not one per update
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps([device, nonce, rnd, digest]) + "\n")
+        self._file.flush()  # in the OS's hands: survives this process being killed
         if len(entries) > self.per_device:
             self._prune(open_round)  # in memory; the file catches up at the next compaction
         return None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def update_digest(update: Update) -> str:

@@ -51,6 +51,10 @@ class Encoding(IntEnum):
     TOPK = 4  # k (index, float32 value) pairs, indices strictly increasing
 
 
+_KINDS = frozenset(k.value for k in Kind)  # read_header's membership tests, built once
+_ENCODINGS = frozenset(e.value for e in Encoding)
+
+
 def max_frame_bytes(body_bytes: int, signed: bool = True) -> int:
     """The largest frame with a body of `body_bytes`: header + meta bound + body (+ signature bound)."""
     return HEADER_SIZE + MAX_META_BYTES + body_bytes + (MAX_SIG_BYTES if signed else 0)
@@ -90,9 +94,9 @@ def read_header(payload: bytes) -> FrameHeader:
         raise ProtocolError("not a fleetlearn frame (bad magic)")
     if version != WIRE_VERSION:
         raise ProtocolError(f"wire version {version} is not {WIRE_VERSION}")
-    if kind not in (k.value for k in Kind):
+    if kind not in _KINDS:
         raise ProtocolError(f"unknown frame kind {kind}")
-    if encoding not in (e.value for e in Encoding):
+    if encoding not in _ENCODINGS:
         raise ProtocolError(f"unknown body encoding {encoding}")
     if flags & ~FLAG_SIGNED or reserved:
         raise ProtocolError(f"unknown flags 0x{flags:02x} or reserved bits set")
