@@ -208,7 +208,7 @@ class NonceLedger:
 
     def check(self, device: str, nonce: str, rnd: int, digest: str, open_round: int) -> str | None:
         """Why (device, nonce) is a replay, or None; a nonce seen for the first time is recorded
-        (durably) before this returns."""
+        (written, not fsynced) before this returns."""
         prior = self.seen.get(device, {}).get(nonce)
         if prior is not None:
             seen_round, seen_digest = prior
@@ -230,7 +230,7 @@ class NonceLedger:
         if self._file is None:  # one open per compaction, not one per update
             self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps([device, nonce, rnd, digest]) + "\n")
-        self._file.flush()  # in the OS's hands: survives this process being killed
+        self._file.flush()  # in the OS's hands before the verdict
         if len(entries) > self.per_device:
             self._prune(open_round)  # in memory; the file catches up at the next compaction
         return None

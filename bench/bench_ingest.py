@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -51,6 +52,15 @@ def hwm_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (every thread)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def paho_client(url: str, name: str):
@@ -93,15 +103,17 @@ def raw_subscriber(url: str, topic: str, count: int) -> int:
     client.subscribe(topic, qos=1)
     subscribed.wait(10)
     print("ready", flush=True)
+    cpu0 = time.process_time()
     done.wait(600)
-    print("done", got[0], flush=True)
+    print("done", got[0], time.process_time() - cpu0, flush=True)
     client.loop_stop()
     client.disconnect()
     return 0
 
 
-def run_raw(k: int, url: str, frames: list[bytes]) -> float:
-    """Raw paho -> mosquitto -> paho: messages/s for the same k frames."""
+def run_raw(k: int, url: str, frames: list[bytes]) -> tuple[float, float]:
+    """Raw paho -> mosquitto -> paho: messages/s for the same k frames, and the subscriber's CPU
+    microseconds per message."""
     prefix = f"raw{k}-{secrets.token_hex(3)}"
     sub = subprocess.Popen(
         [sys.executable, __file__, "--raw-subscriber", url, f"{prefix}/update/+", str(k)],
@@ -123,7 +135,7 @@ def run_raw(k: int, url: str, frames: list[bytes]) -> float:
     pub.disconnect()
     if not line.startswith("done"):
         raise RuntimeError(f"raw subscriber: {line!r}")
-    return k / elapsed
+    return k / elapsed, 1e6 * float(line.split()[2]) / k
 
 
 def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | None, profile_out: Path) -> dict:
@@ -164,7 +176,7 @@ def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | Non
         for i in range(k)
     ]
     # The raw baseline right before, with the same frames and the same publisher settings.
-    raw = run_raw(k, url, [f for _, f in frames])
+    raw, raw_cpu_us = run_raw(k, url, [f for _, f in frames])
     agg_pid = agg.pid
     if py_spy:  # py-spy's child is the aggregator
         time.sleep(0.5)
@@ -175,11 +187,13 @@ def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | Non
     time.sleep(0.2)
     peak = 0.0
     log = state / "rounds.jsonl"
+    cpu0 = cpu_s(agg_pid)
     start = publish_all(pub, frames)
     while not log.exists():
         peak = max(peak, hwm_mb(agg_pid))
         time.sleep(0.002)
     elapsed = time.perf_counter() - start
+    cpu = cpu_s(agg_pid) - cpu0
     peak = max(peak, hwm_mb(agg_pid))
     agg.wait(120)
     pub.loop_stop()
@@ -191,6 +205,8 @@ def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | Non
         "seconds": round(elapsed, 3),
         "updates_per_s": round(k / elapsed, 1),
         "raw_msgs_per_s": round(raw, 1),
+        "aggregator_cpu_us_per_update": round(1e6 * cpu / k, 1),
+        "raw_subscriber_cpu_us_per_msg": round(raw_cpu_us, 1),
         "frame_bytes": len(frames[0][1]),
         "aggregator_peak_rss_mb": round(peak, 1),
     }
@@ -230,7 +246,11 @@ def main() -> int:
                         baseline=r["raw_msgs_per_s"],
                         goal=">= 0.5x",
                         met=r["updates_per_s"] >= 0.5 * r["raw_msgs_per_s"],
-                        extra={"seconds": r["seconds"]},
+                        extra={
+                            "seconds": r["seconds"],
+                            "aggregator_cpu_us_per_update": r["aggregator_cpu_us_per_update"],
+                            "raw_subscriber_cpu_us_per_msg": r["raw_subscriber_cpu_us_per_msg"],
+                        },
                     )
                 )
         finally:
