@@ -34,6 +34,7 @@ import numpy as np
 from fleetlearn.aggregator.clipping import l2_norm
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
+from fleetlearn.aggregator.partial_round import AcceptedJson
 from fleetlearn.aggregator.publisher import Publisher
 from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.aggregator.strategy import Strategy
@@ -142,6 +143,7 @@ class Intake:
         self._writer: ThreadPoolExecutor | None = None
         self._write: Future | None = None
         self._write_seq = 0
+        self._accepted_json = AcceptedJson()  # each write encodes only the newly accepted pairs
         # Updates over --max-message-size arrive as PART frames (protocol/parts.py): at most two
         # partial updates per device, each bounded by the model's largest update frame.
         self.parts = Reassembler(max_total=max_update_bytes(num_params), per_sender=2, max_partials=4096, timeout=PART_TIMEOUT_S)
@@ -225,6 +227,7 @@ class Intake:
             extensions=run.extensions,
             norms=run.norms.to_doc(),
             cohort=run.cohort.to_doc() if run.cohort is not None else {},
+            accepted_json=self._accepted_json.of(run.round, run.accepted),
         )
 
     def save_partial(self, run: RoundRun) -> None:

@@ -290,6 +290,18 @@ def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store
         check(store, allow, "dev-b", make_update(store, "dev-b").encode(sign=ka.sign))
 
 
+def test_unverified_devices_are_logged_one_by_one_then_as_their_count_doubles(store, caplog):
+    """An unsigned fleet of 40 devices: the first 10 by name, then at 16 and 32 (each accepted)."""
+    auth = agg_signing.open_signing(store.state_dir, store.run_id, store.open_round)  # no keys: unsigned fleet
+    with caplog.at_level("WARNING", logger="fleetlearn.aggregator"):
+        for i in range(40):
+            device = f"dev-{i:02d}"
+            assert not check(store, auth, device, make_update(store, device).encode()).duplicate
+    lines = [r.getMessage() for r in caplog.records if "event=update_unverified" in r.getMessage()]
+    assert [line.split("device=")[1].split()[0] for line in lines] == [f"dev-{i:02d}" for i in (*range(10), 15, 31)]
+    assert "unverified_devices=32" in lines[-1]
+
+
 def test_replay_rules_through_validate_update(store):
     auth = agg_signing.open_signing(store.state_dir, store.run_id, store.open_round)  # no keys: unsigned fleet
     assert not auth.require and auth.sign is None
