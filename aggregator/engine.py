@@ -49,7 +49,7 @@ EXIT_SIGTERM = 143
 
 # The backlog of received frames the engine has not handled yet is bounded (aggregator/inbox.py):
 # at least this many bytes, and room for 4 of the model's largest update frames.
-INBOX_BYTES = 8 << 20
+INBOX_BYTES = 4 << 20
 DRAIN_BATCH = 256  # events handled between two group commits at most
 
 
