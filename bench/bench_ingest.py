@@ -270,6 +270,13 @@ def main() -> int:
                 baseline=lo["aggregator_peak_rss_mb"],
                 goal="<= 1.1x (memory does not grow with the device count)",
                 met=hi["aggregator_peak_rss_mb"] <= 1.1 * lo["aggregator_peak_rss_mb"],
+                # What each extra device costs, against what holding its update would cost.
+                extra={
+                    "kb_per_extra_device": round(
+                        1024 * (hi["aggregator_peak_rss_mb"] - lo["aggregator_peak_rss_mb"]) / (hi["devices"] - lo["devices"]), 2
+                    ),
+                    "update_frame_kb": round(hi["frame_bytes"] / 1024, 2),
+                },
             )
         )
     print(json.dumps(results, indent=1))
