@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import gc
 import logging
 import math
 import os
@@ -199,10 +198,6 @@ class Swarm:
         t = time.monotonic()
         for agent in self.agents:
             agent.start()
-        # What start() built (1,000 agents, links, sessions: ~690,000 objects) lives as long as the
-        # swarm; a full garbage collection walking it stalled every socket for 0.35-0.6 s (measured
-        # here). Frozen, collections skip it; objects freed by reference count still go at once.
-        gc.freeze()
         log.info(
             "event=swarm_start devices=%d engines_opened=%d setup_s=%.2f",
             len(self.agents),
