@@ -65,16 +65,18 @@ def big_broker(work: Path):
     return BigMosquitto(work).start()
 
 
-def device_toml(work: Path, url: str, fleet: str, bundle: Path, state: Path) -> Path:
+def device_toml(work: Path, url: str, fleet: str, bundle: Path, state: Path, engine: str = "auto") -> Path:
     cfg = work / f"{fleet}.toml"
     cfg.write_text(
         f'device_id = "unused"\nfleet = "{fleet}"\nbroker = "{url}"\nbundle = "{bundle}"\ndata = "unused.npz"\n'
-        f'state_dir = "{state}"\n\n[training]\nbatch_size = 8\nmax_steps = 2\nthreads = 1\n'
+        f'state_dir = "{state}"\n\n[training]\nbatch_size = 8\nmax_steps = 2\nthreads = 1\nengine = "{engine}"\n'
     )
     return cfg
 
 
-def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path) -> dict:
+def rounds_run(
+    n: int, rounds: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, engine: str = "auto"
+) -> dict:
     fleet = f"swb{n}"
     agg_state = work / f"agg-{n}"
     agg = subprocess.Popen(
@@ -112,7 +114,7 @@ def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: s
             "fleetlearn.cli",
             "swarm",
             "--config",
-            str(device_toml(work, url, fleet, bundle, state_root / fleet)),
+            str(device_toml(work, url, fleet, bundle, state_root / fleet, engine)),
             "--devices",
             str(n),
             "--data",
@@ -151,7 +153,7 @@ def rounds_run(n: int, rounds: int, work: Path, bundle: Path, data: Path, url: s
     }
 
 
-def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, reps: int = 9) -> dict:
+def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, reps: int = 9, engine: str = "auto") -> dict:
     """Publish a global-model frame (retained, QoS 1) to n raw paho clients on one EpollLoop
     and the same-size frame to n swarm devices (their own EpollLoop), alternately `reps` times
     each; time publish -> last receipt (for a device: its agent is handed the message)."""
@@ -196,7 +198,7 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
 
     # n swarm devices (real agents; here only their receipt is timed: events are not handled, so nobody trains)
     fleet = "fanout"
-    cfg = load_device_config(device_toml(work, url, fleet, bundle, state_root / fleet))
+    cfg = load_device_config(device_toml(work, url, fleet, bundle, state_root / fleet, engine))
     ids = device_ids("fan-", n)
     swarm = Swarm(cfg, ids, write_shards(str(data), Path(cfg.state_dir), ids, "iid", 0, m.task), max_rounds=None)
     seen: dict[int, float] = {}
@@ -255,6 +257,7 @@ def fanout(n: int, work: Path, bundle: Path, data: Path, url: str, state_root: P
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {
         "devices": n,
+        "engine": engine_note(bundle, engine),
         "frame_bytes": len(frame),
         "reps": reps,
         "median_s": {k: round(v, 4) for k, v in med.items()},
@@ -278,6 +281,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=9, help="fan-out repetitions of each group (medians)")
     p.add_argument("--fanout-only", action="store_true")
+    p.add_argument("--engine", default="auto", choices=["auto", "ort-training", "portable"], help="the devices' engine")
     args = p.parse_args()
     from bench_device import export_bundle
 
@@ -291,18 +295,18 @@ def main() -> int:
             np.savez(data, x=d["x_train"], y=d["y_train"])
         broker = big_broker(work)
         try:
-            out = {"fanout": fanout(args.devices, work, bundle, data, broker.url, state_root, args.reps)}
+            out = {"fanout": fanout(args.devices, work, bundle, data, broker.url, state_root, args.reps, args.engine)}
             if args.fanout_only:
                 print(json.dumps(out, indent=1))
                 emit_rows(out)
                 return 0
-            small = rounds_run(args.small, args.rounds, work, bundle, data, broker.url, state_root)
-            big = rounds_run(args.devices, args.rounds, work, bundle, data, broker.url, state_root)
+            small = rounds_run(args.small, args.rounds, work, bundle, data, broker.url, state_root, args.engine)
+            big = rounds_run(args.devices, args.rounds, work, bundle, data, broker.url, state_root, args.engine)
             out["rounds"] = [small, big]
             out["memory_per_extra_device_mb"] = round(
                 (big["swarm_peak_rss_mb"] - small["swarm_peak_rss_mb"]) / (args.devices - args.small), 3
             )
-            out["engine_sets"] = engine_note(bundle)
+            out["engine_sets"] = engine_note(bundle, args.engine)
         finally:
             broker.stop()
             import shutil
@@ -313,12 +317,12 @@ def main() -> int:
     return 0
 
 
-def engine_note(bundle: Path) -> str:
-    """The engine the swarm's devices opened (`auto` in this venv), and what it means for memory."""
+def engine_note(bundle: Path, asked: str) -> str:
+    """The engine the swarm's devices opened, and what it means for memory."""
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.engines.select import choose_engine
 
-    engine = choose_engine(load_bundle(bundle), "auto")
+    engine = choose_engine(load_bundle(bundle), asked)
     return f"{engine} engine" + (", its own ORT session set per device" if engine == "ort-training" else ", shared sessions")
 
 
@@ -327,7 +331,7 @@ def emit_rows(out: dict) -> None:
     n = f["devices"]
     what = (
         f"fan-out: a {f['frame_bytes']:,}-byte GLOBAL frame published retained at QoS 1 until the last of {n:,} swarm "
-        f"devices has it (its agent is handed the message), median of {f['reps']} alternating reps"
+        f"devices ({f['engine']}) has it (its agent is handed the message), median of {f['reps']} rotated reps"
     )
     for kind, key in (("clean", "ratio_swarm_over_raw_clean"), ("persistent", "ratio_swarm_over_raw_persistent")):
         emit(
