@@ -40,6 +40,7 @@ in aggregator/registry.py (docs/aggregator.md, "Adding a strategy").
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -96,6 +97,13 @@ class Strategy(ABC):
     @abstractmethod
     def accumulate(self, update: Update) -> None:
         """Fold one accepted update in. May raise ProtocolError(reason) to refuse it."""
+
+    def accumulate_scaled(self, update: Update, factor: float) -> None:
+        """Fold in the update with its delta scaled by `factor` (a wrapper's, e.g. clipping's
+        min(1, C/||d||)): the delta handed on is float64(d) * factor (d itself when factor is 1).
+        Streaming rules override this to fold the scaled delta without materializing it."""
+        d = np.asarray(update.delta, dtype=np.float64)
+        self.accumulate(dataclasses.replace(update, delta=d * factor if factor != 1.0 else d.copy()))
 
     @abstractmethod
     def aggregate(self) -> Aggregate:
