@@ -28,6 +28,9 @@ Contract:
   * `accumulate` sees only validated updates (finite delta of the right size, samples >= 1,
     current run / model / round, one per device). A strategy that still refuses one raises
     `ProtocolError(reason)`; the engine rejects that update with the reason (never fatal).
+  * a wrapper that scales a delta (clipping) calls `inner.accumulate_scaled(update, factor)`:
+    the rule folds float64(d) * factor itself; the default materializes that array and calls
+    `accumulate`, the streaming rules (fedavg and the server optimizers on it) fold it in place.
   * state dicts hold JSON values and numpy arrays at depth 1; wrappers merge their keys into
     their inner strategy's (a clash is a bug and raises). "persist, crash, restart, load" must
     give the bit-identical `aggregate()` and `step()`.
