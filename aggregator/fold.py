@@ -21,16 +21,25 @@ it was not taken).
 summation, then adds the block sums in float64: relative error below ~1e-15 for a million values,
 independent of BLAS threading.
 
-Memory: BLOCK * 8 bytes of scratch per caller, on top of S; nothing grows with the fleet.
+Threads (`Folder`): the same arithmetic split into contiguous runs of blocks, one per core
+(at most MAX_WORKERS), for models of two blocks or more; results are bit-identical to the
+single-threaded functions.
+
+Memory: BLOCK * 8 bytes of scratch per worker, on top of S; nothing grows with the fleet.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
 
 import numpy as np
 
-BLOCK = 1 << 17  # values per block: 512 KiB of float32 read, 1 MiB of float64 scratch (measured best of 2^13..2^18)
+BLOCK = 1 << 17  # values per block: 512 KiB of float32 read, 1 MiB of float64 scratch (measured best of 2^15..2^18)
+MAX_WORKERS = 4  # past a few cores the fold is memory-bound
 
 
 def new_scratch() -> np.ndarray:
@@ -62,15 +71,75 @@ def fold(acc: np.ndarray, delta: np.ndarray, a: float = 1.0, b: float = 1.0, scr
         np.add(out, s, out=out)
 
 
-def l2_norm(delta: np.ndarray, scratch: np.ndarray | None = None) -> float:
-    """||d||_2 with the squares summed in float64 (a float32 sum of squares loses digits at 1e6 values)."""
-    d = _flat(delta)
-    sc = new_scratch() if scratch is None else scratch
-    total = 0.0
+def _block_square_sums(d: np.ndarray, scratch: np.ndarray) -> list[float]:
+    """sum(float64(d_j)^2) of each BLOCK of d, in order."""
+    out = []
     for start in range(0, d.size, BLOCK):
         stop = min(start + BLOCK, d.size)
-        s = sc[: stop - start]
+        s = scratch[: stop - start]
         np.copyto(s, d[start:stop], casting="same_kind")
         np.multiply(s, s, out=s)
-        total += float(np.add.reduce(s))
+        out.append(float(np.add.reduce(s)))
+    return out
+
+
+def _norm_from(block_sums: list[float]) -> float:
+    total = 0.0
+    for x in block_sums:  # in block order, whoever computed them: the same float64 result
+        total += x
     return math.sqrt(total)
+
+
+def l2_norm(delta: np.ndarray, scratch: np.ndarray | None = None) -> float:
+    """||d||_2 with the squares summed in float64 (a float32 sum of squares loses digits at 1e6 values)."""
+    return _norm_from(_block_square_sums(_flat(delta), new_scratch() if scratch is None else scratch))
+
+
+class Folder:
+    """`fold` and `l2_norm` over up to `workers` threads, bit-identical to the single-threaded
+    functions: numpy releases the GIL inside its loops, so each thread takes one contiguous run
+    of whole blocks (its own scratch), and the norm's block sums are added in block order.
+
+    Why threads: one core widens, scales and adds at ~6 GB/s here; the fold of a large model is
+    embarrassingly parallel and the caller waits for it anyway. A model of fewer than two blocks
+    (256k values) never leaves the calling thread. The pool is this object's, made on first use."""
+
+    def __init__(self, workers: int | None = None):
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.workers = max(1, min(MAX_WORKERS, workers))
+        self._scratch = [new_scratch() for _ in range(self.workers)]
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _spans(self, size: int) -> list[tuple[int, int]]:
+        """Contiguous [start, stop) runs of whole blocks, one per worker that has any."""
+        blocks = -(-size // BLOCK)
+        k = min(self.workers, blocks)
+        per = -(-blocks // k) if k else 0
+        return [(i * per * BLOCK, min((i + 1) * per * BLOCK, size)) for i in range(k) if i * per * BLOCK < size]
+
+    def _run(self, fn: Any, size: int, *arrays: np.ndarray) -> list[Any]:
+        """fn(*slices, scratch) on each span: the first on this thread, the rest on the pool."""
+        spans = self._spans(size)
+        if len(spans) <= 1:
+            return [fn(*arrays, self._scratch[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="fold")
+        pool = self._pool
+        jobs = [pool.submit(partial(fn, *[a[s:e] for a in arrays], self._scratch[i])) for i, (s, e) in enumerate(spans[1:], 1)]
+        s, e = spans[0]
+        first = fn(*[a[s:e] for a in arrays], self._scratch[0])
+        return [first, *(j.result() for j in jobs)]
+
+    def fold(self, acc: np.ndarray, delta: np.ndarray, a: float = 1.0, b: float = 1.0) -> None:
+        """`fold(acc, delta, a, b)`, split over the workers."""
+        d = _flat(delta)
+        if acc.dtype != np.float64 or acc.shape != d.shape:
+            raise ValueError(f"accumulator is {acc.dtype} {acc.shape}, delta {d.shape}: both must hold the same count, S float64")
+        self._run(lambda acc_part, d_part, sc: fold(acc_part, d_part, a, b, sc), d.size, acc, d)
+
+    def l2_norm(self, delta: np.ndarray) -> float:
+        """`l2_norm(delta)`, the block sums computed over the workers."""
+        d = _flat(delta)
+        parts = self._run(_block_square_sums, d.size, d)
+        return _norm_from([x for part in parts for x in part])

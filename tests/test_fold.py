@@ -11,7 +11,7 @@ import pytest
 
 from fleetlearn.aggregator.clipping import Clipping, ClippingOptions, clip_delta, l2_norm
 from fleetlearn.aggregator.fedavg import FedAvg
-from fleetlearn.aggregator.fold import BLOCK, fold, new_scratch
+from fleetlearn.aggregator.fold import BLOCK, Folder, fold, new_scratch
 from fleetlearn.aggregator.median import Median
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol import Update
@@ -44,6 +44,20 @@ def test_fold_is_bit_identical_to_the_float64_expression():
     assert acc.tobytes() == want.tobytes()
     with pytest.raises(ValueError):
         fold(acc, np.zeros(P - 1, np.float32))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_threaded_folder_is_bit_identical_to_the_single_threaded_kernels(workers):
+    rng = np.random.default_rng(17)
+    size = 5 * BLOCK + 777  # six blocks: every worker count splits them differently
+    folder, one, many = Folder(workers), np.zeros(size), np.zeros(size)
+    for d in _deltas(rng, 4, size):
+        a, b = float(rng.uniform(0.1, 1)), float(rng.integers(1, 1000))
+        fold(one, d, a, b)
+        folder.fold(many, d, a, b)
+        assert folder.l2_norm(d) == l2_norm(d)
+    assert many.tobytes() == one.tobytes()
+    assert folder.l2_norm(np.ones(10, np.float32)) == l2_norm(np.ones(10, np.float32)) == pytest.approx(10**0.5)
 
 
 def test_fold_sum_stays_within_its_stated_error_of_an_exact_sum():
