@@ -6,10 +6,10 @@ weights) with their sample counts n_i. The next global model is the sample-weigh
     w' = w + (sum_i n_i * d_i) / (sum_i n_i)
 
 which equals sum_i n_i * w_i / sum_i n_i. We never hold more than one delta: the running
-sum S = sum_i n_i * d_i is kept in float64 (num_params * 8 bytes, plus 1 MiB of block scratch per core), so
-memory grows with the model, not with the number of devices, and summation order changes the
-result by at most a few float64 ulps, far below float32 resolution. Each update is folded in
-by aggregator/fold.py's blocked kernel (widen, scale and add in cache, no model-sized
+sum S = sum_i n_i * d_i is kept in float64 (num_params * 8 bytes, plus 1 MiB of block scratch
+per core), so memory grows with the model, not with the number of devices, and summation order
+changes the result by at most a few float64 ulps, far below float32 resolution. Each update is
+folded in by aggregator/fold.py's blocked kernel (widen, scale and add in cache, no model-sized
 temporaries, split over the cores for large models), bit-identical to `S += float64(d_i) * n_i`.
 
 This file is the rule only. The round's training config (epochs, lr schedule) is the engine's
