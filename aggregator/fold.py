@@ -21,8 +21,8 @@ it was not taken).
 summation, then adds the block sums in float64: relative error below ~1e-15 for a million values,
 independent of BLAS threading.
 
-Threads (`Folder`): the same arithmetic split into contiguous runs of blocks, one per core
-(at most MAX_WORKERS), for models of two blocks or more; results are bit-identical to the
+Threads (`Folder`): the same arithmetic with its blocks spread over the cores (at most
+MAX_WORKERS), for models of two blocks or more; results are bit-identical to the
 single-threaded functions.
 
 Memory: BLOCK * 8 bytes of scratch per worker, on top of S; nothing grows with the fleet.
@@ -30,10 +30,12 @@ Memory: BLOCK * 8 bytes of scratch per worker, on top of S; nothing grows with t
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -97,12 +99,16 @@ def l2_norm(delta: np.ndarray, scratch: np.ndarray | None = None) -> float:
 
 class Folder:
     """`fold` and `l2_norm` over up to `workers` threads, bit-identical to the single-threaded
-    functions: numpy releases the GIL inside its loops, so each thread takes one contiguous run
-    of whole blocks (its own scratch), and the norm's block sums are added in block order.
+    functions: numpy releases the GIL inside its loops, so the calling thread and the pool's
+    threads take blocks from one shared counter (each with its own scratch), and the norm's
+    block sums are added in block order whoever computed them.
 
-    Why threads: one core widens, scales and adds at ~6 GB/s here; the fold of a large model is
-    embarrassingly parallel and the caller waits for it anyway. A model of fewer than two blocks
-    (256k values) never leaves the calling thread. The pool is this object's, made on first use."""
+    Why threads: one core widens, scales and adds at ~6 GB/s here, and the fold of a large model
+    is embarrassingly parallel. Why a shared counter rather than one fixed half per thread: on a
+    busy machine a worker may not get a core for a while; the calling thread then takes its
+    blocks too and waits only for blocks a worker has started, so a missing core costs at most
+    one block, never half the update. A model of fewer than two blocks (256k values) never
+    leaves the calling thread. The pool is this object's, made on first use."""
 
     def __init__(self, workers: int | None = None):
         if workers is None:
@@ -111,35 +117,50 @@ class Folder:
         self._scratch = [new_scratch() for _ in range(self.workers)]
         self._pool: ThreadPoolExecutor | None = None
 
-    def _spans(self, size: int) -> list[tuple[int, int]]:
-        """Contiguous [start, stop) runs of whole blocks, one per worker that has any."""
-        blocks = -(-size // BLOCK)
-        k = min(self.workers, blocks)
-        per = -(-blocks // k) if k else 0
-        return [(i * per * BLOCK, min((i + 1) * per * BLOCK, size)) for i in range(k) if i * per * BLOCK < size]
+    def _blocks(self, size: int, work: Callable[[int, int, np.ndarray], Any]) -> list[Any]:
+        """[work(start, stop, scratch) for every block of `size` values], in block order."""
+        count = -(-size // BLOCK)
+        if count < 2 or self.workers == 1:
+            return [work(i * BLOCK, min((i + 1) * BLOCK, size), self._scratch[0]) for i in range(count)]
+        results: list[Any] = [None] * count
+        claims = itertools.count()  # next() on it is atomic under the GIL
+        done = threading.Condition()
+        finished = [0]
 
-    def _run(self, fn: Any, size: int, *arrays: np.ndarray) -> list[Any]:
-        """fn(*slices, scratch) on each span: the first on this thread, the rest on the pool."""
-        spans = self._spans(size)
-        if len(spans) <= 1:
-            return [fn(*arrays, self._scratch[0])]
+        errors: list[BaseException] = []
+
+        def take(scratch: np.ndarray) -> None:
+            while (i := next(claims)) < count:
+                try:
+                    results[i] = work(i * BLOCK, min((i + 1) * BLOCK, size), scratch)
+                except BaseException as exc:  # raised again on the calling thread, never lost
+                    errors.append(exc)
+                finally:
+                    with done:
+                        finished[0] += 1
+                        done.notify()
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="fold")
-        pool = self._pool
-        jobs = [pool.submit(partial(fn, *[a[s:e] for a in arrays], self._scratch[i])) for i, (s, e) in enumerate(spans[1:], 1)]
-        s, e = spans[0]
-        first = fn(*[a[s:e] for a in arrays], self._scratch[0])
-        return [first, *(j.result() for j in jobs)]
+        for w in range(1, self.workers):
+            self._pool.submit(take, self._scratch[w])
+        take(self._scratch[0])
+        with done:  # only blocks a worker claimed are still running
+            done.wait_for(lambda: finished[0] == count)
+        if errors:
+            raise errors[0]
+        return results
 
     def fold(self, acc: np.ndarray, delta: np.ndarray, a: float = 1.0, b: float = 1.0) -> None:
-        """`fold(acc, delta, a, b)`, split over the workers."""
+        """`fold(acc, delta, a, b)`, its blocks spread over the workers."""
         d = _flat(delta)
         if acc.dtype != np.float64 or acc.shape != d.shape:
             raise ValueError(f"accumulator is {acc.dtype} {acc.shape}, delta {d.shape}: both must hold the same count, S float64")
-        self._run(lambda acc_part, d_part, sc: fold(acc_part, d_part, a, b, sc), d.size, acc, d)
+        self._blocks(d.size, lambda start, stop, sc: fold(acc[start:stop], d[start:stop], a, b, sc))
 
     def l2_norm(self, delta: np.ndarray) -> float:
         """`l2_norm(delta)`, the block sums computed over the workers."""
         d = _flat(delta)
-        parts = self._run(_block_square_sums, d.size, d)
-        return _norm_from([x for part in parts for x in part])
+        return _norm_from(
+            [x for part in self._blocks(d.size, lambda start, stop, sc: _block_square_sums(d[start:stop], sc)) for x in part]
+        )

@@ -124,3 +124,11 @@ def test_decoded_float32_delta_is_a_read_only_view_still_checked():
     d[7] = np.nan
     with pytest.raises(ProtocolError, match="1 NaN/Inf"):
         Update.decode(_update(d, 3).encode(), 1000)
+
+
+def test_a_failing_block_raises_on_the_calling_thread_instead_of_hanging():
+    folder = Folder(2)
+    bad = np.zeros(3 * BLOCK, np.complex64)  # complex -> float64 is not a same-kind cast: every block fails
+    with pytest.raises(TypeError):
+        folder.fold(np.zeros(3 * BLOCK), bad)
+    assert folder.l2_norm(np.ones(3 * BLOCK, np.float32)) == pytest.approx((3 * BLOCK) ** 0.5)  # still usable
