@@ -220,8 +220,9 @@ class Update:
     @classmethod
     def decode(cls, payload: bytes, num_params: int) -> Update:
         """Decode and validate an update for a model of `num_params` parameters; whatever the
-        body's encoding, `delta` is float32 (encodings.decode_tensor checks it as hostile)."""
-        frame = decode_frame(payload, Kind.UPDATE, max_body=max_body_bytes(num_params))
+        body's encoding, `delta` is float32 (encodings.decode_tensor checks it as hostile).
+        A float32 `delta`, `signature` and `signed_part` are read-only views of `payload` (no copy)."""
+        frame = decode_frame(payload, Kind.UPDATE, max_body=max_body_bytes(num_params), views=True)  # zero-copy
         m = frame.meta
         n = check_int(m, "n", 1, num_params)
         if n != num_params:
