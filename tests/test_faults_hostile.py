@@ -479,7 +479,7 @@ def m_packed(draw, ctx, how):
         packed = _pack(meta, train_loss=draw(nonfinite))
     elif how == "train_s":
         packed = _pack(
-            meta, train_s=draw(nonfinite | st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False, width=32))
+            meta, train_s=draw(nonfinite | st.floats(max_value=-(2.0**-20), allow_nan=False, allow_infinity=False, width=32))
         )
     elif how == "run_id":
         packed = _pack(meta, run_id=draw(st.binary(min_size=16, max_size=16).filter(lambda b: b.hex() != ctx.run_id)))
@@ -516,7 +516,7 @@ MUTATIONS = {
     **{f"meta_bad_{f}": partial(m_meta_bad_value, field=f) for f in ALL_FIELDS},
     **{f"meta_{how}": partial(m_meta_not_json, how=how) for how in META_NOT_JSON},
     **{f"other_{w}": partial(m_other_message, which=w) for w in OTHER_MESSAGES},
-    "packed": lambda draw, ctx: m_packed(draw, ctx, draw(st.sampled_from(PACKED))),
+    **{f"packed_{how}": partial(m_packed, how=how) for how in PACKED},
 }
 
 
