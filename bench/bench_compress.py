@@ -260,7 +260,7 @@ def emit_rows(args: argparse.Namespace, n: int, results: dict[str, list[dict]], 
 
 def frame_ratios(n: int, encodings: list[str]) -> None:
     """Whole UPDATE frames of a large model (the tests' 1.66M-parameter CNN), in process: there
-    the ~300 bytes of meta vanish and the frame costs what its body costs."""
+    the header and meta (118 bytes) vanish and the frame costs what its body costs."""
     import time
 
     from fleetlearn.edge_runtime.core.protocol import Compression, Update
