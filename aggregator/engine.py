@@ -367,7 +367,8 @@ class Aggregator(RoundClosing):
             config=run.config,
             invite=run.cohort.invitation if run.cohort is not None else None,
         )
-        run.bytes_out += self.publisher.global_model(g)
+        run.global_bytes = self.publisher.global_model(g)
+        run.bytes_out += run.global_bytes
         self._round_state("open")
         self.events.emit(
             "round_open",

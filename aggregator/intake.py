@@ -44,6 +44,7 @@ class RoundRun:
     norms: NormStats = field(default_factory=lambda: NormStats())
     target: int = 0  # accepted updates that close the round
     cohort: Cohort | None = None  # with client sampling: who was invited (persisted with the round)
+    global_bytes: int = 0  # the global-model frame(s) that opened the round: what each device receives
 
 
 @dataclass

@@ -162,6 +162,7 @@ class RoundClosing:
             wall_s=round(closed_at - run.opened_at, 4),
             bytes_in=run.bytes_in,
             bytes_out=run.bytes_out,
+            global_bytes=run.global_bytes,
             deadline_extensions=run.extensions,
             rejected=run.rejected,
             closed_by=closed_by,
