@@ -68,7 +68,11 @@ class Aggregator(RoundClosing):
         self.link: Any = None
         self.leader: Any = None  # the LeaseKeeper (aggregator/leader.py) once the fleet is claimed
         self.store: Any = None
+        self.writer: Any = None  # the CommitWriter (aggregator/commit_writer.py) once the store is open
         self.current: RoundRun | None = None
+        self._closing: Any = None  # round_close.Closing: a round aggregated, its commit not yet handed to the writer
+        self._persisting: dict[int, Any] = {}  # id -> DueAck handed to the writer with a partial, not yet acked
+        self._first_round = 0  # the first round this process opens (it may resume a partial)
         # Subscribe to the devices' retained statuses and emit `device_status` events (for a
         # metrics exporter, aggregator/metrics.py); off by default: a large fleet's statuses cost bandwidth.
         self.watch_devices = False
@@ -89,9 +93,12 @@ class Aggregator(RoundClosing):
         try:
             self._connect()
             self.publisher.bundle(self.plan)
+            self._first_round = self.store.open_round
             for rnd in range(self.store.open_round, cfg.rounds.rounds + 1):
                 opened = time.monotonic()
                 self._run_round(rnd)
+                if cfg.rounds.round_interval > 0:
+                    self._settle_closing()  # paced: the round's close need not wait for the next opening
                 # --round-interval paces the run (demos watched by a person); 0 by default.
                 if self._stop.wait(max(0.0, cfg.rounds.round_interval - (time.monotonic() - opened))) or self._stop.is_set():
                     return self._stopped()
@@ -103,6 +110,7 @@ class Aggregator(RoundClosing):
         except Stopped:
             return self._stopped()
         finally:
+            self._shutdown_writes()
             self._flush(5.0)
             if self.leader is not None:
                 self.leader.release()
@@ -132,6 +140,9 @@ class Aggregator(RoundClosing):
         self.store = ModelStore.open(
             self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights
         )
+        from fleetlearn.aggregator.commit_writer import CommitWriter
+
+        self.writer = CommitWriter(self.store, notify=lambda: self._queue.put(("durable", "", b"")))
         s = cfg.signing
         self.signing = open_signing(
             self.state_dir,
@@ -230,6 +241,9 @@ class Aggregator(RoundClosing):
             kind, topic, payload = self._queue.get(timeout=max(timeout, 0.0))
         except queue.Empty:
             return
+        if kind == "durable":  # outside the try below: a failed durable write must stop the run
+            self._finish_durable()
+            return
         try:
             if kind == "connected":
                 self._connects += 1
@@ -326,7 +340,7 @@ class Aggregator(RoundClosing):
             config=cfg.wire.apply(cfg.training.round_config(rnd, pol.rounds, self.bundle_lr)),
             target=cfg.round_target,
         )
-        partial = store.load_partial(rnd)
+        partial = store.load_partial(rnd) if rnd == self._first_round else None  # only a restart finds one
         if partial is not None:
             self.strategy.load_partial_state(partial.strategy)
             run.accepted = dict(partial.accepted)
@@ -341,6 +355,7 @@ class Aggregator(RoundClosing):
             run.cohort = Cohort.from_doc(partial.cohort) if partial.cohort else None
             self.events.log("round_resumed", rnd, accepted=len(run.accepted), devices=sorted(run.accepted))
         if cfg.sampling.enabled:
+            self._settle_closing()  # drawing a cohort may wait for devices: the last round's close goes first
             if run.cohort is None:
                 run.cohort = self._draw_cohort(run)
                 run.deadline = time.time() + pol.deadline  # the deadline counts from the invitations
@@ -369,6 +384,9 @@ class Aggregator(RoundClosing):
         )
         run.global_bytes = self.publisher.global_model(g)
         run.bytes_out += run.global_bytes
+        # The devices have round r+1's model: now round r's close (closed state, evaluation, the
+        # durable commit on the writer thread) happens while they train.
+        self._settle_closing()
         self._round_state("open")
         self.events.emit(
             "round_open",
@@ -394,7 +412,7 @@ class Aggregator(RoundClosing):
             self._handle_next_event(min(run.deadline - now, 0.5))
             self._drain_events()
             if len(run.accepted) < run.target:
-                self.intake.commit_acks(run)  # else: the round's commit at close makes them durable
+                self._persist_acks(run)  # else: the round's commit at close makes them durable
             if self._stop.is_set():
                 raise Stopped()
 

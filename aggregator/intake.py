@@ -86,6 +86,7 @@ class DueAck:
     update: Update
     accepted: int  # accepted updates in the round once this one counted
     payload_bytes: int
+    note: str = ""  # set for an accepted duplicate (counted before): the ack's reason, no update_accepted line
 
 
 class Intake:
@@ -140,6 +141,9 @@ class Intake:
             self.events.log("update_duplicate", u.round, device=u.device_id, nonce=u.nonce[:8], note=verdict.note)
             if any(d.update.device_id == u.device_id and d.update.nonce == u.nonce for d in self.acks_due):
                 return  # counted but not yet durable: its ack is already due with the next write
+            if u.round > self.store.durable_round:  # its round's commit is still being written
+                self.acks_due.append(DueAck(u, len(run.accepted), len(payload), verdict.note))
+                return
             run.bytes_out += self.publisher.ack(Ack(self.store.run_id, u.round, u.device_id, u.nonce, True, verdict.note))
             return
         try:
@@ -178,20 +182,22 @@ class Intake:
     # ------------------------------------------------------------ durability, then acks
 
     def save_partial(self, run: RoundRun) -> None:
-        self.store.save_partial(
-            PartialRound(
-                run_id=self.store.run_id,
-                round=run.round,
-                accepted=dict(run.accepted),
-                strategy=self.strategy.partial_state(),
-                opened_at=run.opened_at,
-                bytes_in=run.bytes_in,
-                bytes_out=run.bytes_out,
-                rejected=run.rejected,
-                extensions=run.extensions,
-                norms=run.norms.to_doc(),
-                cohort=run.cohort.to_doc() if run.cohort is not None else {},
-            )
+        self.store.save_partial(self.partial(run))
+
+    def partial(self, run: RoundRun) -> PartialRound:
+        """The open round as its durable twin (model_store.PartialRound)."""
+        return PartialRound(
+            run_id=self.store.run_id,
+            round=run.round,
+            accepted=dict(run.accepted),
+            strategy=self.strategy.partial_state(),
+            opened_at=run.opened_at,
+            bytes_in=run.bytes_in,
+            bytes_out=run.bytes_out,
+            rejected=run.rejected,
+            extensions=run.extensions,
+            norms=run.norms.to_doc(),
+            cohort=run.cohort.to_doc() if run.cohort is not None else {},
         )
 
     def commit_acks(self, run: RoundRun) -> None:
@@ -204,10 +210,16 @@ class Intake:
     def send_due_acks(self, run: RoundRun) -> None:
         self.publish_acks(self.encode_due_acks(run))
 
-    def encode_due_acks(self, run: RoundRun) -> list[tuple[DueAck, Ack]]:
-        """The due acks, counted in the round's bytes out (taken off the due list)."""
-        due, self.acks_due = self.acks_due, []
-        out = [(d, Ack(self.store.run_id, d.update.round, d.update.device_id, d.update.nonce, True)) for d in due]
+    def encode_due_acks(self, run: RoundRun, only: list[DueAck] | None = None) -> list[tuple[DueAck, Ack]]:
+        """The due acks (those in `only`, when given: what a finished write made durable),
+        counted in the round's bytes out (taken off the due list)."""
+        if only is None:
+            due, self.acks_due = self.acks_due, []
+        else:
+            ids = {id(d) for d in only}
+            due = [d for d in self.acks_due if id(d) in ids]
+            self.acks_due = [d for d in self.acks_due if id(d) not in ids]
+        out = [(d, Ack(self.store.run_id, d.update.round, d.update.device_id, d.update.nonce, True, d.note)) for d in due]
         run.bytes_out += sum(len(a.encode()) for _, a in out)
         return out
 
@@ -217,6 +229,8 @@ class Intake:
         for due, ack in acks:
             u = due.update
             self.publisher.ack(ack)
+            if due.note:
+                continue  # a duplicate: its update_accepted line was written when it first counted
             self.events.emit(
                 "update_accepted",
                 u.round,
