@@ -64,7 +64,7 @@ class DeviceReporting:
         self.status_state = state
         self.status_last, self._status_t = (state, round_, detail), time.monotonic()
         r = self.state.last_round if round_ is None else round_
-        health = self.health.read()
+        health = self.health.recent()
         self.link.publish(
             self.topics.status(self.cfg.device_id),
             Status(
