@@ -92,7 +92,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
         self.wire = DeviceWire(self.state_dir, self.topics, cfg.device_id)  # encodings, parts (device/wire.py)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self._rounds_counted: set[tuple[str, int]] = set()
-        self._unsettled: tuple[str, int, str] = ("", 0, "")  # an update the next round settled before its ack
+        self._unsettled: dict[tuple[str, int, str], None] = {}  # updates the next round settled before their ack
         self.events: queue.Queue[Event] = queue.Queue()
         self.post = post or self.events.put  # where this device's events go (its host's queue)
         self._engine_factory = engine_factory

@@ -37,7 +37,7 @@ class RoundSettling:
     cfg: Any
     leader: LeaseView
     rounds_done: int
-    _unsettled: tuple[str, int, str]  # (run, round, nonce) of an update settled before its ack came
+    _unsettled: dict[tuple[str, int, str], None]  # (run, round, nonce) of updates settled before their ack came
 
     # The agent's (agent.DeviceAgent overrides both).
     def _log(self, level: int, event: str, round_: int | None = None, **fields: Any) -> None:
@@ -52,7 +52,7 @@ class RoundSettling:
         if ack.device_id != self.cfg.device_id or ack.run_id != s.run_id:
             return
         if (ack.round, ack.nonce) != (s.pending_round, s.pending_nonce):
-            if ack.accepted and self._unsettled == (ack.run_id, ack.round, ack.nonce):
+            if ack.accepted and self._unsettled.pop((ack.run_id, ack.round, ack.nonce), 0) is None:
                 # The ack of an update the next round already settled (the aggregator acks after
                 # its commit is durable, which is after it published that next round).
                 self._log(logging.INFO, "update_acknowledged", ack.round, note=ack.reason or "after the next round opened")
@@ -85,7 +85,9 @@ class RoundSettling:
         if why:
             self._log(logging.WARNING, "update_dropped", round_, reason=why)
         if quiet:
-            self._unsettled = (s.run_id, round_, s.pending_nonce)
+            self._unsettled[(s.run_id, round_, s.pending_nonce)] = None
+            if len(self._unsettled) > 16:  # acks come at most a few commit groups late
+                del self._unsettled[next(iter(self._unsettled))]
         self.wire.feedback.settle(s.pending_nonce)  # before the pending update goes (feedback.py)
         clear_pending_update(self.state_dir)
         s.pending_round, s.pending_nonce, s.pending_base = 0, "", 0
