@@ -278,7 +278,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
     # ------------------------------------------------------------------ handlers
 
     def _on_connected(self) -> None:
-        self._status("idle" if self.status_state in ("idle", "offline", "error") else self.status_state)
+        self._status("idle" if self.status_state in ("idle", "offline", "error") else self.status_state, force=True)
         pending = load_pending_update(self.state_dir) if self.state.pending_round else None
         if pending:
             self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")

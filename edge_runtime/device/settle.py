@@ -43,7 +43,7 @@ class RoundSettling:
     def _log(self, level: int, event: str, round_: int | None = None, **fields: Any) -> None:
         raise NotImplementedError
 
-    def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
+    def _status(self, state: str, round_: int | None = None, detail: str = "", force: bool = False) -> None:
         raise NotImplementedError
 
     def _on_ack(self, payload: bytes) -> None:
