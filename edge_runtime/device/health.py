@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fleetlearn.edge_runtime.core.protocol import Health
@@ -90,15 +89,6 @@ class HealthReader:
         self.state_dir = Path(state_dir)
         self.sysfs = Path(sysfs_root)
         self.started = time.monotonic()
-        self._last: tuple[float, Health] | None = None
-
-    def recent(self, max_age_s: float = 1.0) -> Health:
-        """Readings at most `max_age_s` old (uptime always fresh): a status per round phase
-        should not glob sysfs each time (it sits between a global model and training)."""
-        now = time.monotonic()
-        if self._last is None or now - self._last[0] > max_age_s:
-            self._last = (now, self.read())
-        return replace(self._last[1], uptime_s=round(now - self.started, 1))
 
     def read(self) -> Health:
         return Health(

@@ -75,7 +75,7 @@ class DeviceReporting:
             return  # the retained status already says busy (see BUSY_STATUS_EVERY_S)
         self._status_t = now
         r = self.state.last_round if round_ is None else round_
-        health = self.health.recent()
+        health = self.health.read()
         self.link.publish(
             self.topics.status(self.cfg.device_id),
             Status(
