@@ -41,7 +41,7 @@ def test_sigkill_between_the_next_global_model_and_the_durable_commit_costs_a_re
     wire = Recorder(mosquitto.url, [T.all_updates, T.ack("+")], "wire")
     procs.append(wire)
     args = agg_args(ROUNDS, 2, 2, 60)
-    monkeypatch.setenv(DELAY_ENV, "5")  # inherited by the first aggregator only
+    monkeypatch.setenv(DELAY_ENV, "10")  # inherited by the first aggregator only
     agg = AggProc(tmp_path, mosquitto.url, fleet, boston_bundle, state, *args, name="agg1")
     procs.append(agg)
     monkeypatch.delenv(DELAY_ENV)

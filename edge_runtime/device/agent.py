@@ -46,7 +46,7 @@ from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
-from fleetlearn.edge_runtime.device.reporting import HEALTH_REFRESH_S, DeviceReporting, Event
+from fleetlearn.edge_runtime.device.reporting import BUSY_STATUS_EVERY_S, HEALTH_REFRESH_S, DeviceReporting, Event
 from fleetlearn.edge_runtime.device.settle import RoundSettling
 from fleetlearn.edge_runtime.device.state import (
     DeviceState,
@@ -110,6 +110,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
         self.status_state = "idle"
         self.status_last: tuple[str, int | None, str] = ("idle", None, "")  # (state, round, detail) last published
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
+        self._fast_rounds = False  # until a local training shows rounds are fast (reporting.py)
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
@@ -364,6 +365,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
         data = self._ensure_data()
         self._status("training", g.round)
         result, delta = train_round(self.trainer, data, self.cfg.training, g, self.cfg.device_id)
+        self._fast_rounds = result.seconds < BUSY_STATUS_EVERY_S
         if not (np.isfinite(result.mean_loss) and np.isfinite(delta).all()):
             # Diverged (too high a learning rate, bad data scale): nothing useful to send. Say so
             # and sit this round out; the next global model resets the weights.
