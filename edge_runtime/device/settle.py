@@ -122,7 +122,8 @@ class RoundSettling:
             self.wire.refused(s.pending_nonce)  # with error feedback its values go back into the residual
             clear_pending_update(self.state_dir)
             s.pending_round, s.pending_nonce, s.pending_base = 0, "", 0
-        if s.acked_round < g.round:
-            s.last_round = min(s.last_round, g.round - 1)  # train it again
+        # The rounds after g.round are to come again; g.round itself too, unless our update of it
+        # was acknowledged (the aggregator holds it durably and resumes the round with it).
+        s.last_round = min(s.last_round, g.round if s.acked_round >= g.round else g.round - 1)
         s.seen_round = g.round
         s.save(self.state_dir)
