@@ -328,6 +328,8 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
             # The round moved on; normal since the aggregator acks after its commit, which is
             # after it published this round: settled quietly, its ack may still come.
             self._finish_round(s.pending_round, "", quiet=True)
+            if self.done:
+                return  # --max-rounds reached: no round after it
         if g.round <= s.last_round:
             return  # already done (a retained global seen again after reconnect)
         if s.pending_round == g.round:
