@@ -19,7 +19,8 @@ Round state machine (docs/aggregator.md has the picture):
 Who does what: config.py (options), schedule.py (each round's training config), registry.py
 (the strategy), sampling.py + presence.py (who is invited, among the connected devices),
 intake.py (validating updates, group-commit acks), round_close.py (drawing a cohort, extending,
-failing and closing a round), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
+failing and closing a round), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability),
+commit_writer.py (the durable writes, off the critical path), events.py (log + notify).
 """
 
 from __future__ import annotations
