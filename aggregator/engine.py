@@ -19,7 +19,8 @@ Round state machine (docs/aggregator.md has the picture):
 Who does what: config.py (options), schedule.py (each round's training config), registry.py
 (the strategy), sampling.py + presence.py (who is invited, among the connected devices),
 intake.py (validating updates, group-commit acks), round_close.py (drawing a cohort, extending,
-failing and closing a round), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability), events.py (log + notify).
+failing and closing a round), publisher.py (the wire), evaluation.py (test metrics, final model), model_store.py (durability),
+commit_writer.py (the durable writes, off the critical path), events.py (log + notify).
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ class Aggregator(RoundClosing):
         self.link: Any = None
         self.leader: Any = None  # the LeaseKeeper (aggregator/leader.py) once the fleet is claimed
         self.store: Any = None
+        self.writer: Any = None  # the CommitWriter (aggregator/commit_writer.py) once the store is open
         self.current: RoundRun | None = None
+        self._closing: Any = None  # round_close.Closing: a round aggregated, its commit not yet handed to the writer
+        self._first_round = 0  # the first round this process opens (it may resume a partial)
         # Subscribe to the devices' retained statuses and emit `device_status` events (for a
         # metrics exporter, aggregator/metrics.py); off by default: a large fleet's statuses cost bandwidth.
         self.watch_devices = False
@@ -95,9 +99,12 @@ class Aggregator(RoundClosing):
         try:
             self._connect()
             self.publisher.bundle(self.plan)
+            self._first_round = self.store.open_round
             for rnd in range(self.store.open_round, cfg.rounds.rounds + 1):
                 opened = time.monotonic()
                 self._run_round(rnd)
+                if cfg.rounds.round_interval > 0:
+                    self._settle_closing()  # paced: the round's close need not wait for the next opening
                 # --round-interval paces the run (demos watched by a person); 0 by default.
                 if self._stop.wait(max(0.0, cfg.rounds.round_interval - (time.monotonic() - opened))) or self._stop.is_set():
                     return self._stopped()
@@ -111,9 +118,7 @@ class Aggregator(RoundClosing):
             return self._stopped()
         finally:
             self._queue.close()  # the network thread must not wait on a backlog nobody drains
-            intake = getattr(self, "intake", None)
-            if intake is not None:
-                intake.close()  # a partial write still running finishes; nothing more is acked
+            self._shutdown_writes()  # the last round's commit and every pending write finish; their acks out
             self._flush(5.0)
             if self.leader is not None:
                 self.leader.release()
@@ -143,6 +148,9 @@ class Aggregator(RoundClosing):
         self.store = ModelStore.open(
             self.state_dir, self.manifest.model_hash, self.manifest.num_params, self.evaluator.initial_weights
         )
+        from fleetlearn.aggregator.commit_writer import CommitWriter
+
+        self.writer = CommitWriter(self.store, notify=lambda: self._queue.put_control("durable"))
         s = cfg.signing
         self.signing = open_signing(
             self.state_dir,
@@ -206,7 +214,7 @@ class Aggregator(RoundClosing):
             self.publisher,
             self.events,
             cfg.round_target,
-            post=lambda seq: self._queue.put_control("durable", seq=seq),
+            self.writer,
         )
         self._queue.max_bytes = max(INBOX_BYTES, 4 * max_update_bytes(self.manifest.num_params))
         self.link.start()
@@ -244,8 +252,8 @@ class Aggregator(RoundClosing):
 
     def _handle(self, event: Event) -> None:
         kind, topic, payload = event.kind, event.topic, event.payload
-        if kind == "durable":  # a group commit's write finished: ack what it made durable
-            self.intake.on_durable(self.current, event.seq)  # a failed write raises: the run ends, nothing acked
+        if kind == "durable":  # outside the try below: a failed durable write must stop the run
+            self._finish_durable()
             return
         try:
             if kind == "connected":
@@ -348,7 +356,7 @@ class Aggregator(RoundClosing):
             config=cfg.wire.apply(cfg.training.round_config(rnd, pol.rounds, self.bundle_lr)),
             target=cfg.round_target,
         )
-        partial = store.load_partial(rnd)
+        partial = store.load_partial(rnd) if rnd == self._first_round else None  # only a restart finds one
         if partial is not None:
             self.strategy.load_partial_state(partial.strategy)
             run.accepted = dict(partial.accepted)
@@ -363,6 +371,7 @@ class Aggregator(RoundClosing):
             run.cohort = Cohort.from_doc(partial.cohort) if partial.cohort else None
             self.events.log("round_resumed", rnd, accepted=len(run.accepted), devices=sorted(run.accepted))
         if cfg.sampling.enabled:
+            self._settle_closing()  # drawing a cohort may wait for devices: the last round's close goes first
             if run.cohort is None:
                 run.cohort = self._draw_cohort(run)
                 run.deadline = time.time() + pol.deadline  # the deadline counts from the invitations
@@ -389,7 +398,11 @@ class Aggregator(RoundClosing):
             config=run.config,
             invite=run.cohort.invitation if run.cohort is not None else None,
         )
-        run.bytes_out += self.publisher.global_model(g)
+        run.global_bytes = self.publisher.global_model(g)
+        run.bytes_out += run.global_bytes
+        # The devices have round r+1's model: now round r's close (closed state, evaluation, the
+        # durable commit on the writer thread) happens while they train.
+        self._settle_closing()
         self._round_state("open")
         self.events.emit(
             "round_open",

@@ -6,17 +6,19 @@ for the next durable write of the round's partial state, which covers every upda
 since the write before it (one fsync for many updates):
 
     on_update        validate, fold in, and put the ack on `acks_due`
-    commit_acks      no write running: snapshot the partial state (engine thread, a consistent
-                     copy), move `acks_due` to `in_flight`, write the snapshot on the writer thread
-    on_durable       (engine thread, the writer's "durable" event) ack `in_flight`; the engine's
-                     next commit_acks starts the write of whatever arrived meanwhile
+    commit_acks      no write pending: snapshot the partial state (engine thread, a consistent
+                     copy), move `acks_due` to `in_flight`, hand the snapshot to the commit writer
+                     (aggregator/commit_writer.py: one thread writes partials and round commits,
+                     in submission order)
+    on_durable       (engine thread, when the writer reports the job done) ack `in_flight`; the
+                     engine's next commit_acks starts the write of whatever arrived meanwhile
 
 So the engine keeps validating and folding while the disk works (an fsync costs 5-50 ms on this
-VM), and the longer a write takes, the more updates the next one covers. When the updates reach
-the round's target, the round's own commit makes the rest durable and the engine publishes their
-acks after it (`encode_due_acks` first waits for a write still running, so no partial write can
-land after the round's commit). A rejected update is answered at once (nothing to persist).
-Without `post` (no engine inbox to tell), commit_acks writes and acks synchronously.
+VM), and the longer a write takes, the more updates the next one covers. Because the writer
+runs its jobs in order, a partial of round r+1 is durable only after round r's commit: no update
+of round r+1 is acknowledged before round r is durable. When the updates reach the round's
+target, the round's own commit (queued after any partial write) makes the rest durable and the
+engine publishes their acks after it. A rejected update is answered at once (nothing to persist).
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fleetlearn.aggregator.clipping import l2_norm
+from fleetlearn.aggregator.commit_writer import CommitWriter, Job
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
 from fleetlearn.aggregator.partial_round import AcceptedJson
@@ -61,6 +62,7 @@ class RoundRun:
     norms: NormStats = field(default_factory=lambda: NormStats())
     target: int = 0  # accepted updates that close the round
     cohort: Cohort | None = None  # with client sampling: who was invited (persisted with the round)
+    global_bytes: int = 0  # the global-model frame(s) that opened the round: what each device receives
 
 
 @dataclass
@@ -109,10 +111,11 @@ class DueAck:
     train_s: float
     accepted: int  # accepted updates in the round once this one counted
     payload_bytes: int
+    note: str = ""  # set for an accepted duplicate (counted before): the ack's reason, no update_accepted line
 
     @classmethod
-    def of(cls, u: Update, accepted: int, payload_bytes: int) -> DueAck:
-        return cls(u.device_id, u.round, u.nonce, u.samples, u.train_loss, u.train_s, accepted, payload_bytes)
+    def of(cls, u: Update, accepted: int, payload_bytes: int, note: str = "") -> DueAck:
+        return cls(u.device_id, u.round, u.nonce, u.samples, u.train_loss, u.train_s, accepted, payload_bytes, note)
 
 
 class Intake:
@@ -126,7 +129,7 @@ class Intake:
         publisher: Publisher,
         events: Events,
         target: int,
-        post: Callable[[int], None] | None = None,
+        writer: CommitWriter,
     ):
         self.topics = topics
         self.num_params = num_params
@@ -139,10 +142,8 @@ class Intake:
         self.acks_due: list[DueAck] = []  # accepted, in no durable write yet
         self.in_flight: list[DueAck] = []  # accepted, in the write running on the writer thread
         self._unacked: set[tuple[str, str]] = set()  # (device, nonce) of acks_due + in_flight
-        self._post = post  # tells the engine's thread that write `seq` finished (its inbox)
-        self._writer: ThreadPoolExecutor | None = None
-        self._write: Future | None = None
-        self._write_seq = 0
+        self.writer = writer  # the one thread writing the aggregator's state, in order
+        self._write: Job | None = None  # the partial write whose completion acks `in_flight`
         self._accepted_json = AcceptedJson()  # each write encodes only the newly accepted pairs
         # Updates over --max-message-size arrive as PART frames (protocol/parts.py): at most two
         # partial updates per device, each bounded by the model's largest update frame.
@@ -175,6 +176,10 @@ class Intake:
             self.events.log("update_duplicate", u.round, device=u.device_id, nonce=u.nonce[:8], note=verdict.note)
             if (u.device_id, u.nonce) in self._unacked:
                 return  # counted but not yet durable: its ack is already due with the next write
+            if u.round > self.store.durable_round:  # its round's commit is still being written
+                self.acks_due.append(DueAck.of(u, len(run.accepted), len(payload), verdict.note))
+                self._unacked.add((u.device_id, u.nonce))
+                return
             run.bytes_out += self.publisher.ack(Ack(self.store.run_id, u.round, u.device_id, u.nonce, True, verdict.note))
             return
         try:
@@ -230,71 +235,44 @@ class Intake:
             accepted_json=self._accepted_json.of(run.round, run.accepted),
         )
 
-    def save_partial(self, run: RoundRun) -> None:
-        """Persist the round's partial state now (after a write still running): every accepted
-        update is durable when this returns, its ack still due (send_due_acks)."""
-        self._settle()
-        self.store.save_partial(self._partial(run))
+    def save_partial(self, run: RoundRun) -> Job:
+        """Write the round's partial state now, whatever is due (e.g. a deadline extension's
+        count): every accepted update not acked yet goes with this write; on_durable acks them."""
+        self.in_flight, self.acks_due = self.in_flight + self.acks_due, []
+        self._write = self.writer.partial(run.round, self._partial(run), None)
+        return self._write
 
     def commit_acks(self, run: RoundRun) -> None:
-        """Make the updates accepted since the last write durable, then ack them: in the
-        background when the engine has an inbox (the ack follows on_durable), else at once."""
+        """Make the updates accepted since the last write durable, in the background; their acks
+        follow on_durable."""
         if not self.acks_due or self._write is not None:
-            return  # nothing new, or a write is running: its completion starts the next
-        if self._post is None:
-            self.save_partial(run)
-            self.send_due_acks(run)
-            return
-        snapshot = self._partial(run)
-        self.in_flight, self.acks_due = self.acks_due, []
-        self._write_seq += 1
-        seq, post = self._write_seq, self._post
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partial-writer")
-        self._write = self._writer.submit(self.store.save_partial, snapshot)
-        self._write.add_done_callback(lambda _f: post(seq))
+            return  # nothing new, or a write is pending: its completion starts the next
+        self.save_partial(run)
 
-    def on_durable(self, run: RoundRun | None, seq: int) -> None:
-        """Write `seq` finished (engine thread): ack what it made durable. A failed write raises
-        here. A stale `seq` (already settled by save_partial or the round's close) is ignored."""
-        if self._write is None or seq != self._write_seq:
+    def on_durable(self, run: RoundRun | None, job: Job) -> None:
+        """The writer finished partial `job` (engine thread; the engine raised a failed job's
+        error before this): ack what it made durable. A superseded job (the round's close, or a
+        later save_partial, took its acks) is ignored."""
+        if job is not self._write:
             return
-        write, self._write = self._write, None
-        write.result()
+        self._write = None
         if run is not None:
             due, self.in_flight = self.in_flight, []
             self.publish_acks(self._encode(run, due))
-
-    def _settle(self) -> None:
-        """Wait for the write running, if any: its updates are durable, their acks due again."""
-        if self._write is None:
-            return
-        write, self._write = self._write, None
-        write.result()
-        self.acks_due, self.in_flight = self.in_flight + self.acks_due, []
-
-    def close(self) -> None:
-        """Finish the write running (the engine is stopping; nothing is acked after this)."""
-        try:
-            self._settle()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
 
     def send_due_acks(self, run: RoundRun) -> None:
         """Ack every due update (the caller made them durable: save_partial, the round's commit)."""
         self.publish_acks(self.encode_due_acks(run))
 
     def encode_due_acks(self, run: RoundRun) -> list[tuple[DueAck, bytes]]:
-        """Every accepted update's ack not sent yet, encoded and counted in the round's bytes out
-        (taken off the due lists), once a write still running has finished."""
-        self._settle()
-        due, self.acks_due = self.acks_due, []
+        """Every accepted update's ack not sent yet (in a pending write or not), encoded and
+        counted in the round's bytes out, taken off the due lists. The caller publishes them
+        after a later durable write (the round's commit, queued behind any pending partial)."""
+        due, self.acks_due, self.in_flight, self._write = self.in_flight + self.acks_due, [], [], None
         return self._encode(run, due)
 
     def _encode(self, run: RoundRun, due: list[DueAck]) -> list[tuple[DueAck, bytes]]:
-        out = [(d, Ack(self.store.run_id, d.round, d.device, d.nonce, True).encode()) for d in due]
+        out = [(d, Ack(self.store.run_id, d.round, d.device, d.nonce, True, d.note).encode()) for d in due]
         run.bytes_out += sum(len(a) for _, a in out)
         self._unacked.difference_update((d.device, d.nonce) for d in due)
         return out
@@ -304,6 +282,8 @@ class Intake:
         update that a crash could still lose."""
         for due, ack in acks:
             self.publisher.publish(self.topics.ack(due.device), ack)
+            if due.note:
+                continue  # a duplicate: its update_accepted line was written when it first counted
             self.events.emit(
                 "update_accepted",
                 due.round,

@@ -171,6 +171,7 @@ class MetricsExporter:
         self.per_device = per_device
         self.round = Gauge(f"{NAMESPACE}_round", "Last closed round", registry=r)
         self._last_round = 0
+        self._open_round = 0
         self.open_round = Gauge(f"{NAMESPACE}_open_round", "The round open now (0 when none is)", registry=r)
         self.rounds = Counter(f"{NAMESPACE}_rounds", "Rounds that ended, by outcome", ["outcome"], registry=r)
         self.duration = Histogram(
@@ -226,6 +227,7 @@ class MetricsExporter:
     def _on_round_open(self, f: dict[str, Any]) -> None:
         rnd = int(f.get("round") or 0)
         self.open_round.set(rnd)
+        self._open_round = rnd
         self.target.set(int(f.get("target_devices") or 0))
         if rnd - 1 > self._last_round:  # resumed: the rounds before this one closed in an earlier process
             self._last_round = rnd - 1
@@ -248,7 +250,9 @@ class MetricsExporter:
         rec = RoundMetrics.from_doc(record)
         self._last_round = rec.round
         self.round.set(rec.round)
-        self.open_round.set(0)
+        if self._open_round == rec.round:  # round_closed comes once the commit is durable: the next may be open
+            self.open_round.set(0)
+            self._open_round = 0
         self.rounds.labels(outcome="closed").inc()
         if rec.wall_s is not None:
             self.duration.observe(rec.wall_s)

@@ -2,8 +2,20 @@
 
 `RoundClosing` is a mixin of `engine.Aggregator`, kept in its own file so each file has one job:
 drawing a sampled round's cohort, extending a round past a missed deadline, failing it, closing
-it (aggregate -> server step -> evaluate -> one durable commit -> acks -> metrics) and finishing
-the run. The attributes it uses are the engine's, declared below for the type checker.
+it and finishing the run. The attributes it uses are the engine's, declared below for the type
+checker.
+
+Closing round r is split so that nothing slow sits between round r's last update and round
+r+1's global model:
+
+    _close_round     aggregate -> server step -> store.advance (memory): w_r is current
+    (engine)         round r+1's global model is published
+    _settle_closing  RoundState closed -> evaluation -> the commit handed to the writer thread
+    _finish_durable  once the writer made it durable: round r's acks, metrics, round_closed
+
+Partial accumulators (acks of an open round) go through the same writer, in order
+(intake.Intake.commit_acks), so the engine's thread never waits for an fsync and no update of round
+r+1 is acknowledged before round r is durable (aggregator/commit_writer.py).
 """
 
 from __future__ import annotations
@@ -11,27 +23,45 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fleetlearn.aggregator.commit_writer import CommitWriter
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.evaluation import Evaluator
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.inbox import Inbox
-from fleetlearn.aggregator.intake import Intake, RoundRun
-from fleetlearn.aggregator.model_store import ModelStore
+from fleetlearn.aggregator.intake import DueAck, Intake, RoundRun
+from fleetlearn.aggregator.model_store import ModelStore, PendingCommit
 from fleetlearn.aggregator.presence import Presence
 from fleetlearn.aggregator.publisher import Publisher
 from fleetlearn.aggregator.sampling import Cohort, draw_cohort
 from fleetlearn.aggregator.strategy import Strategy
 from fleetlearn.edge_runtime.core.bundle import Manifest
-from fleetlearn.edge_runtime.core.protocol import GlobalModel
+from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundMetrics, RoundState
 
 # With client sampling, the first round after start, and a round with fewer connected devices than
 # it would invite, wait this long for more (statuses arriving, devices connecting) before drawing.
 SAMPLING_SETTLE_S = 2.0
+# Round commits queued or being written before a closing round waits for the writer (a backlog
+# means the disk is slower than the rounds; each commit group writes all that queued at once).
+MAX_COMMITS_IN_FLIGHT = 4
+
+log = logging.getLogger("fleetlearn.aggregator")
+
+
+@dataclass
+class Closing:
+    """Round r between `_close_round` (aggregated, current in memory) and the writer."""
+
+    run: RoundRun
+    pending: PendingCommit
+    record: dict[str, Any]
+    acks: list[tuple[DueAck, Any]]
+    weights: np.ndarray
 
 
 class RoundFailed(Exception):
@@ -54,6 +84,8 @@ class RoundClosing:
     manifest: Manifest
     state_dir: Path
     current: RoundRun | None
+    writer: CommitWriter
+    _closing: Closing | None
     _queue: Inbox
     _stop: threading.Event
     _cohorts_drawn: int
@@ -121,8 +153,9 @@ class RoundClosing:
             self._fail(run, reason, accepted=k, min_devices=pol.min_devices, extensions=run.extensions)
         run.extensions += 1
         run.deadline = time.time() + pol.deadline
-        self.intake.save_partial(run)
-        self.intake.send_due_acks(run)
+        self.intake.save_partial(run)  # the extension count too; rare, so wait for it
+        self.writer.wait_idle()
+        self._finish_durable()
         self._round_state("open")
         self.events.emit(
             "round_extended",
@@ -137,12 +170,15 @@ class RoundClosing:
         )
 
     def _close_round(self, run: RoundRun, closed_by: str) -> None:
+        """Aggregate round `run` and make w_r current in memory; the rest waits for the next
+        round's global model to be out (`_settle_closing`)."""
         k = len(run.accepted)
-        self._round_state("closed")
         new_w = self.strategy.step(self.store.weights, self.strategy.aggregate())
         if not np.isfinite(new_w).all():
             # Finite deltas can still overflow float32 when summed; never publish such a model.
             self._fail(run, f"round {run.round} failed: the aggregated model holds NaN/Inf values", accepted=k)
+        closed_at = time.time()
+        acks = self.intake.encode_due_acks(run)  # sent once the round's commit has made them durable
         record: dict[str, Any] = {
             "round": run.round,
             "run_id": self.store.run_id,
@@ -155,13 +191,11 @@ class RoundClosing:
             record.update(invited=list(run.cohort.invited), connected=run.cohort.connected)
         if run.config.proximal_mu:
             record["proximal_mu"] = run.config.proximal_mu  # the strategy names the aggregation; mu is the devices' side
-        acks = self.intake.encode_due_acks(run)  # sent once the commit below has made them durable
-        record.update(self.evaluator.evaluate(new_w))
-        closed_at = time.time()
         record.update(
             wall_s=round(closed_at - run.opened_at, 4),
             bytes_in=run.bytes_in,
             bytes_out=run.bytes_out,
+            global_bytes=run.global_bytes,
             deadline_extensions=run.extensions,
             rejected=run.rejected,
             closed_by=closed_by,
@@ -169,29 +203,84 @@ class RoundClosing:
             opened_at=run.opened_at,
             closed_at=closed_at,
         )
-        record = _finite(record)
-        # Weights and the strategy's cross-round state become current in one commit.
-        self.store.commit(run.round, new_w, record, run.accepted, self.strategy.state_dict())
-        self.intake.publish_acks(acks)  # the commit made every accepted update of the round durable
-        self.publisher.metrics(record)
-        metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
-        self.events.emit(
-            "round_closed",
-            run.round,
-            notify=record,
-            closed_by=closed_by,
-            accepted=k,
-            devices=record["devices"],
-            samples=record.get("samples"),
-            train_loss=record.get("train_loss"),
-            wall_s=record["wall_s"],
-            **metric,
-        )
+        if self.writer.commits_in_flight() >= MAX_COMMITS_IN_FLIGHT:
+            self.writer.wait_below(MAX_COMMITS_IN_FLIGHT)
+        # Weights and the strategy's cross-round state become current together (durable later, together).
+        pending = self.store.advance(run.round, new_w, run.accepted, self.strategy.state_dict())
+        self._closing = Closing(run, pending, record, acks, new_w)
         self.current = None
+
+    def _settle_closing(self) -> None:
+        """The closed round's state on the wire, its evaluation, and its commit to the writer."""
+        c, self._closing = self._closing, None
+        if c is None:
+            return
+        pol = self.config.rounds
+        self.publisher.round_state(
+            RoundState(
+                run_id=self.store.run_id,
+                round=c.run.round,
+                state="closed",
+                total_rounds=pol.rounds,
+                min_devices=pol.min_devices,
+                target_devices=c.run.target,
+                accepted=len(c.run.accepted),
+            )
+        )
+        c.record.update(self.evaluator.evaluate(c.weights))
+        record = _finite(c.record)
+        c.pending.record = RoundMetrics.from_doc(record).to_doc()  # rounds.jsonl holds only valid records
+        self.writer.commit(c.pending, (record, c.acks))
+
+    def _finish_durable(self) -> None:
+        """What the writer made durable: publish the acks (and a closed round's metrics and
+        round_closed event) that waited for it. A failed write is raised here: nothing after
+        it is acknowledged."""
+        for job in self.writer.done():
+            if job.error is not None:
+                raise job.error
+            if job.kind == "partial":
+                self.intake.on_durable(self.current, job)
+                continue
+            record, acks = job.payload
+            self.intake.publish_acks(acks)  # the commit made every accepted update of the round durable
+            self.publisher.metrics(record)
+            metric = {k_: record[k_] for k_ in ("test_mse", "test_accuracy") if k_ in record}
+            self.events.emit(
+                "round_closed",
+                record["round"],
+                notify=record,
+                closed_by=record["closed_by"],
+                accepted=record["accepted"],
+                devices=record["devices"],
+                samples=record.get("samples"),
+                train_loss=record.get("train_loss"),
+                wall_s=record["wall_s"],
+                **metric,
+            )
+
+    def _shutdown_writes(self) -> None:
+        """At exit, whatever ended the run: the last closed round committed, every write
+        finished and its acks out, the writer thread ended."""
+        if self.writer is None:
+            return
+        try:
+            if self.store is not None and self._closing is not None:
+                self._settle_closing()
+            if not self.writer.wait_idle(60.0):
+                log.error("event=commit_timeout round=- reason=the durable writes did not finish within 60s")
+            self._finish_durable()
+        except Exception as exc:  # the run is ending anyway: say why, once
+            log.error("event=commit_failed round=- error=%r", f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            self.writer.close()
 
     def _finish(self) -> None:
         pol = self.config.rounds
         store = self.store
+        self._settle_closing()
+        self.writer.wait_idle()
+        self._finish_durable()  # the last round durable, its acks and round_closed before `finished`
         final = store.weights
         self.publisher.global_model(
             GlobalModel(

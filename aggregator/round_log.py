@@ -14,6 +14,7 @@ mid-rename by a tool, a file from another program): the reader drops it and says
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +135,15 @@ def append_round_record(path: Path, record: RoundMetrics) -> None:
     mine = sorted([r for r in kept if r.run_id == record.run_id] + [record], key=lambda r: r.round)
     data = "".join(json.dumps(r.to_doc(), separators=(",", ":"), allow_nan=False) + "\n" for r in others + mine)
     atomic_write_bytes(path, data.encode())
+
+
+def append_round_lines(path: Path, records: list[RoundMetrics]) -> None:
+    """Append records as lines, fsynced: for a writer that knows the file ends with a whole line
+    and holds none of these rounds (the model store after its first rewrite). A crash mid-append
+    can leave a torn last line: the reader drops it, and the restart's repair rewrites the file
+    with the committed records (model_store.py)."""
+    data = "".join(json.dumps(r.to_doc(), separators=(",", ":"), allow_nan=False) + "\n" for r in records)
+    with open(path, "ab") as f:
+        f.write(data.encode())
+        f.flush()
+        os.fsync(f.fileno())

@@ -342,8 +342,11 @@ def test_restart_between_rounds_resumes_bit_identical(any_broker, boston_bundle,
     agg = agg_factory.agg(any_broker.url, boston_bundle, state, *args)
     a = agg_factory.peer(any_broker.url, "dev-a")
     g1 = a.global_model(1)
-    a.send(a.update(g1, np.random.default_rng(0).normal(0, 0.1, g1.weights.size).astype(np.float32), 17).encode())
+    u1 = a.update(g1, np.random.default_rng(0).normal(0, 0.1, g1.weights.size).astype(np.float32), 17)
+    a.send(u1.encode())
     g2 = a.global_model(2)
+    # Round 2 opens before round 1 is durable (aggregator/commit_writer.py); round 1's ack says it is.
+    assert a.ack(u1.nonce).accepted
     agg.kill9()
     before = state_weights(state, 1)
     assert before.tobytes() == g2.weights.tobytes()

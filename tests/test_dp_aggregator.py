@@ -73,7 +73,9 @@ def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosqui
         str(test_npz),
         *dp,
     )
-    obs = Peer(mosquitto.url, [T.global_model, T.metrics])
+    # One observer per topic: round r+1's global model goes out before round r's metrics (those
+    # follow its durable commit), and wait_for drops what it skips.
+    obs, obs_metrics = Peer(mosquitto.url, [T.global_model]), Peer(mosquitto.url, [T.metrics])
     devices = {f"dev-{i}": Peer(mosquitto.url, [T.ack(f"dev-{i}")]) for i in range(3)}
     rng = np.random.default_rng(0)
     metrics = []
@@ -82,12 +84,12 @@ def test_epsilon_and_delta_in_every_round_record_and_on_the_metrics_topic(mosqui
             g = _global(obs, rnd)
             for name, peer in devices.items():
                 peer.publish(T.update(name), _update(g, name, rng.normal(0, 0.05, g.weights.size)).encode())
-            _, m = obs.wait_for(lambda t, p: t == T.metrics and json.loads(p)["round"] == rnd, timeout=30)
+            _, m = obs_metrics.wait_for(lambda t, p: t == T.metrics and json.loads(p)["round"] == rnd, timeout=30)
             metrics.append(json.loads(m))
         assert agg.wait() == 0, agg.text()[-3000:]
     finally:
         stop_process(agg.proc)
-        for p in [obs, *devices.values()]:
+        for p in [obs, obs_metrics, *devices.values()]:
             p.close()
     records = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
     want = [dp_epsilon(1.0, 1.0, r, 1e-6) for r in (1, 2, 3)]

@@ -176,6 +176,7 @@ def full_metrics() -> RoundMetrics:
         wall_s=1.5,
         bytes_in=1000,
         bytes_out=2000,
+        global_bytes=900,
         deadline_extensions=1,
         rejected=1,
         rejected_devices=("dev-9",),

@@ -18,7 +18,9 @@ from typing import Any
 from fleetlearn.edge_runtime.core.errors import ConfigError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True, sync_dir: bool = True) -> None:
+    """`durable`: fsync the file, and (`sync_dir`) its directory after the rename; a caller
+    writing several files into one directory may pass sync_dir=False and `fsync_dir` once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,11 +37,14 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
         except FileNotFoundError:
             pass
         raise
-    if not durable:
-        return
-    # fsync the directory so the rename itself survives a power cut.
+    if durable and sync_dir:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so the renames and new names in it survive a power cut."""
     try:
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:

@@ -20,6 +20,7 @@ import secrets
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,10 +33,8 @@ from fleetlearn.edge_runtime.core.errors import BundleError, DataError, Protocol
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
 from fleetlearn.edge_runtime.core.protocol import (
-    Ack,
     GlobalModel,
     LeaseView,
-    RoundState,
     Topics,
     Update,
 )
@@ -46,7 +45,8 @@ from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
-from fleetlearn.edge_runtime.device.reporting import HEALTH_REFRESH_S, DeviceReporting, Event
+from fleetlearn.edge_runtime.device.reporting import BUSY_STATUS_EVERY_S, HEALTH_REFRESH_S, DeviceReporting, Event
+from fleetlearn.edge_runtime.device.settle import RoundSettling
 from fleetlearn.edge_runtime.device.state import (
     DeviceState,
     clear_pending_update,
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetlearn.device")
 
 
-class DeviceAgent(BundleOverTheAir, DeviceReporting):
+class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
     """One device's protocol logic, driven by events, hosted by `run()` (one device: paho's thread
     queues events, the main thread handles them) or by the swarm (device/swarm.py: many agents,
     one epoll loop), which chooses the link (`link_factory`), the event sink (`post`), the engine
@@ -92,6 +92,8 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
         self.state = DeviceState.load(self.state_dir)
         self.wire = DeviceWire(self.state_dir, self.topics, cfg.device_id)  # encodings, parts (device/wire.py)
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
+        self._rounds_counted: set[tuple[str, int]] = set()
+        self._unsettled: dict[tuple[str, int, str], None] = {}  # updates the next round settled before their ack
         self.events: queue.Queue[Event] = queue.Queue()
         self.post = post or self.events.put  # where this device's events go (its host's queue)
         self._engine_factory = engine_factory
@@ -110,6 +112,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
         self.status_state = "idle"
         self.status_last: tuple[str, int | None, str] = ("idle", None, "")  # (state, round, detail) last published
         self._status_t = time.monotonic()  # of the last status, for the health heartbeat
+        self._fast_rounds = False  # until a local training shows rounds are fast (reporting.py)
         self.health = HealthReader(self.state_dir, cfg.sysfs_root)
         self.gate = EligibilityGate(cfg.eligibility, self.health.read, HEALTH_REFRESH_S)
         self._not_invited: tuple[str, int] = ("", 0)  # the last (run, round) we were not invited to
@@ -278,7 +281,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
     # ------------------------------------------------------------------ handlers
 
     def _on_connected(self) -> None:
-        self._status("idle" if self.status_state in ("idle", "offline", "error") else self.status_state)
+        self._status("idle" if self.status_state in ("idle", "offline", "error") else self.status_state, force=True)
         pending = load_pending_update(self.state_dir) if self.state.pending_round else None
         if pending:
             self._log(logging.INFO, "update_resent", self.state.pending_round, reason="reconnected")
@@ -319,16 +322,29 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
             )
             self._status("fetching", g.round, "waiting for the announced bundle")
             return
-        if self.state.pending_round and self.state.pending_round < g.round:
-            self._finish_round(self.state.pending_round, "a newer round opened before our update was acknowledged")
-        if g.round <= self.state.last_round:
+        s = self.state
+        if g.round < s.seen_round:
+            self._went_back(g)  # the aggregator restarted behind a round it had announced (device/settle.py)
+        s.seen_round = max(s.seen_round, g.round)  # saved with the state's next change
+        if s.pending_round and s.pending_round < g.round:
+            # The round moved on; normal since the aggregator acks after its commit, which is
+            # after it published this round: settled quietly, its ack may still come.
+            self._finish_round(s.pending_round, "", quiet=True)
+            if self.done:
+                return  # --max-rounds reached: no round after it
+        if g.round <= s.last_round:
             return  # already done (a retained global seen again after reconnect)
-        if self.state.pending_round == g.round:
+        if s.pending_round == g.round:
             pending = load_pending_update(self.state_dir)
-            if pending:  # the aggregator re-announced this round (it restarted): send again
+            if pending and s.pending_base in (0, _crc(g)):  # re-announced (the aggregator restarted): send again
                 self._log(logging.INFO, "update_resent", g.round, reason="round re-announced")
                 self._send_update(pending)
                 return
+            if pending:  # the same round on other weights: the aggregator redid the rounds before it
+                self._log(logging.WARNING, "update_dropped", g.round, reason="the round was re-announced with other weights")
+                self.wire.refused(s.pending_nonce)
+                clear_pending_update(self.state_dir)
+                s.pending_round, s.pending_nonce, s.pending_base = 0, "", 0
         if g.invite is not None and not g.invite.invites(self.cfg.device_id):
             # Client sampling: not asked this round, so no training and no upload (logged once per round).
             if self._not_invited != (g.run_id, g.round):
@@ -353,6 +369,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
         data = self._ensure_data()
         self._status("training", g.round)
         result, delta = train_round(self.trainer, data, self.cfg.training, g, self.cfg.device_id)
+        self._fast_rounds = result.seconds < BUSY_STATUS_EVERY_S
         if not (np.isfinite(result.mean_loss) and np.isfinite(delta).all()):
             # Diverged (too high a learning rate, bad data scale): nothing useful to send. Say so
             # and sit this round out; the next global model resets the weights.
@@ -377,12 +394,14 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
         payload = self.wire.encode(
             update, g.config.compression_spec, self.signer.sign if self.signer else None
         )  # as the round asks
-        # Durable before it is sent: a crash after this line re-sends these exact bytes.
-        save_pending_update(self.state_dir, payload, durable=self.group_commit is None)
-        self.state.pending_round, self.state.pending_nonce = g.round, update.nonce
-        self.state.save(self.state_dir)
+        # On disk before it is sent: a crash after this line re-sends these exact bytes. fsynced
+        # only with an error-feedback residual (device/state.py says why that is enough).
+        save_pending_update(self.state_dir, payload, durable=self.group_commit is None and self.wire.feedback.path.exists())
+        s = self.state
+        s.pending_round, s.pending_nonce, s.pending_base = g.round, update.nonce, _crc(g)
+        self._send_update(payload)  # then the bookkeeping: the update is on its way meanwhile
+        s.save(self.state_dir)  # (a crash before this: recover_pending reads the pending frame)
         self._status("uploading", g.round)
-        self._send_update(payload)
         self._log(
             logging.INFO,
             "update_sent",
@@ -405,41 +424,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
                 lambda: None if self.wire.send(self.link, payload, self.state.max_message_size) else None
             )
 
-    def _on_ack(self, payload: bytes) -> None:
-        ack = Ack.decode(payload)
-        s = self.state
-        if (
-            ack.run_id != s.run_id
-            or ack.round != s.pending_round
-            or ack.nonce != s.pending_nonce
-            or ack.device_id != self.cfg.device_id
-        ):
-            return  # an ack for an update we no longer hold (already settled)
-        if ack.accepted:
-            self._log(logging.INFO, "update_acknowledged", ack.round, note=ack.reason)
-        else:
-            self._log(logging.WARNING, "update_refused", ack.round, reason=ack.reason)
-            self.wire.refused(s.pending_nonce)  # not applied: its values go back into the residual
-        self._finish_round(ack.round, "")
 
-    def _on_round(self, payload: bytes) -> None:
-        if not payload:
-            return
-        rs = RoundState.decode(payload)
-        if rs.run_id != self.state.run_id or not self.leader.allows(rs.run_id):
-            return
-        if rs.state in ("closed", "finished", "failed"):
-            self.gate.drop_until(rs.round)
-        if rs.state in ("closed", "finished", "failed") and self.state.pending_round and self.state.pending_round <= rs.round:
-            self._finish_round(self.state.pending_round, f"round {rs.state} before our update was acknowledged")
-
-    def _finish_round(self, round_: int, why: str) -> None:
-        if why:
-            self._log(logging.WARNING, "update_dropped", round_, reason=why)
-        self.wire.feedback.settle(self.state.pending_nonce)  # before the pending update goes (feedback.py)
-        clear_pending_update(self.state_dir)
-        self.state.pending_round, self.state.pending_nonce = 0, ""
-        self.state.last_round = max(self.state.last_round, round_)
-        self.state.save(self.state_dir)
-        self.rounds_done += 1
-        self._status("idle", round_)
+def _crc(g: GlobalModel) -> int:
+    """Which global weights an update was trained from (never 0: 0 means unknown)."""
+    return zlib.crc32(np.ascontiguousarray(g.weights).data) or 1

@@ -22,6 +22,13 @@ from fleetlearn.edge_runtime.device.health import HealthReader
 from fleetlearn.edge_runtime.device.state import DeviceState
 
 HEALTH_REFRESH_S = 60.0  # re-publish the status (fresh health readings) at least this often
+# A device whose rounds are fast (its last local training took less than this) going training ->
+# uploading -> training ... publishes those at most this often: at a round every few
+# milliseconds each would cost a broker message and, worse, a wake of the network thread between
+# a global model and its training, and nobody could see them anyway. A slower device publishes
+# every phase; a change to any other state (idle, error, ineligible, offline, ...) always goes out.
+BUSY_STATES = ("training", "uploading")
+BUSY_STATUS_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class DeviceReporting:
     status_state: str
     status_last: tuple[str, int | None, str]
     _status_t: float
+    _fast_rounds: bool  # the last local training took less than BUSY_STATUS_EVERY_S
     post: Callable[[Event], None]  # where this device's events go (its host's queue)
 
     # The agent's (agent.DeviceAgent overrides both).
@@ -58,11 +66,21 @@ class DeviceReporting:
         offline = Status(self.cfg.device_id, "offline", self.state.last_round, "connection lost (last will)", time.time())
         return self.topics.status(self.cfg.device_id), offline.encode(), 1, True
 
-    def _status(self, state: str, round_: int | None = None, detail: str = "") -> None:
+    def _status(self, state: str, round_: int | None = None, detail: str = "", force: bool = False) -> None:
         if state == "ineligible" and not detail and self.status_last[0] == "ineligible":
             detail = self.status_last[2]  # a reconnect re-announces the state: keep its reason
+        now = time.monotonic()
+        still_busy = (
+            self._fast_rounds
+            and state in BUSY_STATES
+            and self.status_last[0] in BUSY_STATES
+            and now - self._status_t < BUSY_STATUS_EVERY_S
+        )
         self.status_state = state
-        self.status_last, self._status_t = (state, round_, detail), time.monotonic()
+        self.status_last = (state, round_, detail)
+        if still_busy and not force:
+            return  # the retained status already says busy (see BUSY_STATUS_EVERY_S)
+        self._status_t = now
         r = self.state.last_round if round_ is None else round_
         health = self.health.read()
         self.link.publish(

@@ -20,6 +20,9 @@ class DeviceState:
     pending_round: int = 0  # round of the update not yet acknowledged (0: none)
     pending_nonce: str = ""
     max_message_size: int = 0  # the last round config's message limit (0: none), for re-sends after a restart
+    pending_base: int = 0  # crc32 of the global weights the pending update was trained from (0: unknown)
+    seen_round: int = 0  # the highest round whose global model this run showed us
+    acked_round: int = 0  # the highest round whose update the aggregator acknowledged as counted
 
     @classmethod
     def load(cls, state_dir: Path) -> DeviceState:
@@ -39,9 +42,13 @@ class DeviceState:
 
 
 def save_pending_update(state_dir: Path, payload: bytes, durable: bool = True) -> None:
-    """The encoded update frame, written durably before it is first sent; re-sent as-is after a
-    restart. durable=False only for a caller that syncs the file system before sending (the
-    swarm's group commit)."""
+    """The encoded update frame, written atomically before it is first sent; re-sent as-is after
+    a restart. durable=False (no fsync: it survives the process being killed, not a power cut)
+    for the swarm's group commit (it syncs the file system before sending) and for an update
+    without an error-feedback residual: losing it to a power cut only costs a retrain, because
+    the aggregator counts one update per device and round (another nonce is refused as a
+    duplicate). With a residual it must be durable: device/feedback.py decides from it which
+    residual is current."""
     atomic_write_bytes(state_dir / "pending_update.bin", payload, durable=durable)
 
 

@@ -120,7 +120,8 @@ class RoundMetrics:
     eval_s: float | None = _f("number")
     wall_s: float | None = _f("number")
     bytes_in: int | None = _f("count")
-    bytes_out: int | None = _f("count")
+    bytes_out: int | None = _f("count")  # everything the round published: the global model, acks, ...
+    global_bytes: int | None = _f("count")  # the global-model frame(s) that opened the round (each device receives them once)
     deadline_extensions: int | None = _f("count")
     rejected: int | None = _f("count")  # also read from a list naming the devices (-> rejected_devices)
     rejected_devices: tuple[str, ...] = _f("names", ())
