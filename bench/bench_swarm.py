@@ -1,12 +1,15 @@
 """`fleetlearn swarm` at fleet scale: 1,000 real device agents in one process against one mosquitto.
 
-    .venv/bin/python bench/bench_swarm.py [--devices 1000] [--small 100] [--rounds 3]
+    .venv/bin/python bench/bench_swarm.py [--devices 1000] [--small 100] [--rounds 3] [--only fanout|rounds]
 
 Three measurements, all in this run, with the load average beside each:
 1. rounds: `fleetlearn swarm --devices N` and a real aggregator (target N, minimum 0.99 N):
    round wall time (rounds 2.. : round 1 includes the swarm's start), aggregator CPU seconds per
    round (utime+stime over the run / rounds), peak RSS of swarm and aggregator;
-2. memory per extra device: (peak RSS with N devices - with `--small` devices) / (N - small);
+2. memory per extra device: (peak RSS with N devices - with `--small` devices) / (N - small),
+   for the rounds' engine (`--engine`; a swarm's `auto` is the portable engine, one shared
+   session pair) and again, rounds included, for the other engine when this venv runs it
+   (ort-training: a session set per device);
 3. fan-out: a global-model frame published (retained, QoS 1) to N swarm devices, from the
    publish to the last device's receipt, against N raw paho clients on the same EpollLoop design
    receiving the same frame from the same broker (once with clean sessions, once with
