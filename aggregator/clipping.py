@@ -23,21 +23,22 @@ Restart: the clipped count and the raw norms are persisted with the rule's accum
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fleetlearn.aggregator.fold import Folder
+from fleetlearn.aggregator.fold import l2_norm as fold_l2_norm
 from fleetlearn.aggregator.options import Options, finite_positive, option
 from fleetlearn.aggregator.strategy import Strategy, Wrapper
 from fleetlearn.edge_runtime.core.protocol import Update
 
 
-def l2_norm(delta: np.ndarray) -> float:
-    """||d||_2, accumulated in float64 (a float32 sum of squares loses digits at 1e6 params)."""
-    d = np.asarray(delta, dtype=np.float64)
-    return float(np.sqrt(np.dot(d, d)))
+def l2_norm(delta: np.ndarray, scratch: np.ndarray | None = None) -> float:
+    """||d||_2, accumulated in float64 (a float32 sum of squares loses digits at 1e6 params),
+    blocked in cache without a widened copy of d (aggregator/fold.py)."""
+    return fold_l2_norm(delta, scratch)
 
 
 def clip_factor(norm: float, clip_norm: float) -> float:
@@ -53,7 +54,7 @@ def clip_delta(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
     The result's norm is <= C up to float64 rounding (a relative 1e-15), which is what the
     DP sensitivity argument needs; callers that store float32 round once more."""
     d = np.asarray(delta, dtype=np.float64)
-    factor = clip_factor(l2_norm(d), clip_norm)
+    factor = clip_factor(l2_norm(delta), clip_norm)
     return (d * factor if factor < 1.0 else d.copy()), factor < 1.0
 
 
@@ -84,16 +85,19 @@ class Clipping(Wrapper):
         self.clip_norm = float(options.clip_norm)
         self._clipped = 0
         self._norms: list[float] = []
+        self._folder = Folder()  # the norm over this machine's cores (bit-identical to l2_norm)
 
     def begin_round(self, rnd: int, global_weights: np.ndarray) -> None:
         self.inner.begin_round(rnd, global_weights)
         self._clipped, self._norms = 0, []
 
     def accumulate(self, update: Update) -> None:
-        norm = l2_norm(update.delta)
-        clipped, was_clipped = clip_delta(update.delta, self.clip_norm)
-        self.inner.accumulate(dataclasses.replace(update, delta=clipped))
-        self._clipped += int(was_clipped)
+        # One read of d for its norm, then the rule folds (d * factor) itself (a streaming rule
+        # without a scaled copy): the same float64 values clip_delta would hand it.
+        norm = self._folder.l2_norm(update.delta)
+        factor = clip_factor(norm, self.clip_norm)
+        self.inner.accumulate_scaled(update, factor)
+        self._clipped += int(factor < 1.0)
         self._norms.append(norm)
 
     def own_partial_state(self) -> dict[str, Any]:

@@ -25,7 +25,6 @@ failing and closing a round), publisher.py (the wire), evaluation.py (test metri
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from pathlib import Path
@@ -33,10 +32,12 @@ from typing import Any
 
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.events import EventCallback, Events, log
+from fleetlearn.aggregator.inbox import Event, Inbox
 from fleetlearn.aggregator.intake import Intake, NormStats, RoundRun
 from fleetlearn.aggregator.logs import kv
 from fleetlearn.aggregator.round_close import RoundClosing, RoundFailed, Stopped
 from fleetlearn.aggregator.sampling import Cohort
+from fleetlearn.aggregator.validation import max_update_bytes
 from fleetlearn.edge_runtime.core.errors import ProtocolError, UsageError
 from fleetlearn.edge_runtime.core.protocol import GlobalModel, RoundState, Topics
 
@@ -45,6 +46,11 @@ EXIT_FLEET_LOST = 2  # another aggregator took the fleet over while this one ran
 EXIT_ROUND_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+# The backlog of received frames the engine has not handled yet is bounded (aggregator/inbox.py):
+# at least this many bytes, and room for 4 of the model's largest update frames.
+INBOX_BYTES = 4 << 20
+DRAIN_BATCH = 256  # events handled between two group commits at most
 
 
 class Aggregator(RoundClosing):
@@ -60,7 +66,7 @@ class Aggregator(RoundClosing):
         self.config = config
         self.events = Events(on_event)
         self.exit_reason = ""
-        self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._queue = Inbox(INBOX_BYTES)  # network thread -> this one
         self._stop = threading.Event()
         self._stop_code = EXIT_SIGTERM
         self._connects = 0
@@ -95,6 +101,7 @@ class Aggregator(RoundClosing):
                 # --round-interval paces the run (demos watched by a person); 0 by default.
                 if self._stop.wait(max(0.0, cfg.rounds.round_interval - (time.monotonic() - opened))) or self._stop.is_set():
                     return self._stopped()
+            self._queue.close()  # no round left to take updates: never hold the network thread back
             self._finish()
             return EXIT_OK
         except RoundFailed as exc:
@@ -103,6 +110,10 @@ class Aggregator(RoundClosing):
         except Stopped:
             return self._stopped()
         finally:
+            self._queue.close()  # the network thread must not wait on a backlog nobody drains
+            intake = getattr(self, "intake", None)
+            if intake is not None:
+                intake.close()  # a partial write still running finishes; nothing more is acked
             self._flush(5.0)
             if self.leader is not None:
                 self.leader.release()
@@ -195,7 +206,9 @@ class Aggregator(RoundClosing):
             self.publisher,
             self.events,
             cfg.round_target,
+            post=lambda seq: self._queue.put_control("durable", seq=seq),
         )
+        self._queue.max_bytes = max(INBOX_BYTES, 4 * max_update_bytes(self.manifest.num_params))
         self.link.start()
         deadline = time.monotonic() + cfg.connect_timeout
         while not self.link.wait_connected(0.2):
@@ -213,10 +226,10 @@ class Aggregator(RoundClosing):
         self.stop(EXIT_FLEET_LOST)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # network thread
-        self._queue.put(("message", topic, bytes(payload)))
+        self._queue.put("message", topic, bytes(payload))  # waits while the backlog is full
 
     def _on_connect(self) -> None:  # network thread
-        self._queue.put(("connected", "", b""))
+        self._queue.put_control("connected")
 
     def _flush(self, timeout: float) -> bool:
         """Wait until the broker acknowledged every QoS 1 message we published."""
@@ -226,9 +239,13 @@ class Aggregator(RoundClosing):
         return False
 
     def _handle_next_event(self, timeout: float) -> None:
-        try:
-            kind, topic, payload = self._queue.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
+        for event in self._queue.take(max(timeout, 0.0), 1):
+            self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        kind, topic, payload = event.kind, event.topic, event.payload
+        if kind == "durable":  # a group commit's write finished: ack what it made durable
+            self.intake.on_durable(self.current, event.seq)  # a failed write raises: the run ends, nothing acked
             return
         try:
             if kind == "connected":
@@ -283,14 +300,19 @@ class Aggregator(RoundClosing):
                 **health,
             )
 
-    def _drain_events(self, limit: int = 256) -> None:
-        """Handle what is already queued (no waiting), so updates that arrived together are
-        made durable together."""
-        assert self.current is not None  # only called while a round is open
-        for _ in range(limit):
-            if self._queue.empty() or len(self.current.accepted) >= self.current.target:
+    def _drain_events(self, limit: int = DRAIN_BATCH) -> None:
+        """Handle what is already queued (no waiting), in batches, so updates that arrived
+        together are made durable together. Never past the round's target: each event adds at
+        most one accepted update, so a batch is at most what the target still needs."""
+        run = self.current
+        assert run is not None  # only called while a round is open
+        while limit > 0 and len(run.accepted) < run.target:
+            batch = self._queue.take(0.0, min(limit, run.target - len(run.accepted)))
+            if not batch:
                 return
-            self._handle_next_event(0.0)
+            limit -= len(batch)
+            for event in batch:
+                self._handle(event)
 
     # ------------------------------------------------------------------ rounds
 

@@ -48,8 +48,10 @@ class Events:
         self.listeners.append(callback)
 
     def log(self, event: str, rnd: int | None, device: str | None = None, level: int = logging.INFO, **fields: Any) -> None:
-        """One line: `event=... [device=...] round=... key=value...`."""
-        log.log(level, "%s", kv(event=event, device=device, round=rnd if rnd is not None else "-", **fields))
+        """One line: `event=... [device=...] round=... key=value...` (not even formatted when the
+        level is off: `update_accepted` is one event per update)."""
+        if log.isEnabledFor(level):
+            log.log(level, "%s", kv(event=event, device=device, round=rnd if rnd is not None else "-", **fields))
 
     def emit(
         self,

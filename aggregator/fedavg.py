@@ -6,9 +6,11 @@ weights) with their sample counts n_i. The next global model is the sample-weigh
     w' = w + (sum_i n_i * d_i) / (sum_i n_i)
 
 which equals sum_i n_i * w_i / sum_i n_i. We never hold more than one delta: the running
-sum S = sum_i n_i * d_i is kept in float64 (num_params * 8 bytes), so memory grows with the
-model, not with the number of devices, and summation order changes the result by at most a
-few float64 ulps, far below float32 resolution.
+sum S = sum_i n_i * d_i is kept in float64 (num_params * 8 bytes, plus 1 MiB of block scratch
+per core), so memory grows with the model, not with the number of devices, and summation order
+changes the result by at most a few float64 ulps, far below float32 resolution. Each update is
+folded in by aggregator/fold.py's blocked kernel (widen, scale and add in cache, no model-sized
+temporaries, split over the cores for large models), bit-identical to `S += float64(d_i) * n_i`.
 
 This file is the rule only. The round's training config (epochs, lr schedule) is the engine's
 (aggregator/schedule.py); clipping and DP noise wrap this rule (clipping.py, dp_fedavg.py); a
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetlearn.aggregator.fold import Folder, fold
 from fleetlearn.aggregator.strategy import Aggregate, Strategy
 from fleetlearn.edge_runtime.core.protocol import Update
 
@@ -34,11 +37,16 @@ def new_accumulator(num_params: int) -> np.ndarray:
     return np.zeros(num_params, dtype=np.float64)
 
 
-def weighted_sum_update(acc: np.ndarray, delta: np.ndarray, n: int) -> None:
-    """S <- S + n * d, in place, in float64 (d is widened before the multiply)."""
+def weighted_sum_update(acc: np.ndarray, delta: np.ndarray, n: int, scale: float = 1.0, folder: Folder | None = None) -> None:
+    """S <- S + n * (c * d), in place, in float64 (d is widened before the multiplies; c = `scale`,
+    a wrapper's factor such as clipping's min(1, C/||d||), applied first: (float64(d) * c) * n).
+    With `folder`, over its threads (bit-identical)."""
     if n < 1:
         raise ValueError(f"sample count must be >= 1, got {n}")
-    acc += np.asarray(delta, dtype=np.float64) * float(n)
+    if folder is None:
+        fold(acc, delta, scale, float(n))
+    else:
+        folder.fold(acc, delta, scale, float(n))
 
 
 def apply_mean_delta(weights: np.ndarray, acc: np.ndarray, total: int) -> np.ndarray:
@@ -62,6 +70,7 @@ class FedAvg(Strategy):
         super().__init__(options)
         self.uniform = uniform  # DP-FedAvg's weighting: every device weighs 1
         self._acc: np.ndarray | None = None
+        self._folder = Folder()  # fold.py's blocked kernel over this machine's cores
         self._total = 0  # sum of n_i (the record's samples)
         self._count = 0  # k, the denominator when uniform
         self._loss_sum = 0.0
@@ -71,11 +80,15 @@ class FedAvg(Strategy):
         self._total, self._count, self._loss_sum = 0, 0, 0.0
 
     def accumulate(self, update: Update) -> None:
+        self.accumulate_scaled(update, 1.0)
+
+    def accumulate_scaled(self, update: Update, factor: float) -> None:
+        """S <- S + n_i * (factor * d_i) (uniform: + factor * d_i), without a scaled copy of d_i."""
         assert self._acc is not None, "begin_round first"
         if self.uniform:
-            self._acc += np.asarray(update.delta, dtype=np.float64)
+            self._folder.fold(self._acc, update.delta, factor)
         else:
-            weighted_sum_update(self._acc, update.delta, update.samples)
+            weighted_sum_update(self._acc, update.delta, update.samples, factor, self._folder)
         self._total += update.samples
         self._count += 1
         self._loss_sum += float(update.samples) * update.train_loss

@@ -2,22 +2,39 @@
 commit (nothing is acknowledged before it is durable).
 
 An accepted update is folded in at once, but its ack (and its `update_accepted` log line) waits
-for the next durable write: `commit_acks` persists the round's partial state once for every
-update that arrived together (one fsync instead of one each), then acks them all; when those
-updates reach the round's target, the round's own commit makes them durable and the engine
-publishes their acks after it. A rejected update is answered at once (nothing to persist).
+for the next durable write of the round's partial state, which covers every update accepted
+since the write before it (one fsync for many updates):
+
+    on_update        validate, fold in, and put the ack on `acks_due`
+    commit_acks      no write running: snapshot the partial state (engine thread, a consistent
+                     copy), move `acks_due` to `in_flight`, write the snapshot on the writer thread
+    on_durable       (engine thread, the writer's "durable" event) ack `in_flight`; the engine's
+                     next commit_acks starts the write of whatever arrived meanwhile
+
+So the engine keeps validating and folding while the disk works (an fsync costs 5-50 ms on this
+VM), and the longer a write takes, the more updates the next one covers. When the updates reach
+the round's target, the round's own commit makes the rest durable and the engine publishes their
+acks after it (`encode_due_acks` first waits for a write still running, so no partial write can
+land after the round's commit). A rejected update is answered at once (nothing to persist).
+Without `post` (no engine inbox to tell), commit_acks writes and acks synchronously.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from fleetlearn.aggregator.clipping import l2_norm
 from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
+from fleetlearn.aggregator.partial_round import AcceptedJson
 from fleetlearn.aggregator.publisher import Publisher
 from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.aggregator.strategy import Strategy
@@ -78,13 +95,24 @@ class NormStats:
         return cls(float(doc["weighted_sum"]), int(doc["samples"]), float(doc["max"]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DueAck:
-    """An accepted update whose ack (and `update_accepted` log line) waits for a durable write."""
+    """An accepted update whose ack (and `update_accepted` log line) waits for a durable write:
+    what the ack and the log line say, not the update (its delta and frame are folded in and
+    gone: a backlog of due acks costs ~200 bytes each, not two copies of the model)."""
 
-    update: Update
+    device: str
+    round: int
+    nonce: str
+    samples: int
+    train_loss: float
+    train_s: float
     accepted: int  # accepted updates in the round once this one counted
     payload_bytes: int
+
+    @classmethod
+    def of(cls, u: Update, accepted: int, payload_bytes: int) -> DueAck:
+        return cls(u.device_id, u.round, u.nonce, u.samples, u.train_loss, u.train_s, accepted, payload_bytes)
 
 
 class Intake:
@@ -98,6 +126,7 @@ class Intake:
         publisher: Publisher,
         events: Events,
         target: int,
+        post: Callable[[int], None] | None = None,
     ):
         self.topics = topics
         self.num_params = num_params
@@ -107,7 +136,14 @@ class Intake:
         self.publisher = publisher
         self.events = events
         self.target = target
-        self.acks_due: list[DueAck] = []
+        self.acks_due: list[DueAck] = []  # accepted, in no durable write yet
+        self.in_flight: list[DueAck] = []  # accepted, in the write running on the writer thread
+        self._unacked: set[tuple[str, str]] = set()  # (device, nonce) of acks_due + in_flight
+        self._post = post  # tells the engine's thread that write `seq` finished (its inbox)
+        self._writer: ThreadPoolExecutor | None = None
+        self._write: Future | None = None
+        self._write_seq = 0
+        self._accepted_json = AcceptedJson()  # each write encodes only the newly accepted pairs
         # Updates over --max-message-size arrive as PART frames (protocol/parts.py): at most two
         # partial updates per device, each bounded by the model's largest update frame.
         self.parts = Reassembler(max_total=max_update_bytes(num_params), per_sender=2, max_partials=4096, timeout=PART_TIMEOUT_S)
@@ -137,7 +173,7 @@ class Intake:
         u = verdict.update
         if verdict.duplicate:
             self.events.log("update_duplicate", u.round, device=u.device_id, nonce=u.nonce[:8], note=verdict.note)
-            if any(d.update.device_id == u.device_id and d.update.nonce == u.nonce for d in self.acks_due):
+            if (u.device_id, u.nonce) in self._unacked:
                 return  # counted but not yet durable: its ack is already due with the next write
             run.bytes_out += self.publisher.ack(Ack(self.store.run_id, u.round, u.device_id, u.nonce, True, verdict.note))
             return
@@ -150,7 +186,8 @@ class Intake:
         run.norms.add(l2_norm(u.delta), u.samples)
         # Durable before the ack: an aggregator killed after acking loses nothing. The ack is
         # due with the next durable write (commit_acks, or the round's commit at close).
-        self.acks_due.append(DueAck(u, len(run.accepted), len(payload)))
+        self.acks_due.append(DueAck.of(u, len(run.accepted), len(payload)))
+        self._unacked.add((u.device_id, u.nonce))
 
     def _reassemble(self, run: RoundRun, topic: str, payload: bytes) -> bytes | None:
         """The whole update once its last part is in; a refused part costs one rejection."""
@@ -176,54 +213,111 @@ class Intake:
 
     # ------------------------------------------------------------ durability, then acks
 
-    def save_partial(self, run: RoundRun) -> None:
-        self.store.save_partial(
-            PartialRound(
-                run_id=self.store.run_id,
-                round=run.round,
-                accepted=dict(run.accepted),
-                strategy=self.strategy.partial_state(),
-                opened_at=run.opened_at,
-                bytes_in=run.bytes_in,
-                bytes_out=run.bytes_out,
-                rejected=run.rejected,
-                extensions=run.extensions,
-                norms=run.norms.to_doc(),
-                cohort=run.cohort.to_doc() if run.cohort is not None else {},
-            )
+    def _partial(self, run: RoundRun) -> PartialRound:
+        """The round's partial state now, as a copy the engine may go on changing."""
+        return PartialRound(
+            run_id=self.store.run_id,
+            round=run.round,
+            accepted=dict(run.accepted),
+            strategy=_frozen(self.strategy.partial_state()),
+            opened_at=run.opened_at,
+            bytes_in=run.bytes_in,
+            bytes_out=run.bytes_out,
+            rejected=run.rejected,
+            extensions=run.extensions,
+            norms=run.norms.to_doc(),
+            cohort=run.cohort.to_doc() if run.cohort is not None else {},
+            accepted_json=self._accepted_json.of(run.round, run.accepted),
         )
 
+    def save_partial(self, run: RoundRun) -> None:
+        """Persist the round's partial state now (after a write still running): every accepted
+        update is durable when this returns, its ack still due (send_due_acks)."""
+        self._settle()
+        self.store.save_partial(self._partial(run))
+
     def commit_acks(self, run: RoundRun) -> None:
-        """Persist the round's partial state once, then ack every update it now holds."""
-        if not self.acks_due:
+        """Make the updates accepted since the last write durable, then ack them: in the
+        background when the engine has an inbox (the ack follows on_durable), else at once."""
+        if not self.acks_due or self._write is not None:
+            return  # nothing new, or a write is running: its completion starts the next
+        if self._post is None:
+            self.save_partial(run)
+            self.send_due_acks(run)
             return
-        self.save_partial(run)
-        self.send_due_acks(run)
+        snapshot = self._partial(run)
+        self.in_flight, self.acks_due = self.acks_due, []
+        self._write_seq += 1
+        seq, post = self._write_seq, self._post
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="partial-writer")
+        self._write = self._writer.submit(self.store.save_partial, snapshot)
+        self._write.add_done_callback(lambda _f: post(seq))
+
+    def on_durable(self, run: RoundRun | None, seq: int) -> None:
+        """Write `seq` finished (engine thread): ack what it made durable. A failed write raises
+        here. A stale `seq` (already settled by save_partial or the round's close) is ignored."""
+        if self._write is None or seq != self._write_seq:
+            return
+        write, self._write = self._write, None
+        write.result()
+        if run is not None:
+            due, self.in_flight = self.in_flight, []
+            self.publish_acks(self._encode(run, due))
+
+    def _settle(self) -> None:
+        """Wait for the write running, if any: its updates are durable, their acks due again."""
+        if self._write is None:
+            return
+        write, self._write = self._write, None
+        write.result()
+        self.acks_due, self.in_flight = self.in_flight + self.acks_due, []
+
+    def close(self) -> None:
+        """Finish the write running (the engine is stopping; nothing is acked after this)."""
+        try:
+            self._settle()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def send_due_acks(self, run: RoundRun) -> None:
+        """Ack every due update (the caller made them durable: save_partial, the round's commit)."""
         self.publish_acks(self.encode_due_acks(run))
 
-    def encode_due_acks(self, run: RoundRun) -> list[tuple[DueAck, Ack]]:
-        """The due acks, counted in the round's bytes out (taken off the due list)."""
+    def encode_due_acks(self, run: RoundRun) -> list[tuple[DueAck, bytes]]:
+        """Every accepted update's ack not sent yet, encoded and counted in the round's bytes out
+        (taken off the due lists), once a write still running has finished."""
+        self._settle()
         due, self.acks_due = self.acks_due, []
-        out = [(d, Ack(self.store.run_id, d.update.round, d.update.device_id, d.update.nonce, True)) for d in due]
-        run.bytes_out += sum(len(a.encode()) for _, a in out)
+        return self._encode(run, due)
+
+    def _encode(self, run: RoundRun, due: list[DueAck]) -> list[tuple[DueAck, bytes]]:
+        out = [(d, Ack(self.store.run_id, d.round, d.device, d.nonce, True).encode()) for d in due]
+        run.bytes_out += sum(len(a) for _, a in out)
+        self._unacked.difference_update((d.device, d.nonce) for d in due)
         return out
 
-    def publish_acks(self, acks: list[tuple[DueAck, Ack]]) -> None:
+    def publish_acks(self, acks: list[tuple[DueAck, bytes]]) -> None:
         """Ack durable updates; `update_accepted` is logged here, so the log never claims an
         update that a crash could still lose."""
         for due, ack in acks:
-            u = due.update
-            self.publisher.ack(ack)
+            self.publisher.publish(self.topics.ack(due.device), ack)
             self.events.emit(
                 "update_accepted",
-                u.round,
-                device=u.device_id,
-                samples=u.samples,
-                train_loss=u.train_loss,
-                train_s=u.train_s,
+                due.round,
+                device=due.device,
+                samples=due.samples,
+                train_loss=due.train_loss,
+                train_s=due.train_s,
                 accepted=due.accepted,
                 target=self.target,
                 bytes=due.payload_bytes,
             )  # engine sets target per round
+
+
+def _frozen(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a strategy's partial state (a depth-1 dict of JSON values and arrays) that the
+    strategy's next accumulate cannot change while the writer thread encodes it."""
+    return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else copy.deepcopy(v)) for k, v in state.items()}

@@ -9,7 +9,6 @@ the run. The attributes it uses are the engine's, declared below for the type ch
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from fleetlearn.aggregator.config import AggregatorConfig
 from fleetlearn.aggregator.evaluation import Evaluator
 from fleetlearn.aggregator.events import Events
+from fleetlearn.aggregator.inbox import Inbox
 from fleetlearn.aggregator.intake import Intake, RoundRun
 from fleetlearn.aggregator.model_store import ModelStore
 from fleetlearn.aggregator.presence import Presence
@@ -54,7 +54,7 @@ class RoundClosing:
     manifest: Manifest
     state_dir: Path
     current: RoundRun | None
-    _queue: queue.Queue
+    _queue: Inbox
     _stop: threading.Event
     _cohorts_drawn: int
 

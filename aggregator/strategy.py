@@ -28,6 +28,9 @@ Contract:
   * `accumulate` sees only validated updates (finite delta of the right size, samples >= 1,
     current run / model / round, one per device). A strategy that still refuses one raises
     `ProtocolError(reason)`; the engine rejects that update with the reason (never fatal).
+  * a wrapper that scales a delta (clipping) calls `inner.accumulate_scaled(update, factor)`:
+    the rule folds float64(d) * factor itself; the default materializes that array and calls
+    `accumulate`, the streaming rules (fedavg and the server optimizers on it) fold it in place.
   * state dicts hold JSON values and numpy arrays at depth 1; wrappers merge their keys into
     their inner strategy's (a clash is a bug and raises). "persist, crash, restart, load" must
     give the bit-identical `aggregate()` and `step()`.
@@ -40,6 +43,7 @@ in aggregator/registry.py (docs/aggregator.md, "Adding a strategy").
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -96,6 +100,13 @@ class Strategy(ABC):
     @abstractmethod
     def accumulate(self, update: Update) -> None:
         """Fold one accepted update in. May raise ProtocolError(reason) to refuse it."""
+
+    def accumulate_scaled(self, update: Update, factor: float) -> None:
+        """Fold in the update with its delta scaled by `factor` (a wrapper's, e.g. clipping's
+        min(1, C/||d||)): the delta handed on is float64(d) * factor (d itself when factor is 1).
+        Streaming rules override this to fold the scaled delta without materializing it."""
+        d = np.asarray(update.delta, dtype=np.float64)
+        self.accumulate(dataclasses.replace(update, delta=d * factor if factor != 1.0 else d.copy()))
 
     @abstractmethod
     def aggregate(self) -> Aggregate:

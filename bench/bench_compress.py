@@ -4,7 +4,7 @@ aggregator, mosquitto, Boston (or digits), the same run repeated once per `--com
     .venv/bin/python bench/bench_compress.py [--dataset boston|digits] [--rounds 30] [--encodings none,fp16,int8:256,topk:0.01]
 
 For each encoding: the update bytes per device per round the aggregator received (whole UPDATE
-frames: header + ~290 bytes of meta + body), as a ratio of the raw float32 model (4 bytes per
+frames: header + meta (packed: 89 bytes + the device id) + body), as a ratio of the raw float32 model (4 bytes per
 parameter) and of the float32 run's update measured in the same run, the body alone (the frame
 minus its float32 run's overhead, i.e. what the encoding itself costs), and the final test
 metric (Boston: MSE; digits: accuracy, digits-mlp with SGD 0.05, 5 local epochs of batch 16, as
@@ -260,7 +260,7 @@ def emit_rows(args: argparse.Namespace, n: int, results: dict[str, list[dict]], 
 
 def frame_ratios(n: int, encodings: list[str]) -> None:
     """Whole UPDATE frames of a large model (the tests' 1.66M-parameter CNN), in process: there
-    the ~300 bytes of meta vanish and the frame costs what its body costs."""
+    the header and meta (118 bytes) vanish and the frame costs what its body costs."""
     import time
 
     from fleetlearn.edge_runtime.core.protocol import Compression, Update

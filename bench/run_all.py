@@ -46,6 +46,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("bench_round.py", ["--broker", "mosquitto"]),
     ("bench_round.py", ["--broker", "amqtt"]),
     ("bench_ingest.py", []),
+    ("bench_aggregate.py", []),
     ("bench_compress.py", []),
     ("bench_compress.py", ["--dataset", "digits", "--rounds", "10", "--no-large-model"]),
     ("bench_swarm.py", []),

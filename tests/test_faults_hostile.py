@@ -23,6 +23,7 @@ would not be the right expectation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -52,6 +53,7 @@ from fleetlearn.edge_runtime.core.protocol import (
     Update,
     encode_chunk,
 )
+from fleetlearn.edge_runtime.core.protocol.frame import FLAG_PACKED_META, PACKED_UPDATE
 from tests.peers import Recorder
 from tests.test_faults import AggProc, agg_args, agg_events, fedavg, procs, rounds_log, state_weights  # noqa: F401  (procs: fixture)
 
@@ -426,6 +428,72 @@ def m_bad_topic(draw, ctx):
     return Hostile("bad_topic", device, frame(dump(meta), body))
 
 
+def _pack(meta: dict, **raw) -> bytes:
+    """The packed UPDATE meta of `meta`, built byte by byte; `raw` overrides a struct field with
+    any value its type holds (device: the id's bytes, id_len: the length byte)."""
+    device = raw.pop("device", meta["device_id"].encode())
+    f = dict(
+        run_id=bytes.fromhex(meta["run_id"]),
+        round=meta["round"],
+        model_hash=bytes.fromhex(meta["model_hash"]),
+        samples=meta["samples"],
+        train_loss=meta["train_loss"],
+        train_s=meta["train_s"],
+        nonce=bytes.fromhex(meta["nonce"]),
+        n=meta["n"],
+        id_len=len(device),
+    )
+    f.update(raw)
+    return PACKED_UPDATE.pack(*f.values()) + device
+
+
+u32 = st.integers(0, 2**32 - 1)
+nonfinite = st.sampled_from([math.nan, math.inf, -math.inf])
+
+
+def m_packed(draw, ctx, how):
+    """A packed-meta UPDATE frame (header flag bit 1) wrong in one way: its layout (length byte,
+    cut, padded), a field's value, the flag on another kind, or JSON under the flag."""
+    device = _topic_device(draw)
+    meta, body = _valid_parts(draw, ctx, device)
+    kind = 2
+    if how == "id_len":
+        packed = _pack(meta, id_len=draw(st.integers(0, 255).filter(lambda v: v != len(meta["device_id"]))))
+    elif how == "cut":
+        good = _pack(meta)
+        packed = good[: draw(st.integers(0, len(good) - 1))]
+    elif how == "padded":
+        packed = _pack(meta) + draw(st.binary(min_size=1, max_size=80))
+    elif how == "device_not_utf8":
+        packed = _pack(meta, device=draw(st.sampled_from([b"\xff", b"dev\xfe", b"\xc0\x80", b"\xed\xa0\x80x"])))
+    elif how == "device_bad_name":
+        name = draw(st.text(min_size=1, max_size=64).filter(lambda s: not NAME_RE.fullmatch(s)))
+        packed = _pack(meta, device=name.encode("utf-8", "surrogatepass"))
+    elif how == "round":
+        packed = _pack(meta, round=draw(u32.filter(lambda r: r != ctx.round)))
+    elif how == "samples":
+        packed = _pack(meta, samples=draw(st.just(0) | st.integers(2**31, 2**32 - 1)))
+    elif how == "n":
+        packed = _pack(meta, n=draw(u32.filter(lambda v: v != ctx.n)))
+    elif how == "train_loss":
+        packed = _pack(meta, train_loss=draw(nonfinite))
+    elif how == "train_s":
+        packed = _pack(
+            meta, train_s=draw(nonfinite | st.floats(max_value=-(2.0**-20), allow_nan=False, allow_infinity=False, width=32))
+        )
+    elif how == "run_id":
+        packed = _pack(meta, run_id=draw(st.binary(min_size=16, max_size=16).filter(lambda b: b.hex() != ctx.run_id)))
+    elif how == "model_hash":
+        packed = _pack(meta, model_hash=draw(st.binary(min_size=32, max_size=32).filter(lambda b: b.hex() != ctx.model_hash)))
+    elif how == "other_kind":
+        packed, kind = _pack(meta), draw(st.sampled_from([1, 3, 4]))
+    else:  # json: the JSON meta under the packed flag
+        packed = dump(meta)
+    return Hostile(f"packed_{how}", device, frame(packed, body, flags=FLAG_PACKED_META, kind=kind))
+
+
+PACKED = ("id_len", "cut", "padded", "device_not_utf8", "device_bad_name", "round", "samples", "n")
+PACKED += ("train_loss", "train_s", "run_id", "model_hash", "other_kind", "json")
 META_NOT_JSON = ("not_utf8", "cut", "not_object", "deep_array", "deep_object", "deep_field", "too_big")
 OTHER_MESSAGES = ("global", "chunk", "ack", "round")
 
@@ -448,6 +516,7 @@ MUTATIONS = {
     **{f"meta_bad_{f}": partial(m_meta_bad_value, field=f) for f in ALL_FIELDS},
     **{f"meta_{how}": partial(m_meta_not_json, how=how) for how in META_NOT_JSON},
     **{f"other_{w}": partial(m_other_message, which=w) for w in OTHER_MESSAGES},
+    **{f"packed_{how}": partial(m_packed, how=how) for how in PACKED},
 }
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from fleetlearn.aggregator.validation import Rejection, validate_update
 from fleetlearn.cli import main as fleetlearn_main
 from fleetlearn.edge_runtime.core import signing
 from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
-from fleetlearn.edge_runtime.core.protocol import BundleAnnouncement, GlobalModel, Topics, Update
+from fleetlearn.edge_runtime.core.protocol import HEADER_SIZE, BundleAnnouncement, GlobalModel, Topics, Update
 from fleetlearn.edge_runtime.device.config import SigningConfig, parse_device_config
 from tests.conftest import ROOT
 
@@ -268,8 +269,15 @@ def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store
     raw = bytearray(make_update(store, "dev-a").encode(sign=ka.sign))
     raw[-5] ^= 0x40
     assert "bad signature" in reason("dev-a", bytes(raw))
-    tampered = make_update(store, "dev-a", samples=10).encode(sign=ka.sign).replace(b'"samples":10', b'"samples":99')
+    tampered = (
+        make_update(store, "dev-a", samples=10).encode(sign=ka.sign, packed=False).replace(b'"samples":10', b'"samples":99')
+    )
     assert "bad signature" in reason("dev-a", tampered)
+    # the packed meta is signed as well: samples (u32 at meta offset 52) 10 -> 99
+    packed = make_update(store, "dev-a", samples=10).encode(sign=ka.sign)
+    at = HEADER_SIZE + 52
+    assert packed[at : at + 4] == struct.pack("<I", 10)
+    assert "bad signature" in reason("dev-a", packed[:at] + struct.pack("<I", 99) + packed[at + 4 :])
     stranger = keypair()[0]
     assert "no signing key is registered for device dev-x" in reason(
         "dev-x", make_update(store, "dev-x").encode(sign=stranger.sign)
@@ -288,6 +296,18 @@ def test_authenticate_signature_rules_in_require_and_allow_modes(tmp_path, store
     )
     with pytest.raises(Rejection, match="bad signature"):
         check(store, allow, "dev-b", make_update(store, "dev-b").encode(sign=ka.sign))
+
+
+def test_unverified_devices_are_logged_one_by_one_then_as_their_count_doubles(store, caplog):
+    """An unsigned fleet of 40 devices: the first 10 by name, then at 16 and 32 (each accepted)."""
+    auth = agg_signing.open_signing(store.state_dir, store.run_id, store.open_round)  # no keys: unsigned fleet
+    with caplog.at_level("WARNING", logger="fleetlearn.aggregator"):
+        for i in range(40):
+            device = f"dev-{i:02d}"
+            assert not check(store, auth, device, make_update(store, device).encode()).duplicate
+    lines = [r.getMessage() for r in caplog.records if "event=update_unverified" in r.getMessage()]
+    assert [line.split("device=")[1].split()[0] for line in lines] == [f"dev-{i:02d}" for i in (*range(10), 15, 31)]
+    assert "unverified_devices=32" in lines[-1]
 
 
 def test_replay_rules_through_validate_update(store):

@@ -8,6 +8,12 @@ body alone. Every format is little-endian:
     F16_LE      f16[n]                                             2n bytes
     INT8_BLOCK  u32 B | f32 scale[ceil(n/B)] | i8 q[n]             n + 4 ceil(n/B) + 4 bytes
     TOPK        u32 k | u32 index[k] (strictly increasing) | f32 value[k]    8k + 4 bytes
+    TOPK_GAP16  u32 k | u16 gap[k] | f32 value[k]                  6k + 4 bytes
+                index[0] = gap[0], index[i] = index[i-1] + gap[i] with gap[i] >= 1 (so the
+                indices are strictly increasing, hence unique), index[k-1] < n. What devices
+                send for topk whenever every gap fits in 16 bits (always when n <= 65,536, and
+                at 1% of a large model almost always); otherwise TOPK. Same values as TOPK,
+                25% fewer body bytes; the reader sums the gaps in int64 (no overflow).
 
 Error bounds (x the float32 vector, x^ what the reader decodes):
     fp16:  |x - x^| <= 2^-11 |x| for |x| in fp16's normal range [2^-14, 65504], <= 2^-25 below
@@ -26,9 +32,9 @@ Error bounds (x the float32 vector, x^ what the reader decodes):
 
 Threat model: a body is hostile input from any device (or a broker in the middle). Decoders
 check the exact body length for `n` before allocating anything, every header field (block
-size and k within bounds), every index (in range, strictly increasing, hence unique), every
-scale and value (finite; scales >= 0; int8 codes in [-127, 127]) and the decoded vector (finite:
-a finite scale times 127 can still overflow), and raise ProtocolError with a one-line reason.
+size and k within bounds), every index (in range, strictly increasing, hence unique: top-k
+gaps >= 1 after the first), every scale and value (finite; scales >= 0; int8 codes in
+[-127, 127]) and the decoded vector (finite: a finite scale times 127 can still overflow), and raise ProtocolError with a one-line reason.
 No body is ever larger than `max_body_bytes(n)` (= the float32 body plus 16), so the size bound
 a reader checks before decoding covers every encoding. Compression is post-processing: it
 keeps any differential-privacy guarantee of the delta it encodes.
@@ -45,13 +51,14 @@ import numpy as np
 from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol.frame import Encoding
 
-DEFAULT_INT8_BLOCK = 512  # Boston: 0.30x raw per whole frame at 512 (0.301x at 256: the meta is 0.047x); the metric does not move
+DEFAULT_INT8_BLOCK = 512  # Boston: 0.271x raw per whole frame at 512 (0.273x at 256); the metric does not move
 MIN_INT8_BLOCK = 8
 MAX_INT8_BLOCK = 1 << 16
 MAX_TOPK_FRACTION = 0.5  # above that the indices cost more than float32
 FP16_MAX = 65504.0
 _U32 = struct.Struct("<I")
-TENSOR_ENCODINGS = (Encoding.F32_LE, Encoding.F16_LE, Encoding.INT8_BLOCK, Encoding.TOPK)
+_MAX_GAP16 = 0xFFFF
+TENSOR_ENCODINGS = (Encoding.F32_LE, Encoding.F16_LE, Encoding.INT8_BLOCK, Encoding.TOPK, Encoding.TOPK_GAP16)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,10 @@ class Compression:
 
     @property
     def encoding(self) -> Encoding:
-        return {"none": Encoding.F32_LE, "fp16": Encoding.F16_LE, "int8": Encoding.INT8_BLOCK, "topk": Encoding.TOPK}[self.kind]
+        """The body encoding devices send (top-k: TOPK_GAP16, or TOPK when a gap exceeds 16 bits)."""
+        return {"none": Encoding.F32_LE, "fp16": Encoding.F16_LE, "int8": Encoding.INT8_BLOCK, "topk": Encoding.TOPK_GAP16}[
+            self.kind
+        ]
 
     @property
     def error_feedback(self) -> bool:
@@ -132,7 +142,7 @@ def encode_tensor(vec: np.ndarray, c: Compression = NONE) -> tuple[Encoding, byt
     if c.kind == "int8":
         return Encoding.INT8_BLOCK, _encode_int8(x, c.block)
     if c.kind == "topk":
-        return Encoding.TOPK, _encode_topk(x, topk_count(x.size, c.fraction))
+        return _encode_topk(x, topk_count(x.size, c.fraction))
     raise ValueError(f"unknown compression {c.kind!r}")
 
 
@@ -148,21 +158,31 @@ def _encode_int8(x: np.ndarray, block: int) -> bytes:
     return b"".join((_U32.pack(block), scales.astype("<f4").tobytes(), q.tobytes()))
 
 
-def _encode_topk(x: np.ndarray, k: int) -> bytes:
+def _encode_topk(x: np.ndarray, k: int) -> tuple[Encoding, bytes]:
     idx = np.argpartition(np.abs(x), x.size - k)[x.size - k :] if k < x.size else np.arange(x.size)
-    idx = np.sort(idx).astype("<u4")
-    return b"".join((_U32.pack(k), idx.tobytes(), x[idx].astype("<f4").tobytes()))
+    idx = np.sort(idx)
+    values = x[idx].astype("<f4").tobytes()
+    gaps = np.diff(idx, prepend=0)
+    if int(gaps.max()) <= _MAX_GAP16:
+        return Encoding.TOPK_GAP16, b"".join((_U32.pack(k), gaps.astype("<u2").tobytes(), values))
+    return Encoding.TOPK, b"".join((_U32.pack(k), idx.astype("<u4").tobytes(), values))
 
 
 # ---------------------------------------------------------------- decoders (hostile input)
 
 
 def decode_tensor(encoding: Encoding, body: bytes, n: int) -> np.ndarray:
-    """The float32 vector of exactly `n` finite values in `body` (a fresh, writable array)."""
+    """The float32 vector of exactly `n` finite values in `body`.
+
+    float32 bodies decode to a read-only view of `body` (zero-copy: the aggregator folds 4 MB
+    per update of a 1M-parameter model and a copy costs as much as the fold); the other
+    encodings to a fresh array. Copy before writing into it."""
     if encoding == Encoding.F32_LE:
         if len(body) != 4 * n:
             raise ProtocolError(f"tensor has {len(body) // 4} values (body {len(body)} bytes), the model has {n}")
-        vec = np.frombuffer(body, dtype="<f4").astype(np.float32)
+        vec = np.frombuffer(body, dtype="<f4")
+        if vec.dtype != np.float32:  # a big-endian host: the one case that must convert
+            vec = vec.astype(np.float32)
     elif encoding == Encoding.F16_LE:
         if len(body) != 2 * n:
             raise ProtocolError(f"fp16 body is {len(body)} bytes, {2 * n} expected for {n} values")
@@ -171,11 +191,12 @@ def decode_tensor(encoding: Encoding, body: bytes, n: int) -> np.ndarray:
         vec = _decode_int8(body, n)
     elif encoding == Encoding.TOPK:
         vec = _decode_topk(body, n)
+    elif encoding == Encoding.TOPK_GAP16:
+        vec = _decode_topk_gap16(body, n)
     else:
         raise ProtocolError(f"body encoding {encoding.name} is not a tensor encoding")
-    bad = ~np.isfinite(vec)
-    if bad.any():
-        raise ProtocolError(f"tensor holds {int(bad.sum())} NaN/Inf values")
+    if not np.isfinite(vec).all():  # one pass; count the bad values only for the message
+        raise ProtocolError(f"tensor holds {int((~np.isfinite(vec)).sum())} NaN/Inf values")
     return vec
 
 
@@ -214,6 +235,29 @@ def _decode_topk(body: bytes, n: int) -> np.ndarray:
     if int(idx[-1]) >= n:  # sorted: the last is the largest
         raise ProtocolError(f"topk index {int(idx[-1])} is out of range for {n} values")
     values = np.frombuffer(body, dtype="<f4", count=k, offset=4 + 4 * k)
+    if not np.isfinite(values).all():
+        raise ProtocolError(f"topk values hold {int((~np.isfinite(values)).sum())} NaN/Inf")
+    out = np.zeros(n, dtype=np.float32)
+    out[idx] = values
+    return out
+
+
+def _decode_topk_gap16(body: bytes, n: int) -> np.ndarray:
+    if len(body) < 4:
+        raise ProtocolError(f"topk body is {len(body)} bytes, too short for its count")
+    (k,) = _U32.unpack_from(body)
+    kmax = -(-n // 2)
+    if not 1 <= k <= kmax:
+        raise ProtocolError(f"topk count {k} is outside [1, {kmax}] for {n} values")
+    if len(body) != 4 + 6 * k:
+        raise ProtocolError(f"topk gap16 body is {len(body)} bytes, {4 + 6 * k} expected for k={k}")
+    gaps = np.frombuffer(body, dtype="<u2", count=k, offset=4)
+    if k > 1 and not (gaps[1:] > 0).all():
+        raise ProtocolError("topk gaps after the first must be >= 1 (indices strictly increasing, unique)")
+    idx = np.cumsum(gaps, dtype=np.int64)  # <= 65535 k: no overflow
+    if int(idx[-1]) >= n:  # increasing: the last is the largest
+        raise ProtocolError(f"topk index {int(idx[-1])} is out of range for {n} values")
+    values = np.frombuffer(body, dtype="<f4", count=k, offset=4 + 2 * k)
     if not np.isfinite(values).all():
         raise ProtocolError(f"topk values hold {int((~np.isfinite(values)).sum())} NaN/Inf")
     out = np.zeros(n, dtype=np.float32)

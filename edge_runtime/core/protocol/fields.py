@@ -51,9 +51,14 @@ def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every call (json.loads with a keyword builds a new one each time, as
+# json.loads without keywords shares its module-level one).
+_STRICT = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def loads_strict(raw: bytes) -> Any:
     """json.loads without NaN/Infinity; ValueError, UnicodeDecodeError or RecursionError otherwise."""
-    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constants)
+    return _STRICT.decode(bytes(raw).decode("utf-8"))
 
 
 def decode_json(payload: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
