@@ -1,12 +1,15 @@
 """`fleetlearn swarm` at fleet scale: 1,000 real device agents in one process against one mosquitto.
 
-    .venv/bin/python bench/bench_swarm.py [--devices 1000] [--small 100] [--rounds 3]
+    .venv/bin/python bench/bench_swarm.py [--devices 1000] [--small 100] [--rounds 3] [--only fanout|rounds]
 
 Three measurements, all in this run, with the load average beside each:
 1. rounds: `fleetlearn swarm --devices N` and a real aggregator (target N, minimum 0.99 N):
    round wall time (rounds 2.. : round 1 includes the swarm's start), aggregator CPU seconds per
    round (utime+stime over the run / rounds), peak RSS of swarm and aggregator;
-2. memory per extra device: (peak RSS with N devices - with `--small` devices) / (N - small);
+2. memory per extra device: (peak RSS with N devices - with `--small` devices) / (N - small),
+   for the rounds' engine (`--engine`; a swarm's `auto` is the portable engine, one shared
+   session pair) and again, rounds included, for the other engine when this venv runs it
+   (ort-training: a session set per device);
 3. fan-out: a global-model frame published (retained, QoS 1) to N swarm devices, from the
    publish to the last device's receipt, against N raw paho clients on the same EpollLoop design
    receiving the same frame from the same broker (once with clean sessions, once with
@@ -38,7 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rows import Row, emit, load_average  # noqa: E402
+from rows import load_average  # noqa: E402
+from swarm_rows import emit_rows, engine_note, memory_engines, memory_entry  # noqa: E402
+
+FLEET_TAG = {"auto": "a", "portable": "p", "ort-training": "o"}  # runs of each engine get their own fleet and state
 
 
 def proc_status(pid: int, key: str) -> float:
@@ -77,8 +83,8 @@ def device_toml(work: Path, url: str, fleet: str, bundle: Path, state: Path, eng
 def rounds_run(
     n: int, rounds: int, work: Path, bundle: Path, data: Path, url: str, state_root: Path, engine: str = "auto"
 ) -> dict:
-    fleet = f"swb{n}"
-    agg_state = work / f"agg-{n}"
+    fleet = f"swb{n}{FLEET_TAG[engine]}"
+    agg_state = work / f"agg-{fleet}"
     agg = subprocess.Popen(
         [
             sys.executable,
@@ -105,7 +111,7 @@ def rounds_run(
             "warning",
         ],
         cwd=ROOT,
-        stderr=open(work / f"agg-{n}.log", "wb"),
+        stderr=open(work / f"agg-{fleet}.log", "wb"),
     )
     swarm = subprocess.Popen(
         [
@@ -125,7 +131,7 @@ def rounds_run(
             "warning",
         ],
         cwd=ROOT,
-        stderr=open(work / f"swarm-{n}.log", "wb"),
+        stderr=open(work / f"swarm-{fleet}.log", "wb"),
     )
     swarm_hwm = agg_hwm = agg_cpu = 0.0
     loads = []
@@ -141,6 +147,7 @@ def rounds_run(
     walls = [r["wall_s"] for r in recs[1:]] or [recs[0]["wall_s"]]
     return {
         "devices": n,
+        "engine": engine,
         "rounds": len(recs),
         "accepted_min": min(r["accepted"] for r in recs),
         "round1_wall_s": recs[0]["wall_s"],
@@ -280,7 +287,12 @@ def main() -> int:
     p.add_argument("--small", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=9, help="fan-out repetitions of each group (medians)")
-    p.add_argument("--fanout-only", action="store_true")
+    p.add_argument("--fanout-only", action="store_true", help="same as --only fanout")
+    p.add_argument(
+        "--only",
+        choices=["fanout", "rounds"],
+        help="fanout: only the fan-out; rounds: only the rounds at --small and --devices (with the memory per extra device)",
+    )
     p.add_argument("--engine", default="auto", choices=["auto", "ort-training", "portable"], help="the devices' engine")
     args = p.parse_args()
     from bench_device import export_bundle
@@ -294,19 +306,24 @@ def main() -> int:
             data = work / "train.npz"
             np.savez(data, x=d["x_train"], y=d["y_train"])
         broker = big_broker(work)
+        only = "fanout" if args.fanout_only else args.only
         try:
-            out = {"fanout": fanout(args.devices, work, bundle, data, broker.url, state_root, args.reps, args.engine)}
-            if args.fanout_only:
+            out: dict = {}
+            if only != "rounds":
+                out["fanout"] = fanout(args.devices, work, bundle, data, broker.url, state_root, args.reps, args.engine)
+            if only == "fanout":
                 print(json.dumps(out, indent=1))
                 emit_rows(out)
                 return 0
             small = rounds_run(args.small, args.rounds, work, bundle, data, broker.url, state_root, args.engine)
             big = rounds_run(args.devices, args.rounds, work, bundle, data, broker.url, state_root, args.engine)
             out["rounds"] = [small, big]
-            out["memory_per_extra_device_mb"] = round(
-                (big["swarm_peak_rss_mb"] - small["swarm_peak_rss_mb"]) / (args.devices - args.small), 3
-            )
-            out["engine_sets"] = engine_note(bundle, args.engine)
+            out["memory"] = [memory_entry(bundle, args.engine, small, big)]
+            # The memory per extra device with the other engine too (own session sets vs shared).
+            for other in memory_engines(bundle, args.engine):
+                s_ = rounds_run(args.small, args.rounds, work, bundle, data, broker.url, state_root, other)
+                b_ = rounds_run(args.devices, args.rounds, work, bundle, data, broker.url, state_root, other)
+                out["memory"].append(memory_entry(bundle, other, s_, b_))
         finally:
             broker.stop()
             import shutil
@@ -315,117 +332,6 @@ def main() -> int:
     print(json.dumps(out, indent=1))
     emit_rows(out)
     return 0
-
-
-def engine_note(bundle: Path, asked: str) -> str:
-    """The engine the swarm's devices opened, and what it means for memory."""
-    from fleetlearn.edge_runtime.core.bundle import load_bundle
-    from fleetlearn.edge_runtime.engines.select import choose_engine
-
-    engine = choose_engine(load_bundle(bundle), asked)
-    return f"{engine} engine" + (", its own ORT session set per device" if engine == "ort-training" else ", shared sessions")
-
-
-def emit_rows(out: dict) -> None:
-    f = out["fanout"]
-    n = f["devices"]
-    what = (
-        f"fan-out: a {f['frame_bytes']:,}-byte GLOBAL frame published retained at QoS 1 until the last of {n:,} swarm "
-        f"devices ({f['engine']}) has it (its agent is handed the message), median of {f['reps']} rotated reps"
-    )
-    for kind, key in (("clean", "ratio_swarm_over_raw_clean"), ("persistent", "ratio_swarm_over_raw_persistent")):
-        emit(
-            Row(
-                bench="bench_swarm",
-                what=what,
-                value=f["median_s"]["swarm"],
-                unit="s",
-                baseline_what=f"{n:,} raw paho clients ({kind} sessions, QoS 1) on the same EpollLoop design, same frame "
-                "and broker, until the last on_message",
-                baseline=f["median_s"][kind],
-                goal="<= 1.2x",
-                met=f[key] <= 1.2,
-                load=f["load"],
-                extra={"paired_median_ratio": f["paired_median_ratio"][kind], "cpu_s_median": f["cpu_s_median"]},
-            )
-        )
-    emit(
-        Row(
-            bench="bench_swarm",
-            what=f"fan-out until the last of {n:,} swarm devices holds the decoded, validated GLOBAL model (the "
-            f"receipts above, then the swarm's shared decode: {f['global_decodes'][0]} decodes for "
-            f"{f['global_decodes'][1]:,} receipts), median of {f['reps']}",
-            value=f["swarm_validated_median_s"],
-            unit="s",
-            baseline_what=f"{n:,} raw paho clients (persistent sessions) until the last on_message (no decode)",
-            baseline=f["median_s"]["persistent"],
-            load=f["load"],
-        )
-    )
-    if "rounds" not in out:
-        return
-    small, big = out["rounds"]
-    emit(
-        Row(
-            bench="bench_swarm",
-            what=f"devices accepted in the worst of {big['rounds']} rounds, {big['devices']:,}-device swarm, mosquitto",
-            value=big["accepted_min"],
-            unit="devices",
-            baseline_what="target devices (minimum 0.99x)",
-            baseline=big["devices"],
-            goal=">= 0.99x",
-            met=big["accepted_min"] >= 0.99 * big["devices"],
-            load=big["load_at_end"],
-        )
-    )
-    emit(
-        Row(
-            bench="bench_swarm",
-            what=f"round wall time, {big['devices']:,}-device swarm (median of rounds 2..; round 1 includes the "
-            "swarm's start), Boston MLP, max_steps 2",
-            value=big["round_wall_s_median_after_1"],
-            unit="s",
-            baseline_what=f"the same with {small['devices']:,} devices",
-            baseline=small["round_wall_s_median_after_1"],
-            load=big["load_at_end"],
-            extra={"load_1min_min_max": big["load_1min_min_max"], "round1_wall_s": big["round1_wall_s"]},
-        )
-    )
-    emit(
-        Row(
-            bench="bench_swarm",
-            what=f"aggregator CPU seconds per round (utime + stime / rounds), {big['devices']:,} devices",
-            value=big["aggregator_cpu_s_per_round"],
-            unit="s",
-            baseline_what=f"the same with {small['devices']:,} devices",
-            baseline=small["aggregator_cpu_s_per_round"],
-            load=big["load_at_end"],
-        )
-    )
-    emit(
-        Row(
-            bench="bench_swarm",
-            what=f"aggregator peak RSS (VmHWM), {big['devices']:,} devices",
-            value=big["aggregator_peak_rss_mb"],
-            unit="MB",
-            baseline_what=f"the same with {small['devices']:,} devices",
-            baseline=small["aggregator_peak_rss_mb"],
-            load=big["load_at_end"],
-        )
-    )
-    emit(
-        Row(
-            bench="bench_swarm",
-            what=f"swarm memory per extra device: (peak RSS with {big['devices']:,} - with {small['devices']:,}) / "
-            f"{big['devices'] - small['devices']:,}, {out['engine_sets']}",
-            value=out["memory_per_extra_device_mb"],
-            unit="MB",
-            goal="< 1 MB",
-            met=out["memory_per_extra_device_mb"] < 1,
-            load=big["load_at_end"],
-            extra={"swarm_peak_rss_mb": [small["swarm_peak_rss_mb"], big["swarm_peak_rss_mb"]]},
-        )
-    )
 
 
 if __name__ == "__main__":

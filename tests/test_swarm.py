@@ -162,6 +162,36 @@ def test_swarm_device_update_equals_lone_device(tmp_path, mosquitto, boston_bund
     assert "Traceback" not in swarm.text()
 
 
+def test_swarm_auto_engine_shares_one_portable_session_pair(tmp_path, boston_bundle):
+    """`auto` in a swarm is the portable engine whenever the bundle has its step graph (one
+    session pair for all devices), even where a lone device's `auto` is onnxruntime-training;
+    an explicit engine is honoured, and a bundle without the step graph falls back to
+    `choose_engine`'s answer."""
+    from dataclasses import replace
+
+    from fleetlearn.edge_runtime.core.errors import UsageError
+    from fleetlearn.edge_runtime.engines.select import choose_engine, ort_training_available
+    from fleetlearn.edge_runtime.engines.shared import DeviceEngine, SharedEngines, swarm_engine
+
+    m = load_bundle(boston_bundle)
+    assert m.portable is not None
+    assert swarm_engine(m, "auto") == "portable"
+    shared = SharedEngines()
+    views = [shared(boston_bundle, m, "auto") for _ in range(3)]
+    assert all(isinstance(v, DeviceEngine) and v.name == "portable" for v in views)
+    assert shared.opened == 1 and shared.names == {"portable"}
+    no_step = replace(m, portable=None)
+    if ort_training_available():
+        assert choose_engine(m, "auto") == "ort-training"  # the lone device's choice differs
+        assert swarm_engine(no_step, "auto") == "ort-training"
+        own = SharedEngines()
+        engines = [own(boston_bundle, m, "ort-training") for _ in range(2)]
+        assert own.opened == 2 and engines[0] is not engines[1] and own.names == {"ort-training"}
+    else:
+        with pytest.raises(UsageError):
+            swarm_engine(no_step, "auto")
+
+
 # ------------------------------------------------------------------ whole rounds
 
 

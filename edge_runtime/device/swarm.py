@@ -12,11 +12,12 @@ checks still run per device).
 Training engines (engines/shared.py). A device keeps its optimizer state (AdamW moments, step
 count) from round to round. With the portable engine all devices on a bundle share one session
 pair and each device's state (plain arrays, ~20 KB for the Boston MLP) is copied in before it
-trains. onnxruntime-training 1.19.2's Python API cannot read or write optimizer state
-(restoring it means load_checkpoint plus new Module and Optimizer sessions, 30 ms per switch,
-measured here), so with that engine each swarm device owns its session set, created once:
-0.91 MB per device for the Boston MLP (100 sets measured). Either way a swarm device computes
-bit for bit what a lone device computes (tests/test_swarm.py).
+trains; `engine = "auto"` picks it whenever the bundle has the step graph. onnxruntime-training
+1.19.2's Python API cannot read or write optimizer state (restoring it means load_checkpoint plus
+new Module and Optimizer sessions, 30 ms per switch, measured here), so with that engine (asked
+for explicitly) each swarm device owns its session set, created once: 1.25 MB per device for the
+Boston MLP with the FedProx inputs (100 sets measured). Either way a swarm device computes bit
+for bit what a lone device with the same engine computes (tests/test_swarm.py).
 
 Scheduling: handling events is bounded per loop turn (EVENT_BUDGET_S), so sockets are served
 (PUBACKs, pings, incoming models) while 1,000 devices train one after another.
@@ -199,8 +200,9 @@ class Swarm:
         for agent in self.agents:
             agent.start()
         log.info(
-            "event=swarm_start devices=%d engines_opened=%d setup_s=%.2f",
+            "event=swarm_start devices=%d engine=%s engines_opened=%d setup_s=%.2f",
             len(self.agents),
+            ",".join(sorted(self.engines.names)) or "none",
             self.engines.opened,
             time.monotonic() - t,
         )
