@@ -102,10 +102,6 @@ class Parts:
             return None if whole is None else (topic, whole)
         return topic, payload
 
-    @property
-    def held_bytes(self) -> int:
-        return self.global_parts.reassembler.held_bytes + self.updates.held_bytes
-
 
 Message = RoundState | Status | Ack | RoundMetrics | UploadSeen | GlobalSeen | DeviceForgotten | None
 
