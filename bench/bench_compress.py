@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from rows import Row, emit  # noqa: E402
+
+# Goals of issue 13, in the rows' ratio terms (value / raw float32 model bytes).
+BYTE_GOALS = {"int8": ("<= 0.3x", 0.3), "topk:0.01": ("<= 0.05x", 0.05)}
+METRIC_TOLERANCE = 0.02  # int8's final metric within 2% of the float32 run's
+
 
 DATASETS = {
     # name: (data file, built-in model, optimizer, lr, metric, aggregator's extra flags, device batch)
@@ -178,10 +184,78 @@ def main() -> int:
             f"| {c} | {up:,.0f} | {row['vs_raw']:.3f}x | {row['vs_f32_frame']:.3f}x | {row['body_vs_raw']:.3f}x | {value:.4f} | {100 * row['metric_vs_f32']:+.1f}% |"
         )
     print(json.dumps(out))
+    emit_rows(args, n, results, metric)
     if not args.no_large_model:
         print()
         frame_ratios(1_657_685, [c for c in encodings if c != "none"])
     return 0
+
+
+def byte_goal(encoding: str) -> tuple[str, float | None]:
+    family = "int8" if encoding.startswith("int8") else encoding
+    goal, limit = BYTE_GOALS.get(family, ("", None))
+    return goal, limit
+
+
+def emit_rows(args: argparse.Namespace, n: int, results: dict[str, list[dict]], metric: str) -> None:
+    """Per encoding: whole UPDATE frames and bodies against the raw float32 model, and the final
+    metric against the float32 run's (all measured in this run)."""
+    model = f"{DATASETS[args.dataset][1]}, {n:,} parameters, {args.devices} devices, {args.rounds} rounds, mosquitto"
+    raw = 4 * n
+    raw_what = f"raw float32 model, 4 bytes x {n:,} parameters"
+    base_up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in results["none"])
+    overhead = base_up - raw  # header + meta, measured on the float32 run
+    base_metric = results["none"][-1][metric]
+    lower_is_better = metric.endswith("mse")
+    for c, rounds in results.items():
+        up = statistics.median(r["bytes_in"] / len(r["devices"]) for r in rounds)
+        goal, limit = byte_goal(c)
+        emit(
+            Row(
+                bench="bench_compress",
+                what=f"UPDATE frame bytes per device per round (header + meta + body): every update payload the "
+                f"aggregator received in a round (re-sends included) / devices accepted, median over rounds, "
+                f"--compression {c} ({model})",
+                value=up,
+                unit="bytes",
+                baseline_what=raw_what,
+                baseline=raw,
+                goal=goal,
+                met=None if limit is None else up / raw <= limit,
+            )
+        )
+        if c != "none":
+            emit(
+                Row(
+                    bench="bench_compress",
+                    what=f"body bytes per device per round: the UPDATE frame minus the float32 run's header + meta "
+                    f"({overhead:,.0f} bytes), --compression {c} ({model})",
+                    value=up - overhead,
+                    unit="bytes",
+                    baseline_what=raw_what,
+                    baseline=raw,
+                    goal=goal,
+                    met=None if limit is None else (up - overhead) / raw <= limit,
+                )
+            )
+            value = rounds[-1][metric]
+            ratio = value / base_metric
+            within = ratio <= 1 + METRIC_TOLERANCE if lower_is_better else ratio >= 1 - METRIC_TOLERANCE
+            int8 = c.startswith("int8")
+            emit(
+                Row(
+                    bench="bench_compress",
+                    what=f"final {metric} after the last round, --compression {c} ({model})",
+                    value=value,
+                    unit="MSE" if lower_is_better else "accuracy",
+                    baseline_what="the float32 run's (--compression none) final value, same run",
+                    baseline=base_metric,
+                    goal=(f"<= {1 + METRIC_TOLERANCE:g}x" if lower_is_better else f">= {1 - METRIC_TOLERANCE:g}x")
+                    if int8
+                    else "",
+                    met=within if int8 else None,
+                )
+            )
 
 
 def frame_ratios(n: int, encodings: list[str]) -> None:
@@ -204,6 +278,21 @@ def frame_ratios(n: int, encodings: list[str]) -> None:
         Update.decode(payload, n)
         t2 = time.perf_counter()
         print(f"| {c} | {len(payload):,} | {len(payload) / (4 * n):.4f}x | {1000 * (t1 - t0):.1f} | {1000 * (t2 - t1):.1f} |")
+        goal, limit = byte_goal(c)
+        emit(
+            Row(
+                bench="bench_compress",
+                what=f"UPDATE frame bytes (header + meta + body) of a {n:,}-parameter model, --compression {c}, "
+                "encoded in process",
+                value=len(payload),
+                unit="bytes",
+                baseline_what=f"raw float32 model, 4 bytes x {n:,} parameters",
+                baseline=4 * n,
+                goal=goal,
+                met=None if limit is None else len(payload) / (4 * n) <= limit,
+                extra={"encode_ms": round(1000 * (t1 - t0), 1), "decode_ms": round(1000 * (t2 - t1), 1)},
+            )
+        )
     assert f32 > 4 * n
 
 

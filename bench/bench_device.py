@@ -1,10 +1,16 @@
 """Device benchmarks (numbers, not pass/fail): peak RSS of a device process through a full
 round, and local-training throughput of ORT against the same loop in PyTorch eager.
 
-    .venv/bin/python bench/bench_device.py [--steps 2000]
+    .venv/bin/python bench/bench_device.py [--steps 2000] [--reps 5]
 
-Both loops: the Boston MLP (13-32-24-16-1), batch 8, AdamW, one thread, the same batches.
-Goals from the issue: RSS < 80 MB; ORT >= 10x PyTorch eager samples/s.
+Every loop: the Boston MLP (13-32-24-16-1), batch 8, AdamW, one thread, the same batches. The
+three loops (the bare ORT training loop, fleetlearn's `Trainer.train`, PyTorch eager) run in
+`--reps` interleaved repetitions, so load from other processes hits each alike; rows give
+medians. Goals from the issue: RSS < 80 MB; ORT >= 10x PyTorch eager samples/s.
+
+Rows (bench/rows.py): the device's samples/s against PyTorch eager and against the bare ORT
+loop (what fleetlearn's training path costs over onnxruntime-training's own loop), the bare
+loop against PyTorch eager, and the device's peak RSS.
 """
 
 from __future__ import annotations
@@ -12,16 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from rows import Row, emit, load_average  # noqa: E402
 
 # VmHWM, not getrusage(): on Linux ru_maxrss survives execve, so a child started by a process
 # that has torch loaded would report the parent's peak, not its own.
@@ -100,7 +111,9 @@ def batches(steps: int, batch: int = 8):
     return [(x[i], y[i]) for i in idx]
 
 
-def bench_ort(bundle: Path, data) -> float:
+def bench_ort(bundle: Path, data) -> Callable[[], float]:
+    """The bare onnxruntime-training loop (module, optimizer step, reset): one call = one
+    repetition over `data`, returning samples/s."""
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.engines.trainer import Trainer
 
@@ -112,15 +125,19 @@ def bench_ort(bundle: Path, data) -> float:
         module(xb, yb, *prox)
         opt.step()
         module.lazy_reset_grad()
-    start = time.perf_counter()
-    for xb, yb in data:
-        module(xb, yb, *prox)
-        opt.step()
-        module.lazy_reset_grad()
-    return len(data) * 8 / (time.perf_counter() - start)
+
+    def rep() -> float:
+        start = time.perf_counter()
+        for xb, yb in data:
+            module(xb, yb, *prox)
+            opt.step()
+            module.lazy_reset_grad()
+        return len(data) * 8 / (time.perf_counter() - start)
+
+    return rep
 
 
-def bench_trainer(bundle: Path, data) -> float:
+def bench_trainer(bundle: Path, data) -> Callable[[], float]:
     """Through fleetlearn's Trainer.train (what a device really runs per round)."""
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.core.data import Dataset
@@ -128,11 +145,15 @@ def bench_trainer(bundle: Path, data) -> float:
 
     trainer = Trainer(bundle, load_bundle(bundle), threads=1)
     ds = Dataset(np.concatenate([b[0] for b in data]), np.concatenate([b[1] for b in data]))
-    result = trainer.train(ds, batch_size=8, epochs=1)
-    return result.samples / result.seconds
+
+    def rep() -> float:
+        result = trainer.train(ds, batch_size=8, epochs=1)
+        return result.samples / result.seconds
+
+    return rep
 
 
-def bench_torch(data) -> float:
+def bench_torch(data) -> Callable[[], float]:
     import torch
 
     from fleetlearn.export import resolve_model
@@ -147,37 +168,98 @@ def bench_torch(data) -> float:
         opt.zero_grad()
         loss_fn(model(xb), yb).backward()
         opt.step()
-    start = time.perf_counter()
-    for xb, yb in tdata:
-        opt.zero_grad()
-        loss_fn(model(xb), yb).backward()
-        opt.step()
-    return len(tdata) * 8 / (time.perf_counter() - start)
+
+    def rep() -> float:
+        start = time.perf_counter()
+        for xb, yb in tdata:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+        return len(tdata) * 8 / (time.perf_counter() - start)
+
+    return rep
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each loop (rows give medians)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle = export_bundle(work / "bundle")
         data = batches(args.steps)
-        ort_sps = bench_ort(bundle, data)
-        trainer_sps = bench_trainer(bundle, data)
-        torch_sps = bench_torch(data)
+        loops = {"ort": bench_ort(bundle, data), "trainer": bench_trainer(bundle, data), "torch": bench_torch(data)}
+        sps: dict[str, list[float]] = {k: [] for k in loops}
+        for _ in range(args.reps):
+            for name, rep in loops.items():
+                sps[name].append(rep())
+        loops_load = load_average()
         rss = bench_rss(bundle, work)
+    med = {k: statistics.median(v) for k, v in sps.items()}
     result = {
+        "load_average": loops_load,
         "device_peak_rss_mb": round(rss, 1),
-        "ort_loop_samples_per_s": round(ort_sps),
-        "fleetlearn_trainer_samples_per_s": round(trainer_sps),
-        "torch_eager_samples_per_s": round(torch_sps),
-        "ort_vs_torch": round(ort_sps / torch_sps, 1),
-        "trainer_vs_torch": round(trainer_sps / torch_sps, 1),
-        "us_per_step_ort": round(8e6 / ort_sps, 1),
-        "us_per_step_torch": round(8e6 / torch_sps, 1),
+        "ort_loop_samples_per_s": round(med["ort"]),
+        "fleetlearn_trainer_samples_per_s": round(med["trainer"]),
+        "torch_eager_samples_per_s": round(med["torch"]),
+        "samples_per_s_each_rep": {k: [round(x) for x in v] for k, v in sps.items()},
+        "ort_vs_torch": round(med["ort"] / med["torch"], 1),
+        "trainer_vs_torch": round(med["trainer"] / med["torch"], 1),
+        "us_per_step_ort": round(8e6 / med["ort"], 1),
+        "us_per_step_torch": round(8e6 / med["torch"], 1),
     }
     print(json.dumps(result, indent=1))
+    loop = f"Boston MLP, batch 8, AdamW, 1 thread, median of {args.reps} interleaved reps of {args.steps} steps"
+    torch_what = "PyTorch eager, same model, batches, optimizer"
+    trainer_what = f"device training samples/s through fleetlearn's Trainer.train ({loop})"
+    emit(
+        Row(
+            bench="bench_device",
+            what=trainer_what,
+            value=round(med["trainer"]),
+            unit="samples/s",
+            baseline_what=torch_what,
+            baseline=round(med["torch"]),
+            goal=">= 10x",
+            met=med["trainer"] / med["torch"] >= 10,
+            load=loops_load,
+        )
+    )
+    emit(
+        Row(
+            bench="bench_device",
+            what=trainer_what,
+            value=round(med["trainer"]),
+            unit="samples/s",
+            baseline_what="bare onnxruntime-training loop (module, optimizer step, reset), same batches",
+            baseline=round(med["ort"]),
+            load=loops_load,
+        )
+    )
+    emit(
+        Row(
+            bench="bench_device",
+            what=f"bare onnxruntime-training loop samples/s ({loop})",
+            value=round(med["ort"]),
+            unit="samples/s",
+            baseline_what=torch_what,
+            baseline=round(med["torch"]),
+            goal=">= 10x",
+            met=med["ort"] / med["torch"] >= 10,
+            load=loops_load,
+        )
+    )
+    emit(
+        Row(
+            bench="bench_device",
+            what="peak RSS (VmHWM) of a device process through a full Boston round on mosquitto (ort-training engine)",
+            value=round(rss, 1),
+            unit="MB",
+            goal="< 80 MB",
+            met=rss < 80,
+        )
+    )
     return 0
 
 

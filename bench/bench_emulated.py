@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_device import batches, export_bundle  # noqa: E402
 from bench_engines import PORTABLE_LOOP, make_venv  # noqa: E402
+from rows import Row, emit  # noqa: E402
 
 from tests import arm64_root  # noqa: E402
 
@@ -172,6 +173,31 @@ def main() -> int:
     result["emulated_vs_native"] = round(statistics.median(emulated) / statistics.median(native), 1)
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
+    pi4 = sizes["raspberry-pi-4 (portable, aarch64, emulated root)"]
+    emit(
+        Row(
+            bench="bench_emulated",
+            what="installed prefix on disk (du -sk of /opt/fleetlearn after install.sh: venv, bundle, config), "
+            "raspberry-pi-4 image, portable engine, aarch64 under qemu-user",
+            value=pi4,
+            unit="MB",
+            baseline_what="generic-x86_64 image with the portable engine, installed natively in this run",
+            baseline=sizes["generic-x86_64 (portable)"],
+            goal="<= 120 MB",
+            met=pi4 <= 120,
+        )
+    )
+    emit(
+        Row(
+            bench="bench_emulated",
+            what=f"portable step time under qemu-user aarch64 emulation (Boston MLP, batch 8, AdamW, 1 thread, "
+            f"median of {args.reps} x {args.steps} steps; says nothing about a real Pi's speed)",
+            value=round(statistics.median(emulated), 1),
+            unit="us/step",
+            baseline_what="the same loop natively, plain onnxruntime venv",
+            baseline=round(statistics.median(native), 1),
+        )
+    )
     return 0
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_device import RSS_PROBE, batches, export_bundle  # noqa: E402
+from rows import Row, emit, load_average  # noqa: E402
 
 # Run in the plain-onnxruntime venv: the portable engine's loop, printed as us/step per repetition.
 PORTABLE_LOOP = """
@@ -182,6 +183,7 @@ def main() -> int:
         bundle = export_bundle(work / "bundle")
         data = batches(args.steps)
         us = time_engines(bundle, data, args.reps, portable_py, work)
+        steps_load = load_average()
         rss = {
             "ort-training (edge venv)": device_rss(bundle, work, edge_py, "ort-training"),
             "portable (edge-portable venv)": device_rss(bundle, work, portable_py, "portable"),
@@ -218,6 +220,57 @@ def main() -> int:
         },
     }
     print(json.dumps(result, indent=1))
+    med = {k: statistics.median(v) for k, v in us.items()}
+    step = f"Boston MLP, batch 8, AdamW, 1 thread, median of {args.reps} interleaved reps of {args.steps} steps"
+    names = {
+        "ort-training": "onnxruntime-training engine",
+        "portable": "portable engine on onnxruntime-training 1.19.2's InferenceSession (dev venv)",
+        "portable-plain-ort": "portable engine on plain onnxruntime (edge-portable venv, what devices install)",
+        "torch": "PyTorch eager",
+    }
+    for value, base, goal, ok in (
+        ("portable", "ort-training", "<= 1.3x", lambda r: r <= 1.3),
+        ("portable-plain-ort", "ort-training", "<= 1.3x", lambda r: r <= 1.3),
+        ("torch", "portable", ">= 10x", lambda r: r >= 10),
+        ("torch", "portable-plain-ort", ">= 10x", lambda r: r >= 10),
+    ):
+        emit(
+            Row(
+                bench="bench_engines",
+                what=f"step time, {names[value]} ({step})",
+                value=round(med[value], 1),
+                unit="us/step",
+                baseline_what=names[base],
+                baseline=round(med[base], 1),
+                goal=goal,
+                met=ok(med[value] / med[base]),
+                load=steps_load,
+                extra={"fastest_rep_ratio": round(best[value] / best[base], 3), "median_paired_ratio": paired(value, base)},
+            )
+        )
+    emit(
+        Row(
+            bench="bench_engines",
+            what="peak RSS (VmHWM) of a device process through a full Boston round on mosquitto, portable engine "
+            "(edge-portable venv)",
+            value=round(rss["portable (edge-portable venv)"], 1),
+            unit="MB",
+            baseline_what="the same with the ort-training engine (edge venv)",
+            baseline=round(rss["ort-training (edge venv)"], 1),
+            goal="< 70 MB",
+            met=rss["portable (edge-portable venv)"] < 70,
+        )
+    )
+    emit(
+        Row(
+            bench="bench_engines",
+            what="installed size, site-packages of a fresh fleetlearn[edge-portable] venv without pip/setuptools",
+            value=result["installed_site_packages_mb"]["edge-portable (onnxruntime)"],
+            unit="MB",
+            baseline_what="fleetlearn[edge] (onnxruntime-training)",
+            baseline=result["installed_site_packages_mb"]["edge (onnxruntime-training)"],
+        )
+    )
     return 0
 
 

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
+from fleetlearn.edge_runtime.core.errors import ProtocolError
 from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundConfig, Topics, Update
 from fleetlearn.edge_runtime.device.swarm import partition_rows
+from fleetlearn.edge_runtime.device.wire import SharedGlobalDecoder, decode_global
 from tests.conftest import ROOT, Broker, mosquitto_binary, wait_port
 from tests.peers import Recorder
 from tests.procs import AggregatorProcess, FleetlearnProcess
@@ -57,6 +59,38 @@ def train_file(tmp: Path, boston_split) -> Path:
 def rounds(state: Path) -> list[dict]:
     path = state / "rounds.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ------------------------------------------------------------------ one decode per frame
+
+
+def test_swarm_shared_global_decoder_decodes_identical_bytes_once_and_rejects_bad_ones_each_time():
+    w = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    frame = GlobalModel("cd" * 16, 3, "ab" * 32, w, total_rounds=5).encode()
+    d = SharedGlobalDecoder()
+    first = d(frame)
+    again = d(bytes(bytearray(frame)))  # equal bytes in another object, as each device's socket delivers them
+    assert again is first and (d.decoded, d.shared) == (1, 1)
+    fresh = decode_global(frame)
+    assert (first.run_id, first.round, first.model_hash, first.total_rounds) == (fresh.run_id, 3, fresh.model_hash, 5)
+    assert np.array_equal(first.weights, fresh.weights) and np.array_equal(first.weights, w)
+    with pytest.raises(ValueError):  # shared by every device: nobody may write it
+        first.weights[0] = 1.0
+    # One byte different: decoded afresh, and validated afresh (here the crc catches it), for every device.
+    bad = bytearray(frame)
+    bad[-1] ^= 0xFF
+    with pytest.raises(ProtocolError) as one:
+        decode_global(bytes(bad))
+    for _ in range(2):
+        with pytest.raises(ProtocolError) as shared:
+            d(bytes(bad))
+        assert shared.value.reason == one.value.reason
+    assert (d.decoded, d.shared) == (2, 2)
+    nan = GlobalModel("cd" * 16, 4, "ab" * 32, np.full(50, np.nan, np.float32)).encode()
+    with pytest.raises(ProtocolError, match="NaN"):
+        d(nan)
+    second = d(GlobalModel("cd" * 16, 4, "ab" * 32, w).encode())
+    assert second is not first and second.round == 4 and d.decoded == 4
 
 
 # ------------------------------------------------------------------ bit for bit

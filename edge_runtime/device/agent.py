@@ -32,7 +32,6 @@ from fleetlearn.edge_runtime.core.errors import BundleError, DataError, Protocol
 from fleetlearn.edge_runtime.core.logs import kv
 from fleetlearn.edge_runtime.core.mqtt import MqttLink
 from fleetlearn.edge_runtime.core.protocol import (
-    MAX_MODEL_PARAMS,
     Ack,
     GlobalModel,
     LeaseView,
@@ -55,7 +54,7 @@ from fleetlearn.edge_runtime.device.state import (
     recover_pending,
     save_pending_update,
 )
-from fleetlearn.edge_runtime.device.wire import DeviceWire
+from fleetlearn.edge_runtime.device.wire import DeviceWire, decode_global
 from fleetlearn.edge_runtime.device.wiring import link_options, load_signer
 from fleetlearn.edge_runtime.engines.base import Engine
 from fleetlearn.edge_runtime.engines.select import open_engine
@@ -70,7 +69,8 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
     """One device's protocol logic, driven by events, hosted by `run()` (one device: paho's thread
     queues events, the main thread handles them) or by the swarm (device/swarm.py: many agents,
     one epoll loop), which chooses the link (`link_factory`), the event sink (`post`), the engine
-    (`engine_factory`) and the group commit: the state machine is the same code for both."""
+    (`engine_factory`), the group commit and the global-model decoder: the state machine is the
+    same code for both."""
 
     def __init__(
         self,
@@ -81,6 +81,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
         post: Callable[[Event], None] | None = None,
         engine_factory: Callable[..., Engine] = open_engine,
         group_commit: GroupCommit | None = None,
+        global_decoder: Callable[[bytes], GlobalModel] = decode_global,  # a swarm shares one (wire.py)
     ):
         self.cfg = cfg
         self.max_rounds = max_rounds
@@ -94,6 +95,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
         self.events: queue.Queue[Event] = queue.Queue()
         self.post = post or self.events.put  # where this device's events go (its host's queue)
         self._engine_factory = engine_factory
+        self._decode_global = global_decoder
         # None: each pending update is fsynced before it is sent. A swarm's GroupCommit: written
         # without fsync, sent after the host's next file-system sync (one for many devices).
         self.group_commit = group_commit
@@ -285,7 +287,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting):
     def _on_global(self, payload: bytes | None) -> None:
         if not payload:
             return  # a cleared retained message (or a part of one still incomplete)
-        self._handle_global(GlobalModel.decode(payload, max_params=MAX_MODEL_PARAMS))
+        self._handle_global(self._decode_global(payload))
 
     def _handle_global(self, g: GlobalModel) -> None:
         if not self.leader.allows(g.run_id):

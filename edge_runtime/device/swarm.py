@@ -4,8 +4,10 @@ Each virtual device is the real device agent (edge_runtime/device/agent.py) with
 connection, client id, Last Will, state dir (`<config's state_dir>/<id>`), state-dir lock and
 data shard (`<its state dir>/shard.npz`): acks, durable pending updates, bundle fetch and
 signing are the lone device's code. What the host changes: the link is an EpollLink (one epoll
-for all sockets, see core/mqtt_epoll.py), events go to one queue, and devices train one after
-another on the host's thread.
+for all sockets, see core/mqtt_epoll.py), events go to one queue, devices train one after
+another on the host's thread, and a global-model frame received N times is decoded once
+(device/wire.py SharedGlobalDecoder: identical bytes, one validated decode; the per-device
+checks still run per device).
 
 Training engines (engines/shared.py). A device keeps its optimizer state (AdamW moments, step
 count) from round to round. With the portable engine all devices on a bundle share one session
@@ -42,6 +44,7 @@ from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop, raise_
 from fleetlearn.edge_runtime.core.partition import parse_partition, partition
 from fleetlearn.edge_runtime.device.agent import DeviceAgent, Event
 from fleetlearn.edge_runtime.device.config import DeviceConfig
+from fleetlearn.edge_runtime.device.wire import SharedGlobalDecoder
 from fleetlearn.edge_runtime.engines.base import Engine
 from fleetlearn.edge_runtime.engines.shared import SharedEngines
 
@@ -157,6 +160,8 @@ class Swarm:
         self.agents: list[DeviceAgent] = []
         self.commit = GroupCommit(Path(base.state_dir))
         self.engines = SharedEngines()
+        # The same retained global model reaches every device: decoded and validated once per frame.
+        self.global_decoder = SharedGlobalDecoder()
         link_factory = lambda *a, **kw: EpollLink(*a, loop=self.loop, **kw)  # noqa: E731
         # SharedEngines hands out DeviceEngine views, which speak the Engine interface.
         engine = engine_factory or cast("Callable[..., Engine]", self.engines)
@@ -170,6 +175,7 @@ class Swarm:
                 post=self._poster(cell),
                 group_commit=self.commit,
                 engine_factory=engine,
+                global_decoder=self.global_decoder,
             )
             cell.append(agent)
             self.agents.append(agent)
@@ -227,7 +233,13 @@ class Swarm:
             for agent in self.agents:
                 self._close(agent)
             self._drain(5.0)
-            log.info("event=swarm_stop devices=%d rounds=%d", len(self.agents), sum(a.rounds_done for a in self.agents))
+            log.info(
+                "event=swarm_stop devices=%d rounds=%d global_decodes=%d global_shared=%d",
+                len(self.agents),
+                sum(a.rounds_done for a in self.agents),
+                self.global_decoder.decoded,
+                self.global_decoder.shared,
+            )
         return 0
 
     def _close(self, agent: DeviceAgent) -> None:
