@@ -41,9 +41,7 @@ from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.aggregator.strategy import Strategy
 from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, max_update_bytes, validate_update
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Ack, Reassembler, RoundConfig, Topics, Update, is_part
-
-PART_TIMEOUT_S = 600.0  # a partial update not completed in this long is dropped (the device re-sends)
+from fleetlearn.edge_runtime.core.protocol import PART_TIMEOUT_S, Ack, Reassembler, RoundConfig, Topics, Update, is_part
 
 
 @dataclass

@@ -101,10 +101,12 @@ class Monitor:
     ):
         from fleetlearn.edge_runtime.core.mqtt import MqttLink
         from fleetlearn.edge_runtime.core.protocol import Topics
+        from fleetlearn.monitor_messages import Parts
         from fleetlearn.monitor_state import FleetState
 
         self.topics = Topics(fleet)
         self.state = FleetState(fleet)
+        self.parts = Parts(self.topics)  # messages over --max-message-size, put back together
         self.device_gauges = device_gauges  # fleetlearn.aggregator.metrics.DeviceGauges with --metrics-port
         self.clock = clock
         self.inbox: queue.Queue[Inbound] = queue.Queue()
@@ -115,7 +117,7 @@ class Monitor:
             on_disconnect=lambda r: self.inbox.put(Inbound("disconnected", reason=r)),
         )
         t = self.topics
-        for topic in (t.round, t.metrics, t.global_model, t.all_status, f"{t.base}/ack/+"):
+        for topic in (t.round, t.metrics, t.global_model, t.global_parts, t.all_status, f"{t.base}/ack/+"):
             self.link.subscribe(topic, qos=1)
         if subscribe_updates:
             # QoS 0: the monitor only counts uploads; the broker should not queue deltas for it.
@@ -131,7 +133,10 @@ class Monitor:
         if item.kind == "disconnected":
             return self.state.set_disconnected(item.reason, now)
         try:
-            msg = decode_message(self.topics, item.topic, item.payload)
+            whole = self.parts.whole(item.topic, item.payload, time.monotonic())
+            if whole is None:
+                return []
+            msg = decode_message(self.topics, *whole)
         except ProtocolError as exc:
             log.warning("event=message_ignored topic=%s reason=%r", item.topic, exc.reason)
             return self.state.invalid(item.topic, exc.reason, now)

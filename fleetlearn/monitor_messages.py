@@ -5,14 +5,41 @@ and validate every field, so a hostile or broken publisher costs the monitor one
 message. This module adds only the routing by topic and two small views: an upload seen on
 `update/<device>` (the protocol's UpdateHeader: we keep its round, never its weights) and the
 global model's header.
+
+Messages over the aggregator's --max-message-size arrive as PART frames (protocol/parts.py);
+`Parts` puts them back together with the protocol's own Reassembler before decoding: the global
+model from `global/part/<i>` with a device's limits (protocol.GlobalParts), an update from
+`update/<device>` with at most one partial update per device and `UPDATE_PARTIALS` in all (the
+monitor only counts uploads: past that bound an upload is seen through its ack instead).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
-from fleetlearn.edge_runtime.core.protocol import Ack, GlobalModel, RoundMetrics, RoundState, Status, Topics, UpdateHeader
+from fleetlearn.edge_runtime.core.protocol import (
+    MAX_MODEL_PARAMS,
+    PART_TIMEOUT_S,
+    Ack,
+    GlobalModel,
+    GlobalParts,
+    PartsBusy,
+    Reassembler,
+    RoundMetrics,
+    RoundState,
+    Status,
+    Topics,
+    UpdateHeader,
+    is_part,
+    max_body_bytes,
+    max_frame_bytes,
+)
+
+log = logging.getLogger("fleetlearn.monitor")
+
+UPDATE_PARTIALS = 16  # partial updates held at once (each bounded by the largest model a device accepts)
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,38 @@ class DeviceForgotten:
     """An empty retained status: someone cleared the device from the broker on purpose."""
 
     device_id: str
+
+
+class Parts:
+    """Whole messages from PART frames, per topic (module docstring). Time is passed in."""
+
+    def __init__(self, topics: Topics, max_params: int = MAX_MODEL_PARAMS):
+        self.topics = topics
+        self.global_parts = GlobalParts(max_params)
+        self.updates = Reassembler(
+            max_total=max_frame_bytes(max_body_bytes(max_params)),
+            per_sender=1,
+            max_partials=UPDATE_PARTIALS,
+            timeout=PART_TIMEOUT_S,
+        )
+        self._part_prefix = topics.global_part(0).rsplit("/", 1)[0] + "/"
+
+    def whole(self, topic: str, payload: bytes, now: float) -> tuple[str, bytes] | None:
+        """(topic, message) to decode: the message itself, or once its last part is in the whole
+        message under the topic it stands for (`global` for the global model's parts); None
+        while incomplete or for a cleared part; ProtocolError (one line) for a refused part."""
+        if topic.startswith(self._part_prefix):
+            whole = self.global_parts.feed(payload, now)
+            return None if whole is None else (self.topics.global_model, whole)
+        if topic.startswith(self.topics.base + "/update/") and is_part(payload):
+            device = self.topics.device_of(topic, "update")
+            try:
+                whole = self.updates.feed(device, payload, now)
+            except PartsBusy as exc:  # load, not an attack: the ack will count this upload
+                log.debug("event=update_part_skipped device=%s reason=%r", device, exc.reason)
+                return None
+            return None if whole is None else (topic, whole)
+        return topic, payload
 
 
 Message = RoundState | Status | Ack | RoundMetrics | UploadSeen | GlobalSeen | DeviceForgotten | None

@@ -18,6 +18,7 @@ import pytest
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.core.data import Dataset
 from fleetlearn.edge_runtime.core.errors import BundleError
+from fleetlearn.edge_runtime.engines.base import epoch_order
 from fleetlearn.edge_runtime.engines.select import open_engine
 
 torch = pytest.importorskip("torch")
@@ -94,7 +95,7 @@ def _torch_prox(model, manifest, w_global: np.ndarray, data: Dataset, mu: float,
         )
     else:
         opt = torch.optim.SGD(ref.parameters(), lr=o["lr"], momentum=o["momentum"])
-    order = np.random.default_rng(seed).permutation(N)
+    order = epoch_order(seed, 0, N)  # the order engines/base.py's loop uses
     loss_sum = 0.0
     for lo in range(0, N, BATCH):
         idx = order[lo : lo + BATCH]

@@ -35,7 +35,7 @@ PROBE = """
 import sys
 from fleetlearn.cli import main
 rc = main(["device", "--config", sys.argv[1], "--max-rounds", sys.argv[2]])
-print("MODULES " + " ".join(sorted(m for m in ("torch", "onnx", "onnxruntime.training", "fleetlearn.aggregator", "fleetlearn.export") if m in sys.modules)), flush=True)
+print("MODULES " + " ".join(sorted(m for m in ("torch", "onnx", "onnxruntime.training", "fleetlearn.aggregator", "fleetlearn.export", "numpy.random") if m in sys.modules)), flush=True)
 sys.exit(rc)
 """
 

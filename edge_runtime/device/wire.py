@@ -5,7 +5,6 @@ decoded (once per distinct frame for a whole swarm: `SharedGlobalDecoder`)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
@@ -14,18 +13,14 @@ from fleetlearn.edge_runtime.core.protocol import (
     MAX_MODEL_PARAMS,
     Compression,
     GlobalModel,
-    Reassembler,
+    GlobalParts,
     Topics,
     Update,
-    max_body_bytes,
-    max_frame_bytes,
     split_message,
 )
 from fleetlearn.edge_runtime.core.protocol.frame import Signer
 from fleetlearn.edge_runtime.device.feedback import ErrorFeedback
 from fleetlearn.edge_runtime.device.state import load_pending_update
-
-PART_TIMEOUT_S = 600.0
 
 
 def publish_update(link: MqttLink, topic: str, payload: bytes, max_message_size: int) -> int:
@@ -35,22 +30,6 @@ def publish_update(link: MqttLink, topic: str, payload: bytes, max_message_size:
     for part in parts:
         link.publish(topic, part, qos=1)
     return len(parts)
-
-
-class GlobalParts:
-    """The retained parts on `global/part/<i>`, reassembled (bounded by the largest model a
-    device accepts; at most two partial models, e.g. the last round's and this one's)."""
-
-    def __init__(self, max_params: int = MAX_MODEL_PARAMS):
-        self.reassembler = Reassembler(
-            max_total=max_frame_bytes(max_body_bytes(max_params)), per_sender=2, max_partials=2, timeout=PART_TIMEOUT_S
-        )
-
-    def feed(self, payload: bytes) -> bytes | None:
-        """The whole GLOBAL frame once complete; None for a cleared part or while incomplete."""
-        if not payload:
-            return None
-        return self.reassembler.feed("global", payload, time.monotonic())
 
 
 def decode_global(payload: bytes) -> GlobalModel:

@@ -65,7 +65,11 @@ class PortableEngine(Engine):
         for file in (spec.step_model, spec.eval_model):
             _check_standard(root / file, spec)
         self._step = _session(ort, root / spec.step_model, options, "step graph")
-        self._eval = _session(ort, root / spec.eval_model, options, "eval graph")
+        # A device only trains: the eval graph is loaded and checked here (a broken bundle fails
+        # now, not at the first evaluation), then let go, and opened again on first use. Kept
+        # open it would cost a device ~0.2 MB more of its peak RSS (docs/benchmarks.md).
+        self._eval_session: object | None = None
+        self._eval_open = (ort, root / spec.eval_model, options)
         label = manifest.raw.get("label", {}) if isinstance(manifest.raw.get("label"), dict) else {}
         self._label_name = str(label.get("name", "labels" if manifest.label_is_index else "target"))
         self._label_dtype = np.int64 if manifest.label_is_index else np.float32
@@ -85,12 +89,12 @@ class PortableEngine(Engine):
             [LOSS, *(f"{n}_out" for n in self._state_names)],
             "step graph",
         )
-        eval_inputs = {
+        self._eval_inputs = {
             PARAMS: ("tensor(float)", (manifest.num_params,)),
             BUFFERS: ("tensor(float)", (spec.num_buffers,)),
             **batch,
         }
-        _check_signature(self._eval, eval_inputs, [LOSS, manifest.output_name], "eval graph")
+        self._open_eval()
 
         params, buffers = _initial_state(root / spec.initial_state, manifest.num_params, spec.num_buffers)
         self._sets = [self._new_set(), self._new_set()]
@@ -162,6 +166,19 @@ class PortableEngine(Engine):
         self._step.run_with_iobinding(self._bindings[self._cur])
         self._cur = 1 - self._cur
         return float(self._loss)
+
+    def _open_eval(self):
+        ort, path, options = self._eval_open
+        session = _session(ort, path, options, "eval graph")
+        _check_signature(session, self._eval_inputs, [LOSS, self.manifest.output_name], "eval graph")
+        return session
+
+    @property
+    def _eval(self):
+        """The eval graph's session, opened on first use (checked already in __init__)."""
+        if self._eval_session is None:
+            self._eval_session = self._open_eval()
+        return self._eval_session
 
     def _eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray | None]:
         cur = self._sets[self._cur]

@@ -117,8 +117,11 @@ from fleetlearn.edge_runtime.core.protocol.messages import (
 from fleetlearn.edge_runtime.core.protocol.metrics import RoundMetrics
 from fleetlearn.edge_runtime.core.protocol.parts import (
     PART_META_RESERVE,
+    PART_TIMEOUT_S,
     ChunkAssembly,
+    GlobalParts,
     Part,
+    PartsBusy,
     Reassembler,
     is_part,
     part_capacity,
@@ -135,7 +138,7 @@ __all__ = [
     "DEVICE_STATES", "MAX_DECODE_PARAMS", "MAX_MODEL_PARAMS", "MAX_PROXIMAL_MU", "RANK_SPACE", "ROUND_STATES", "Ack", "GlobalModel", "Invitation", "invitation_rank", "RoundConfig", "RoundState", "Status", "Update", "UpdateHeader",
     "DEFAULT_INT8_BLOCK", "TENSOR_ENCODINGS", "Compression", "decode_tensor", "encode_tensor", "feedback_step", "max_body_bytes",
     "MAX_MAX_MESSAGE_SIZE", "MIN_MAX_MESSAGE_SIZE",
-    "PART_META_RESERVE", "ChunkAssembly", "Part", "Reassembler", "is_part", "part_capacity", "split_message",
+    "PART_META_RESERVE", "PART_TIMEOUT_S", "ChunkAssembly", "GlobalParts", "Part", "PartsBusy", "Reassembler", "is_part", "part_capacity", "split_message",
     "LEASE_STATES", "Lease", "LeaseView", "encode_probe", "probe_token",
     "RoundMetrics", "POWER_SOURCES", "Health", "TOPIC_TREE", "Grant", "TopicRule", "Topics",
 ]  # fmt: skip

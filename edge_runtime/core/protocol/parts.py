@@ -32,15 +32,19 @@ same part twice is harmless (a re-send). A whole message failing its sha256 is d
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 from fleetlearn.edge_runtime.core.errors import ProtocolError
+from fleetlearn.edge_runtime.core.protocol.encodings import max_body_bytes
 from fleetlearn.edge_runtime.core.protocol.fields import HEX64_RE, check_int, check_str
-from fleetlearn.edge_runtime.core.protocol.frame import HEADER_SIZE, Encoding, Kind, decode_frame, encode_frame
+from fleetlearn.edge_runtime.core.protocol.frame import HEADER_SIZE, Encoding, Kind, decode_frame, encode_frame, max_frame_bytes
+from fleetlearn.edge_runtime.core.protocol.messages import MAX_MODEL_PARAMS
 
 PART_META_RESERVE = 512  # bytes of a part's (or bundle chunk's) meta, reserved out of the limit
 MIN_PART_BYTES = 1024
 MAX_PARTS = 1 << 20
+PART_TIMEOUT_S = 600.0  # a partial message not completed in this long is dropped (the sender re-sends)
 
 
 def part_capacity(max_message_size: int) -> int:
@@ -143,6 +147,11 @@ def split_message(payload: bytes, max_message_size: int | None) -> list[bytes]:
     return out
 
 
+class PartsBusy(ProtocolError):
+    """A part of a new message while the receiver already holds as many partial messages as it
+    allows: load, not an attack; the sender re-sends after a reconnect."""
+
+
 @dataclass
 class _Partial:
     assembly: ChunkAssembly
@@ -172,7 +181,7 @@ class Reassembler:
             while len(mine) >= self.per_sender:  # a newer message supersedes the oldest partial
                 del self._partials[mine.pop(0)[1]]
             if len(self._partials) >= self.max_partials:
-                raise ProtocolError(f"too many partial messages in flight ({self.max_partials})")
+                raise PartsBusy(f"too many partial messages in flight ({self.max_partials})")
             held = _Partial(layout, now)
             self._partials[key] = held
         a = held.assembly
@@ -206,3 +215,20 @@ class Reassembler:
 
     def __len__(self) -> int:
         return len(self._partials)
+
+
+class GlobalParts:
+    """The global model's retained parts on `global/part/<i>`, reassembled with a receiver's
+    limits: bounded by the largest model a device accepts, at most two partial models (e.g. the
+    last round's and this one's). Devices and the monitor hold the same bound."""
+
+    def __init__(self, max_params: int = MAX_MODEL_PARAMS):
+        self.reassembler = Reassembler(
+            max_total=max_frame_bytes(max_body_bytes(max_params)), per_sender=2, max_partials=2, timeout=PART_TIMEOUT_S
+        )
+
+    def feed(self, payload: bytes, now: float | None = None) -> bytes | None:
+        """The whole GLOBAL frame once complete; None for a cleared part or while incomplete."""
+        if not payload:
+            return None
+        return self.reassembler.feed("global", payload, time.monotonic() if now is None else now)
