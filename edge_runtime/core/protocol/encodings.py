@@ -220,21 +220,25 @@ def _decode_int8(body: bytes, n: int) -> np.ndarray:
         return (q.astype(np.float32) * np.repeat(scales.astype(np.float32), block)[:n]).astype(np.float32)
 
 
-def _decode_topk(body: bytes, n: int) -> np.ndarray:
+def _topk_count(body: bytes, n: int, index_bytes: int, what: str) -> int:
+    """k from a top-k body (u32 k | k indices of `index_bytes` | k float32 values), checked
+    against n and the body's exact length before anything is read past the count."""
     if len(body) < 4:
         raise ProtocolError(f"topk body is {len(body)} bytes, too short for its count")
     (k,) = _U32.unpack_from(body)
     kmax = -(-n // 2)
     if not 1 <= k <= kmax:
         raise ProtocolError(f"topk count {k} is outside [1, {kmax}] for {n} values")
-    if len(body) != 4 + 8 * k:
-        raise ProtocolError(f"topk body is {len(body)} bytes, {4 + 8 * k} expected for k={k}")
-    idx = np.frombuffer(body, dtype="<u4", count=k, offset=4)
-    if k > 1 and not (np.diff(idx.astype(np.int64)) > 0).all():
-        raise ProtocolError("topk indices must be strictly increasing (unique, sorted)")
-    if int(idx[-1]) >= n:  # sorted: the last is the largest
+    if len(body) != 4 + (index_bytes + 4) * k:
+        raise ProtocolError(f"{what} body is {len(body)} bytes, {4 + (index_bytes + 4) * k} expected for k={k}")
+    return k
+
+
+def _topk_scatter(body: bytes, n: int, k: int, idx: np.ndarray) -> np.ndarray:
+    """The dense vector from checked indices (strictly increasing, < n) and the body's values."""
+    if int(idx[-1]) >= n:  # increasing: the last is the largest
         raise ProtocolError(f"topk index {int(idx[-1])} is out of range for {n} values")
-    values = np.frombuffer(body, dtype="<f4", count=k, offset=4 + 4 * k)
+    values = np.frombuffer(body, dtype="<f4", count=k, offset=len(body) - 4 * k)
     if not np.isfinite(values).all():
         raise ProtocolError(f"topk values hold {int((~np.isfinite(values)).sum())} NaN/Inf")
     out = np.zeros(n, dtype=np.float32)
@@ -242,27 +246,21 @@ def _decode_topk(body: bytes, n: int) -> np.ndarray:
     return out
 
 
+def _decode_topk(body: bytes, n: int) -> np.ndarray:
+    k = _topk_count(body, n, 4, "topk")
+    idx = np.frombuffer(body, dtype="<u4", count=k, offset=4)
+    if k > 1 and not (np.diff(idx.astype(np.int64)) > 0).all():
+        raise ProtocolError("topk indices must be strictly increasing (unique, sorted)")
+    return _topk_scatter(body, n, k, idx)
+
+
 def _decode_topk_gap16(body: bytes, n: int) -> np.ndarray:
-    if len(body) < 4:
-        raise ProtocolError(f"topk body is {len(body)} bytes, too short for its count")
-    (k,) = _U32.unpack_from(body)
-    kmax = -(-n // 2)
-    if not 1 <= k <= kmax:
-        raise ProtocolError(f"topk count {k} is outside [1, {kmax}] for {n} values")
-    if len(body) != 4 + 6 * k:
-        raise ProtocolError(f"topk gap16 body is {len(body)} bytes, {4 + 6 * k} expected for k={k}")
+    k = _topk_count(body, n, 2, "topk gap16")
     gaps = np.frombuffer(body, dtype="<u2", count=k, offset=4)
     if k > 1 and not (gaps[1:] > 0).all():
         raise ProtocolError("topk gaps after the first must be >= 1 (indices strictly increasing, unique)")
     idx = np.cumsum(gaps, dtype=np.int64)  # <= 65535 k: no overflow
-    if int(idx[-1]) >= n:  # increasing: the last is the largest
-        raise ProtocolError(f"topk index {int(idx[-1])} is out of range for {n} values")
-    values = np.frombuffer(body, dtype="<f4", count=k, offset=4 + 2 * k)
-    if not np.isfinite(values).all():
-        raise ProtocolError(f"topk values hold {int((~np.isfinite(values)).sum())} NaN/Inf")
-    out = np.zeros(n, dtype=np.float32)
-    out[idx] = values
-    return out
+    return _topk_scatter(body, n, k, idx)
 
 
 # ---------------------------------------------------------------- error feedback
