@@ -172,6 +172,7 @@ class MetricsExporter:
         self.round = Gauge(f"{NAMESPACE}_round", "Last closed round", registry=r)
         self._last_round = 0
         self._open_round = 0
+        self._seen_open = False  # only the first round_open this exporter sees can be a resume
         self.open_round = Gauge(f"{NAMESPACE}_open_round", "The round open now (0 when none is)", registry=r)
         self.rounds = Counter(f"{NAMESPACE}_rounds", "Rounds that ended, by outcome", ["outcome"], registry=r)
         self.duration = Histogram(
@@ -229,9 +230,13 @@ class MetricsExporter:
         self.open_round.set(rnd)
         self._open_round = rnd
         self.target.set(int(f.get("target_devices") or 0))
-        if rnd - 1 > self._last_round:  # resumed: the rounds before this one closed in an earlier process
+        # Resumed: the rounds before the first one opened closed in an earlier process. Any later
+        # round_open comes before the previous round's round_closed (round r+1 opens while r is
+        # made durable), so it must not claim r closed: that waits for round_closed, after r's acks.
+        if not self._seen_open and rnd - 1 > self._last_round:
             self._last_round = rnd - 1
             self.round.set(rnd - 1)
+        self._seen_open = True
 
     def _on_update_accepted(self, f: dict[str, Any]) -> None:
         self.updates.labels(result="accepted", reason="none").inc()

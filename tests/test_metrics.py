@@ -483,3 +483,9 @@ def test_dp_epsilon_only_when_dp_reports_it_and_counters_from_events():
     resumed = MetricsExporter()
     resumed.on_event("round_open", {"round": 7, "target_devices": 1})  # a restart resumes at round 7
     assert value(served_samples(generate_latest(resumed.registry).decode()), "fleetlearn_round") == 6
+    # Round 8 opens while round 7 is still being made durable: round 7 is not closed until its
+    # round_closed event (which follows its acks, so accepted counters never lag the round gauge).
+    resumed.on_event("round_open", {"round": 8, "target_devices": 1})
+    assert value(served_samples(generate_latest(resumed.registry).decode()), "fleetlearn_round") == 6
+    resumed.on_event("round_closed", {**rec, "round": 7})
+    assert value(served_samples(generate_latest(resumed.registry).decode()), "fleetlearn_round") == 7
