@@ -100,7 +100,7 @@ class EpollLoop:
             if link is None:
                 continue
             if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                link._io(link.client.loop_read)
+                link._read()
             if mask & select.EPOLLOUT and fd in self._by_fd:
                 link._io(link.client.loop_write)
         now = time.monotonic()
@@ -167,6 +167,28 @@ class EpollLink(MqttLink):
         log.info("event=mqtt_connect_failed client=%s error=%r retry_in=%.2fs", self.opts.client_id, why[:120], delay)
         self._attempt += 1
         self.loop.call_later(delay, self._connect)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a publish and write it at once: the caller is the loop's thread (the only one
+        touching this link), so the message leaves now, not at the next poll after whatever the
+        caller does next (a device's bookkeeping after sending its update). What the socket does
+        not take now (a full send buffer) goes out when epoll says it is writable."""
+        ok = super().publish(topic, payload, qos=qos, retain=retain)
+        if self._sock_open and self.client.want_write():
+            self._io(self.client.loop_write)
+        return ok
+
+    def _read(self) -> None:
+        """Read what the socket has. A TLS socket may hold decrypted bytes that epoll cannot see
+        (the kernel buffer is empty): read on while it has some, as paho's own loop does."""
+        self._io(self.client.loop_read)
+        left = -1
+        while self._sock_open:
+            pending = getattr(self.client.socket(), "pending", None)
+            before, left = left, pending() if pending is not None else 0
+            if left <= 0 or left == before:  # nothing buffered, or no progress: epoll's turn
+                return
+            self._io(self.client.loop_read)
 
     def _io(self, op: Callable[[], MQTTErrorCode]) -> None:
         try:

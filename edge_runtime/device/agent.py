@@ -1,8 +1,8 @@
 """The device agent: join a fleet, train on each new global model, deliver the delta for sure.
 
-Shape (after paho's examples): MQTT callbacks only put events on a queue; one loop in the
-main thread owns all state and handles one event at a time. Nothing a message contains can
-crash that loop: a bad message costs one log line.
+Shape: MQTT callbacks only put events on a queue; one loop owns all state and handles one
+event at a time (a lone device: its MQTT loop on one thread, device/host.py). Nothing a message
+contains can crash that loop: a bad message costs one log line.
 
 Delivery is end-to-end. An update is written to the state dir *before* it is first sent, and
 re-sent (same bytes, same nonce) after every reconnect and whenever the aggregator announces
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import signal
 import threading
@@ -44,6 +43,7 @@ from fleetlearn.edge_runtime.device.bundle_ota import BundleOverTheAir
 from fleetlearn.edge_runtime.device.config import DeviceConfig
 from fleetlearn.edge_runtime.device.eligibility import EligibilityGate
 from fleetlearn.edge_runtime.device.health import HealthReader
+from fleetlearn.edge_runtime.device.host import LoneHost
 from fleetlearn.edge_runtime.device.local_round import sit_out_reason, train_round
 from fleetlearn.edge_runtime.device.reporting import BUSY_STATUS_EVERY_S, HEALTH_REFRESH_S, DeviceReporting, Event
 from fleetlearn.edge_runtime.device.settle import RoundSettling
@@ -66,19 +66,19 @@ log = logging.getLogger("fleetlearn.device")
 
 
 class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
-    """One device's protocol logic, driven by events, hosted by `run()` (one device: paho's thread
-    queues events, the main thread handles them) or by the swarm (device/swarm.py: many agents,
-    one epoll loop), which chooses the link (`link_factory`), the event sink (`post`), the engine
-    (`engine_factory`), the group commit and the global-model decoder: the state machine is the
-    same code for both."""
+    """One device's protocol logic, driven by events, hosted by `run()` (one device on one thread,
+    device/host.py) or by the swarm (device/swarm.py: many agents, one epoll loop), which
+    chooses the link (`link_factory`), the event sink (`post`), the engine (`engine_factory`),
+    the group commit and the global-model decoder: the state machine is the same code for both."""
 
     def __init__(
         self,
         cfg: DeviceConfig,
         max_rounds: int | None = None,
         *,
-        link_factory: Callable[..., MqttLink] = MqttLink,
+        link_factory: Callable[..., MqttLink] | None = None,
         post: Callable[[Event], None] | None = None,
+        service: Callable[[], None] | None = None,
         engine_factory: Callable[..., Engine] = open_engine,
         group_commit: GroupCommit | None = None,
         global_decoder: Callable[[bytes], GlobalModel] = decode_global,  # a swarm shares one (wire.py)
@@ -94,8 +94,14 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
         self.rounds_done = 0  # rounds this process completed (for --max-rounds)
         self._rounds_counted: set[tuple[str, int]] = set()
         self._unsettled: dict[tuple[str, int, str], None] = {}  # updates the next round settled before their ack
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.post = post or self.events.put  # where this device's events go (its host's queue)
+        # Hosted by a swarm (link_factory and post given), or alone on its own thread (device/host.py).
+        self.host: LoneHost | None = None
+        if link_factory is None:
+            self.host = LoneHost()
+            link_factory, post, service = self.host.link_factory, post or self.host.post, self.host.service
+        self.post = post or (lambda event: None)  # where this device's events go (its host's queue)
+        self.service = service  # serves the connection between training steps (keepalive), if the host needs it
+        self.state_dirty_since: float | None = None  # a state change waiting for a quiet moment (host.py)
         self._engine_factory = engine_factory
         self._decode_global = global_decoder
         # None: each pending update is fsynced before it is sent. A swarm's GroupCommit: written
@@ -187,22 +193,11 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        """Host this one device: paho's thread queues events, this thread handles them."""
+        """Host this one device on this thread (device/host.py): its MQTT loop is its event loop."""
+        if self.host is None:
+            raise RuntimeError("a hosted device agent is run by its host (the swarm)")
         self._install_signal_handlers()
-        self.start()
-        try:
-            while not self.stopping.is_set():
-                self.tick()
-                try:
-                    event = self.events.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                self.handle(event)
-                if self.done:
-                    break
-        finally:
-            self.close()
-        return 0
+        return self.host.run(self)
 
     # The host interface (run() above and the swarm use only these).
 
@@ -226,7 +221,8 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
         return self.max_rounds is not None and self.rounds_done >= self.max_rounds
 
     def close(self) -> None:
-        """Say `offline` (retained), disconnect cleanly, release the state dir."""
+        """Write what state waits, say `offline` (retained), disconnect cleanly, release the state dir."""
+        self.flush_state()
         self._status("offline", detail="stopped")
         self.link.stop()
         self._log(logging.INFO, "device_stop", rounds=self.rounds_done)
@@ -368,7 +364,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
             return
         data = self._ensure_data()
         self._status("training", g.round)
-        result, delta = train_round(self.trainer, data, self.cfg.training, g, self.cfg.device_id)
+        result, delta = train_round(self.trainer, data, self.cfg.training, g, self.cfg.device_id, self.service)
         self._fast_rounds = result.seconds < BUSY_STATUS_EVERY_S
         if not (np.isfinite(result.mean_loss) and np.isfinite(delta).all()):
             # Diverged (too high a learning rate, bad data scale): nothing useful to send. Say so
@@ -400,7 +396,7 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
         s = self.state
         s.pending_round, s.pending_nonce, s.pending_base = g.round, update.nonce, _crc(g)
         self._send_update(payload)  # then the bookkeeping: the update is on its way meanwhile
-        s.save(self.state_dir)  # (a crash before this: recover_pending reads the pending frame)
+        self._save_state_later()  # a crash before it is written: recover_pending reads the pending frame
         self._status("uploading", g.round)
         self._log(
             logging.INFO,
@@ -413,6 +409,21 @@ class DeviceAgent(BundleOverTheAir, DeviceReporting, RoundSettling):
             train_s=f"{result.seconds:.4f}",
             bytes=len(payload),
         )
+
+    def _save_state_later(self) -> None:
+        """Save the state after a send: a lone device's host writes it at the next quiet moment
+        (device/host.py: the write, ~0.3-1 ms on ext4, otherwise delays the next global model's
+        handling on the round's critical path); a swarm device at once, as before."""
+        if self.host is None:
+            self.state.save(self.state_dir)
+        elif self.state_dirty_since is None:
+            self.state_dirty_since = time.monotonic()
+
+    def flush_state(self) -> None:
+        """Write the state a send left waiting (the host calls it when the device is quiet)."""
+        if self.state_dirty_since is not None:
+            self.state_dirty_since = None
+            self.state.save(self.state_dir)
 
     def _send_update(self, payload: bytes) -> None:
         """Publish the pending update: at once when fsynced, else after the host's group commit."""

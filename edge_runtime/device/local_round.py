@@ -10,6 +10,7 @@ rather than train a different objective than the one the aggregator asked for.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,9 +33,10 @@ def sit_out_reason(manifest: Manifest, g: GlobalModel) -> str | None:
 
 
 def train_round(
-    trainer: Engine, data: Dataset, t: TrainingConfig, g: GlobalModel, device_id: str
+    trainer: Engine, data: Dataset, t: TrainingConfig, g: GlobalModel, device_id: str, service: Callable[[], None] | None = None
 ) -> tuple[TrainResult, np.ndarray]:
-    """Load the global weights, train with the round's settings; (result, delta = local - global)."""
+    """Load the global weights, train with the round's settings; (result, delta = local - global).
+    `service`, called between steps, keeps the device's connection served (device/host.py)."""
     c = g.config
     trainer.set_weights(g.weights)
     result = trainer.train(
@@ -45,5 +47,6 @@ def train_round(
         seed=[t.seed, g.round, zlib.crc32(device_id.encode())],
         lr=c.lr,
         mu=c.proximal_mu or 0.0,  # anchored at the weights just loaded: w_global
+        service=service,
     )
     return result, trainer.get_weights() - g.weights

@@ -36,8 +36,9 @@ class DeviceState:
 
     def save(self, state_dir: Path) -> None:
         # Not fsynced: after a power cut the pending update file (which is) tells the agent
-        # what was pending, and a lost "last round" only makes it re-send an update that the
-        # aggregator then recognises (same nonce) or refuses as late. Never counted twice.
+        # what was pending (recover_pending), and a lost "last round" only makes it re-send an
+        # update that the aggregator then recognises (same nonce) or refuses as late. Never
+        # counted twice.
         atomic_write_json(state_dir / "device_state.json", asdict(self), durable=False)
 
 
@@ -67,20 +68,32 @@ def clear_pending_update(state_dir: Path) -> None:
 
 
 def recover_pending(state_dir: Path, state: DeviceState) -> int:
-    """After a power cut device_state.json (not fsynced) may be older than the pending update
-    file (fsynced): the frame itself says which run, round and nonce it is. Returns the round
-    recovered into `state` (saved), or 0."""
+    """device_state.json may be older than the pending update file: after a power cut (it is
+    not fsynced, the pending update is), and after a crash right after a send (a lone device
+    writes its state at the next quiet moment, device/host.py). The frame itself says which
+    run, round and nonce it is. Returns the round recovered into `state` (saved), or 0.
+
+    A state that names an older pending round of the same run is stale: the device trained the
+    frame's round, so it had settled that older round (its residual included) and seen the
+    frame's round."""
     payload = load_pending_update(state_dir)
-    if payload is None or state.pending_round:
+    if payload is None:
         return 0
     try:
         peek = UpdateHeader.peek(payload, verify_body=True).require("run_id", "round", "nonce")
         run_id, round_, nonce = str(peek.run_id), int(peek.round or 0), str(peek.nonce)
     except ProtocolError:
-        clear_pending_update(state_dir)
+        if not state.pending_round:  # a state that names a pending update keeps its frame's fate to the agent
+            clear_pending_update(state_dir)
         return 0
-    if round_ <= state.last_round:
+    if state.pending_round:
+        if state.run_id != run_id or round_ <= state.pending_round:
+            return 0  # the state knows this frame (or a later one): nothing stale
+        state.last_round = max(state.last_round, state.pending_round)
+        state.pending_base = 0  # unknown: the frame does not say which global weights it came from
+    elif round_ <= state.last_round:
         return 0
     state.run_id, state.pending_round, state.pending_nonce = run_id, round_, nonce
+    state.seen_round = max(state.seen_round, round_)
     state.save(state_dir)
     return round_

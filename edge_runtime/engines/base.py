@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +128,12 @@ class Engine(ABC):
         seed: int | Sequence[int] = 0,
         lr: float | None = None,
         mu: float = 0.0,
+        service: Callable[[], None] | None = None,
     ) -> TrainResult:
         """Shuffled mini-batch training; returns the sample-weighted mean training (data) loss.
-        `mu`: FedProx's proximal weight, anchored at the weights this call starts from."""
+        `mu`: FedProx's proximal weight, anchored at the weights this call starts from.
+        `service`: called after each step (a lone device serves its connection there, at most
+        once a second, so a long training does not cost its keepalive: device/host.py)."""
         if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu >= 0):
             raise ValueError(f"proximal mu must be a finite number >= 0, got {mu!r}")
         if mu > 0 and not self.manifest.proximal:
@@ -151,6 +154,8 @@ class Engine(ABC):
                 loss_sum += loss * len(idx)
                 seen += len(idx)
                 steps += 1
+                if service is not None:
+                    service()
         seconds = time.perf_counter() - start
         return TrainResult(steps=steps, samples=n, mean_loss=loss_sum / max(seen, 1), seconds=seconds)
 
