@@ -51,22 +51,20 @@ class Publisher:
     def global_model(self, g: GlobalModel) -> int:
         """Retained on `global`, or, over the message limit, as retained PART frames on
         `global/part/<i>` (protocol/parts.py) with `global` itself cleared, so no device mistakes
-        an older whole frame there for the current model. Written from this thread (publish_now),
-        or else waited for (at most WRITE_WAIT_S): what the engine does next (the previous round's
-        evaluation, JSON) is Python work that would keep the GIL from the network thread."""
+        an older whole frame there for the current model. Returns once the network thread wrote
+        it (at most WRITE_WAIT_S): what the engine does next (the previous round's evaluation,
+        JSON) is Python work that would keep the GIL from that thread while the devices wait."""
         parts = split_message(g.encode(sign=self.signing.sign), self.max_message_size)
         if len(parts) == 1:
-            self.link.publish_now(self.topics.global_model, parts[0], qos=1, retain=True)
-            sent = len(parts[0])
+            sent = self.publish(self.topics.global_model, parts[0], retain=True)
         else:
             sent = 0
             if not self._global_in_parts:
                 sent += self.publish(self.topics.global_model, b"", retain=True)
                 self._global_in_parts = True
             for i, part in enumerate(parts):
-                self.link.publish_now(self.topics.global_part(i), part, qos=1, retain=True)
-                sent += len(part)
-        self.link.wait_written(WRITE_WAIT_S)  # over TLS (no publish_now), or what the socket did not take at once
+                sent += self.publish(self.topics.global_part(i), part, retain=True)
+        self.link.wait_written(WRITE_WAIT_S)
         return sent
 
     def round_state(self, state: RoundState) -> int:

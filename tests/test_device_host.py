@@ -61,35 +61,6 @@ def test_mqtt_link_wait_written_returns_once_the_network_thread_wrote_the_publis
         link.stop()
 
 
-def test_mqtt_link_publish_now_writes_from_the_caller_while_the_network_thread_reads(mosquitto):
-    """The aggregator writes its global model from the engine thread (publish_now) while the
-    network thread reads updates and answers them with PUBACKs: one writer at a time, so every
-    frame on both sides arrives whole and in order."""
-    got: list[bytes] = []
-    link = MqttLink(_opts(mosquitto.url), on_message=lambda t, p: got.append(p))
-    link.subscribe("t/host/in", qos=1)
-    link.start()
-    rec = Recorder(mosquitto.url, ["t/host/out"], "rec")
-    try:
-        assert link.wait_connected(10)
-        time.sleep(0.3)  # the subscription is in place
-        assert link.publish_now("t/host/out", b"first") and not link.client.want_write()  # written here, not queued
-        for i in range(300):
-            rec.publish("t/host/in", i.to_bytes(4, "big") * 2000)  # 8 KB frames the network thread reads
-            assert link.publish_now("t/host/out", i.to_bytes(4, "big") * 1750, retain=(i % 7 == 0))
-        rec.wait(lambda t, p: t == "t/host/out" and p[:4] == (299).to_bytes(4, "big"), timeout=20)
-        end = time.monotonic() + 20
-        while len(got) < 300 and time.monotonic() < end:
-            time.sleep(0.05)
-        assert got == [i.to_bytes(4, "big") * 2000 for i in range(300)]
-        out = [p for t, p, _ in rec.snapshot() if t == "t/host/out"]
-        assert out == [b"first"] + [i.to_bytes(4, "big") * 1750 for i in range(300)]
-        assert link.flush(10)
-    finally:
-        link.stop()
-        rec.close()
-
-
 def _frame(run_id: str, rnd: int, nonce: str) -> bytes:
     delta = np.arange(5, dtype=np.float32)
     return Update(run_id, rnd, "dev-0", "a" * 64, 10, 0.5, 0.01, nonce, delta).encode()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import select
 import socket
 import ssl
 import threading
@@ -99,8 +98,6 @@ class MqttLink:
         self._stop = threading.Event()
         self.connected = threading.Event()
         self._written = threading.Event()  # set by the network thread when paho's send queue emptied
-        self._write_lock = threading.Lock()  # one writer at a time: the network thread or publish_now's caller
-        self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes the network thread's select (start())
         self.last_error = ""
         self.bytes_out = 0
         self.bytes_in = 0
@@ -141,8 +138,8 @@ class MqttLink:
         # publish() made on another thread (the owner's) straight to the socket while the network
         # thread may be reading it: an SSL object used by two threads at once corrupts the TLS
         # stream ("bad record mac", seen with the aggregator's lease connection). With the hook,
-        # publish() only queues and wakes the network thread's select() (`_wake_up`).
-        client.on_socket_register_write = lambda *_: self._wake_up()
+        # publish() only queues and wakes the loop's select() through paho's socket pair.
+        client.on_socket_register_write = lambda *_: None
         client.on_socket_unregister_write = lambda *_: self._written.set()
         return client
 
@@ -242,27 +239,6 @@ class MqttLink:
         log.warning("event=mqtt_publish_failed client=%s topic=%s rc=%s", self.opts.client_id, topic, info.rc)
         return False
 
-    def publish_now(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        """`publish`, then write it to the socket from this thread instead of waking the network
-        thread to do it: one thread hand-off less (0.3 ms median, over 1 ms mean on this loaded
-        2-core machine) for what the aggregator's round waits on, the global model. Writes are
-        serialized with the network thread's (`_write_lock`); reads may run meanwhile (paho's
-        reader only queues what it answers). Not over TLS: an SSL object must not be used by two
-        threads at once, so there the network thread writes (see _make_client)."""
-        ok = self.publish(topic, payload, qos=qos, retain=retain)
-        if not self.broker.tls and self.connected.is_set() and self._wake is not None:
-            with self._write_lock:
-                if self.client.want_write() and self.client.socket() is not None:
-                    self.client.loop_write()
-        return ok
-
-    def _wake_up(self) -> None:
-        if self._wake is not None:
-            try:
-                self._wake[1].send(b"\0")
-            except OSError:  # full (it is already awake) or closing
-                pass
-
     def wait_written(self, timeout: float) -> bool:
         """Wait (up to `timeout`) until the network thread wrote everything published so far to
         the socket. A publisher about to do CPU work in Python calls it so that the network thread,
@@ -303,10 +279,6 @@ class MqttLink:
         return len(retained)
 
     def start(self) -> MqttLink:
-        if self._wake is None:
-            self._wake = socket.socketpair()
-            for end in self._wake:
-                end.setblocking(False)
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.opts.client_id}", daemon=True)
         self._thread.start()
         return self
@@ -329,42 +301,8 @@ class MqttLink:
             self.client.loop_write()
         except Exception:  # already gone: nothing to flush
             pass
-        wake, self._wake = self._wake, None
-        for end in wake or ():
-            end.close()
 
     # ------------------------------------------------------------ network thread
-
-    def _loop_once(self, timeout: float) -> MQTTErrorCode:
-        """paho's loop() (select, read, write, keepalive) with the writes under `_write_lock`, so
-        `publish_now` may write from its own thread. Woken by `_wake_up` instead of paho's socket
-        pair (which its loop() would create)."""
-        c = self.client
-        sock = c.socket()
-        if sock is None or self._wake is None:
-            return MQTTErrorCode.MQTT_ERR_NO_CONN
-        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS bytes select cannot see
-        try:
-            readable, _, _ = select.select(
-                [sock, self._wake[0]], [sock] if c.want_write() else [], [], 0.0 if pending else timeout
-            )
-        except (OSError, ValueError, TypeError):  # the socket was closed under us
-            return MQTTErrorCode.MQTT_ERR_CONN_LOST
-        if sock in readable or pending:
-            rc = c.loop_read()
-            if rc or c.socket() is None:
-                return rc
-        if self._wake[0] in readable:
-            try:
-                self._wake[0].recv(4096)
-            except OSError:
-                pass
-        if c.want_write():
-            with self._write_lock:
-                rc = c.loop_write()
-            if rc or c.socket() is None:
-                return rc
-        return c.loop_misc()
 
     def _run(self) -> None:
         attempt = 0
@@ -395,7 +333,7 @@ class MqttLink:
                 self._stop.wait(delay)
                 continue
             while not self._stop.is_set():
-                rc = self._loop_once(0.2)
+                rc = self.client.loop(timeout=0.2)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
             self._mark_disconnected("connection lost")
