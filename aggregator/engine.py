@@ -26,7 +26,6 @@ commit_writer.py (the durable writes, off the critical path), events.py (log + n
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
@@ -53,7 +52,6 @@ EXIT_SIGTERM = 143
 # at least this many bytes, and room for 4 of the model's largest update frames.
 INBOX_BYTES = 4 << 20
 DRAIN_BATCH = 256  # events handled between two group commits at most
-SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval while the engine runs (default 5 ms: see run())
 
 
 class Aggregator(RoundClosing):
@@ -98,9 +96,6 @@ class Aggregator(RoundClosing):
         cfg.validate()
         self.topics = Topics(cfg.fleet)
         self._setup()
-        # How long the network thread may wait for the GIL behind a thread busy in Python (hop timestamps showed 5 ms waits).
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
         try:
             self._connect()
             self.publisher.bundle(self.plan)
@@ -129,7 +124,6 @@ class Aggregator(RoundClosing):
                 self.leader.release()
             if self.link is not None:
                 self.link.stop()
-            sys.setswitchinterval(switch)
 
     # ------------------------------------------------------------------ setup
 
@@ -404,7 +398,7 @@ class Aggregator(RoundClosing):
             config=run.config,
             invite=run.cohort.invitation if run.cohort is not None else None,
         )
-        run.global_bytes = self.publisher.global_model(g)  # written out before the Python work below
+        run.global_bytes = self.publisher.global_model(g)
         run.bytes_out += run.global_bytes
         # The devices have round r+1's model: now round r's close (closed state, evaluation, the
         # durable commit on the writer thread) happens while they train.

@@ -30,8 +30,6 @@ from fleetlearn.edge_runtime.core.protocol import (
     split_message,
 )
 
-WRITE_WAIT_S = 0.005  # how long global_model waits for its frame to be written out
-
 
 class Publisher:
     def __init__(self, link: MqttLink, topics: Topics, signing: Any, events: Events, max_message_size: int | None = None):
@@ -51,20 +49,16 @@ class Publisher:
     def global_model(self, g: GlobalModel) -> int:
         """Retained on `global`, or, over the message limit, as retained PART frames on
         `global/part/<i>` (protocol/parts.py) with `global` itself cleared, so no device mistakes
-        an older whole frame there for the current model. Returns once the network thread wrote
-        it (at most WRITE_WAIT_S): what the engine does next (the previous round's evaluation,
-        JSON) is Python work that would keep the GIL from that thread while the devices wait."""
+        an older whole frame there for the current model."""
         parts = split_message(g.encode(sign=self.signing.sign), self.max_message_size)
         if len(parts) == 1:
-            sent = self.publish(self.topics.global_model, parts[0], retain=True)
-        else:
-            sent = 0
-            if not self._global_in_parts:
-                sent += self.publish(self.topics.global_model, b"", retain=True)
-                self._global_in_parts = True
-            for i, part in enumerate(parts):
-                sent += self.publish(self.topics.global_part(i), part, retain=True)
-        self.link.wait_written(WRITE_WAIT_S)
+            return self.publish(self.topics.global_model, parts[0], retain=True)
+        sent = 0
+        if not self._global_in_parts:
+            sent += self.publish(self.topics.global_model, b"", retain=True)
+            self._global_in_parts = True
+        for i, part in enumerate(parts):
+            sent += self.publish(self.topics.global_part(i), part, retain=True)
         return sent
 
     def round_state(self, state: RoundState) -> int:

@@ -97,7 +97,6 @@ class MqttLink:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.connected = threading.Event()
-        self._written = threading.Event()  # set by the network thread when paho's send queue emptied
         self.last_error = ""
         self.bytes_out = 0
         self.bytes_in = 0
@@ -140,7 +139,6 @@ class MqttLink:
         # stream ("bad record mac", seen with the aggregator's lease connection). With the hook,
         # publish() only queues and wakes the loop's select() through paho's socket pair.
         client.on_socket_register_write = lambda *_: None
-        client.on_socket_unregister_write = lambda *_: self._written.set()
         return client
 
     def _connect_kwargs(self) -> dict:
@@ -238,22 +236,6 @@ class MqttLink:
             return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         log.warning("event=mqtt_publish_failed client=%s topic=%s rc=%s", self.opts.client_id, topic, info.rc)
         return False
-
-    def wait_written(self, timeout: float) -> bool:
-        """Wait (up to `timeout`) until the network thread wrote everything published so far to
-        the socket. A publisher about to do CPU work in Python calls it so that the network thread,
-        which needs the GIL to write, is not kept waiting behind that work (aggregator/engine.py:
-        the global model first, then the closed round's evaluation)."""
-        end = time.monotonic() + timeout
-        while self.client.want_write() and self.connected.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            self._written.clear()
-            if not self.client.want_write():
-                break
-            self._written.wait(left)
-        return True
 
     def unacknowledged(self) -> int:
         """QoS 1 messages published and not yet acknowledged by the broker."""
