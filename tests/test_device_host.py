@@ -1,7 +1,6 @@
 """A lone device on one thread (device/host.py): its publishes leave at once, the state write
 that follows a send may lag behind the pending update file (recover_pending reads the frame),
-the engine serves the connection between training steps, and the aggregator's link can wait
-until a publish is written."""
+and the engine serves the connection between training steps."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from fleetlearn.edge_runtime.core.bundle import load_bundle
 from fleetlearn.edge_runtime.core.data import load_dataset
-from fleetlearn.edge_runtime.core.mqtt import LinkOptions, MqttLink
+from fleetlearn.edge_runtime.core.mqtt import LinkOptions
 from fleetlearn.edge_runtime.core.mqtt_epoll import EpollLink, EpollLoop
 from fleetlearn.edge_runtime.core.protocol import Update
 from fleetlearn.edge_runtime.device.state import DeviceState, recover_pending, save_pending_update
@@ -46,19 +45,6 @@ def test_epoll_link_writes_a_publish_at_once_without_another_turn_of_the_loop(mo
             loop.run_once(0.05)
         loop.close()
         rec.close()
-
-
-def test_mqtt_link_wait_written_returns_once_the_network_thread_wrote_the_publish(mosquitto):
-    link = MqttLink(_opts(mosquitto.url), on_message=lambda t, p: None)
-    link.start()
-    try:
-        assert link.wait_connected(10)
-        for _ in range(20):
-            link.publish("t/host/w", b"y" * 70_000, qos=1)
-            assert link.wait_written(10)
-            assert not link.client.want_write()
-    finally:
-        link.stop()
 
 
 def _frame(run_id: str, rnd: int, nonce: str) -> bytes:
