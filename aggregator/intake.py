@@ -178,6 +178,7 @@ class Intake:
                 self.acks_due.append(DueAck.of(u, len(run.accepted), len(payload), verdict.note))
                 self._unacked.add((u.device_id, u.nonce))
                 return
+            self.signing.flush()  # the replay ledger's entries before any verdict leaves
             run.bytes_out += self.publisher.ack(Ack(self.store.run_id, u.round, u.device_id, u.nonce, True, verdict.note))
             return
         try:
@@ -210,6 +211,7 @@ class Intake:
         rnd = rej.round if rej.round is not None else run.round
         self.events.emit("update_rejected", rnd, device=rej.device or "?", level=logging.WARNING, reason=rej.reason)
         if rej.device is not None:
+            self.signing.flush()  # the replay ledger's entries before any verdict leaves
             run.bytes_out += self.publisher.ack(
                 Ack(self.store.run_id, rnd, rej.device, rej.nonce or UNKNOWN_NONCE, False, rej.reason)
             )
@@ -278,6 +280,7 @@ class Intake:
     def publish_acks(self, acks: list[tuple[DueAck, bytes]]) -> None:
         """Ack durable updates; `update_accepted` is logged here, so the log never claims an
         update that a crash could still lose."""
+        self.signing.flush()  # the replay ledger's entries before any verdict leaves
         for due, ack in acks:
             self.publisher.publish(self.topics.ack(due.device), ack)
             if due.note:
