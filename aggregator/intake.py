@@ -34,6 +34,7 @@ import numpy as np
 from fleetlearn.aggregator.clipping import l2_norm
 from fleetlearn.aggregator.commit_writer import CommitWriter, Job
 from fleetlearn.aggregator.events import Events
+from fleetlearn.aggregator.fold import new_scratch
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
 from fleetlearn.aggregator.partial_round import AcceptedJson
 from fleetlearn.aggregator.publisher import ACK_QOS, Publisher
@@ -143,6 +144,7 @@ class Intake:
         self.writer = writer  # the one thread writing the aggregator's state, in order
         self._write: Job | None = None  # the partial write whose completion acks `in_flight`
         self._accepted_json = AcceptedJson()  # each write encodes only the newly accepted pairs
+        self._scratch = new_scratch()  # l2_norm's float64 block buffer, reused (not 1 MB per update)
         # Updates over --max-message-size arrive as PART frames (protocol/parts.py): at most two
         # partial updates per device, each bounded by the model's largest update frame.
         self.parts = Reassembler(max_total=max_update_bytes(num_params), per_sender=2, max_partials=4096, timeout=PART_TIMEOUT_S)
@@ -187,7 +189,7 @@ class Intake:
             self.reject(run, Rejection(exc.reason, u.device_id, u.round, u.nonce))
             return
         run.accepted[u.device_id] = u.nonce
-        run.norms.add(l2_norm(u.delta), u.samples)
+        run.norms.add(l2_norm(u.delta, self._scratch), u.samples)
         # Durable before the ack: an aggregator killed after acking loses nothing. The ack is
         # due with the next durable write (commit_acks, or the round's commit at close).
         self.acks_due.append(DueAck.of(u, len(run.accepted), len(payload)))
