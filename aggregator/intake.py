@@ -37,7 +37,7 @@ from fleetlearn.aggregator.events import Events
 from fleetlearn.aggregator.fold import new_scratch
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound
 from fleetlearn.aggregator.partial_round import AcceptedJson
-from fleetlearn.aggregator.publisher import ACK_QOS, Publisher
+from fleetlearn.aggregator.publisher import Publisher
 from fleetlearn.aggregator.sampling import Cohort
 from fleetlearn.aggregator.strategy import Strategy
 from fleetlearn.aggregator.validation import UNKNOWN_NONCE, Rejection, max_update_bytes, validate_update
@@ -284,7 +284,7 @@ class Intake:
         update that a crash could still lose."""
         self.signing.flush()  # the replay ledger's entries before any verdict leaves
         for due, ack in acks:
-            self.publisher.publish(self.topics.ack(due.device), ack, qos=ACK_QOS)
+            self.publisher.publish(self.topics.ack(due.device), ack)
             if due.note:
                 continue  # a duplicate: its update_accepted line was written when it first counted
             self.events.emit(

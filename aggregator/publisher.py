@@ -1,7 +1,6 @@
 """What the aggregator puts on the wire: the bundle, global models, round states, acks and the
-round metrics through the MQTT link (which tracks QoS 1 messages until acknowledged and
+round metrics, all QoS 1 through the MQTT link (which tracks them until acknowledged and
 remembers the retained ones for a republish after a broker restart: edge_runtime/core/mqtt.py).
-Everything is QoS 1 but the acks (ACK_QOS).
 
     pub = Publisher(link, topics, run_id, signing, events)
     pub.bundle(plan)                               # chunks, then the announcement (retained)
@@ -31,15 +30,6 @@ from fleetlearn.edge_runtime.core.protocol import (
     split_message,
 )
 
-# Acks go at QoS 0. Delivery is end-to-end (edge_runtime/device/agent.py): a device re-sends its
-# pending update after every reconnect and whenever the round is announced again, until it is
-# acked or the round moves on, so a lost ack costs a re-send (answered as a duplicate) or a quiet
-# settle at the next round, never an update. What QoS 1 cost per ack (bench_ingest): paho keeps
-# each one (an MQTTMessage with its own Condition, ~2 KB) until its PUBACK, and past its 100 in
-# flight queues the rest, so a burst of acks held memory growing with the fleet; the network
-# thread handled one PUBACK per ack as well.
-ACK_QOS = 0
-
 
 class Publisher:
     def __init__(self, link: MqttLink, topics: Topics, signing: Any, events: Events, max_message_size: int | None = None):
@@ -51,9 +41,9 @@ class Publisher:
         self.events = events
         self._cleared_hashes: set[str] = set()
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> int:
-        """Returns the bytes sent (counted whether or not the link is up: QoS 1 queues)."""
-        self.link.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """QoS 1; returns the bytes sent (counted whether or not the link is up: it queues)."""
+        self.link.publish(topic, payload, qos=1, retain=retain)
         return len(payload)
 
     def global_model(self, g: GlobalModel) -> int:
@@ -75,7 +65,7 @@ class Publisher:
         return self.publish(self.topics.round, state.encode(), retain=True)
 
     def ack(self, ack: Ack) -> int:
-        return self.publish(self.topics.ack(ack.device_id), ack.encode(), qos=ACK_QOS)
+        return self.publish(self.topics.ack(ack.device_id), ack.encode())
 
     def metrics(self, record: RoundMetrics | dict[str, Any]) -> int:
         """The retained round record (RoundMetrics.encode cuts the device list to fit a JSON message)."""
