@@ -89,7 +89,15 @@ def test_sigkill_between_the_next_global_model_and_the_durable_commit_costs_a_re
     acked = _acked(wire, T)
     assert {a.nonce for a in acked_before} <= {a.nonce for a in acked}
     assert not lost & {a.nonce for a in acked}
-    (resumed,) = [line for line in second.splitlines() if " event=round_resumed " in line]
+    # Round 1's partial may never have been written: when both round-1 updates reached the writer
+    # before its first partial did, the round's commit superseded that partial, and the kill came
+    # in the commit's delay. Then the restart opens round 1 afresh (no round_resumed line), and
+    # nothing of round 1 was acknowledged before the kill.
+    resumed_lines = [line for line in second.splitlines() if " event=round_resumed " in line]
+    assert len(resumed_lines) <= 1, resumed_lines
+    resumed = resumed_lines[0] if resumed_lines else ""
+    if not resumed:
+        assert not acked_before, "round 1 was acknowledged, yet the restart found no durable partial"
     restored = set(re.search(r" devices=(\S+)", resumed).group(1).split(",")) if " round=1 " in resumed else set()
     first_of = {}
     for u in sent:
