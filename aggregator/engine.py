@@ -241,6 +241,8 @@ class Aggregator(RoundClosing):
 
     def _flush(self, timeout: float) -> bool:
         """Wait until the broker acknowledged every QoS 1 message we published."""
+        if self.link is not None and getattr(self, "intake", None) is not None:
+            self.intake.pump_acks(everything=True)  # acks held back from paho's queue (intake.ACK_WINDOW)
         if self.link is None or self.link.flush(timeout):
             return True
         self.events.log("flush_timeout", None, level=logging.WARNING, unacknowledged=self.link.unacknowledged())

@@ -154,6 +154,9 @@ class Folder:
     def fold(self, acc: np.ndarray, delta: np.ndarray, a: float = 1.0, b: float = 1.0) -> None:
         """`fold(acc, delta, a, b)`, its blocks spread over the workers."""
         d = _flat(delta)
+        if d.size <= BLOCK:  # one block: straight to the kernel (no closure, no list: ~4 us per small update)
+            fold(acc, d, a, b, self._scratch[0])
+            return
         if acc.dtype != np.float64 or acc.shape != d.shape:
             raise ValueError(f"accumulator is {acc.dtype} {acc.shape}, delta {d.shape}: both must hold the same count, S float64")
         self._blocks(d.size, lambda start, stop, sc: fold(acc[start:stop], d[start:stop], a, b, sc))
@@ -161,6 +164,8 @@ class Folder:
     def l2_norm(self, delta: np.ndarray) -> float:
         """`l2_norm(delta)`, the block sums computed over the workers."""
         d = _flat(delta)
+        if d.size <= BLOCK:
+            return l2_norm(d, self._scratch[0])
         return _norm_from(
             [x for part in self._blocks(d.size, lambda start, stop, sc: _block_square_sums(d[start:stop], sc)) for x in part]
         )

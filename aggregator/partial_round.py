@@ -153,16 +153,20 @@ class AcceptedJson:
     """`accepted_json(run.accepted.items())`, kept by appending. A round's accepted dict only
     grows, in arrival order (a device's entry is never replaced: another nonce is a rejected
     duplicate), so the pairs encoded for the last write stay valid and only the new ones are
-    encoded. Another round, or another dict (a resumed round), starts afresh."""
+    encoded. Another round, or another dict (a resumed round), starts afresh. The pairs of
+    each write are kept as one string (a chunk), not one string per pair: ~50 bytes less per
+    device of the round."""
 
     def __init__(self) -> None:
         self._key: tuple[int, int] | None = None
-        self._parts: list[str] = []
+        self._chunks: list[str] = []
+        self._count = 0  # pairs in _chunks
 
     def of(self, rnd: int, accepted: dict[str, str]) -> str:
         key = (rnd, id(accepted))
-        if key != self._key or len(accepted) < len(self._parts):
-            self._key, self._parts = key, []
-        if len(accepted) > len(self._parts):
-            self._parts += [_pair(d, n) for d, n in itertools.islice(accepted.items(), len(self._parts), None)]
-        return "[" + ",".join(self._parts) + "]"
+        if key != self._key or len(accepted) < self._count:
+            self._key, self._chunks, self._count = key, [], 0
+        if len(accepted) > self._count:
+            self._chunks.append(",".join(_pair(d, n) for d, n in itertools.islice(accepted.items(), self._count, None)))
+            self._count = len(accepted)
+        return "[" + ",".join(self._chunks) + "]"

@@ -25,9 +25,10 @@ decoding and the topic/meta identity check, before anything can be acked as acce
        seen in another round                       -> "replay: nonce ... already used in round r"
        seen in the same round, different content   -> "replay: nonce ... already used for a
                                                       different update in round r"
-     The ledger keeps each device's nonces of the last KEEP_ROUNDS rounds (at most
-     MAX_PER_DEVICE per device) and survives restarts: appended (not fsynced: see check()) before the verdict,
-     compacted once a round.
+     The ledger (aggregator/replay_ledger.py) keeps each device's nonces of the last KEEP_ROUNDS
+     rounds (at most MAX_PER_DEVICE per device) and survives restarts: appended (not fsynced) and
+     flushed to the OS before any verdict leaves the process (`flush`, called by aggregator/intake.py
+     before each ack), compacted once a round.
 
 `cryptography` is imported only when keys are in use: a keyless fleet's aggregator runs without it.
 """
@@ -35,20 +36,19 @@ decoding and the topic/meta identity check, before anything can be acked as acce
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from fleetlearn.aggregator.logs import kv
+from fleetlearn.aggregator.replay_ledger import NonceLedger
 from fleetlearn.aggregator.validation import Rejection, VersionSource
 from fleetlearn.edge_runtime.core.errors import ConfigError, UsageError
 from fleetlearn.edge_runtime.core.files import atomic_write_bytes
-from fleetlearn.edge_runtime.core.protocol import HEX32_RE, NAME_RE, Update
+from fleetlearn.edge_runtime.core.protocol import NAME_RE, Update
 from fleetlearn.provisioning.layout import PUB_SUFFIX, CredentialsLayout
 
 log = logging.getLogger("fleetlearn.aggregator")
@@ -57,12 +57,8 @@ DEVICE_KEYS_DIR = "device-keys"
 AGGREGATOR_KEY = "aggregator-signing.key"
 AGGREGATOR_PUB = "aggregator-signing.pub"
 LEDGER = "seen_nonces.jsonl"
-LEDGER_FORMAT = "fleetlearn-seen-nonces"
 UNVERIFIED_LOGGED_SINGLY = 10  # unverified devices logged one by one; then at 16, 32, 64, ...
-KEEP_ROUNDS = 16
-MAX_PER_DEVICE = 64
 _FLEET_DIR = CredentialsLayout(Path("DIR"))  # a credentials directory, for messages naming its files
-DIGEST_HEX = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _crypto():
@@ -138,110 +134,6 @@ def _same_key(signing, pem: bytes, key) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- the replay ledger
-
-
-class NonceLedger:
-    """(device, nonce) -> (round, digest) of the run's updates, bounded, appended to a file.
-
-    One JSON line per entry after a header line naming the run; a torn last line (a crash mid-
-    append) is skipped on load. Not thread-safe: the round engine's thread owns it."""
-
-    def __init__(
-        self, path: Path, run_id: str, open_round: int, keep_rounds: int = KEEP_ROUNDS, per_device: int = MAX_PER_DEVICE
-    ):
-        self.path = Path(path)
-        self.run_id = run_id
-        self.keep_rounds = keep_rounds
-        self.per_device = per_device
-        self.seen: dict[str, dict[str, tuple[int, str]]] = {}
-        self._compacted_at = open_round
-        self._file: TextIO | None = None  # kept open for appends; reopened after each compaction
-        self._load()
-        self._prune(open_round)
-        self._rewrite()
-
-    def _load(self) -> None:
-        try:
-            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return
-        if not lines:
-            return
-        try:
-            header = json.loads(lines[0])
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or header.get("format") != LEDGER_FORMAT or header.get("run_id") != self.run_id:
-            return  # another run's (or a corrupt) ledger: this run starts afresh
-        for line in lines[1:]:
-            try:
-                device, nonce, rnd, digest = json.loads(line)
-            except (ValueError, TypeError):
-                continue
-            if (
-                isinstance(device, str)
-                and NAME_RE.fullmatch(device)
-                and isinstance(nonce, str)
-                and HEX32_RE.fullmatch(nonce)
-                and isinstance(rnd, int)
-                and isinstance(digest, str)
-            ):
-                self.seen.setdefault(device, {})[nonce] = (rnd, digest)
-
-    def _prune(self, open_round: int) -> None:
-        oldest = open_round - self.keep_rounds  # rounds <= this are forgotten
-        for device in list(self.seen):
-            kept = {n: v for n, v in self.seen[device].items() if v[0] > oldest}
-            if len(kept) > self.per_device:
-                kept = dict(sorted(kept.items(), key=lambda kv_: kv_[1][0])[-self.per_device :])
-            if kept:
-                self.seen[device] = kept
-            else:
-                del self.seen[device]
-
-    def _rewrite(self) -> None:
-        self.close()  # the rename below replaces the file the handle appends to
-        lines = [json.dumps({"format": LEDGER_FORMAT, "run_id": self.run_id, "keep_rounds": self.keep_rounds})]
-        for device, entries in self.seen.items():
-            lines += [json.dumps([device, n, r, d]) for n, (r, d) in entries.items()]
-        atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode(), durable=False)
-
-    def check(self, device: str, nonce: str, rnd: int, digest: str, open_round: int) -> str | None:
-        """Why (device, nonce) is a replay, or None; a nonce seen for the first time is recorded
-        (written, not fsynced) before this returns."""
-        prior = self.seen.get(device, {}).get(nonce)
-        if prior is not None:
-            seen_round, seen_digest = prior
-            if seen_round != rnd:
-                return f"replay: nonce {nonce[:8]} was already used in round {seen_round}"
-            if seen_digest != digest:
-                return f"replay: nonce {nonce[:8]} was already used for a different update in round {seen_round}"
-            return None  # the same update again: an idempotent re-send
-        if open_round > self._compacted_at:  # once a round: forget old rounds, shrink the file
-            self._prune(open_round)
-            self._rewrite()
-            self._compacted_at = open_round
-        entries = self.seen.setdefault(device, {})
-        entries[nonce] = (rnd, digest)
-        # Written (it survives the process being killed) but not fsynced: after a power cut the
-        # last entries may be lost, and that is safe. An update of the open round is still
-        # deduplicated by the persisted round state, and one of an earlier round is refused
-        # as late; an fsync here would cost milliseconds per update on the critical path.
-        if self._file is None:  # one open per compaction, not one per update
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps([device, nonce, rnd, digest]) + "\n")
-        self._file.flush()  # in the OS's hands before the verdict
-        if len(entries) > self.per_device:
-            self._prune(open_round)  # in memory; the file catches up at the next compaction
-        return None
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 def update_digest(update: Update) -> str:
     """What identifies an update's content for the replay rules: sha256 of the signed bytes
     (header, meta, body; the whole frame when unsigned), 128 bits."""
@@ -260,6 +152,10 @@ class AggregatorSigning:
     private_key: Any | None  # Ed25519PrivateKey, or None: globals go unsigned
     ledger: NonceLedger
     _unverified_logged: set[str] = field(default_factory=set)
+
+    def flush(self) -> None:
+        """Make the replay ledger's new entries survive the process (before any verdict leaves)."""
+        self.ledger.flush()
 
     @property
     def sign(self) -> Callable[[bytes], bytes] | None:

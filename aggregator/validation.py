@@ -112,7 +112,9 @@ def validate_update(
             f"device_id {update.device_id!r} does not match the topic's device {device!r}", device, update.round, update.nonce
         )
     if authenticate is not None:
-        authenticate(device, update, version)  # raises Rejection: bad/missing signature, replay
+        # Equal to the topic's `device` (checked above); the meta's string is the one the round
+        # keeps (accepted), so the ledger holds the same object, not a second copy per device.
+        authenticate(update.device_id, update, version)  # raises Rejection: bad/missing signature, replay
     open_round = version.open_round
     if (
         update.round == open_round - 1

@@ -139,7 +139,16 @@ def run_raw(k: int, url: str, frames: list[bytes]) -> tuple[float, float]:
     return k / elapsed, 1e6 * float(line.split()[2]) / k
 
 
-def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | None, profile_out: Path) -> dict:
+def run_aggregator(
+    k: int,
+    work: Path,
+    bundle: Path,
+    url: str,
+    py_spy: str | None,
+    profile_out: Path,
+    log_level: str = "warning",
+    keep_log: Path | None = None,
+) -> dict:
     from fleetlearn.edge_runtime.core.bundle import load_bundle
     from fleetlearn.edge_runtime.core.protocol import GlobalModel, Topics, Update
     from tests.peers import Peer
@@ -150,7 +159,7 @@ def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | Non
     state = work / fleet
     cmd = [sys.executable, "-m", "fleetlearn.cli", "aggregator", "--bundle", str(bundle), "--broker", url]
     cmd += ["--fleet", fleet, "--rounds", "1", "--min-devices", str(k), "--deadline", "600"]
-    cmd += ["--state-dir", str(state), "--log-level", "warning"]
+    cmd += ["--state-dir", str(state), "--log-level", log_level]
     if py_spy:
         cmd = [py_spy, "record", "--threads", "--rate", "250", "--format", "speedscope", "-o", str(profile_out), "--", *cmd]
     agg = subprocess.Popen(cmd, cwd=ROOT, stderr=open(work / f"{fleet}.log", "wb"))
@@ -199,6 +208,8 @@ def run_aggregator(k: int, work: Path, bundle: Path, url: str, py_spy: str | Non
     agg.wait(120)
     pub.loop_stop()
     pub.disconnect()
+    if keep_log is not None:
+        keep_log.write_bytes((work / f"{fleet}.log").read_bytes())
     record = json.loads(log.read_text().splitlines()[0])
     assert len(record["devices"]) == k, record
     return {
@@ -219,6 +230,8 @@ def main() -> int:
     p.add_argument("--devices", type=int, nargs="+", default=[1000, 4000])
     p.add_argument("--py-spy", default=None, help="path to py-spy: profile the aggregator of the largest N")
     p.add_argument("--profile-out", type=Path, default=ROOT / "bench" / "ingest-profile.json")
+    p.add_argument("--log-level", default="warning", help="the aggregator's --log-level")
+    p.add_argument("--keep-logs", type=Path, default=None, help="copy each aggregator's log to DIR/ingest-N.log")
     p.add_argument("--raw-subscriber", nargs=3, metavar=("URL", "TOPIC", "COUNT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.raw_subscriber:
@@ -236,7 +249,8 @@ def main() -> int:
             results = []
             for k in args.devices:
                 spy = args.py_spy if k == max(args.devices) else None
-                r = run_aggregator(k, work, bundle, broker.url, spy, args.profile_out)
+                keep = args.keep_logs / f"ingest-{k}.log" if args.keep_logs else None
+                r = run_aggregator(k, work, bundle, broker.url, spy, args.profile_out, args.log_level, keep)
                 results.append(r)
                 emit(
                     Row(

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fleetlearn.aggregator.distribution import chunk_messages, clear_messages, plan_bundle
 from fleetlearn.aggregator.fedavg import FedAvg, apply_mean_delta, new_accumulator, weighted_sum_update
 from fleetlearn.aggregator.model_store import ModelStore, PartialRound, StateError, decode_partial, encode_partial
+from fleetlearn.aggregator.partial_round import AcceptedJson, accepted_json
 from fleetlearn.aggregator.registry import make_strategy
 from fleetlearn.aggregator.round_log import append_round_record, read_round_log
 from fleetlearn.aggregator.validation import Rejection, max_update_bytes, validate_update
@@ -192,6 +193,20 @@ def test_store_resumes_bit_identical_and_refuses_another_model(tmp_path, store):
     (tmp_path / "state" / "global" / "round_0001.f32").write_bytes(b"\0" * 4 * N)
     with pytest.raises(StateError, match="sha256"):
         ModelStore.open(tmp_path / "state", HASH, N, lambda: np.zeros(N, np.float32))
+
+
+def test_accepted_json_grows_by_appending_and_equals_a_full_encoding():
+    """Each group-commit write encodes only the newly accepted pairs (AcceptedJson keeps the
+    earlier writes' pairs as chunks): the header's array is the full encoding, in arrival order."""
+    inc, accepted = AcceptedJson(), {}
+    assert inc.of(1, accepted) == "[]"
+    for i in range(40):
+        accepted[f"dev-{i}"] = secrets.token_hex(16)
+        if i % 7 == 0:
+            assert inc.of(1, accepted) == accepted_json(accepted.items())
+    assert json.loads(inc.of(1, accepted)) == [[d, n] for d, n in accepted.items()]
+    assert inc.of(1, dict(accepted)) == accepted_json(accepted.items())  # another dict (a resumed round)
+    assert inc.of(2, {"x": "0" * 32}) == accepted_json([("x", "0" * 32)])  # another round starts afresh
 
 
 def test_a_crash_between_state_and_round_log_is_repaired(tmp_path, store):

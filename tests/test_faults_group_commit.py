@@ -103,3 +103,39 @@ def test_sigkill_during_group_commits_keeps_every_acked_update(mosquitto, tmp_pa
         assert time.monotonic() < end, agg2.text()[-3000:]
         time.sleep(0.05)
     assert again[0].accepted and again[0].nonce == nonce and "counted once" in again[0].reason
+
+
+def test_a_burst_larger_than_the_ack_window_gets_every_ack(mosquitto, tmp_path, boston_bundle, procs):  # noqa: F811
+    """Past intake.ACK_WINDOW acks awaiting their PUBACK, durable acks wait in the aggregator
+    (not in paho's queue); none may stay there. Round 1: every ack arrives while the aggregator
+    waits for round 2 (handed out as the engine loop turns). Round 2, the last: every ack
+    arrives too (handed out before the run's last flush)."""
+    from fleetlearn.aggregator.intake import ACK_WINDOW
+
+    burst = 8 * ACK_WINDOW  # a round's close alone (the acks since the last partial write) exceeds the window
+    fleet = "fault-ackwindow"
+    T = Topics(fleet)
+    m = load_bundle(boston_bundle)
+    wire = Recorder(mosquitto.url, [T.global_model, T.ack("+")], "wire")
+    procs.append(wire)
+    agg = AggProc(tmp_path, mosquitto.url, fleet, boston_bundle, tmp_path / "agg-state", *agg_args(2, burst, burst, 600))
+    procs.append(agg)
+    rng = np.random.default_rng(11)
+    sent: dict[tuple[str, str], int] = {}
+    for rnd in (1, 2):
+        g = wire.wait(lambda t, p: t == T.global_model and (x := GlobalModel.decode(p, m.num_params)).round == rnd and x, 60)
+        for i in range(burst):
+            d, nonce = f"dev-{i:04d}", secrets.token_hex(16)
+            delta = rng.normal(0, 1e-3, m.num_params).astype(np.float32)
+            wire.client.publish(T.update(d), Update(g.run_id, rnd, d, m.model_hash, 10, 1.0, 0.01, nonce, delta).encode(), qos=1)
+            sent[(d, nonce)] = rnd
+        end = time.monotonic() + 60
+        while len(acks := acks_on_the_wire(wire, T)) < len(sent) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert len(acks) == len(sent), f"round {rnd}: {len(acks)} acks for {len(sent)} updates"
+        if rnd == 1:
+            assert agg.proc.poll() is None, "round 2 is open: the aggregator must still run"
+    assert agg.wait(120) == 0, agg.text()[-3000:]
+    assert all(a.accepted for a in acks), [a.reason for a in acks if not a.accepted][:5]
+    assert sorted((a.device_id, a.nonce) for a in acks) == sorted(sent), f"{len(acks)} acks for {len(sent)} updates"
+    assert len(agg_events(agg.text(), "update_accepted")) == len(sent)

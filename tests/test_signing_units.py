@@ -168,6 +168,10 @@ def test_bundle_announcement_signature_covers_every_field():
 # ---------------------------------------------------------------- the replay ledger
 
 
+def ledger_lines(path) -> int:
+    return len(path.read_text().splitlines())
+
+
 def test_ledger_rules_persistence_and_bounds(tmp_path):
     path = tmp_path / "seen.jsonl"
     run = "7" * 32
@@ -178,7 +182,11 @@ def test_ledger_rules_persistence_and_bounds(tmp_path):
     assert "already used for a different update in round 1" in led.check("a", n1, 1, "d2" * 16, 1)
     assert "already used in round 1" in led.check("a", n1, 2, "d1" * 16, 2)
     assert led.check("b", n1, 1, "d1" * 16, 1) is None, "nonces are per device"
-    # Persisted: a restart (a new ledger on the same file) remembers; a torn last line is skipped.
+    # Persisted once flushed (the aggregator flushes before any verdict leaves: intake.py): a
+    # restart (a new ledger on the same file) remembers; a torn last line is skipped.
+    assert ledger_lines(path) == 1, "entries are buffered until flush()"
+    led.flush()
+    assert ledger_lines(path) == 3
     with open(path, "a") as f:
         f.write('["a", "trunc')
     again = agg_signing.NonceLedger(path, run, open_round=2, keep_rounds=3, per_device=5)
@@ -192,13 +200,13 @@ def test_ledger_rules_persistence_and_bounds(tmp_path):
     led.check("a", old, 1, "e" * 32, 1)
     for rnd in range(2, 6):
         led.check("a", secrets.token_hex(16), rnd, "f" * 32, rnd)
-    assert old not in led.seen["a"] and len(led.seen["a"]) == 3
+    assert old not in led.entries("a") and len(led.entries("a")) == 3
     lines = (tmp_path / "b.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["run_id"] == run and len(lines) <= 1 + 3 + 1
     # ...and one device cannot hold more than per_device entries.
     for _ in range(20):
         led.check("flood", secrets.token_hex(16), 5, "0" * 32, 5)
-    assert len(led.seen["flood"]) == 5
+    assert len(led.entries("flood")) == 5
 
 
 # ---------------------------------------------------------------- the aggregator's checks
