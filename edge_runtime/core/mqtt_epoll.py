@@ -113,6 +113,13 @@ class EpollLoop:
                 if link._sock_open:
                     link._io(link.client.loop_misc)
 
+    def drain(self, timeout: float) -> None:
+        """Serve the sockets until every link's clean DISCONNECT went out (or `timeout`), then close."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and any(link._sock_open for link in self.links):
+            self.run_once(0.05)
+        self.close()
+
     def close(self) -> None:
         self.epoll.close()
 

@@ -82,7 +82,7 @@ class LoneHost:
                     agent.flush_state()
         finally:
             agent.close()
-            self._drain(DRAIN_S)
+            self.loop.drain(DRAIN_S)  # the last status and the DISCONNECT go out
         return 0
 
     def _timeout(self, agent: DeviceAgent, busy: float) -> float:
@@ -94,10 +94,3 @@ class LoneHost:
             return POLL_S
         now = time.monotonic()
         return max(0.0, min(busy + QUIET_S, agent.state_dirty_since + STATE_STALE_S) - now)
-
-    def _drain(self, timeout: float) -> None:
-        """Serve the socket until the clean DISCONNECT went out (or timeout)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and any(link._sock_open for link in self.loop.links):
-            self.loop.run_once(0.05)
-        self.loop.close()

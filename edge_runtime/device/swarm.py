@@ -251,8 +251,5 @@ class Swarm:
 
     def _drain(self, timeout: float) -> None:
         """Serve the sockets until every clean DISCONNECT went out (or timeout)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and any(link._sock_open for link in self.loop.links):
-            self.loop.run_once(0.05)
-        self.loop.close()
+        self.loop.drain(timeout)
         self.commit.close()
